@@ -1,0 +1,181 @@
+"""S3D and S3D-G backbones (Xie et al., "Rethinking Spatiotemporal Feature Learning", ECCV 2018).
+
+The module layout reproduces the CoCLR code base so that its released checkpoints load with
+``strict=True``. CoCLR registers every stage twice: once under its Inception name
+(``Conv_1a``, ``Mixed_3b``, ...) and once inside a ``blockN`` ``nn.Sequential`` that also holds
+the parameter-free max-pooling layers. The state dict therefore lists each of those tensors
+under both names (e.g. ``Conv_1a.conv1.weight`` and ``block1.0.conv1.weight``); they are the
+same ``Parameter``. ``forward`` runs through the ``blockN`` containers only.
+
+Unlike the TensorFlow original, CoCLR uses PyTorch's default BatchNorm (eps 1e-5, momentum 0.1)
+and symmetric max-pool padding; both matter for loading its weights, so they are kept.
+"""
+
+import torch
+from torch import nn
+
+# Channel plan of each separable Inception block:
+# (branch0 1x1, branch1 1x1 -> sep3x3x3, branch2 1x1 -> sep3x3x3, branch3 pool -> 1x1).
+_MIXED = {
+    "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
+    "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
+    "Mixed_4b": (480, (192, 96, 208, 16, 48, 64)),
+    "Mixed_4c": (512, (160, 112, 224, 24, 64, 64)),
+    "Mixed_4d": (512, (128, 128, 256, 24, 64, 64)),
+    "Mixed_4e": (512, (112, 144, 288, 32, 64, 64)),
+    "Mixed_4f": (528, (256, 160, 320, 32, 128, 128)),
+    "Mixed_5b": (832, (256, 160, 320, 32, 128, 128)),
+    "Mixed_5c": (832, (384, 192, 384, 48, 128, 128)),
+}
+
+
+class Unit3d(nn.Module):
+    """Conv3d (no bias) -> BatchNorm -> ReLU. Keys: ``conv``, ``bn``.
+
+    [B, C_in, T, H, W] -> [B, C_out, T', H', W']
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, kernel_size=1, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv3d(in_planes, out_planes, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm3d(out_planes)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+class SepConv3d(nn.Module):
+    """Separable k x k x k convolution: (1,k,k) conv, BN, ReLU, then (k,1,1) conv, BN, ReLU.
+
+    ``stride`` is an int (same in time and space) or a (t, s) pair. Registration order
+    conv1, conv2, bn1, bn2 follows CoCLR's state-dict order.
+    [B, C_in, T, H, W] -> [B, C_out, T / t, H / s, W / s]
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, kernel_size: int, stride=1, padding=0):
+        super().__init__()
+        t_stride, s_stride = (stride, stride) if isinstance(stride, int) else stride
+        k, p = kernel_size, padding
+        self.conv1 = nn.Conv3d(in_planes, out_planes, (1, k, k), (1, s_stride, s_stride),
+                               (0, p, p), bias=False)
+        self.conv2 = nn.Conv3d(out_planes, out_planes, (k, 1, 1), (t_stride, 1, 1),
+                               (p, 0, 0), bias=False)
+        self.bn1 = nn.BatchNorm3d(out_planes)
+        self.bn2 = nn.BatchNorm3d(out_planes)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(x)))
+
+
+class SelfGating(nn.Module):
+    """S3D-G feature gating: x * sigmoid(W mean_{T,H,W}(x) + b), one weight per channel.
+
+    [B, C, T, H, W] -> [B, C, T, H, W]
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc(x.mean(dim=(2, 3, 4))))  # B x C
+        return x * gate[:, :, None, None, None]
+
+
+class SepInception(nn.Module):
+    """Inception block with separable 3x3x3 convolutions and optional self-gating per branch.
+
+    [B, in_planes, T, H, W] -> [B, out_channels, T, H, W]
+    """
+
+    def __init__(self, in_planes: int, planes: tuple, gating: bool = False):
+        super().__init__()
+        b0, b1_reduce, b1, b2_reduce, b2, b3 = planes
+        self.branch0 = nn.Sequential(Unit3d(in_planes, b0))
+        self.branch1 = nn.Sequential(Unit3d(in_planes, b1_reduce),
+                                     SepConv3d(b1_reduce, b1, kernel_size=3, padding=1))
+        self.branch2 = nn.Sequential(Unit3d(in_planes, b2_reduce),
+                                     SepConv3d(b2_reduce, b2, kernel_size=3, padding=1))
+        # Zero-padded max pooling would be equivalent here (the input is post-ReLU), but
+        # MaxPool3d pads with -inf, which is what CoCLR does.
+        self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1),
+                                     Unit3d(in_planes, b3))
+        self.out_channels = b0 + b1 + b2 + b3
+        self.gating = gating
+        if gating:
+            self.gating_b0 = SelfGating(b0)
+            self.gating_b1 = SelfGating(b1)
+            self.gating_b2 = SelfGating(b2)
+            self.gating_b3 = SelfGating(b3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)]
+        if self.gating:
+            gates = (self.gating_b0, self.gating_b1, self.gating_b2, self.gating_b3)
+            outs = [gate(out) for gate, out in zip(gates, outs)]
+        return torch.cat(outs, dim=1)
+
+
+class S3D(nn.Module):
+    """S3D (``gating=False``) or S3D-G (``gating=True``) without pooling or head.
+
+    Total stride 8 in time (Conv_1a, MaxPool_4a, MaxPool_5a) and 32 in space:
+    [B, in_channels, T, H, W] -> [B, 1024, T/8, H/32, W/32] for sizes divisible by those.
+    """
+
+    feature_dim = 1024
+
+    def __init__(self, in_channels: int = 3, gating: bool = False):
+        super().__init__()
+        self.gating = gating
+        # Attribute order fixes the state-dict order: each named stage is registered right
+        # before the blockN container that reuses it, as in CoCLR.
+        self.Conv_1a = SepConv3d(in_channels, 64, kernel_size=7, stride=2, padding=3)
+        self.block1 = nn.Sequential(self.Conv_1a)
+
+        self.MaxPool_2a = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.Conv_2b = Unit3d(64, 64)
+        self.Conv_2c = SepConv3d(64, 192, kernel_size=3, padding=1)
+        self.block2 = nn.Sequential(self.MaxPool_2a, self.Conv_2b, self.Conv_2c)
+
+        self.MaxPool_3a = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.block3 = self._stage(self.MaxPool_3a, ["Mixed_3b", "Mixed_3c"])
+
+        self.MaxPool_4a = nn.MaxPool3d(3, stride=2, padding=1)
+        self.block4 = self._stage(self.MaxPool_4a,
+                                  ["Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"])
+
+        self.MaxPool_5a = nn.MaxPool3d(2, stride=2)
+        self.block5 = self._stage(self.MaxPool_5a, ["Mixed_5b", "Mixed_5c"])
+        self._init_weights()
+
+    def _init_weights(self):
+        # CoCLR's initialisation: N(0, 0.01) convolutions (the original S3D uses a truncated
+        # normal), identity BatchNorm; the gating Linear layers keep PyTorch's default.
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.normal_(m.weight, mean=0.0, std=0.01)
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _stage(self, pool: nn.Module, names: list) -> nn.Sequential:
+        """Register each Mixed block under its own name, then return pool + blocks in order."""
+        blocks = []
+        for name in names:
+            in_planes, planes = _MIXED[name]
+            block = SepInception(in_planes, planes, gating=self.gating)
+            setattr(self, name, block)
+            blocks.append(block)
+        return nn.Sequential(pool, *blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, T, H, W] float -> feature map [B, 1024, T', H', W']."""
+        x = self.block1(x)
+        x = self.block2(x)
+        x = self.block3(x)
+        x = self.block4(x)
+        return self.block5(x)

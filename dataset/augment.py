@@ -1,0 +1,246 @@
+"""Augmentation (SPEC §4), split where each part is cheapest.
+
+Geometry (random resized crop, resize, horizontal flip) runs on uint8 frames wherever the frames
+are decoded: in the data-loader worker, or on the GPU for ``--decode gpu``; one parameter set per
+view, shared by all its frames and by its RGB and flow frames, with boxes in *relative*
+coordinates so RGB and flow of different resolutions stay aligned.
+
+Photometric steps (colour jitter in random order, grayscale, Gaussian blur) and normalisation run
+batched on the training device for the views marked "strong"; "weak" views get geometry only.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry (per view)
+
+def sample_crop(height, width, generator=None, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                swap_prob=0.5, tries=10):
+    """Random resized crop box ``(top, left, h, w)`` as fractions of the frame.
+
+    Area 20–100% of the frame, aspect ratio in ``ratio`` (log-uniform), width and height
+    swapped with probability ``swap_prob``; after ``tries`` failures, the centred square of the
+    short side (i.e. resize and centre crop).
+    """
+    def rand():
+        return float(torch.rand((), generator=generator))
+
+    area = height * width
+    for _ in range(tries):
+        target = area * (scale[0] + (scale[1] - scale[0]) * rand())
+        log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand()
+        aspect = math.exp(log_r)
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if rand() < swap_prob:
+            w, h = h, w
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top / height, left / width, h / height, w / width
+    return center_box(height, width)
+
+
+def center_box(height, width, size=None):
+    """Centred box of ``size`` pixels (default: the short side) as fractions of the frame."""
+    s = min(height, width) if size is None else size
+    return (height - s) // 2 / height, (width - s) // 2 / width, s / height, s / width
+
+
+def box_pixels(box, height, width):
+    top, left, h, w = box
+    t, l = int(round(top * height)), int(round(left * width))
+    return t, l, max(1, min(int(round(h * height)), height - t)), max(1, min(int(round(w * width)), width - l))
+
+
+def resize(frames, size):
+    """uint8 ``[N, 3, H, W]`` -> uint8 ``[N, 3, *size]``, bilinear with antialiasing (as PIL)."""
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    x = F.interpolate(frames.float(), size=size, mode='bilinear', align_corners=False,
+                      antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_short_side(frames, short):
+    h, w = frames.shape[-2:]
+    if min(h, w) == short:
+        return frames
+    size = (short, max(1, round(w * short / h))) if h <= w else (max(1, round(h * short / w)), short)
+    return resize(frames, size)
+
+
+def flip_frames(frames, is_flow=False, negate_flow=True):
+    """Horizontal flip; a flow frame's horizontal component changes sign (255 - channel 0)."""
+    frames = frames.flip(-1)
+    if is_flow and negate_flow:
+        frames = frames.clone()
+        frames[..., 0, :, :] = 255 - frames[..., 0, :, :]
+    return frames
+
+
+def crop_resize_flip(frames, box, size, flip, is_flow=False, negate_flow=True):
+    """Apply one view's geometry to uint8 frames ``[N, 3, H, W]`` -> ``[N, 3, size, size]``."""
+    t, l, h, w = box_pixels(box, *frames.shape[-2:])
+    out = resize(frames[..., t:t + h, l:l + w], (size, size))
+    return flip_frames(out, is_flow, negate_flow) if flip else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Photometric (batched, on the training device)
+
+def _gray(x):
+    # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
+    return (0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :])
+
+
+def _blend(a, b, f):
+    return (f * a + (1 - f) * b).clamp_(0, 1)
+
+
+def _brightness(x, f):
+    return (x * f).clamp_(0, 1)
+
+
+def _contrast(x, f):
+    return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+
+
+def _saturation(x, f):
+    return _blend(x, _gray(x), f)
+
+
+def _hue(x, shift):
+    # RGB -> HSV, rotate hue, -> RGB (all element-wise, so it batches freely).
+    r, g, b = x.unbind(-3)
+    maxc, _ = x.max(-3)
+    minc, _ = x.min(-3)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, (g - b) / safe,
+                    torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                    torch.zeros_like(maxc))
+    h = (h + shift.squeeze(-3)) % 1.0
+    v = maxc
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    rgb_of = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = [torch.zeros_like(v) for _ in range(3)]
+    for k, channels in enumerate(rgb_of):
+        m = i == k
+        for c in range(3):
+            out[c] = torch.where(m, channels[c], out[c])
+    return torch.stack(out, -3)
+
+
+def _gaussian_blur(x, sigma, radius):
+    """Separable Gaussian blur of ``x [N, T, 3, H, W]`` with one sigma per view ``[N]``."""
+    n, t, c, hh, ww = x.shape
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)                                  # [N, K]
+    # Fold views into channels so one grouped convolution blurs each view with its own kernel.
+    y = x.permute(1, 0, 2, 3, 4).reshape(t, n * c, hh, ww)
+    kh = k.repeat_interleave(c, 0)[:, None, :, None]                # [N*3, 1, K, 1]
+    kw = k.repeat_interleave(c, 0)[:, None, None, :]                # [N*3, 1, 1, K]
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode='reflect'), kh, groups=n * c)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode='reflect'), kw, groups=n * c)
+    return y.reshape(t, n, c, hh, ww).permute(1, 0, 2, 3, 4)
+
+
+class Photometric:
+    """Strong-view photometric augmentation, batched over views (SPEC §4).
+
+    With probability ``jitter_prob`` (0.8) colour jitter (brightness, contrast, saturation
+    ``jitter``=0.4, hue ``hue``=0.1) in a random order, grayscale with probability 0.2, Gaussian blur
+    σ ∈ [0.1, 2] with probability 0.5. Parameters are drawn once per view (``sample``) and applied
+    to any number of modalities of that view (``apply``), so RGB and flow stay consistent.
+    """
+
+    def __init__(self, jitter=0.4, hue=0.1, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5,
+                 sigma=(0.1, 2.0)):
+        self.jitter, self.hue = jitter, hue
+        self.jitter_prob, self.gray_prob, self.blur_prob = jitter_prob, gray_prob, blur_prob
+        self.sigma = sigma
+        self.radius = int(math.ceil(3 * sigma[1]))
+
+    def sample(self, strong, generator=None):
+        """Parameters for views whose ``strong`` flag ``[N]`` (bool) is set."""
+        n, dev = strong.shape[0], strong.device
+
+        def u(lo, hi):
+            return lo + (hi - lo) * torch.rand(n, generator=generator, device=dev)
+
+        j = self.jitter
+        return {
+            'jitter': strong & (torch.rand(n, generator=generator, device=dev) < self.jitter_prob),
+            'factors': torch.stack([u(1 - j, 1 + j), u(1 - j, 1 + j), u(1 - j, 1 + j),
+                                    u(-self.hue, self.hue)], 1),
+            'order': torch.argsort(torch.rand(n, 4, generator=generator, device=dev), dim=1),
+            'gray': strong & (torch.rand(n, generator=generator, device=dev) < self.gray_prob),
+            'blur': strong & (torch.rand(n, generator=generator, device=dev) < self.blur_prob),
+            'sigma': u(*self.sigma),
+        }
+
+    def apply(self, x, p):
+        """``x``: float ``[N, T, 3, H, W]`` in [0, 1] -> same, augmented per view."""
+        ops = (_brightness, _contrast, _saturation, _hue)
+
+        def per_view(v):
+            return v.view(-1, 1, 1, 1, 1)
+
+        for pos in range(4):
+            for k, op in enumerate(ops):
+                m = p['jitter'] & (p['order'][:, pos] == k)
+                x = torch.where(per_view(m), op(x, per_view(p['factors'][:, k]).to(x.dtype)), x)
+        x = torch.where(per_view(p['gray']), _gray(x).expand_as(x), x)
+        blurred = _gaussian_blur(x, p['sigma'].to(x.dtype), self.radius)
+        return torch.where(per_view(p['blur']), blurred, x)
+
+
+def normalize(x):
+    """ImageNet mean/std on ``[..., 3, H, W]`` float in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class DeviceAugment:
+    """The device side of a batch: uint8 views -> photometric (strong views) -> normalised float.
+
+    ``batch[modality]``: uint8 ``[B, V, T, 3, H, W]``; ``batch['strong']``: bool ``[B, V]``.
+    Returns ``{modality: float [B, V, 3, T, H, W]}``. One parameter draw per view is applied to
+    the RGB and the flow frames of that view (``photometric_on_flow``, the reference's behaviour),
+    or to RGB only.
+    """
+
+    def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format):
+        self.photometric = Photometric()
+        self.photometric_on_flow = photometric_on_flow
+        self.memory_format = memory_format
+
+    def __call__(self, batch, device):
+        strong = batch['strong'].to(device, non_blocking=True).flatten()
+        params = self.photometric.sample(strong)
+        out = {}
+        for modality in ('rgb', 'flow'):
+            if modality not in batch:
+                continue
+            x = batch[modality].to(device, non_blocking=True)
+            b, v = x.shape[:2]
+            x = x.flatten(0, 1).float().div_(255)                     # N x T x 3 x H x W
+            if modality == 'rgb' or self.photometric_on_flow:
+                x = self.photometric.apply(x, params)
+            x = normalize(x).transpose(1, 2)                          # N x 3 x T x H x W
+            out[modality] = x.contiguous(memory_format=self.memory_format).view(b, v, *x.shape[1:])
+        return out

@@ -1,0 +1,219 @@
+"""Video LMDB in the format of the published CoCLR/CVTCL tars (SPEC §3).
+
+One record per video: key ``b'%09d' % i`` -> msgpack array of JPEG byte strings (frames in
+temporal order). Metadata: ``__keys__`` (keys in insertion order), ``__len__``, ``__order__``
+(video names ``class/video``; name i is stored under key ``%09d % i``) and ``__vlen__`` (frame
+counts aligned with ``__keys__``, *not* with ``__order__``).
+"""
+import os
+import shutil
+
+import lmdb
+import msgpack
+import torch
+from torchvision.io import decode_jpeg, encode_jpeg, ImageReadMode
+
+META_KEYS = (b'__keys__', b'__len__', b'__order__', b'__vlen__')
+
+
+def _to_str(x):
+    # msgpack 0.6 wrote names as raw bytes, newer versions as str.
+    return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+
+
+def _open_env(path, readonly=True):
+    return lmdb.open(path, subdir=os.path.isdir(path), readonly=readonly, lock=False,
+                     readahead=False, meminit=False, max_readers=1024)
+
+
+class VideoLMDB:
+    """Read-only access to one video LMDB (a directory or a single file).
+
+    The metadata is read once here; the environment itself is opened lazily and once per
+    process, so the object can be pickled into spawned or forked data-loader workers.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f'video LMDB not found: {self.path}')
+        try:
+            env = _open_env(self.path)
+        except lmdb.Error as e:
+            raise ValueError(f'{self.path} is not a readable LMDB ({e})') from None
+        with env.begin() as txn:
+            meta = {k: txn.get(k) for k in META_KEYS}
+        env.close()
+        missing = [k.decode() for k in (b'__keys__', b'__order__', b'__vlen__') if meta[k] is None]
+        if missing:
+            raise ValueError(f'{self.path}: LMDB has no {", ".join(missing)} record; it is not a '
+                             f'video LMDB of the CoCLR format (see SPEC §3), or was written '
+                             f'by an interrupted run')
+        keys = [_to_str(k) for k in msgpack.loads(meta[b'__keys__'])]
+        vlen = [int(v) for v in msgpack.loads(meta[b'__vlen__'])]
+        self.names = [_to_str(n) for n in msgpack.loads(meta[b'__order__'])]
+        if len(keys) != len(vlen):
+            raise ValueError(f'{self.path}: __keys__ has {len(keys)} entries but __vlen__ '
+                             f'has {len(vlen)}')
+        frames_of_key = dict(zip(keys, vlen))
+        self._index = {n: i for i, n in enumerate(self.names)}
+        self._num_frames = []
+        for i, n in enumerate(self.names):
+            k = '%09d' % i
+            if k not in frames_of_key:
+                raise ValueError(f'{self.path}: video {n!r} (position {i} of __order__) has no '
+                                 f'key {k} in __keys__')
+            self._num_frames.append(frames_of_key[k])
+        self._env = None
+        self._pid = None
+
+    def __len__(self):
+        return len(self.names)
+
+    def __contains__(self, name):
+        return name in self._index
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_env'] = state['_pid'] = None  # an LMDB handle must not cross processes
+        return state
+
+    def num_frames(self, name):
+        return self._num_frames[self._position(name)]
+
+    def _position(self, name):
+        try:
+            return self._index[name]
+        except KeyError:
+            raise KeyError(f'video {name!r} is not in {self.path}') from None
+
+    def _txn(self):
+        if self._env is None or self._pid != os.getpid():
+            self._env, self._pid = _open_env(self.path), os.getpid()
+        return self._env.begin(buffers=False)
+
+    def read_bytes(self, name, indices):
+        """JPEG bytes of frames ``indices`` (any order, repeats allowed) of video ``name``."""
+        key = b'%09d' % self._position(name)
+        with self._txn() as txn:
+            raw = txn.get(key)
+        if raw is None:
+            raise KeyError(f'{self.path}: record {key.decode()} of video {name!r} is missing')
+        frames = msgpack.loads(raw, raw=True)  # msgpack 0.6 stored JPEGs as raw, not bin
+        n = len(frames)
+        out = []
+        for i in indices:
+            i = int(i)
+            if not 0 <= i < n:
+                raise IndexError(f'{self.path}: video {name!r} has {n} frames, frame {i} asked')
+            out.append(frames[i])
+        return out
+
+    def read(self, name, indices):
+        """Decoded RGB frames: uint8 tensor ``[len(indices), 3, H, W]``."""
+        return decode_frames(self.read_bytes(name, indices), name=name, indices=indices,
+                             source=self.path)
+
+
+def decode_frames(jpegs, name='?', indices=None, source='?', device='cpu'):
+    """Batched libjpeg-turbo (or nvJPEG on CUDA) decode of JPEG byte strings -> [N, 3, H, W]."""
+    if not jpegs:
+        raise ValueError(f'{source}: no frames asked of video {name!r}')
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    try:
+        imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        imgs = None
+    if imgs is None or len({tuple(im.shape) for im in imgs}) != 1:
+        # Find which frame is broken (or of another size) and say so.
+        shape = None
+        for j, d in enumerate(data):
+            frame = indices[j] if indices is not None else j
+            try:
+                im = decode_jpeg(d, mode=ImageReadMode.RGB)
+            except RuntimeError as e:
+                raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is not a '
+                                 f'valid JPEG ({str(e).splitlines()[0]})') from None
+            if shape is not None and im.shape != shape:
+                raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is '
+                                 f'{tuple(im.shape[1:])}, earlier frames {tuple(shape[1:])}')
+            shape = im.shape
+    return torch.stack(imgs)
+
+
+def encode_frames(frames, quality=90):
+    """uint8 ``[N, 3, H, W]`` -> list of JPEG byte strings."""
+    frames = frames.contiguous()
+    return [encode_jpeg(f, quality=quality).numpy().tobytes() for f in frames]
+
+
+class LMDBWriter:
+    """Writes a video LMDB (single file, as the published tars) atomically.
+
+    Records go to ``<path>.tmp``; only :meth:`close` after the last video writes the metadata and
+    renames it to ``path``, so an interrupted run never leaves a finished-looking LMDB.
+    """
+
+    def __init__(self, path, overwrite=False):
+        self.path = str(path)
+        if os.path.exists(self.path) and not overwrite:
+            raise FileExistsError(f'{self.path} exists; remove it or pass overwrite')
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = self.path + '.tmp'
+        for p in (self.tmp, self.tmp + '-lock'):
+            if os.path.exists(p):
+                os.remove(p)
+        self._map_size = 1 << 30
+        self._env = lmdb.open(self.tmp, subdir=False, map_size=self._map_size, meminit=False,
+                              map_async=True)
+        self.names, self.keys, self.vlen = [], [], []
+
+    def put(self, name, frames):
+        """Append one video: ``frames`` is a list of JPEG byte strings in temporal order."""
+        if not frames:
+            raise ValueError(f'video {name!r} has no frames')
+        key = '%09d' % len(self.names)
+        value = msgpack.dumps([bytes(f) for f in frames])
+        self._put(key.encode(), value)
+        self.names.append(name)
+        self.keys.append(key)
+        self.vlen.append(len(frames))
+
+    def _put(self, key, value):
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    txn.put(key, value)
+                return
+            except lmdb.MapFullError:
+                self._map_size *= 2
+                self._env.set_mapsize(self._map_size)
+
+    def close(self):
+        self._put(b'__keys__', msgpack.dumps([k.encode() for k in self.keys]))
+        self._put(b'__len__', msgpack.dumps(len(self.keys)))
+        self._put(b'__order__', msgpack.dumps(self.names))
+        self._put(b'__vlen__', msgpack.dumps(self.vlen))
+        self._env.sync(True)
+        self._env.close()
+        if os.path.isdir(self.path):
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+        if os.path.exists(self.tmp + '-lock'):
+            os.remove(self.tmp + '-lock')
+
+    def abort(self):
+        self._env.close()
+        for p in (self.tmp, self.tmp + '-lock'):
+            if os.path.exists(p):
+                os.remove(p)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,44 @@
+"""The one frame sampler (SPEC §4): which frame indices a clip of a video is made of.
+
+A clip is ``seq_len`` frames at stride ``ds``, spanning ``window = seq_len * ds`` frames.
+A video of at most ``window`` frames is padded on the left with its first frame.
+"""
+import torch
+
+
+def min_frames(seq_len, ds, strict=False):
+    """Smallest frame count a video needs to be kept.
+
+    The reference drops videos with ``n <= window/2 + 1`` frames, Kinetics ones (``strict``)
+    with ``n <= window + 1``.
+    """
+    window = seq_len * ds
+    return window + 2 if strict else window // 2 + 2
+
+
+def _padded(num_frames, seq_len, ds):
+    # Frames 0, ds, 2ds, ... that exist, right-aligned; missing leading slots repeat frame 0.
+    seq = torch.arange(seq_len) * ds
+    seq = seq[seq < num_frames]
+    out = torch.zeros(seq_len, dtype=torch.long)
+    out[seq_len - len(seq):] = seq
+    return out
+
+
+def train_indices(num_frames, seq_len, ds, generator=None):
+    """Random clip: start uniform in ``[0, n - window)``, ``seq_len`` frames at stride ``ds``."""
+    window = seq_len * ds
+    if num_frames <= window:
+        return _padded(num_frames, seq_len, ds)
+    start = int(torch.randint(0, num_frames - window, (1,), generator=generator))
+    return start + torch.arange(seq_len) * ds
+
+
+def test_windows(num_frames, seq_len, ds):
+    """Every clip of a video for testing: windows at a step of ``window/2 - 1``; ``[W, seq_len]``."""
+    window = seq_len * ds
+    if num_frames <= window:
+        return _padded(num_frames, seq_len, ds)[None]
+    step = max(window // 2 - 1, 1)
+    starts = torch.arange(0, num_frames - window + 1, step)
+    return starts[:, None] + torch.arange(seq_len)[None] * ds

@@ -1,0 +1,264 @@
+"""One dataset class for every dataset, modality (RGB, flow, both) and number of views.
+
+Names follow the seed: ``<name>[-f][-2stream][-2clip]`` (``ucf101-2clip``, ``ucf101-f-2clip``,
+``ucf101-2stream-2clip``, ``hmdb51``, ...): ``-f`` flow only, ``-2stream`` RGB and flow together,
+``-2clip`` two views per video. Any ``<name>`` whose folder follows the layout of SPEC §3 works.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from . import augment, sampler, splits
+from .lmdb_video import VideoLMDB, decode_frames
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT_ENV = 'CVTCL_DATA_ROOT'
+BUILTIN = ('demo',)
+
+
+def default_data_root():
+    """``$CVTCL_DATA_ROOT`` if set, else ``data/`` in the project folder (not the working dir)."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or PROJECT_ROOT / 'data')
+
+
+@dataclass(frozen=True)
+class DatasetName:
+    base: str
+    rgb: bool
+    flow: bool
+    views: int
+
+    @classmethod
+    def parse(cls, name):
+        base, flow_only, two_stream, views = name, False, False, 1
+        for suffix in ('-2clip', '-2stream', '-f'):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+                views = 2 if suffix == '-2clip' else views
+                two_stream |= suffix == '-2stream'
+                flow_only |= suffix == '-f'
+        if flow_only and two_stream:
+            raise ValueError(f'dataset {name!r}: -f (flow only) and -2stream exclude each other')
+        return cls(base, rgb=not flow_only, flow=flow_only or two_stream, views=views)
+
+
+def known_datasets(data_root):
+    root = Path(data_root)
+    found = set(BUILTIN)
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and any(d.glob(f'{d.name}_*frame*.lmdb')):
+                found.add(d.name)
+    return sorted(found)
+
+
+def layout(data_root, base, mode):
+    """Paths of a dataset folder (SPEC §3) for ``mode`` ('train' or 'test')."""
+    folder = Path(data_root) / base
+    kinetics = (folder / f'{base}_frame_train.lmdb').exists()
+    part = ('train' if mode == 'train' else 'val') if kinetics else None
+    suffix = f'_{part}' if part else ''
+    return {
+        'folder': folder,
+        'rgb': folder / f'{base}_frame{suffix}.lmdb',
+        'flow': folder / f'{base}_tvl1_frame{suffix}.lmdb',
+        'kinetics': kinetics,
+        'split_csv': (folder / f'{part}_split.csv') if kinetics else None,
+    }
+
+
+class VideoDataset(Dataset):
+    """Videos of one split as clips of ``seq_len`` frames at stride ``ds``.
+
+    Train mode: an item is a dict with ``'rgb'`` and/or ``'flow'`` uint8 ``[V, T, 3, img_dim,
+    img_dim]`` (V views, geometry applied), ``'strong'`` bool ``[V]`` (which views get the
+    photometric augmentation on the device), ``'label'``, ``'source'`` (sibling group),
+    ``'index'``. Test mode: every window of the video, resized so the short side is
+    ``test_size`` (crops are taken on the device): ``[W, T, 3, h, w]``.
+
+    Views (``views=2``): half of the pairs are two independent clips, each strong with
+    probability ``two_clip_strong_prob`` (0.3); the other half one clip seen twice, one view strong
+    and one weak (which one at random). With one view, the view is strong with ``strong_prob``.
+    """
+
+    def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
+                 views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
+                 strong_prob=0.0, two_clip_strong_prob=0.3, negate_flow_flip=True,
+                 crop_scale=(0.2, 1.0), description='dataset'):
+        if mode not in ('train', 'test'):
+            raise ValueError(f'mode must be train or test, not {mode!r}')
+        if rgb_lmdb is None and flow_lmdb is None:
+            raise ValueError('at least one of rgb_lmdb and flow_lmdb is needed')
+        self.mode, self.views, self.seq_len, self.ds = mode, views, seq_len, ds
+        self.img_dim = img_dim
+        self.test_size = test_size or round(img_dim * 8 / 7)
+        self.strong_prob, self.two_clip_strong_prob = strong_prob, two_clip_strong_prob
+        self.negate_flow_flip, self.crop_scale = negate_flow_flip, crop_scale
+        self.lmdbs = {}
+        if rgb_lmdb is not None:
+            self.lmdbs['rgb'] = rgb_lmdb if isinstance(rgb_lmdb, VideoLMDB) else VideoLMDB(rgb_lmdb)
+        if flow_lmdb is not None:
+            self.lmdbs['flow'] = flow_lmdb if isinstance(flow_lmdb, VideoLMDB) else VideoLMDB(flow_lmdb)
+        for modality, db in self.lmdbs.items():
+            missing = [n for n in names if n not in db]
+            if missing:
+                raise ValueError(f'{description}: {len(missing)} video(s) of the split are not in '
+                                 f'{db.path}, e.g. {missing[0]!r}')
+        need = sampler.min_frames(seq_len, ds, strict_min_frames)
+        keep = [i for i, n in enumerate(names) if self._length(n) >= need]
+        self.dropped = sorted(set(names) - {names[i] for i in keep})
+        if not keep:
+            raise ValueError(f'{description}: no video has the {need} frames a clip of --seq_len '
+                             f'{seq_len} at --ds {ds} needs (longest: '
+                             f'{max(self._length(n) for n in names) if names else 0})')
+        self.names = [names[i] for i in keep]
+        self.labels = [int(labels[i]) for i in keep]
+        self.sources = [int(sources[i]) for i in keep]
+        self._checked_size = False
+
+    def _length(self, name):
+        # Two-stream: the flow video is usually one frame shorter; use the shorter length.
+        return min(db.num_frames(name) for db in self.lmdbs.values())
+
+    def __len__(self):
+        return len(self.names)
+
+    def _read(self, modality, name, indices):
+        """Decode each needed frame once; return them in the order of ``indices``."""
+        flat = indices.reshape(-1)
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        db = self.lmdbs[modality]
+        frames = decode_frames(db.read_bytes(name, unique.tolist()), name=name,
+                               indices=unique.tolist(), source=db.path)
+        if not self._checked_size:
+            h, w = frames.shape[-2:]
+            if min(h, w) < self.img_dim:
+                raise ValueError(f'{db.path}: frames of {name!r} are {h}x{w}, smaller than '
+                                 f'--img_dim {self.img_dim}; cropping would have to upsample. '
+                                 f'Use --img_dim {min(h, w)} or rebuild the LMDB larger')
+            self._checked_size = True
+        return frames[inverse].reshape(*indices.shape, *frames.shape[1:])
+
+    def _plan_views(self, n):
+        """Frame indices ``[V, T]`` and the strong flags ``[V]`` of one item's views."""
+        T, ds = self.seq_len, self.ds
+        if self.views == 1:
+            return sampler.train_indices(n, T, ds)[None], torch.rand(1) < self.strong_prob
+        if torch.rand(()) < 0.5:   # two clips, each strong with probability 0.3
+            idx = torch.stack([sampler.train_indices(n, T, ds) for _ in range(2)])
+            return idx, torch.rand(2) < self.two_clip_strong_prob
+        clip = sampler.train_indices(n, T, ds)  # one clip twice: one strong, one weak
+        strong_first = bool(torch.rand(()) < 0.5)
+        return torch.stack([clip, clip]), torch.tensor([strong_first, not strong_first])
+
+    def __getitem__(self, index):
+        name = self.names[index]
+        item = {'label': self.labels[index], 'source': self.sources[index], 'index': index}
+        n = self._length(name)
+        if self.mode == 'test':
+            windows = sampler.test_windows(n, self.seq_len, self.ds)
+            for modality in self.lmdbs:
+                frames = self._read(modality, name, windows)       # [W, T, 3, H, W]
+                W, T = windows.shape
+                frames = augment.resize_short_side(frames.flatten(0, 1), self.test_size)
+                item[modality] = frames.reshape(W, T, *frames.shape[1:])
+            return item
+        indices, strong = self._plan_views(n)
+        item['strong'] = strong
+        frames = {m: self._read(m, name, indices) for m in self.lmdbs}
+        h, w = next(iter(frames.values())).shape[-2:]
+        boxes = [augment.sample_crop(h, w, scale=self.crop_scale) for _ in range(self.views)]
+        flips = (torch.rand(self.views) < 0.5).tolist()
+        for modality, f in frames.items():
+            item[modality] = torch.stack([
+                augment.crop_resize_flip(f[v], boxes[v], self.img_dim, flips[v],
+                                         is_flow=modality == 'flow',
+                                         negate_flow=self.negate_flow_flip)
+                for v in range(self.views)])
+        return item
+
+
+def _split_names(info, base, mode, split):
+    """Names of the split's videos; UCF101 splits are derived from the LMDB when absent."""
+    if info['kinetics']:
+        csv = info['split_csv']
+        if csv.exists():
+            return splits.read_split(csv), csv
+        return None, None
+    csv = info['folder'] / f'{"train" if mode == "train" else "test"}_split{split:02d}.csv'
+    if csv.exists():
+        return splits.read_split(csv), csv
+    if base.startswith('ucf101'):
+        return None, 'ucf101'
+    raise FileNotFoundError(f'split file {csv} not found; build it with '
+                            f'`python -m dataset.prepare splits ...` (see README, Data)')
+
+
+def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, split=1,
+                  rgb_lmdb=None, flow_lmdb=None, split_dir=None, **options):
+    """The dataset named ``name`` (SPEC §3 grammar) in ``mode`` ('train' or 'test').
+
+    ``rgb_lmdb``/``flow_lmdb``/``split_dir`` override the layout under ``data_root``. Further
+    keyword options go to :class:`VideoDataset`.
+    """
+    data_root = Path(data_root) if data_root is not None else default_data_root()
+    spec = DatasetName.parse(name)
+    if spec.base == 'demo':
+        from .demo import ensure_demo
+        ensure_demo(data_root)
+    info = layout(data_root, spec.base, mode)
+    if split_dir is not None:
+        info['folder'] = Path(split_dir)
+    if rgb_lmdb is None and flow_lmdb is None and not info['folder'].is_dir():
+        raise ValueError(f'unknown dataset {spec.base!r} (from {name!r}): no folder '
+                         f'{info["folder"]}. Known under {data_root}: '
+                         f'{", ".join(known_datasets(data_root))}')
+    paths = {'rgb': rgb_lmdb or info['rgb'], 'flow': flow_lmdb or info['flow']}
+    for modality in ('rgb', 'flow'):
+        if getattr(spec, modality) and not Path(paths[modality]).exists():
+            raise FileNotFoundError(f'dataset {name!r} needs the {modality} LMDB '
+                                    f'{paths[modality]}, which does not exist')
+    first = VideoLMDB(paths['rgb'] if spec.rgb else paths['flow'])
+    names, source_of_split = _split_names(info, spec.base, mode, split)
+    if source_of_split == 'ucf101':
+        names = splits.ucf101_splits(first.names)[f'{mode}_split{split:02d}.csv']
+    elif names is None:
+        names = first.names
+
+    class_file = info['folder'] / 'ClassInd.txt'
+    if class_file.exists():
+        classes = splits.read_class_index(class_file)
+    else:
+        all_classes = sorted({n.split('/')[0] for n in first.names})
+        classes = {c: i for i, c in enumerate(all_classes)}
+    labels = []
+    for n in names:
+        c = n.split('/')[0]
+        if c not in classes:
+            raise ValueError(f'class {c!r} of video {n!r} is not in {class_file}')
+        labels.append(classes[c])
+
+    source_file = info['folder'] / 'video_source.json'
+    if source_file.exists():
+        source_of = splits.read_video_source(source_file)
+        try:
+            sources = [int(source_of[splits.source_key(n)]) for n in names]
+        except KeyError as e:
+            raise ValueError(f'{source_file} has no entry {e.args[0]!r}') from None
+    else:
+        index_of = {n: i for i, n in enumerate(first.names)}
+        sources = [index_of[n] for n in names]
+
+    ds_ = VideoDataset(
+        names=names, labels=labels, sources=sources,
+        rgb_lmdb=first if spec.rgb else None,
+        flow_lmdb=(first if not spec.rgb else paths['flow']) if spec.flow else None,
+        mode=mode, views=spec.views if mode == 'train' else 1, seq_len=seq_len, ds=ds,
+        img_dim=img_dim, strict_min_frames=info['kinetics'], description=f'dataset {name!r}',
+        **options)
+    ds_.num_classes = len(classes)
+    ds_.classes = list(classes)
+    return ds_

@@ -1,0 +1,73 @@
+"""CVTCL pretraining (SPEC §4): cross-view co-training. A frozen network of the other modality
+(the sampler: flow for RGB, RGB for flow with --reverse) mines top-k extra positives for CoCLR's
+multi-positive loss, plus the inter and intra local temporal losses.
+
+    python local_coclr.py --config configs/demo_coclr_rgb.toml
+    python -m torch.distributed.launch --nproc_per_node=2 local_coclr.py --net s3d --topk 5 \
+        --moco-k 2048 --dataset ucf101-2stream-2clip --seq_len 32 --ds 1 --batch_size 32 \
+        --epochs 100 --schedule 80 --name_prefix Cycle1-FlowMining_ -j 8 \
+        --pretrain {rgb_infoNCE_checkpoint.pth.tar} {flow_infoNCE_checkpoint.pth.tar}
+"""
+from model.moco import LocalCoCLR
+from utils import engine
+from utils.config import parse_args
+
+
+def build_model(args):
+    return LocalCoCLR(net=args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
+                      tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
+                      topk=args.topk, self_mask_prob=args.self_mask_prob)
+
+
+def load_pretrained(model, args):
+    trained, sampler = args.pretrain
+    for path, encoders, role in ((trained, (model.encoder_q,), 'trained network'),
+                                 (sampler, (model.sampler,), 'sampler')):
+        if path == 'random':
+            print(f'=> --pretrain: {role} left randomly initialised (asked with "random")')
+            continue
+        epoch = engine.load_encoder(encoders[0], path, f'--pretrain ({role})')
+        print(f'=> {role} initialised from {path} (epoch {epoch})')
+    model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+
+
+def inputs(views, batch, device, args):
+    main, other = ('flow', 'rgb') if args.reverse else ('rgb', 'flow')
+    return {'view1': views[main][:, 0], 'view2': views[main][:, 1],
+            'other_view2': views[other][:, 1],
+            'source': batch['source'].to(device, non_blocking=True),
+            'label': batch['label'].to(device, non_blocking=True)}
+
+
+def check_dataset(spec, args):
+    if not (spec.rgb and spec.flow):
+        raise SystemExit(f'error: --dataset {args.dataset}: CVTCL needs RGB and flow together; use '
+                         f'{spec.base}-2stream-2clip')
+
+
+def main(argv=None):
+    parser = engine.pretrain_parser(__doc__.split('\n\n')[0], lr=1e-3, warmup=[], batch_size=32,
+                                    epochs=100, schedule=[80])
+    g = parser.add_argument_group('CVTCL (cross-view co-training)')
+    g.add_argument('--model', default='coclr', choices=['coclr'],
+                   help='coclr: CoCLR loss + inter + intra (set --w_inter 0 --w_intra 0 for '
+                        'plain CoCLR)')
+    g.add_argument('--pretrain', nargs=2, metavar=('TRAINED', 'SAMPLER'), required=True,
+                   help='checkpoints (or "random") initialising the trained network (query and '
+                        'key encoder) and the frozen sampler of the other modality')
+    g.add_argument('--reverse', action='store_true',
+                   help='train the flow network with RGB mining (default: RGB with flow mining)')
+    g.add_argument('--topk', type=int, default=5, help='positives mined per sample by the sampler')
+    g.add_argument('--self_mask_prob', type=float, default=0.9,
+                   help='probability that a batch drops the self positive where mined ones exist')
+    g.add_argument('--w_coclr', type=float, default=1 / 3, help='weight of the CoCLR loss')
+    args = parse_args(parser, argv)
+    weights = {'coclr': args.w_coclr,
+               'inter': 1 / 3 if args.w_inter is None else args.w_inter,
+               'intra': 1 / 3 if args.w_intra is None else args.w_intra}
+    task = engine.Task('coclr', build_model, load_pretrained, inputs, weights, check_dataset)
+    return engine.train(args, task)
+
+
+if __name__ == '__main__':
+    main()

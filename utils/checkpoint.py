@@ -1,0 +1,62 @@
+"""Checkpoints (SPEC §5): atomic writes, safe loading, and loads that say which keys mismatch."""
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def save_checkpoint(state, path):
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, flag='checkpoint'):
+    """Load a checkpoint dict with ``weights_only=True``; errors name the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{flag}: no checkpoint at {path}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pickle, zip and unpickler errors all mean the same thing here
+        raise ValueError(f'{flag}: {path} is not a readable checkpoint ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0] if str(e) else ""})') from None
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
+        raise ValueError(f'{flag}: {path} has no state_dict')
+    return ckpt
+
+
+def sub_state_dict(state_dict, prefix):
+    """Entries under ``prefix`` with the prefix removed (``encoder_q.`` -> the encoder's keys)."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def load_exact(module, state_dict, source, allowed_missing=()):
+    """Load ``state_dict`` into ``module``; anything but the ``allowed_missing`` keys mismatching
+    (missing, unexpected or of another shape) is an error that lists them."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict and k not in allowed_missing]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f'{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
+              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        def head(keys):
+            return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '')
+        parts = [f'missing: {head(missing)}' if missing else '',
+                 f'unexpected: {head(unexpected)}' if unexpected else '',
+                 f'shape mismatch: {head(shapes)}' if shapes else '']
+        raise ValueError(f'{source} does not fit this model (another architecture or dataset?); '
+                         + '; '.join(p for p in parts if p))
+    module.load_state_dict(state_dict, strict=False)

@@ -1,0 +1,334 @@
+"""The one pretraining engine that ``local_nce.py`` and ``local_coclr.py`` call.
+
+Flags shared by both scripts, launch (utils.distributed), data loading, the epoch loop with
+mixed precision, logging (tqdm on rank 0, TensorBoard, one JSON line per epoch) and exact resume
+from atomic checkpoints.
+"""
+import argparse
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from dataset import DatasetName, build_dataset, default_data_root
+from dataset.augment import DeviceAugment
+from . import distributed as du
+from .checkpoint import load_checkpoint, load_exact, save_checkpoint
+from .misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
+                   plain_args, seed_everything, seed_worker, topk_accuracy)
+
+# Shortest local segment each backbone can encode: S3D halves time three times.
+MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}
+
+
+def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
+    """Flags of both pretraining scripts; the defaults given are each script's (seed's) own."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--config', help='TOML file of flag defaults (configs/); flags given here win')
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset', default='ucf101-2clip',
+                   help='<name>[-f][-2stream]-2clip, e.g. ucf101-2clip (RGB), ucf101-f-2clip '
+                        '(flow), ucf101-2stream-2clip (both), demo-2clip (built-in)')
+    g.add_argument('--data_root', default=None,
+                   help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
+                        'data/ in the project folder')
+    g.add_argument('--which_split', type=int, default=1, help='split whose train part is used')
+    g.add_argument('--seq_len', type=int, default=32, help='frames per clip')
+    g.add_argument('--ds', type=int, default=1, help='frame stride of a clip')
+    g.add_argument('--img_dim', type=int, default=128, help='crop size in pixels')
+    g.add_argument('-j', '--workers', type=int, default=8, help='data-loader workers per process')
+    g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
+                   help='apply colour jitter/grayscale/blur to flow frames too (the reference '
+                        'does); --no-photometric_on_flow limits them to RGB')
+    g.add_argument('--legacy_flow_flip', action='store_true',
+                   help="flip flow frames without negating the horizontal component (the "
+                        "reference's bug)")
+    g = p.add_argument_group('model')
+    g.add_argument('--net', default='s3d', help='backbone: s3d, s3dg or r50')
+    g.add_argument('--moco-dim', dest='moco_dim', type=int, default=128, help='embedding size D')
+    g.add_argument('--moco-k', dest='moco_k', type=int, default=2048,
+                   help='queue length K; a multiple of the global batch')
+    g.add_argument('--moco-m', dest='moco_m', type=float, default=0.999,
+                   help='momentum of the key encoder')
+    g.add_argument('--moco-t', dest='moco_t', type=float, default=0.07, help='temperature tau')
+    g.add_argument('--num_segments', type=int, default=4,
+                   help='local segments L per clip (seq_len/L frames each)')
+    g.add_argument('--bn_splits', type=int, default=None,
+                   help='groups of the shuffled key batch with their own BatchNorm statistics; '
+                        'default 2 in a single process, 1 with several processes')
+    g.add_argument('--w_inter', type=float, default=None, help='weight of the inter loss')
+    g.add_argument('--w_intra', type=float, default=None, help='weight of the intra loss')
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--batch_size', type=int, default=batch_size, help='batch size per process')
+    g.add_argument('--epochs', type=int, default=epochs)
+    g.add_argument('--schedule', type=int, nargs='*', default=schedule,
+                   help='epochs at which the learning rate drops x0.1')
+    g.add_argument('--lr', type=float, default=lr, help='Adam learning rate')
+    g.add_argument('--wd', type=float, default=1e-5, help='Adam weight decay')
+    g.add_argument('--warmup', type=float, nargs='*', default=warmup,
+                   help='learning-rate factors of the first epochs')
+    g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')
+    g.add_argument('--iters_per_epoch', type=int, default=0,
+                   help='stop each epoch after this many iterations (0: whole epoch); for smoke tests')
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', default=str(PROJECT_ROOT / 'experiments'),
+                   help='experiments are written to <output_dir>/<name_prefix><run name>/')
+    g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
+    g.add_argument('--resume', default='', help='checkpoint to continue from (exactly)')
+    g.add_argument('--save_freq', type=int, default=1, help='save every N epochs (and the last)')
+    g.add_argument('--print_freq', type=int, default=10, help='log every N iterations')
+    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
+    g.add_argument('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
+                   help='mixed precision; auto = bf16 on CUDA GPUs that support it, else off')
+    g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
+                   help='channels-last 3D memory format; default on for CUDA')
+    g.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
+                   help=argparse.SUPPRESS)  # set by torch.distributed.launch
+    return p
+
+
+@dataclass
+class Task:
+    """What differs between the two scripts."""
+    name: str                                    # run-name stem, e.g. 'infonce'
+    build_model: Callable                        # args -> nn.Module (a model.moco.MoCo)
+    load_pretrained: Callable                    # (model, args) -> None
+    inputs: Callable                             # (views dict, batch, device, args) -> forward kwargs
+    weights: dict                                # loss term -> weight
+    check_dataset: Callable = lambda spec, args: None
+
+
+def _amp_dtype(args, device):
+    amp = args.amp
+    if amp == 'auto':
+        amp = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'off'
+    return {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+
+
+def run_name(args, task):
+    return (f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
+            f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
+
+
+def train(args, task):
+    info = du.init_distributed(args.device, args.local_rank)
+    device = info.device
+    say = print if info.is_main else (lambda *a, **k: None)
+    spec = DatasetName.parse(args.dataset)
+    global_batch = args.batch_size * info.world_size
+    if args.bn_splits is None:
+        args.bn_splits = 2 if info.world_size == 1 else 1
+    _check_args(args, spec, global_batch, task)
+
+    seed_everything(args.seed + info.rank)
+    data_root = args.data_root or default_data_root()
+    dataset = build_dataset(args.dataset, 'train', data_root=data_root, seq_len=args.seq_len,
+                            ds=args.ds, img_dim=args.img_dim, split=args.which_split,
+                            negate_flow_flip=not args.legacy_flow_flip)
+    if len(dataset) < global_batch:
+        raise SystemExit(f'error: {args.dataset} has {len(dataset)} training videos, fewer than '
+                         f'the global batch {global_batch} (--batch_size x processes)')
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                 shuffle=True, seed=args.seed, drop_last=True)
+    loader_gen = torch.Generator()
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=device.type == 'cuda',
+                        drop_last=True, worker_init_fn=seed_worker, generator=loader_gen)
+
+    torch.manual_seed(args.seed)  # the same initial weights and queue on every process
+    model = task.build_model(args)
+    channels_last = device.type == 'cuda' if args.channels_last is None else args.channels_last
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd,
+                                 fused=device.type == 'cuda')
+    amp_dtype = _amp_dtype(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    augment = DeviceAugment(args.photometric_on_flow, memory_format)
+
+    exp_dir = Path(args.output_dir) / run_name(args, task)
+    start_epoch, iteration, best_acc = 0, 0, 0.0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, '--resume')
+        load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if 'scaler' in ckpt:
+            scaler.load_state_dict(ckpt['scaler'])
+        start_epoch, iteration = ckpt['epoch'] + 1, ckpt['iteration']
+        best_acc = ckpt.get('best_acc', 0.0)
+        exp_dir = Path(args.resume).resolve().parent
+        say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {iteration})')
+    else:
+        task.load_pretrained(model, args)
+    _broadcast_state(model)
+
+    writer = None
+    if info.is_main:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        say(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {info.world_size} process(es) '
+            f'on {device}, global batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos'
+            f' ({len(dataset.dropped)} too short, dropped)\n=> args:\n{format_args(args)}')
+        (exp_dir / 'args.json').write_text(json.dumps(plain_args(args), indent=1, sort_keys=True))
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(exp_dir / 'tb'))
+
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            # Every epoch's randomness is a function of (seed, epoch, rank): a resumed run
+            # continues exactly as the uninterrupted one would.
+            epoch_seed = args.seed * 1_000_003 + epoch * 1009 + info.rank
+            torch.manual_seed(epoch_seed)
+            loader_gen.manual_seed(epoch_seed)
+            sampler.set_epoch(epoch)
+            lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            stats, iteration = _train_one_epoch(
+                model, task, loader, augment, optimizer, scaler, amp_dtype, device, args, epoch,
+                iteration, writer, info)
+            best_acc = max(best_acc, stats.get('top1', 0.0))
+            if info.is_main:
+                record = {'epoch': epoch, 'iteration': iteration, 'lr': lr, **stats}
+                append_jsonl(exp_dir / 'log.jsonl', record)
+                say('=> epoch %d: ' % epoch + ' '.join(f'{k}={v:.4g}' for k, v in stats.items()))
+                if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+                    state = {'state_dict': model.state_dict(), 'epoch': epoch,
+                             'optimizer': optimizer.state_dict(), 'iteration': iteration,
+                             'best_acc': best_acc, 'scaler': scaler.state_dict(),
+                             'rng': {'torch': torch.get_rng_state(), 'loader': loader_gen.get_state()},
+                             'args': plain_args(args)}
+                    save_checkpoint(state, exp_dir / f'epoch{epoch}.pth.tar')
+                    save_checkpoint(state, exp_dir / 'last.pth.tar')
+    except KeyboardInterrupt:
+        say(f'\n=> interrupted; the last good checkpoint is {exp_dir / "last.pth.tar"}')
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    say(f'=> finished; checkpoints in {exp_dir}')
+    du.cleanup()
+    return exp_dir
+
+
+def _check_args(args, spec, global_batch, task):
+    def bad(msg):
+        raise SystemExit(f'error: {msg}')
+    if args.moco_k % global_batch:
+        lo = args.moco_k - args.moco_k % global_batch
+        bad(f'--moco-k {args.moco_k} is not a multiple of the global batch {global_batch} '
+            f'(--batch_size {args.batch_size} x {global_batch // args.batch_size} processes); '
+            f'use --moco-k {lo or global_batch} or change --batch_size')
+    if spec.views != 2:
+        bad(f'--dataset {args.dataset}: pretraining needs two views per video; use '
+            f'{args.dataset}-2clip')
+    if args.seq_len % args.num_segments:
+        bad(f'--seq_len {args.seq_len} is not divisible into --num_segments {args.num_segments}')
+    need = MIN_SEGMENT_FRAMES.get(args.net, 1)
+    if args.seq_len // args.num_segments < need:
+        bad(f'--seq_len {args.seq_len} / --num_segments {args.num_segments} gives local segments '
+            f'of {args.seq_len // args.num_segments} frames; --net {args.net} needs at least {need}')
+    task.check_dataset(spec, args)
+
+
+@torch.no_grad()
+def _broadcast_state(model):
+    if du.world_size() > 1:
+        for t in list(model.parameters()) + list(model.buffers()):
+            du.broadcast(t.data, 0)
+
+
+def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype, device, args,
+                     epoch, iteration, writer, info):
+    model.train()
+    sums = defaultdict(lambda: torch.zeros((), device=device))
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
+    bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not info.is_main, dynamic_ncols=True)
+    tic, seen, n = time.time(), 0, 0
+    for i, batch in enumerate(loader):
+        if i >= steps:
+            break
+        views = augment(batch, device)
+        inputs = task.inputs(views, batch, device, args)
+        ready = model.ready
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None), torch.set_grad_enabled(ready):
+            terms, stats = model(**inputs)
+            loss = sum(task.weights[k] * v for k, v in terms.items())
+        finite = torch.isfinite(loss.detach())
+        first_bad = torch.where(~finite & (first_bad < 0), iteration, first_bad)
+        if ready:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
+            scaler.step(optimizer)
+            scaler.update()
+        # Metrics stay on the device; they are read only at logging intervals.
+        sums['loss'] += loss.detach()
+        for k, v in terms.items():
+            sums[f'loss_{k}'] += v.detach()
+        top1, top5 = topk_accuracy(stats['logits'], torch.zeros(len(stats['logits']),
+                                                                dtype=torch.long, device=device))
+        sums['top1'] += top1
+        sums['top5'] += top5
+        sums['inter_top1'] += stats['inter_top1']
+        if 'mining_acc' in stats:
+            sums['mining_acc'] += stats['mining_acc']
+            sums['mining_n'] += 1
+        n += 1
+        seen += args.batch_size * info.world_size
+        iteration += 1
+        bar.update(1)
+        if n % args.print_freq == 0 or i + 1 == steps:
+            _check_finite(first_bad)
+            means = _means(sums, n)
+            rate = seen / (time.time() - tic)
+            bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3f}',
+                            ready=ready)
+            if writer is not None:
+                for k, v in means.items():
+                    writer.add_scalar(f'train/{k}', v, iteration)
+                writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], iteration)
+                writer.add_scalar('train/samples_per_s', rate, iteration)
+    bar.close()
+    _check_finite(first_bad)
+    means = _means(sums, max(n, 1))
+    means['samples_per_s'] = seen / max(time.time() - tic, 1e-9)
+    return means, iteration
+
+
+def _means(sums, n):
+    out = {k: float(v) / n for k, v in sums.items() if not k.startswith('mining')}
+    if 'mining_n' in sums and float(sums['mining_n']) > 0:
+        out['mining_acc'] = float(sums['mining_acc']) / float(sums['mining_n'])
+    return out
+
+
+def _check_finite(first_bad):
+    bad = first_bad.clone()
+    if du.world_size() > 1:  # stop every process together
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if int(bad) >= 0:
+        raise FloatingPointError(f'non-finite loss at iteration {int(bad)}; the last good '
+                                 f'checkpoint is left as it was')
+
+
+def load_encoder(encoder, path, flag):
+    """Initialise an ``Encoder`` from the query encoder of a pretraining checkpoint at ``path``."""
+    from .checkpoint import sub_state_dict
+    ckpt = load_checkpoint(path, flag)
+    weights = sub_state_dict(ckpt['state_dict'], 'encoder_q.')
+    if not weights:
+        raise ValueError(f'{flag} {path}: no encoder_q.* weights; is it a pretraining checkpoint?')
+    load_exact(encoder, weights, f'{flag} {path}')
+    return ckpt.get('epoch')

@@ -1,0 +1,68 @@
+"""Small helpers: run provenance, JSON-lines logs, seeding, learning-rate schedule."""
+import json
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_revision():
+    """``<sha>`` or ``<sha>-dirty``; 'unknown' outside a git checkout."""
+    try:
+        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
+                               cwd=PROJECT_ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return (sha + ('-dirty' if dirty else '')) if sha else 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def format_args(args):
+    return '\n'.join(f'  {k}: {v}' for k, v in sorted(vars(args).items()))
+
+
+def plain_args(args):
+    """The arguments as plain types, storable in a ``weights_only`` checkpoint."""
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else
+                list(v) if isinstance(v, (list, tuple)) else str(v))
+            for k, v in vars(args).items()}
+
+
+def append_jsonl(path, record):
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id):
+    # torch seeds each worker differently (base seed + id); derive numpy/random from it so no
+    # library repeats the same numbers in every worker.
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def learning_rate(base_lr, epoch, schedule=(), warmup=()):
+    """Step schedule as a function of the epoch: warm-up factors for the first epochs, then x0.1
+    at each epoch of ``schedule``, so a resumed run recomputes exactly the same rate."""
+    if epoch < len(warmup):
+        return base_lr * warmup[epoch]
+    return base_lr * 0.1 ** sum(epoch >= s for s in schedule)
+
+
+def topk_accuracy(logits, target, ks=(1, 5)):
+    """Share of rows whose target is among the top k logits, for each k (device tensors)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == target[:, None]
+    return [hit[:, :k].any(1).float().mean() for k in ks]
