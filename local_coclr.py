@@ -45,14 +45,14 @@ def check_dataset(spec, args):
                          f'{spec.base}-2stream-2clip')
 
 
-def main(argv=None):
+def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], lr=1e-3, warmup=[], batch_size=32,
                                     epochs=100, schedule=[80])
     g = parser.add_argument_group('CVTCL (cross-view co-training)')
     g.add_argument('--model', default='coclr', choices=['coclr'],
                    help='coclr: CoCLR loss + inter + intra (set --w_inter 0 --w_intra 0 for '
                         'plain CoCLR)')
-    g.add_argument('--pretrain', nargs=2, metavar=('TRAINED', 'SAMPLER'), required=True,
+    g.add_argument('--pretrain', nargs=2, metavar=('TRAINED', 'SAMPLER'),
                    help='checkpoints (or "random") initialising the trained network (query and '
                         'key encoder) and the frozen sampler of the other modality')
     g.add_argument('--reverse', action='store_true',
@@ -61,7 +61,14 @@ def main(argv=None):
     g.add_argument('--self_mask_prob', type=float, default=0.9,
                    help='probability that a batch drops the self positive where mined ones exist')
     g.add_argument('--w_coclr', type=float, default=1 / 3, help='weight of the CoCLR loss')
+    return parser
+
+
+def main(argv=None):
+    parser = get_parser()
     args = parse_args(parser, argv)
+    if not args.pretrain or len(args.pretrain) != 2:
+        parser.error('--pretrain TRAINED SAMPLER is required (a path or "random" each)')
     weights = {'coclr': args.w_coclr,
                'inter': 1 / 3 if args.w_inter is None else args.w_inter,
                'intra': 1 / 3 if args.w_intra is None else args.w_intra}

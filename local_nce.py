@@ -34,7 +34,7 @@ def check_dataset(spec, args):
                          f'{spec.base}-2clip (RGB) or {spec.base}-f-2clip (flow)')
 
 
-def main(argv=None):
+def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], lr=5e-4,
                                     warmup=[0.01, 0.05, 0.1, 0.5], batch_size=8, epochs=300,
                                     schedule=[250, 280])
@@ -43,7 +43,11 @@ def main(argv=None):
                              'plain MoCo)')
     parser.add_argument('--pretrain', default='',
                         help='pretraining checkpoint whose query encoder initialises both encoders')
-    args = parse_args(parser, argv)
+    return parser
+
+
+def main(argv=None):
+    args = parse_args(get_parser(), argv)
     weights = {'global': 1.0,
                'inter': 1 / 3 if args.w_inter is None else args.w_inter,
                'intra': 1.0 if args.w_intra is None else args.w_intra}

@@ -21,9 +21,17 @@ def _to_str(x):
     return x.decode('utf-8') if isinstance(x, bytes) else str(x)
 
 
-def _open_env(path, readonly=True):
-    return lmdb.open(path, subdir=os.path.isdir(path), readonly=readonly, lock=False,
-                     readahead=False, meminit=False, max_readers=1024)
+_ENVS = {}  # (pid, path) -> environment: LMDB allows one open environment per file and process
+
+
+def _open_env(path):
+    key = (os.getpid(), os.path.realpath(path))
+    for inherited in [k for k in _ENVS if k[0] != key[0]]:  # a forked child: py-lmdb refuses
+        _ENVS.pop(inherited).close()                        # to reopen what the parent had open
+    if key not in _ENVS:
+        _ENVS[key] = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
+                               readahead=False, meminit=False, max_readers=1024)
+    return _ENVS[key]
 
 
 class VideoLMDB:
@@ -43,7 +51,6 @@ class VideoLMDB:
             raise ValueError(f'{self.path} is not a readable LMDB ({e})') from None
         with env.begin() as txn:
             meta = {k: txn.get(k) for k in META_KEYS}
-        env.close()
         missing = [k.decode() for k in (b'__keys__', b'__order__', b'__vlen__') if meta[k] is None]
         if missing:
             raise ValueError(f'{self.path}: LMDB has no {", ".join(missing)} record; it is not a '
@@ -77,6 +84,13 @@ class VideoLMDB:
         state = self.__dict__.copy()
         state['_env'] = state['_pid'] = None  # an LMDB handle must not cross processes
         return state
+
+    def close(self):
+        """Close this file's environment in this process (e.g. before rewriting the file)."""
+        env = _ENVS.pop((os.getpid(), os.path.realpath(self.path)), None)
+        if env is not None:
+            env.close()
+        self._env = None
 
     def num_frames(self, name):
         return self._num_frames[self._position(name)]

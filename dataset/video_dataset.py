@@ -192,7 +192,7 @@ def _split_names(info, base, mode, split):
     if csv.exists():
         return splits.read_split(csv), csv
     if base.startswith('ucf101'):
-        return None, 'ucf101'
+        return None, None
     raise FileNotFoundError(f'split file {csv} not found; build it with '
                             f'`python -m dataset.prepare splits ...` (see README, Data)')
 
@@ -222,9 +222,12 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
             raise FileNotFoundError(f'dataset {name!r} needs the {modality} LMDB '
                                     f'{paths[modality]}, which does not exist')
     first = VideoLMDB(paths['rgb'] if spec.rgb else paths['flow'])
-    names, source_of_split = _split_names(info, spec.base, mode, split)
-    if source_of_split == 'ucf101':
-        names = splits.ucf101_splits(first.names)[f'{mode}_split{split:02d}.csv']
+    names, _ = _split_names(info, spec.base, mode, split)
+    derived = None
+    if names is None and spec.base.startswith('ucf101'):
+        # The published UCF101 tars hold no split files; they follow from the names (SPEC §3).
+        derived = splits.ucf101_splits(first.names)
+        names = derived['splits'][f'{mode}_split{split:02d}']
     elif names is None:
         names = first.names
 
@@ -232,7 +235,7 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     if class_file.exists():
         classes = splits.read_class_index(class_file)
     else:
-        all_classes = sorted({n.split('/')[0] for n in first.names})
+        all_classes = derived['classes'] if derived else sorted({n.split('/')[0] for n in first.names})
         classes = {c: i for i, c in enumerate(all_classes)}
     labels = []
     for n in names:
@@ -242,8 +245,9 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         labels.append(classes[c])
 
     source_file = info['folder'] / 'video_source.json'
-    if source_file.exists():
-        source_of = splits.read_video_source(source_file)
+    source_of = (splits.read_video_source(source_file) if source_file.exists()
+                 else derived['video_source'] if derived else None)
+    if source_of is not None:
         try:
             sources = [int(source_of[splits.source_key(n)]) for n in names]
         except KeyError as e:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from backbone import BACKBONES
 from dataset import DatasetName, build_dataset, default_data_root
 from dataset.augment import DeviceAugment
 from . import distributed as du
@@ -197,6 +198,7 @@ def train(args, task):
                 model, task, loader, augment, optimizer, scaler, amp_dtype, device, args, epoch,
                 iteration, writer, info)
             best_acc = max(best_acc, stats.get('top1', 0.0))
+            stats['replica_checksum'] = _check_replicas(model)
             if info.is_main:
                 record = {'epoch': epoch, 'iteration': iteration, 'lr': lr, **stats}
                 append_jsonl(exp_dir / 'log.jsonl', record)
@@ -223,6 +225,8 @@ def train(args, task):
 def _check_args(args, spec, global_batch, task):
     def bad(msg):
         raise SystemExit(f'error: {msg}')
+    if args.net not in BACKBONES:
+        bad(f'--net {args.net!r} is unknown; known: {", ".join(BACKBONES)}')
     if args.moco_k % global_batch:
         lo = args.moco_k - args.moco_k % global_batch
         bad(f'--moco-k {args.moco_k} is not a multiple of the global batch {global_batch} '
@@ -305,6 +309,17 @@ def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype,
     means = _means(sums, max(n, 1))
     means['samples_per_s'] = seen / max(time.time() - tic, 1e-9)
     return means, iteration
+
+
+@torch.no_grad()
+def _check_replicas(model):
+    """Every process must hold the same trained weights and queue; a checksum proves it."""
+    parts = [p.double().sum() for p in model.parameters() if p.requires_grad] + [model.queue.double().sum()]
+    mine = torch.stack(parts).sum().view(1)
+    every = du.all_gather(mine)
+    if not torch.all(every == every[0]):
+        raise RuntimeError(f'processes diverged: checksums {every.tolist()}')
+    return float(mine)
 
 
 def _means(sums, n):

@@ -1,0 +1,109 @@
+"""The MoCo core: momentum update, queue, shuffle-BN, batched local segments, CoCLR keys."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.moco import LocalCoCLR, LocalInfoNCE, split_segments
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'coclr_reference.json'
+
+
+def small_input(b=4, t=8, s=32, seed=0):
+    return torch.randn(b, 3, t, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def test_momentum_update():
+    m = LocalInfoNCE('s3d', K=8, m=0.9)
+    with torch.no_grad():
+        for p in m.encoder_q.parameters():
+            p.fill_(1.0)
+        for p in m.encoder_k.parameters():
+            p.zero_()
+    m.momentum_update()
+    for p in m.encoder_k.parameters():
+        assert torch.allclose(p, torch.full_like(p, 0.1))
+
+
+def test_enqueue_wraps_around():
+    m = LocalInfoNCE('s3d', dim=2, K=6)
+    for step in range(4):
+        keys = torch.full((3, 2), float(step))
+        m.enqueue(keys)
+    # steps 0,1 filled slots 0-5, step 2 overwrote 0-2, step 3 overwrote 3-5
+    assert m.queue_ptr.item() == 0
+    assert m.queue[0].tolist() == [2, 2, 2, 3, 3, 3]
+
+
+def test_split_segments_order():
+    x = torch.arange(2 * 8).float().view(2, 1, 8, 1, 1).expand(2, 3, 8, 2, 2).contiguous()
+    seg = split_segments(x, 4)
+    assert seg.shape == (8, 3, 2, 2, 2)
+    # segment j of sample b holds frames 2j, 2j+1 of sample b
+    assert seg[5, 0, :, 0, 0].tolist() == [10.0, 11.0]   # b=1, j=1 -> frames 2,3 of sample 1
+    with pytest.raises(ValueError, match='seq_len'):
+        split_segments(torch.zeros(1, 3, 6, 2, 2), 4)
+
+
+def test_shuffle_bn_restores_order():
+    torch.manual_seed(0)
+    m = LocalInfoNCE('s3d', K=8, bn_splits=2)
+    x = small_input()
+    m.encoder_k.eval()   # running statistics: the shuffle must not change any embedding
+    assert torch.allclose(m.shuffled_keys(x), m.encoder_k(x), atol=1e-5)
+    m.encoder_k.train()  # batch statistics per group: differs from one group, yet stays per-sample
+    k = m.shuffled_keys(x)
+    assert k.shape == (4, 128)
+    assert not torch.allclose(k, m.encoder_k(x), atol=1e-4)
+
+
+def test_batched_segments_equal_separate_calls():
+    m = LocalInfoNCE('s3d', K=8).eval()
+    x = small_input(b=2, t=32)
+    seg = split_segments(x, 4)
+    batched = m.encoder_k(seg).view(2, 4, -1)
+    for j in range(4):
+        single = m.encoder_k(x[:, :, 8 * j:8 * (j + 1)])
+        assert torch.allclose(batched[:, j], single, atol=1e-5)
+
+
+def test_infonce_step_trains_query_only():
+    torch.manual_seed(0)
+    m = LocalInfoNCE('s3d', K=8, bn_splits=2)
+    x1, x2 = small_input(2, 32, seed=1), small_input(2, 32, seed=2)
+    terms, stats = m(x1, x2)
+    assert set(terms) == {'global', 'inter', 'intra'}
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in m.encoder_k.parameters())
+    assert any(p.grad is not None for p in m.encoder_q.parameters())
+    assert stats['logits'].shape == (2, 9)
+    assert m.queue_ptr.item() == 2
+
+
+def test_coclr_waits_for_full_queue_and_keeps_sampler_frozen():
+    torch.manual_seed(0)
+    m = LocalCoCLR(net='s3d', K=4, topk=1, bn_splits=1).train()
+    assert not m.sampler.training and not m.ready
+    x = small_input(2, 32)
+    src, lab = torch.tensor([0, 1]), torch.tensor([0, 1])
+    sampler_before = {k: v.clone() for k, v in m.sampler.state_dict().items()}
+    m(x, x, x, source=src, label=lab)
+    assert not m.ready                                   # 2 of 4 slots filled
+    _, stats = m(x, x, x, source=src, label=lab)
+    assert m.ready and 'mining_acc' not in stats          # mining starts with the next batch
+    _, stats = m(x, x, x, source=src, label=lab)
+    assert 'mining_acc' in stats
+    for k, v in m.sampler.state_dict().items():
+        assert torch.equal(v, sampler_before[k]), k       # BN statistics untouched too
+    assert m.queue_vname.tolist() == [0, 1, 0, 1]
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason='reference file not present')
+@pytest.mark.parametrize('cls,key', [(LocalInfoNCE, 'infonce_s3d_keys'), (LocalCoCLR, 'coclr_s3d_keys')])
+def test_state_dict_keys_equal_coclr(cls, key):
+    ref = json.loads(REFERENCE.read_text())[key]
+    m = cls(net='s3d', K=2048)
+    sd = m.state_dict()
+    assert {k: list(v.shape) for k, v in sd.items()} == ref
+    m.load_state_dict({k: torch.zeros(s, dtype=sd[k].dtype) for k, s in ref.items()}, strict=True)

@@ -1,0 +1,170 @@
+"""Pretraining end to end: real launches (torch.distributed with gloo), resume, bad inputs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import local_coclr
+import local_nce
+from tests.helpers import write_toy_dataset
+from utils.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough for 2 CPU cores: 32 frames (4 segments of 8, the least S3D takes), 32 px.
+TINY = ['--seq_len', '32', '--img_dim', '32', '--batch_size', '2', '--moco-k', '8', '-j', '0',
+        '--epochs', '1', '--iters_per_epoch', '2', '--device', 'cpu', '--print_freq', '1']
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    """A UCF101-named folder with RGB and flow LMDBs and no split files (they are derived)."""
+    root = tmp_path_factory.mktemp('data')
+    videos = {f'{c}/v_{c}_g{g:02d}_c01': 36 for c in ('Alpha', 'Beta') for g in (8, 9, 10, 11, 1)}
+    folder = Path(write_toy_dataset(root, 'ucf101', videos, height=40, width=40))
+    for f in folder.glob('*.csv'):
+        f.unlink()
+    (folder / 'video_source.json').unlink()
+    (folder / 'ClassInd.txt').unlink()
+    return root
+
+
+def run(cmd, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return subprocess.run(cmd, cwd=kw.pop('cwd', ROOT), env=env, capture_output=True, text=True,
+                          timeout=kw.pop('timeout', 300), **kw)
+
+
+def last_log(exp_dir):
+    return [json.loads(line) for line in (Path(exp_dir) / 'log.jsonl').read_text().splitlines()]
+
+
+def only_experiment(out):
+    dirs = [d for d in Path(out).iterdir() if d.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.fixture(scope='module')
+def infonce_ckpts(data_root, tmp_path_factory):
+    """RGB and flow local-InfoNCE checkpoints from real 2-process runs of the seed's launcher."""
+    ckpts = {}
+    for name, dataset in (('rgb', 'ucf101-2clip'), ('flow', 'ucf101-f-2clip')):
+        out = tmp_path_factory.mktemp(f'nce_{name}')
+        r = run([sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
+                 '--master_port', str(29500 + (os.getpid() % 500) + len(ckpts)), 'local_nce.py',
+                 '--net', 's3d', '--model', 'infonce', '--dataset', dataset,
+                 '--data_root', str(data_root), '--output_dir', str(out), *TINY])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        exp = only_experiment(out)
+        ckpts[name] = exp / 'last.pth.tar'
+        ckpts[name + '_log'] = last_log(exp)
+    return ckpts
+
+
+def test_launch_two_processes_local_nce(infonce_ckpts):
+    log = infonce_ckpts['rgb_log']
+    assert log[-1]['iteration'] == 2
+    # The engine all-gathers a checksum of weights and queue at each epoch end and fails if the
+    # processes differ; a finished run therefore means identical queues on both ranks.
+    assert 'replica_checksum' in log[-1]
+    ckpt = torch.load(infonce_ckpts['rgb'], weights_only=True)
+    assert ckpt['state_dict']['queue_ptr'].item() == 0   # 2 iterations x 2 x 2 keys = K = 8
+    assert {'state_dict', 'epoch', 'optimizer', 'iteration', 'best_acc', 'args'} <= set(ckpt)
+
+
+def test_torchrun_two_processes_local_coclr(data_root, infonce_ckpts, tmp_path):
+    r = run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+             'local_coclr.py', '--net', 's3d', '--topk', '2', '--dataset', 'ucf101-2stream-2clip',
+             '--data_root', str(data_root), '--output_dir', str(tmp_path),
+             '--pretrain', str(infonce_ckpts['rgb']), str(infonce_ckpts['flow']), *TINY,
+             '--epochs', '2'])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    exp = only_experiment(tmp_path)
+    ckpt = torch.load(exp / 'last.pth.tar', weights_only=True)
+    sd = ckpt['state_dict']
+    rgb = torch.load(infonce_ckpts['rgb'], weights_only=True)['state_dict']
+    flow = torch.load(infonce_ckpts['flow'], weights_only=True)['state_dict']
+    # The sampler is the flow network, frozen; the trained network started from RGB.
+    for k, v in sd.items():
+        if k.startswith('sampler.'):
+            assert torch.equal(v, flow['encoder_q.' + k[len('sampler.'):]]), k
+    # Epoch 0 (2 iterations) fills the queue without a step, epoch 1 takes gradient steps.
+    assert not torch.equal(sd['encoder_q.4.weight'], rgb['encoder_q.4.weight'])
+    assert (sd['queue_vname'] >= 0).all()
+    assert 'replica_checksum' in last_log(exp)[-1]
+
+
+def test_resume_equals_uninterrupted(data_root, tmp_path):
+    common = ['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
+              '--epochs', '2', '--warmup', '0.5']
+    local_nce.main(common + ['--output_dir', str(tmp_path / 'straight')])
+    straight = only_experiment(tmp_path / 'straight')
+    local_nce.main(common + ['--output_dir', str(tmp_path / 'cut'), '--epochs', '1'])
+    cut = only_experiment(tmp_path / 'cut')
+    local_nce.main(common + ['--output_dir', str(tmp_path / 'cut'), '--resume',
+                             str(cut / 'last.pth.tar')])
+    a = torch.load(straight / 'last.pth.tar', weights_only=True)
+    b = torch.load(cut / 'last.pth.tar', weights_only=True)
+    assert a['epoch'] == b['epoch'] == 1 and a['iteration'] == b['iteration'] == 4
+    for k in a['state_dict']:
+        assert torch.equal(a['state_dict'][k], b['state_dict'][k]), k
+    assert (straight / 'epoch0.pth.tar').exists()
+
+
+def test_non_finite_loss_stops_with_iteration(data_root, tmp_path):
+    with pytest.raises(FloatingPointError, match='iteration 0'):
+        local_nce.main(['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
+                        '--moco-t', '0', '--output_dir', str(tmp_path)])
+    assert not list(tmp_path.rglob('*.pth.tar'))
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--moco-k', '6'], '--moco-k 6 is not a multiple of the global batch 4 (--batch_size'),
+    (['--net', 'vgg'], "known: s3d, s3dg, r50"),
+    (['--dataset', 'nosuch-2clip'], 'Known under'),
+    (['--dataset', 'ucf101'], 'needs two views'),
+    (['--seq_len', '16'], 'needs at least 8'),
+])
+def test_bad_arguments(data_root, tmp_path, flags, message):
+    args = ['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
+            '--batch_size', '4', '--output_dir', str(tmp_path)] + flags
+    with pytest.raises((SystemExit, ValueError)) as e:
+        local_nce.main(args)
+    assert message in str(e.value)
+
+
+def test_bad_pretrain_checkpoints(data_root, tmp_path):
+    base = ['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
+            '--output_dir', str(tmp_path)]
+    missing = tmp_path / 'nope.pth.tar'
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        local_nce.main(base + ['--pretrain', str(missing)])
+    corrupt = tmp_path / 'corrupt.pth.tar'
+    corrupt.write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match=f'{corrupt} is not a readable checkpoint'):
+        local_nce.main(base + ['--pretrain', str(corrupt)])
+    # Another architecture: a 64-d head where 128 is expected.
+    other = tmp_path / 'other.pth.tar'
+    m = local_nce.LocalInfoNCE('s3d', dim=64, K=8)
+    save_checkpoint({'state_dict': m.state_dict(), 'epoch': 3}, other)
+    with pytest.raises(ValueError, match=r'shape mismatch: 4\.weight: \(64, 1024, 1, 1, 1\) vs \(128'):
+        local_nce.main(base + ['--pretrain', str(other)])
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        local_coclr.main(['--dataset', 'ucf101-2stream-2clip', '--data_root', str(data_root),
+                          *TINY, '--output_dir', str(tmp_path), '--pretrain', 'random',
+                          str(missing)])
+
+
+def test_config_file_defaults_and_overrides(tmp_path):
+    cfg = tmp_path / 'c.toml'
+    cfg.write_text('dataset = "demo-2clip"\nmoco_k = 256\nbatch_size = 8\n')
+    from utils.config import parse_args
+    a = parse_args(local_nce.get_parser(), ['--config', str(cfg), '--batch_size', '4'])
+    assert (a.dataset, a.moco_k, a.batch_size) == ('demo-2clip', 256, 4)
+    cfg.write_text('no_such_flag = 1\n')
+    with pytest.raises(SystemExit):
+        parse_args(local_nce.get_parser(), ['--config', str(cfg)])
