@@ -133,7 +133,8 @@ def decode_frames(jpegs, name='?', indices=None, source='?', device='cpu'):
     """Batched libjpeg-turbo (or nvJPEG on CUDA) decode of JPEG byte strings -> [N, 3, H, W]."""
     if not jpegs:
         raise ValueError(f'{source}: no frames asked of video {name!r}')
-    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    data = [b if isinstance(b, torch.Tensor) else torch.frombuffer(bytearray(b), dtype=torch.uint8)
+            for b in jpegs]
     try:
         imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
@@ -153,6 +154,31 @@ def decode_frames(jpegs, name='?', indices=None, source='?', device='cpu'):
                                  f'{tuple(im.shape[1:])}, earlier frames {tuple(shape[1:])}')
             shape = im.shape
     return torch.stack(imgs)
+
+
+def jpeg_size(jpeg):
+    """``(height, width)`` from a JPEG's frame header, without decoding it."""
+    data, i = bytes(jpeg[:65536]), 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            break
+        marker = data[i + 1]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            return int.from_bytes(data[i + 5:i + 7], 'big'), int.from_bytes(data[i + 7:i + 9], 'big')
+        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
+    raise ValueError('not a JPEG with a readable frame header')
+
+
+def pack_jpegs(jpegs):
+    """List of JPEG byte strings -> (one uint8 tensor, offsets ``[N+1]``): cheap to pass
+    between processes (one shared-memory block instead of one per frame)."""
+    sizes = torch.tensor([0] + [len(b) for b in jpegs], dtype=torch.long)
+    data = torch.frombuffer(bytearray(b''.join(jpegs)), dtype=torch.uint8)
+    return data, sizes.cumsum(0)
+
+
+def unpack_jpegs(data, offsets):
+    return [data[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def encode_frames(frames, quality=90):

@@ -12,7 +12,9 @@ import torch
 from torch.utils.data import Dataset
 
 from . import augment, sampler, splits
-from .lmdb_video import VideoLMDB, decode_frames
+from torch.utils.data import default_collate
+
+from .lmdb_video import VideoLMDB, decode_frames, jpeg_size, pack_jpegs, unpack_jpegs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT_ENV = 'CVTCL_DATA_ROOT'
@@ -87,7 +89,7 @@ class VideoDataset(Dataset):
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
                  views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
                  strong_prob=0.0, two_clip_strong_prob=0.3, negate_flow_flip=True,
-                 crop_scale=(0.2, 1.0), description='dataset'):
+                 crop_scale=(0.2, 1.0), decode='cpu', description='dataset'):
         if mode not in ('train', 'test'):
             raise ValueError(f'mode must be train or test, not {mode!r}')
         if rgb_lmdb is None and flow_lmdb is None:
@@ -97,6 +99,9 @@ class VideoDataset(Dataset):
         self.test_size = test_size or round(img_dim * 8 / 7)
         self.strong_prob, self.two_clip_strong_prob = strong_prob, two_clip_strong_prob
         self.negate_flow_flip, self.crop_scale = negate_flow_flip, crop_scale
+        if decode not in ('cpu', 'device'):
+            raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
+        self.decode = decode
         self.lmdbs = {}
         if rgb_lmdb is not None:
             self.lmdbs['rgb'] = rgb_lmdb if isinstance(rgb_lmdb, VideoLMDB) else VideoLMDB(rgb_lmdb)
@@ -117,7 +122,6 @@ class VideoDataset(Dataset):
         self.names = [names[i] for i in keep]
         self.labels = [int(labels[i]) for i in keep]
         self.sources = [int(sources[i]) for i in keep]
-        self._checked_size = False
 
     def _length(self, name):
         # Two-stream: the flow video is usually one frame shorter; use the shorter length.
@@ -125,22 +129,6 @@ class VideoDataset(Dataset):
 
     def __len__(self):
         return len(self.names)
-
-    def _read(self, modality, name, indices):
-        """Decode each needed frame once; return them in the order of ``indices``."""
-        flat = indices.reshape(-1)
-        unique, inverse = torch.unique(flat, return_inverse=True)
-        db = self.lmdbs[modality]
-        frames = decode_frames(db.read_bytes(name, unique.tolist()), name=name,
-                               indices=unique.tolist(), source=db.path)
-        if not self._checked_size:
-            h, w = frames.shape[-2:]
-            if min(h, w) < self.img_dim:
-                raise ValueError(f'{db.path}: frames of {name!r} are {h}x{w}, smaller than '
-                                 f'--img_dim {self.img_dim}; cropping would have to upsample. '
-                                 f'Use --img_dim {min(h, w)} or rebuild the LMDB larger')
-            self._checked_size = True
-        return frames[inverse].reshape(*indices.shape, *frames.shape[1:])
 
     def _plan_views(self, n):
         """Frame indices ``[V, T]`` and the strong flags ``[V]`` of one item's views."""
@@ -159,26 +147,74 @@ class VideoDataset(Dataset):
         item = {'label': self.labels[index], 'source': self.sources[index], 'index': index}
         n = self._length(name)
         if self.mode == 'test':
-            windows = sampler.test_windows(n, self.seq_len, self.ds)
-            for modality in self.lmdbs:
-                frames = self._read(modality, name, windows)       # [W, T, 3, H, W]
-                W, T = windows.shape
-                frames = augment.resize_short_side(frames.flatten(0, 1), self.test_size)
-                item[modality] = frames.reshape(W, T, *frames.shape[1:])
+            windows = sampler.test_windows(n, self.seq_len, self.ds)           # W x T
+            unique, inverse = torch.unique(windows, return_inverse=True)
+            for m, db in self.lmdbs.items():
+                frames = decode_frames(db.read_bytes(name, unique.tolist()), name=name,
+                                       indices=unique.tolist(), source=db.path)
+                self._check_size(*frames.shape[-2:], name)
+                item[m] = augment.resize_short_side(frames, self.test_size)[inverse]  # W x T x 3 x h x w
             return item
         indices, strong = self._plan_views(n)
-        item['strong'] = strong
-        frames = {m: self._read(m, name, indices) for m in self.lmdbs}
-        h, w = next(iter(frames.values())).shape[-2:]
-        boxes = [augment.sample_crop(h, w, scale=self.crop_scale) for _ in range(self.views)]
-        flips = (torch.rand(self.views) < 0.5).tolist()
-        for modality, f in frames.items():
-            item[modality] = torch.stack([
-                augment.crop_resize_flip(f[v], boxes[v], self.img_dim, flips[v],
-                                         is_flow=modality == 'flow',
-                                         negate_flow=self.negate_flow_flip)
-                for v in range(self.views)])
+        unique, inverse = torch.unique(indices, return_inverse=True)   # decode each frame once
+        jpegs = {m: db.read_bytes(name, unique.tolist()) for m, db in self.lmdbs.items()}
+        h, w = jpeg_size(next(iter(jpegs.values()))[0])
+        self._check_size(h, w, name)
+        item.update(strong=strong, frame_index=inverse, flips=torch.rand(self.views) < 0.5,
+                    boxes=torch.tensor([augment.sample_crop(h, w, scale=self.crop_scale)
+                                        for _ in range(self.views)]))
+        if self.decode == 'device':
+            # Workers only read bytes; decoding and geometry happen batched on the GPU.
+            item['jpeg'] = {m: pack_jpegs(b) for m, b in jpegs.items()}
+            return item
+        for m, b in jpegs.items():
+            frames = decode_frames(b, name=name, indices=unique.tolist(), source=self.lmdbs[m].path)
+            item[m] = apply_views(frames, item, m, self.img_dim, self.negate_flow_flip)
         return item
+
+    def _check_size(self, h, w, name):
+        if min(h, w) < self.img_dim:
+            raise ValueError(f'frames of {name!r} are {h}x{w}, smaller than --img_dim '
+                             f'{self.img_dim}; cropping would have to upsample. Use --img_dim '
+                             f'{min(h, w)} or rebuild the LMDB with larger frames')
+
+
+def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True):
+    """Decoded unique frames ``[U, 3, H, W]`` -> the item's views ``[V, T, 3, img_dim, img_dim]``
+    by its plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``); on any device."""
+    views = plan['frame_index']
+    return torch.stack([
+        augment.crop_resize_flip(frames[views[v]], plan['boxes'][v].tolist(), img_dim,
+                                 bool(plan['flips'][v]), is_flow=modality == 'flow',
+                                 negate_flow=negate_flow_flip)
+        for v in range(views.shape[0])])
+
+
+def collate(items):
+    """Default collation, except the packed JPEG bytes of ``decode='device'`` stay a list."""
+    jpegs = [item.pop('jpeg') for item in items] if 'jpeg' in items[0] else None
+    batch = default_collate(items)
+    if jpegs is not None:
+        batch['jpeg'] = jpegs
+    return batch
+
+
+def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
+    """Decode a ``decode='device'`` batch with nvJPEG in one call per modality and apply each
+    view's geometry there: adds ``batch[modality]`` uint8 ``[B, V, T, 3, img_dim, img_dim]``."""
+    for m in batch['jpeg'][0]:
+        per_sample = [unpack_jpegs(*item[m]) for item in batch['jpeg']]
+        flat = [j for js in per_sample for j in js]
+        decoded = decode_frames(flat, name='batch', source=m, device=device)
+        out, start = [], 0
+        for b, js in enumerate(per_sample):
+            plan = {k: batch[k][b] for k in ('frame_index', 'boxes', 'flips')}
+            plan['frame_index'] = plan['frame_index'].to(device)
+            out.append(apply_views(decoded[start:start + len(js)], plan, m, img_dim,
+                                   negate_flow_flip))
+            start += len(js)
+        batch[m] = torch.stack(out)
+    return batch
 
 
 def _split_names(info, base, mode, split):

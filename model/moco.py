@@ -63,6 +63,15 @@ class MoCo(nn.Module):
         self.encoder_k.requires_grad_(False)
         self.register_buffer('queue', F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
+        # Host copies of derivable state, so a training step never waits on the GPU to read
+        # them; reset whenever a state dict is loaded.
+        self._host_ptr = None
+        self._host_full = False
+        self.register_load_state_dict_post_hook(MoCo._forget_host_state)
+
+    @staticmethod
+    def _forget_host_state(module, incompatible_keys):
+        module._host_ptr, module._host_full = None, False
 
     @property
     def ready(self):
@@ -98,12 +107,13 @@ class MoCo(nn.Module):
         """Write keys of every process at ``queue_ptr`` (K is a multiple of the global batch)."""
         keys = du.all_gather(keys)
         n = keys.shape[0]
-        ptr = int(self.queue_ptr)
+        ptr = int(self.queue_ptr) if self._host_ptr is None else self._host_ptr
         assert self.K % n == 0, 'checked at start-up: --moco-k must be a multiple of the global batch'
         self.queue[:, ptr:ptr + n] = keys.T
         for name, values in extra_queues.items():
             getattr(self, name)[..., ptr:ptr + n] = du.all_gather(values).movedim(0, -1)
-        self.queue_ptr[0] = (ptr + n) % self.K
+        self._host_ptr = (ptr + n) % self.K
+        self.queue_ptr.fill_(self._host_ptr)
 
     def embed(self, view1, view2):
         """q ``[B,D]`` (view 1), q_local ``[B,D]`` (segment 1 of view 1), k ``[B,D]`` (view 2),
@@ -162,7 +172,9 @@ class LocalCoCLR(MoCo):
 
     @property
     def ready(self):
-        return self.queue_full
+        # Once full, the queue stays full: read the device only until then.
+        self._host_full = self._host_full or self.queue_full
+        return self._host_full
 
     def forward(self, view1, view2, other_view2, source, label=None, **_):
         full = self.queue_full

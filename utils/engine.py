@@ -19,6 +19,7 @@ from tqdm import tqdm
 from backbone import BACKBONES
 from dataset import DatasetName, build_dataset, default_data_root
 from dataset.augment import DeviceAugment
+from dataset.video_dataset import collate, decode_on_device
 from . import distributed as du
 from .checkpoint import load_checkpoint, load_exact, save_checkpoint
 from .misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
@@ -45,6 +46,9 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
     g.add_argument('--ds', type=int, default=1, help='frame stride of a clip')
     g.add_argument('--img_dim', type=int, default=128, help='crop size in pixels')
     g.add_argument('-j', '--workers', type=int, default=8, help='data-loader workers per process')
+    g.add_argument('--decode', choices=['auto', 'cpu', 'gpu'], default='auto',
+                   help='where JPEG frames are decoded and cropped: data-loader workers (cpu) or '
+                        'batched with nvJPEG on the training GPU (gpu); auto = gpu on CUDA')
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
                    help='apply colour jitter/grayscale/blur to flow frames too (the reference '
                         'does); --no-photometric_on_flow limits them to RGB')
@@ -90,6 +94,8 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
                    help='mixed precision; auto = bf16 on CUDA GPUs that support it, else off')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
                    help='channels-last 3D memory format; default on for CUDA')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the encoders (slow first steps, faster afterwards)')
     g.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                    help=argparse.SUPPRESS)  # set by torch.distributed.launch
     return p
@@ -130,9 +136,14 @@ def train(args, task):
 
     seed_everything(args.seed + info.rank)
     data_root = args.data_root or default_data_root()
+    if args.decode == 'auto':
+        args.decode = 'gpu' if device.type == 'cuda' else 'cpu'
+    if args.decode == 'gpu' and device.type != 'cuda':
+        raise SystemExit('error: --decode gpu needs a CUDA device (--device cuda)')
     dataset = build_dataset(args.dataset, 'train', data_root=data_root, seq_len=args.seq_len,
                             ds=args.ds, img_dim=args.img_dim, split=args.which_split,
-                            negate_flow_flip=not args.legacy_flow_flip)
+                            negate_flow_flip=not args.legacy_flow_flip,
+                            decode='device' if args.decode == 'gpu' else 'cpu')
     if len(dataset) < global_batch:
         raise SystemExit(f'error: {args.dataset} has {len(dataset)} training videos, fewer than '
                          f'the global batch {global_batch} (--batch_size x processes)')
@@ -141,7 +152,8 @@ def train(args, task):
     loader_gen = torch.Generator()
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=device.type == 'cuda',
-                        drop_last=True, worker_init_fn=seed_worker, generator=loader_gen)
+                        drop_last=True, worker_init_fn=seed_worker, generator=loader_gen,
+                        collate_fn=collate, persistent_workers=False)
 
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = task.build_model(args)
@@ -150,6 +162,10 @@ def train(args, task):
     model.to(device, memory_format=memory_format)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+    if args.compile:
+        for name in ('encoder_q', 'encoder_k', 'sampler'):
+            if hasattr(model, name):
+                getattr(model, name).compile()   # in place: state-dict keys stay CoCLR's
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd,
                                  fused=device.type == 'cuda')
@@ -251,6 +267,30 @@ def _broadcast_state(model):
             du.broadcast(t.data, 0)
 
 
+def batch_inputs(batch, task, augment, device, args):
+    """A loader batch -> the model's forward arguments, on the device."""
+    if args.decode == 'gpu':
+        batch = decode_on_device(batch, device, args.img_dim, not args.legacy_flow_flip)
+    return task.inputs(augment(batch, device), batch, device, args)
+
+
+def train_step(model, weights, inputs, optimizer, scaler, amp_dtype, device):
+    """One step: forward under autocast, weighted loss, backward, gradient average, update.
+    No host synchronisation. Before ``model.ready`` (CoCLR's queue filling) forward only."""
+    ready = model.ready
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None), torch.set_grad_enabled(ready):
+        terms, stats = model(**inputs)
+        loss = sum(weights[k] * v for k, v in terms.items())
+    if ready:
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.detach(), terms, stats, ready
+
+
 def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype, device, args,
                      epoch, iteration, writer, info):
     model.train()
@@ -262,21 +302,10 @@ def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype,
     for i, batch in enumerate(loader):
         if i >= steps:
             break
-        views = augment(batch, device)
-        inputs = task.inputs(views, batch, device, args)
-        ready = model.ready
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None), torch.set_grad_enabled(ready):
-            terms, stats = model(**inputs)
-            loss = sum(task.weights[k] * v for k, v in terms.items())
-        finite = torch.isfinite(loss.detach())
-        first_bad = torch.where(~finite & (first_bad < 0), iteration, first_bad)
-        if ready:
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
-            scaler.step(optimizer)
-            scaler.update()
+        inputs = batch_inputs(batch, task, augment, device, args)
+        loss, terms, stats, ready = train_step(model, task.weights, inputs, optimizer, scaler,
+                                               amp_dtype, device)
+        first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), iteration, first_bad)
         # Metrics stay on the device; they are read only at logging intervals.
         sums['loss'] += loss.detach()
         for k, v in terms.items():
