@@ -147,13 +147,7 @@ def train(args, task):
     if len(dataset) < global_batch:
         raise SystemExit(f'error: {args.dataset} has {len(dataset)} training videos, fewer than '
                          f'the global batch {global_batch} (--batch_size x processes)')
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
-    loader_gen = torch.Generator()
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, pin_memory=device.type == 'cuda',
-                        drop_last=True, worker_init_fn=seed_worker, generator=loader_gen,
-                        collate_fn=collate, persistent_workers=False)
+    loader, sampler, loader_gen = make_loader(dataset, args, info)
 
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = task.build_model(args)
@@ -236,6 +230,19 @@ def train(args, task):
     say(f'=> finished; checkpoints in {exp_dir}')
     du.cleanup()
     return exp_dir
+
+
+def make_loader(dataset, args, info):
+    """The training loader: this process's shard, shuffled per epoch, seeded per worker."""
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                 shuffle=True, seed=args.seed, drop_last=True)
+    generator = torch.Generator()
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=info.device.type == 'cuda',
+                        drop_last=True, worker_init_fn=seed_worker, generator=generator,
+                        collate_fn=collate, persistent_workers=False,
+                        prefetch_factor=4 if args.workers else None)
+    return loader, sampler, generator
 
 
 def _check_args(args, spec, global_batch, task):
