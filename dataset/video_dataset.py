@@ -81,14 +81,14 @@ class VideoDataset(Dataset):
     ``'index'``. Test mode: every window of the video, resized so the short side is
     ``test_size`` (crops are taken on the device): ``[W, T, 3, h, w]``.
 
-    Views (``views=2``): half of the pairs are two independent clips, each strong with
-    probability ``two_clip_strong_prob`` (0.3); the other half one clip seen twice, one view strong
-    and one weak (which one at random). With one view, the view is strong with ``strong_prob``.
+    Views (``views=2``): a share ``two_clip_prob`` (0.5) of the pairs are two independent clips,
+    each strong with probability ``two_clip_strong_prob`` (0.3); the others one clip seen twice,
+    one view strong and one weak (which one at random). With one view, the view is strong with ``strong_prob``.
     """
 
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
                  views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
-                 strong_prob=0.0, two_clip_strong_prob=0.3, negate_flow_flip=True,
+                 strong_prob=0.0, two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
                  crop_scale=(0.2, 1.0), decode='cpu', description='dataset'):
         if mode not in ('train', 'test'):
             raise ValueError(f'mode must be train or test, not {mode!r}')
@@ -97,7 +97,8 @@ class VideoDataset(Dataset):
         self.mode, self.views, self.seq_len, self.ds = mode, views, seq_len, ds
         self.img_dim = img_dim
         self.test_size = test_size or round(img_dim * 8 / 7)
-        self.strong_prob, self.two_clip_strong_prob = strong_prob, two_clip_strong_prob
+        self.strong_prob, self.two_clip_prob = strong_prob, two_clip_prob
+        self.two_clip_strong_prob = two_clip_strong_prob
         self.negate_flow_flip, self.crop_scale = negate_flow_flip, crop_scale
         if decode not in ('cpu', 'device'):
             raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
@@ -135,7 +136,7 @@ class VideoDataset(Dataset):
         T, ds = self.seq_len, self.ds
         if self.views == 1:
             return sampler.train_indices(n, T, ds)[None], torch.rand(1) < self.strong_prob
-        if torch.rand(()) < 0.5:   # two clips, each strong with probability 0.3
+        if torch.rand(()) < self.two_clip_prob:   # two clips, each strong with probability 0.3
             idx = torch.stack([sampler.train_indices(n, T, ds) for _ in range(2)])
             return idx, torch.rand(2) < self.two_clip_strong_prob
         clip = sampler.train_indices(n, T, ds)  # one clip twice: one strong, one weak

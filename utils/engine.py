@@ -52,6 +52,13 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
                    help='apply colour jitter/grayscale/blur to flow frames too (the reference '
                         'does); --no-photometric_on_flow limits them to RGB')
+    g.add_argument('--two_clip_prob', type=float, default=0.5,
+                   help='share of pairs made of two different clips (the rest: one clip seen '
+                        'twice, one view strong and one weak)')
+    g.add_argument('--two_clip_strong_prob', type=float, default=0.3,
+                   help='probability that each view of a two-clip pair is strongly augmented')
+    g.add_argument('--crop_area', type=float, nargs=2, default=[0.2, 1.0],
+                   help='area range of the random resized crop, as shares of the frame')
     g.add_argument('--legacy_flow_flip', action='store_true',
                    help="flip flow frames without negating the horizontal component (the "
                         "reference's bug)")
@@ -143,7 +150,10 @@ def train(args, task):
     dataset = build_dataset(args.dataset, 'train', data_root=data_root, seq_len=args.seq_len,
                             ds=args.ds, img_dim=args.img_dim, split=args.which_split,
                             negate_flow_flip=not args.legacy_flow_flip,
-                            decode='device' if args.decode == 'gpu' else 'cpu')
+                            decode='device' if args.decode == 'gpu' else 'cpu',
+                            two_clip_prob=args.two_clip_prob,
+                            two_clip_strong_prob=args.two_clip_strong_prob,
+                            crop_scale=tuple(args.crop_area))
     if len(dataset) < global_batch:
         raise SystemExit(f'error: {args.dataset} has {len(dataset)} training videos, fewer than '
                          f'the global batch {global_batch} (--batch_size x processes)')
