@@ -35,6 +35,11 @@ class Encoder(nn.Sequential):
         return F.normalize(super().forward(x).flatten(1), dim=1)  # B x D
 
 
+def fp32(like):
+    """Autocast off: the losses (dot products / tau, log-sum-exp) run in fp32."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def split_segments(x, num_segments):
     """``[B, C, T, H, W]`` -> ``[B*L, C, T/L, H, W]``: the L consecutive local segments."""
     b, c, t, h, w = x.shape
@@ -135,10 +140,11 @@ class LocalInfoNCE(MoCo):
     def forward(self, view1, view2, **_):
         q, q_local, k, k_local = self.embed(view1, view2)
         queue = self.queue.clone()
-        logits = losses.global_logits(q, k, queue, self.tau)
-        inter, intra, inter_top1 = losses.local_losses(q_local, k_local, queue, self.tau)
+        with fp32(queue):
+            logits = losses.global_logits(q, k, queue, self.tau)
+            inter, intra, inter_top1 = losses.local_losses(q_local, k_local, queue, self.tau)
+            out = {'global': losses.info_nce(logits), 'inter': inter, 'intra': intra}
         self.enqueue(k)
-        out = {'global': losses.info_nce(logits), 'inter': inter, 'intra': intra}
         return out, {'logits': logits.detach(), 'inter_top1': inter_top1.detach()}
 
 
@@ -182,11 +188,14 @@ class LocalCoCLR(MoCo):
         with torch.no_grad():
             s = self.sampler(other_view2)
         queue = self.queue.clone()
-        logits = losses.global_logits(q, k, queue, self.tau)
         mask_self = bool(torch.rand(()) < self.self_mask_prob)
-        mask, topk_index = losses.coclr_positive_mask(
-            s, self.queue_second, source, self.queue_vname, self.topk, full, mask_self)
-        inter, intra, inter_top1 = losses.local_losses(q_local, k_local, queue, self.tau)
+        with fp32(queue):
+            s = s.float()
+            logits = losses.global_logits(q, k, queue, self.tau)
+            mask, topk_index = losses.coclr_positive_mask(
+                s, self.queue_second, source, self.queue_vname, self.topk, full, mask_self)
+            inter, intra, inter_top1 = losses.local_losses(q_local, k_local, queue, self.tau)
+            coclr = losses.multi_positive_nce(logits, mask)
         stats = {'logits': logits.detach(), 'inter_top1': inter_top1.detach()}
         if topk_index is not None and label is not None:
             mined = self.queue_label[topk_index]
@@ -195,5 +204,5 @@ class LocalCoCLR(MoCo):
         if label is None:
             label = torch.full_like(source, -1)
         self.enqueue(k, queue_second=s, queue_vname=source, queue_label=label)
-        out = {'coclr': losses.multi_positive_nce(logits, mask), 'inter': inter, 'intra': intra}
+        out = {'coclr': coclr, 'inter': inter, 'intra': intra}
         return out, stats

@@ -1,0 +1,62 @@
+"""The GPU fast path computes what the plain path computes (checked on the CPU)."""
+import copy
+
+import pytest
+import torch
+
+from dataset import build_dataset
+from dataset.video_dataset import collate, decode_on_device
+from model.moco import LocalInfoNCE
+from tests.helpers import write_toy_dataset
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    videos = {f'{c}/v_{c}_g{g:02d}_c01': 30 + g for c in ('Alpha', 'Beta') for g in (1, 2, 3)}
+    write_toy_dataset(root, 'toy', videos, height=40, width=48)
+    return root
+
+
+def test_device_decode_geometry_equals_worker_path(root):
+    """Same seed -> the same plan; decoding + crop on 'the device' (here the CPU) must give the
+    very frames the worker path gives."""
+    kw = dict(data_root=root, seq_len=8, img_dim=32)
+    cpu = build_dataset('toy-2stream-2clip', 'train', **kw)
+    dev = build_dataset('toy-2stream-2clip', 'train', decode='device', **kw)
+    torch.manual_seed(7)
+    a = collate([cpu[i] for i in range(len(cpu))])
+    torch.manual_seed(7)
+    raw = collate([dev[i] for i in range(len(dev))])
+    assert 'rgb' not in raw and 'jpeg' in raw          # workers only read bytes
+    b = decode_on_device(raw, torch.device('cpu'), 32)
+    for m in ('rgb', 'flow'):
+        assert a[m].shape == (len(cpu), 2, 8, 3, 32, 32)
+        assert torch.equal(a[m], b[m]), m
+    # the plans really vary: flips, crops and both view kinds occur
+    assert raw['flips'].any() and not raw['flips'].all()
+
+
+def test_bf16_losses_match_fp32():
+    """bf16 autocast + channels-last gives the fp32 losses within bf16 tolerance.
+
+    Compared on a well-conditioned network: He-initialised convolutions and BatchNorm with
+    running statistics. (An untrained net in train mode on batch 2 is chaotic: its last
+    BatchNorms see one value per sample, so any rounding flips their output.)"""
+    torch.manual_seed(0)
+    m = LocalInfoNCE('s3d', K=16, bn_splits=1)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Conv3d):
+            torch.nn.init.kaiming_normal_(mod.weight, nonlinearity='relu')
+    m.encoder_k.load_state_dict(m.encoder_q.state_dict())
+    m.eval()
+    fast = copy.deepcopy(m)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(2, 3, 32, 32, 32, generator=g), torch.randn(2, 3, 32, 32, 32, generator=g)
+    ref, _ = m(x1, x2)
+    cl = torch.channels_last_3d
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, _ = fast(x1.contiguous(memory_format=cl), x2.contiguous(memory_format=cl))
+    for k in ref:
+        assert out[k].dtype == torch.float32   # losses in fp32 whatever the encoders ran in
+        assert out[k].item() == pytest.approx(ref[k].item(), rel=0.02, abs=0.01), k
