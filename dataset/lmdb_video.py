@@ -205,8 +205,9 @@ class LMDBWriter:
             if os.path.exists(p):
                 os.remove(p)
         self._map_size = 1 << 30
+        # No fsync per video: close() syncs once before the rename that publishes the file.
         self._env = lmdb.open(self.tmp, subdir=False, map_size=self._map_size, meminit=False,
-                              map_async=True)
+                              map_async=True, sync=False)
         self.names, self.keys, self.vlen = [], [], []
 
     def put(self, name, frames):

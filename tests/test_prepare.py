@@ -1,0 +1,320 @@
+"""`python -m dataset.prepare` on real JPEGs, real encoded videos and real LMDBs made here."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset.lmdb_video import LMDBWriter, VideoLMDB, encode_frames
+from dataset.prepare import dequantize_flow, main, quantize_flow
+from dataset.splits import read_class_index, read_split, read_video_source, ucf101_splits
+
+av = pytest.importorskip('av')
+cv2 = pytest.importorskip('cv2')
+
+REPO = Path(__file__).resolve().parents[1]
+W, H = 64, 48
+
+
+def moving_pattern(n, w=W, h=H):
+    """n RGB frames (uint8 ``[n, h, w, 3]``): a gradient and a bright square moving right."""
+    ys, xs = np.mgrid[0:h, 0:w]
+    frames = []
+    for t in range(n):
+        img = np.stack([xs * 255 // w, ys * 255 // h, np.full_like(xs, 90)], -1).astype(np.uint8)
+        x0 = 4 + 5 * t
+        img[12:30, x0:x0 + 16] = (250, 240, 60)
+        frames.append(img)
+    return np.stack(frames)
+
+
+def write_video(path, frames, codec):
+    with av.open(str(path), 'w') as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
+        stream.options = {'crf': '10'} if codec == 'libx264' else {}
+        if codec == 'mpeg4':
+            stream.bit_rate = 4_000_000
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
+        out.mux(stream.encode())
+
+
+def opencv_frames(path):
+    """Decode with OpenCV's own FFmpeg build: an independent reference for PyAV's frames."""
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return np.stack(frames)
+
+
+def lmdb_frames(path, name):
+    db = VideoLMDB(path)
+    return db.read(name, range(db.num_frames(name))).permute(0, 2, 3, 1).numpy()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, '-m', 'dataset.prepare', *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------- frames
+
+def test_frames_stores_jpeg_bytes_in_natural_order(tmp_path):
+    src = tmp_path / 'frames'
+    expected = {}
+    for cls, video, n in [('Bowling', 'v_Bowling_g01_c01', 12),
+                          ('Archery', 'v_Archery_g02_c01', 3)]:
+        folder = src / cls / video
+        folder.mkdir(parents=True)
+        frames = moving_pattern(n)
+        for i, f in enumerate(frames, 1):  # image_1 .. image_12: name order is not frame order
+            buf = io.BytesIO()
+            Image.fromarray(f).save(buf, 'JPEG', quality=80)
+            (folder / f'image_{i}.jpg').write_bytes(buf.getvalue())
+        (folder / 'notes.txt').write_text('not a frame')
+        expected[f'{cls}/{video}'] = [(folder / f'image_{i}.jpg').read_bytes()
+                                      for i in range(1, n + 1)]
+    out = tmp_path / 'rgb.lmdb'
+    assert main(['frames', '--src', str(src), '--out', str(out), '-j', '1']) == 0
+    db = VideoLMDB(out)
+    assert db.names == ['Archery/v_Archery_g02_c01', 'Bowling/v_Bowling_g01_c01']
+    for name, jpegs in expected.items():
+        assert db.num_frames(name) == len(jpegs)
+        assert db.read_bytes(name, range(len(jpegs))) == jpegs  # stored as they are
+
+    flow = tmp_path / 'flow.lmdb'  # flow straight from the frame folders
+    assert main(['flow', '--src', str(src), '--out', str(flow), '-j', '1']) == 0
+    assert VideoLMDB(flow).names == db.names
+    assert [VideoLMDB(flow).num_frames(n) for n in db.names] == [2, 11]
+
+
+# ------------------------------------------------------------------------------- videos
+
+@pytest.fixture(scope='module')
+def video_src(tmp_path_factory):
+    """Two real encoded videos (mpeg4 .avi, H.264 .mp4) and one garbage '.avi'."""
+    src = tmp_path_factory.mktemp('videos')
+    (src / 'Run').mkdir()
+    (src / 'Jump').mkdir()
+    write_video(src / 'Run' / 'run1.avi', moving_pattern(9), 'mpeg4')
+    write_video(src / 'Jump' / 'jump1.mp4', moving_pattern(7), 'libx264')
+    (src / 'Jump' / 'broken.avi').write_bytes(np.random.default_rng(0).bytes(3000))
+    (src / 'Jump' / 'readme.txt').write_text('not a video')
+    return src
+
+
+def test_videos_match_an_independent_decode_and_skip_broken(video_src, tmp_path):
+    out = tmp_path / 'rgb.lmdb'
+    res = run_cli('videos', '--src', video_src, '--out', out, '-j', '1')
+    assert res.returncode == 0, res.stderr
+    assert 'Jump/broken' in res.stdout and 'skipped 1' in res.stdout  # listed in the summary
+    db = VideoLMDB(out)
+    assert db.names == ['Jump/jump1', 'Run/run1']  # natural order, broken one left out
+    for name, path in [('Jump/jump1', video_src / 'Jump' / 'jump1.mp4'),
+                       ('Run/run1', video_src / 'Run' / 'run1.avi')]:
+        ours, ref = lmdb_frames(out, name), opencv_frames(path)
+        assert ours.shape == ref.shape  # every frame, original size
+        diff = np.abs(ours.astype(np.float32) - ref.astype(np.float32))
+        assert diff.mean() < 3, (name, diff.mean())  # JPEG q90 and colour conversion only
+
+
+def test_videos_short_side_in_two_worker_processes(video_src, tmp_path):
+    out = tmp_path / 'rgb24.lmdb'
+    assert main(['videos', '--src', str(video_src), '--out', str(out), '--short_side', '24',
+                 '-j', '2']) == 0
+    assert VideoLMDB(out).names == ['Jump/jump1', 'Run/run1']  # the order of the input
+    ours = lmdb_frames(out, 'Run/run1')
+    assert ours.shape == (9, 24, 32, 3)  # 48 -> 24, 64 -> 32
+    ref = cv2.resize(opencv_frames(video_src / 'Run' / 'run1.avi')[4], (32, 24),
+                     interpolation=cv2.INTER_AREA)
+    assert np.abs(ours[4].astype(np.float32) - ref).mean() < 4
+
+
+def test_videos_none_readable_writes_nothing(tmp_path, capsys):
+    src = tmp_path / 'src' / 'Run'
+    src.mkdir(parents=True)
+    (src / 'a.avi').write_bytes(b'not a video at all' * 100)
+    out = tmp_path / 'rgb.lmdb'
+    assert main(['videos', '--src', str(tmp_path / 'src'), '--out', str(out), '-j', '1']) == 2
+    assert 'error:' in capsys.readouterr().err
+    assert not out.exists() and not Path(str(out) + '.tmp').exists()
+
+
+# --------------------------------------------------------------------------------- flow
+
+def test_flow_of_a_translating_texture(tmp_path):
+    rng = np.random.default_rng(0)
+    big = cv2.GaussianBlur(rng.uniform(0, 255, (96, 128)).astype(np.float32), (0, 0), 2.5)
+    big = cv2.normalize(big, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    shift = 2  # pixels per frame to the right: content at x moves to x + 2
+    frames = np.stack([np.repeat(big[16:80, 32 - shift * t:96 - shift * t, None], 3, -1)
+                       for t in range(6)])
+    src = tmp_path / 'rgb.lmdb'
+    with LMDBWriter(str(src)) as w:
+        w.put('Pan/v_Pan_g01_c01', encode_frames(torch.from_numpy(frames).permute(0, 3, 1, 2), 95))
+    out = tmp_path / 'flow.lmdb'
+    assert main(['flow', '--src', str(src), '--out', str(out), '-j', '1']) == 0
+    db = VideoLMDB(out)
+    assert db.names == ['Pan/v_Pan_g01_c01'] and db.num_frames('Pan/v_Pan_g01_c01') == 5
+    raw = db.read('Pan/v_Pan_g01_c01', range(5))
+    assert (raw[:, 2].int() - 128).abs().max() <= 2  # a constant, up to JPEG's colour rounding
+    flow = dequantize_flow(raw)[:, :, 8:-8, 8:-8]  # away from the borders
+    assert abs(flow[:, 0].mean().item() - shift) < 0.3
+    assert abs(flow[:, 1].mean().item()) < 0.3
+
+
+def test_flow_encoding_round_trip():
+    flow = np.array([-30.0, -20.0, -5.0, 0.0, 7.5, 20.0, 25.0], np.float32).reshape(7, 1)
+    q = quantize_flow(np.stack([flow, -flow], 0))  # 2 x H x W -> 3 x H x W
+    assert q.shape == (3, 7, 1) and q.dtype == np.uint8
+    assert q[0, :, 0].tolist() == [0, 0, 96, 128, 175, 255, 255]
+    assert q[1, :, 0].tolist() == [255, 255, 159, 128, 80, 0, 0]
+    assert (q[2] == 128).all()
+    back = dequantize_flow(torch.from_numpy(q))
+    assert torch.allclose(back[0], torch.from_numpy(flow).clamp(-20, 20), atol=40 / 255)
+
+
+# ------------------------------------------------------------------------------- splits
+
+def names_lmdb(path, names):
+    """A real LMDB whose videos have i % 3 + 1 tiny frames each."""
+    jpeg = encode_frames(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))[0]
+    with LMDBWriter(str(path)) as w:
+        for i, n in enumerate(names):
+            w.put(n, [jpeg] * (i % 3 + 1))
+    return {n: i % 3 + 1 for i, n in enumerate(names)}
+
+
+def test_splits_ucf101(tmp_path):
+    names = [f'{c}/v_{c}_g{g:02d}_c{k:02d}' for c in ('YoYo', 'ApplyLipstick', 'Biking')
+             for g in range(1, 26) for k in (1, 2)]
+    frames = names_lmdb(tmp_path / 'u.lmdb', names)
+    out = tmp_path / 'ucf'
+    assert main(['splits', 'ucf101', '--lmdb', str(tmp_path / 'u.lmdb'), '--out', str(out)]) == 0
+
+    def groups(split):
+        return {int(n.split('_g')[1][:2]) for n in read_split(out / f'{split}.csv')}
+    for k in (1, 2, 3):
+        test = set(range(7 * k - 6, 7 * k + 1))
+        assert groups(f'test_split0{k}') == test
+        assert groups(f'train_split0{k}') == set(range(1, 26)) - test
+        assert len(read_split(out / f'test_split0{k}.csv')) == 3 * 7 * 2
+    assert (out / 'ClassInd.txt').read_text() == '1 ApplyLipstick\n2 Biking\n3 YoYo\n'
+    assert read_class_index(out / 'ClassInd.txt') == {'ApplyLipstick': 0, 'Biking': 1, 'YoYo': 2}
+    rows = (out / 'train_split01.csv').read_text().splitlines()
+    assert all(int(r.split(',')[1]) == frames[r.split(',')[0]] for r in rows)
+    source = read_video_source(out / 'video_source.json')
+    assert len(source) == 3 * 25 and len(set(source.values())) == 3 * 25  # one id per group
+    assert source['v_YoYo_g08'] != source['v_Biking_g08']
+    assert ucf101_splits(names)['video_source'] == source
+
+
+def test_splits_hmdb51(tmp_path):
+    names = ['brush_hair/a1', 'brush_hair/a2', 'brush_hair/a3', 'cartwheel/b1', 'cartwheel/b2']
+    names_lmdb(tmp_path / 'h.lmdb', names)
+    official = tmp_path / 'official'
+    official.mkdir()
+    for k in (1, 2, 3):
+        (official / f'brush_hair_test_split{k}.txt').write_text(
+            f'a1.avi {1 if k == 1 else 2} \na2.avi {2 if k == 1 else 1} \na3.avi 0 \n')
+        (official / f'cartwheel_test_split{k}.txt').write_text(
+            'b1.avi 1 \nb2.avi 2 \nmissing.avi 1 \n')
+    out = tmp_path / 'hmdb'
+    assert main(['splits', 'hmdb51', '--lmdb', str(tmp_path / 'h.lmdb'),
+                 '--official', str(official), '--out', str(out)]) == 0
+    assert read_split(out / 'train_split01.csv') == ['brush_hair/a1', 'cartwheel/b1']
+    assert read_split(out / 'test_split01.csv') == ['brush_hair/a2', 'cartwheel/b2']
+    assert read_split(out / 'train_split02.csv') == ['brush_hair/a2', 'cartwheel/b1']
+    assert (out / 'ClassInd.txt').read_text() == '1 brush_hair\n2 cartwheel\n'
+    assert not (out / 'video_source.json').exists()
+
+
+def test_splits_kinetics(tmp_path):
+    train = names_lmdb(tmp_path / 'tr.lmdb', ['abseiling/x1', 'zumba/x2'])
+    names_lmdb(tmp_path / 'va.lmdb', ['bowling/y1'])
+    out = tmp_path / 'k'
+    assert main(['splits', 'kinetics', '--train_lmdb', str(tmp_path / 'tr.lmdb'),
+                 '--val_lmdb', str(tmp_path / 'va.lmdb'), '--out', str(out)]) == 0
+    assert read_split(out / 'train_split.csv') == list(train)
+    assert read_split(out / 'val_split.csv') == ['bowling/y1']
+    assert read_class_index(out / 'ClassInd.txt') == {'abseiling': 0, 'bowling': 1, 'zumba': 2}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_are_clear_errors(tmp_path, capsys):
+    missing = tmp_path / 'nope'
+    assert main(['frames', '--src', str(missing), '--out', str(tmp_path / 'o.lmdb')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error:') and '--src' in err and str(missing) in err
+
+    empty = tmp_path / 'empty'
+    (empty / 'SomeClass').mkdir(parents=True)
+    assert main(['videos', '--src', str(empty), '--out', str(tmp_path / 'o.lmdb')]) == 2
+    assert 'holds no' in capsys.readouterr().err
+
+    assert main(['splits', 'ucf101', '--lmdb', str(missing), '--out', str(tmp_path)]) == 2
+    assert '--lmdb' in capsys.readouterr().err
+    assert not list(tmp_path.glob('*.csv'))
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    src = tmp_path / 'src' / 'A' / 'v_A_g01_c01'
+    src.mkdir(parents=True)
+    Image.fromarray(moving_pattern(1)[0]).save(src / '1.jpg')
+    out = tmp_path / 'rgb.lmdb'
+    out.write_bytes(b'precious')
+    res = run_cli('frames', '--src', tmp_path / 'src', '--out', out)
+    assert res.returncode == 2 and 'Traceback' not in res.stderr
+    assert 'error:' in res.stderr and '--overwrite' in res.stderr and str(out) in res.stderr
+    assert out.read_bytes() == b'precious'
+    assert main(['frames', '--src', str(tmp_path / 'src'), '--out', str(out), '--overwrite',
+                 '-j', '1']) == 0
+    assert VideoLMDB(out).names == ['A/v_A_g01_c01']
+
+    split_out = tmp_path / 'splits'
+    split_out.mkdir()
+    (split_out / 'ClassInd.txt').write_text('mine\n')
+    assert main(['splits', 'ucf101', '--lmdb', str(out), '--out', str(split_out)]) == 2
+    assert '--overwrite' in capsys.readouterr().err
+    assert (split_out / 'ClassInd.txt').read_text() == 'mine\n'
+
+    demo_root = tmp_path / 'data'
+    (demo_root / 'demo').mkdir(parents=True)
+    assert main(['demo', '--data_root', str(demo_root)]) == 2
+    assert '--overwrite' in capsys.readouterr().err
+    assert os.listdir(demo_root) == ['demo']
+
+
+def test_help_of_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(['--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ('frames', 'videos', 'flow', 'splits', 'demo'):
+        assert cmd in out
+    for argv in (['frames'], ['videos'], ['flow'], ['splits', 'ucf101'], ['splits', 'hmdb51'],
+                 ['splits', 'kinetics'], ['demo']):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ['--help'])
+        assert e.value.code == 0
+
+
+def test_split_files_are_json_and_csv(tmp_path):
+    names_lmdb(tmp_path / 'u.lmdb', ['A/v_A_g01_c01', 'A/v_A_g01_c02'])
+    assert main(['splits', 'ucf101', '--lmdb', str(tmp_path / 'u.lmdb'),
+                 '--out', str(tmp_path)]) == 0
+    assert json.loads((tmp_path / 'video_source.json').read_text()) == {'v_A_g01': 0}
+    assert not list(tmp_path.glob('*.tmp'))
