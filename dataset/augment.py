@@ -224,8 +224,9 @@ class DeviceAugment:
     or to RGB only.
     """
 
-    def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format):
-        self.photometric = Photometric()
+    def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format,
+                 photometric=None):
+        self.photometric = photometric or Photometric()
         self.photometric_on_flow = photometric_on_flow
         self.memory_format = memory_format
 

@@ -119,7 +119,7 @@ class Task:
     check_dataset: Callable = lambda spec, args: None
 
 
-def _amp_dtype(args, device):
+def amp_dtype_of(args, device):
     amp = args.amp
     if amp == 'auto':
         amp = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'off'
@@ -173,7 +173,7 @@ def train(args, task):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd,
                                  fused=device.type == 'cuda')
-    amp_dtype = _amp_dtype(args, device)
+    amp_dtype = amp_dtype_of(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     augment = DeviceAugment(args.photometric_on_flow, memory_format)
 
@@ -191,7 +191,7 @@ def train(args, task):
         say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {iteration})')
     else:
         task.load_pretrained(model, args)
-    _broadcast_state(model)
+    broadcast_state(model)
 
     writer = None
     if info.is_main:
@@ -278,7 +278,7 @@ def _check_args(args, spec, global_batch, task):
 
 
 @torch.no_grad()
-def _broadcast_state(model):
+def broadcast_state(model):
     if du.world_size() > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             du.broadcast(t.data, 0)
@@ -340,7 +340,7 @@ def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype,
         iteration += 1
         bar.update(1)
         if n % args.print_freq == 0 or i + 1 == steps:
-            _check_finite(first_bad)
+            check_finite(first_bad)
             means = _means(sums, n)
             rate = seen / (time.time() - tic)
             bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3f}',
@@ -351,7 +351,7 @@ def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype,
                 writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], iteration)
                 writer.add_scalar('train/samples_per_s', rate, iteration)
     bar.close()
-    _check_finite(first_bad)
+    check_finite(first_bad)
     means = _means(sums, max(n, 1))
     means['samples_per_s'] = seen / max(time.time() - tic, 1e-9)
     return means, iteration
@@ -375,7 +375,7 @@ def _means(sums, n):
     return out
 
 
-def _check_finite(first_bad):
+def check_finite(first_bad):
     bad = first_bad.clone()
     if du.world_size() > 1:  # stop every process together
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
