@@ -131,29 +131,34 @@ class VideoLMDB:
 
 def decode_frames(jpegs, name='?', indices=None, source='?', device='cpu'):
     """Batched libjpeg-turbo (or nvJPEG on CUDA) decode of JPEG byte strings -> [N, 3, H, W]."""
-    if not jpegs:
+    imgs = decode_list(jpegs, name, indices, source, device)
+    if len({tuple(im.shape) for im in imgs}) != 1:
+        shapes = [tuple(im.shape[1:]) for im in imgs]
+        j = next(i for i, s in enumerate(shapes) if s != shapes[0])
+        frame = indices[j] if indices is not None else j
+        raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is {shapes[j]}, '
+                         f'earlier frames {shapes[0]}')
+    return torch.stack(imgs)
+
+
+def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):
+    """Decode JPEGs (bytes or uint8 tensors) in one batched call -> list of ``[3, H, W]``."""
+    if not len(jpegs):
         raise ValueError(f'{source}: no frames asked of video {name!r}')
     data = [b if isinstance(b, torch.Tensor) else torch.frombuffer(bytearray(b), dtype=torch.uint8)
             for b in jpegs]
     try:
-        imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        imgs = None
-    if imgs is None or len({tuple(im.shape) for im in imgs}) != 1:
-        # Find which frame is broken (or of another size) and say so.
-        shape = None
-        for j, d in enumerate(data):
-            frame = indices[j] if indices is not None else j
-            try:
-                im = decode_jpeg(d, mode=ImageReadMode.RGB)
-            except RuntimeError as e:
-                raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is not a '
-                                 f'valid JPEG ({str(e).splitlines()[0]})') from None
-            if shape is not None and im.shape != shape:
-                raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is '
-                                 f'{tuple(im.shape[1:])}, earlier frames {tuple(shape[1:])}')
-            shape = im.shape
-    return torch.stack(imgs)
+        pass
+    for j, d in enumerate(data):  # find which frame is broken and say so
+        frame = indices[j] if indices is not None else j
+        try:
+            decode_jpeg(d, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is not a valid '
+                             f'JPEG ({str(e).splitlines()[0]})') from None
+    raise RuntimeError(f'{source}: decoding video {name!r} failed on {device}')
 
 
 def jpeg_size(jpeg):

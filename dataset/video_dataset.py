@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from . import augment, sampler, splits
 from torch.utils.data import default_collate
 
-from .lmdb_video import VideoLMDB, decode_frames, jpeg_size, pack_jpegs, unpack_jpegs
+from .lmdb_video import VideoLMDB, decode_frames, decode_list, jpeg_size, pack_jpegs, unpack_jpegs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT_ENV = 'CVTCL_DATA_ROOT'
@@ -206,12 +206,12 @@ def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
     for m in batch['jpeg'][0]:
         per_sample = [unpack_jpegs(*item[m]) for item in batch['jpeg']]
         flat = [j for js in per_sample for j in js]
-        decoded = decode_frames(flat, name='batch', source=m, device=device)
+        decoded = decode_list(flat, name='batch', source=m, device=device)
         out, start = [], 0
         for b, js in enumerate(per_sample):
             plan = {k: batch[k][b] for k in ('frame_index', 'boxes', 'flips')}
             plan['frame_index'] = plan['frame_index'].to(device)
-            out.append(apply_views(decoded[start:start + len(js)], plan, m, img_dim,
+            out.append(apply_views(torch.stack(decoded[start:start + len(js)]), plan, m, img_dim,
                                    negate_flow_flip))
             start += len(js)
         batch[m] = torch.stack(out)
