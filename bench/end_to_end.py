@@ -80,7 +80,10 @@ def run(kind, args, decode, fixed=False):
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     augment = engine.DeviceAugment(True, fmt)
     torch.backends.cudnn.benchmark = True
-    it = iter(loader)
+    def batches():  # several epochs when the synthetic set is small
+        while True:
+            yield from loader
+    it = batches()
     first = next(it) if fixed else None
     fixed_inputs = None
     for i in range(args.warmup + args.steps):

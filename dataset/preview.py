@@ -1,0 +1,139 @@
+"""A picture of what the network is fed: both augmented views of a few samples, as one PNG.
+
+    python -m dataset.prepare preview --dataset ucf101-2stream-2clip --out preview.png
+
+Each row is one view of one sample: a few frames of the clip (evenly spaced) after the data-loader
+worker's geometry *and* the device-side photometric step (the training code path,
+:class:`dataset.augment.DeviceAugment`, run here on the CPU and un-normalised for display). With
+RGB and flow, the flow frames follow the RGB frames of the same view, shown as stored (channel 0
+horizontal, channel 1 vertical motion, 128 = still). A strip on the left of each row marks the
+view: red for a strong view (photometric augmentation), grey for a weak one. Samples are
+separated by a wider gap.
+"""
+import argparse
+import functools
+
+import torch
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
+from .video_dataset import DatasetName, build_dataset
+
+PAD = 2          # pixels between tiles
+GAP = 8          # between the RGB and the flow frames of a row
+SEP = 6          # between samples
+MARK = 6         # the strong/weak strip
+BACKGROUND = 1.0
+STRONG, WEAK = (0.85, 0.1, 0.1), (0.6, 0.6, 0.6)
+
+
+def preview_size(num, views, frames, modalities, img_dim):
+    """``(width, height)`` in pixels of a preview of ``num`` samples."""
+    group = PAD + frames * (img_dim + PAD)
+    width = MARK + modalities * group + (modalities - 1) * GAP
+    height = PAD + num * views * (img_dim + PAD) + (num - 1) * SEP
+    return width, height
+
+
+def _compose(views, strong, img_dim):
+    """``views``: ``[num, V, M, F, 3, S, S]`` float in [0, 1] (M modalities, F frames);
+    ``strong``: bool ``[num, V]`` -> one ``[3, height, width]`` image."""
+    num, V, M, F = views.shape[:4]
+    width, height = preview_size(num, V, F, M, img_dim)
+    canvas = torch.full((3, height, width), BACKGROUND)
+    group = PAD + F * (img_dim + PAD)
+    for s in range(num):
+        for v in range(V):
+            top = PAD + (s * V + v) * (img_dim + PAD) + s * SEP
+            colour = torch.tensor(STRONG if strong[s, v] else WEAK).view(3, 1, 1)
+            canvas[:, top:top + img_dim, :MARK - 1] = colour
+            for m in range(M):
+                left0 = MARK + m * (group + GAP) + PAD
+                for f in range(F):
+                    left = left0 + f * (img_dim + PAD)
+                    canvas[:, top:top + img_dim, left:left + img_dim] = views[s, v, m, f]
+    return canvas
+
+
+def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=128, seed=0,
+                  frames=4, ds=1, photometric_on_flow=True, legacy_flow_flip=False):
+    """Write a PNG of both augmented views of ``num`` samples of ``dataset_name`` (train mode).
+
+    ``frames`` frames per view, evenly spaced over the clip. The samples and their augmentation
+    follow ``seed``; the caller's random state is left as it was. Returns ``(width, height)``.
+    """
+    from PIL import Image
+
+    spec = DatasetName.parse(dataset_name)
+    data = build_dataset(dataset_name, 'train', data_root=data_root, seq_len=seq_len, ds=ds,
+                         img_dim=img_dim, negate_flow_flip=not legacy_flow_flip)
+    modalities = [m for m in ('rgb', 'flow') if getattr(spec, m)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        picks = torch.randperm(len(data))[:num].sort().values.tolist()
+        items = [data[i] for i in picks]
+        batch = {m: torch.stack([it[m] for it in items]) for m in modalities}
+        batch['strong'] = torch.stack([it['strong'] for it in items])
+        augmented = DeviceAugment(photometric_on_flow)(batch, torch.device('cpu'))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    T = seq_len
+    which = torch.linspace(0, T - 1, min(frames, T)).round().long()
+    shown = []
+    for m in modalities:
+        x = augmented[m] * std + mean                          # [num, V, 3, T, S, S] in [0, 1]
+        shown.append(x[:, :, :, which].transpose(2, 3))       # [num, V, F, 3, S, S]
+    views = torch.stack(shown, 2).clamp(0, 1)                  # [num, V, M, F, 3, S, S]
+    image = _compose(views, batch['strong'], img_dim)
+    pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    Image.fromarray(pixels).save(str(out), format='PNG')
+    return pixels.shape[1], pixels.shape[0]
+
+
+# ------------------------------------------------------------------------ the CLI subcommand
+
+def add_parser(sub, user_error):
+    """Add ``preview`` to the subparsers of ``python -m dataset.prepare``. ``user_error``: the
+    exception class whose message ``prepare`` prints without a traceback (exit status 2)."""
+    p = sub.add_parser('preview', help='PNG of augmented training views of a dataset',
+                       description='Write a PNG grid of both augmented views of a few samples '
+                                   'of a dataset (train mode), after the device-side '
+                                   'photometric step: one row per view, a few evenly spaced '
+                                   'frames, RGB and flow side by side (flow as stored). A red '
+                                   'strip marks strong views, a grey one weak views.')
+    p.add_argument('--dataset', required=True, metavar='NAME',
+                   help='dataset name as for training, e.g. ucf101-2stream-2clip or demo-2clip')
+    p.add_argument('--data_root', default=None, metavar='DIR',
+                   help='folder holding <name>/ (default: $CVTCL_DATA_ROOT or data/ in the '
+                        'project folder)')
+    p.add_argument('--out', required=True, metavar='PNG', help='image to write')
+    p.add_argument('--num', type=int, default=4, help='samples shown (default: %(default)s)')
+    p.add_argument('--frames', type=int, default=4,
+                   help='frames shown per view, evenly spaced (default: %(default)s)')
+    p.add_argument('--seq_len', type=int, default=32, help='frames per clip (default: %(default)s)')
+    p.add_argument('--ds', type=int, default=1, help='frame stride (default: %(default)s)')
+    p.add_argument('--img_dim', type=int, default=128,
+                   help='crop size in pixels (default: %(default)s)')
+    p.add_argument('--seed', type=int, default=0,
+                   help='picks the samples and their augmentation (default: %(default)s)')
+    p.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
+                   help='colour jitter/grayscale/blur on the flow frames too, as in training '
+                        '(default: on)')
+    p.add_argument('--legacy_flow_flip', action='store_true',
+                   help="flip flow frames without negating the horizontal component (the "
+                        "reference's bug)")
+    p.set_defaults(run=functools.partial(run, user_error=user_error))
+
+
+def run(args, user_error):
+    for flag in ('num', 'frames', 'seq_len', 'ds', 'img_dim'):
+        if getattr(args, flag) < 1:
+            raise user_error(f'--{flag} must be at least 1')
+    try:
+        size = write_preview(args.dataset, args.out, data_root=args.data_root, num=args.num,
+                             seq_len=args.seq_len, img_dim=args.img_dim, seed=args.seed,
+                             frames=args.frames, ds=args.ds,
+                             photometric_on_flow=args.photometric_on_flow,
+                             legacy_flow_flip=args.legacy_flow_flip)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise user_error(str(e)) from None
+    print(f'wrote {args.out} ({size[0]}x{size[1]})')

@@ -1,0 +1,311 @@
+"""The one dataset class on a tiny dataset folder in the layout of SPEC §3.
+
+Frames encode position and time (``position_frames`` of ``tests/helpers.py``): channel 0 is an x ramp,
+channel 1 a y ramp, channel 2 the frame index times 8, in RGB and flow alike, so the tests can
+read back which frames and which region each view holds.
+"""
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import build_dataset, splits
+from helpers import (jpeg_bytes, png_size, position_frames, write_raw_lmdb,
+                     write_toy_dataset)
+
+SEQ, IMG = 8, 32
+H, W = 40, 48
+# Two classes, two sibling groups each; RGB lengths 18 and 20 (flow 17 and 19).
+VIDEOS = {f'{c}/v_{c}_g0{g}_c01': 16 + 2 * g for c in ('Alpha', 'Beta') for g in (1, 2)}
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    write_toy_dataset(root, 'toy', VIDEOS, height=H, width=W)
+    return root
+
+
+def build(root, name='toy-2clip', mode='train', **kw):
+    kw = {'seq_len': SEQ, 'ds': 1, 'img_dim': IMG, **kw}
+    return build_dataset(name, mode, data_root=root, **kw)
+
+
+def frame_ids(view):
+    """Frame indices shown by a view ``[T, 3, h, w]`` (channel 2 = 8 t, JPEG error < 4)."""
+    return (view[:, 2].float().mean(dim=(1, 2)) / 8).round().long()
+
+
+def is_flipped(view):
+    """Whether a view's x ramp runs right to left."""
+    x = view[0, 0].float().mean(0)
+    return bool(x[-1] < x[0])
+
+
+# ---------------------------------------------------------------------------------- items
+
+@pytest.mark.parametrize('name,modalities,views', [
+    ('toy-2clip', ('rgb',), 2),
+    ('toy-f-2clip', ('flow',), 2),
+    ('toy-2stream-2clip', ('rgb', 'flow'), 2),
+    ('toy', ('rgb',), 1),
+    ('toy-f', ('flow',), 1),
+])
+def test_train_item_shapes(root, name, modalities, views):
+    data = build(root, name)
+    assert len(data) == 4 and data.num_classes == 2 and data.classes == ['Alpha', 'Beta']
+    for i in range(len(data)):
+        item = data[i]
+        assert {'label', 'source', 'index', 'strong'} <= set(item)
+        assert {'rgb', 'flow', 'jpeg'} & set(item) == set(modalities)
+        for m in modalities:
+            assert item[m].shape == (views, SEQ, 3, IMG, IMG) and item[m].dtype == torch.uint8
+        assert item['strong'].shape == (views,) and item['strong'].dtype == torch.bool
+        assert item['index'] == i
+        assert item['label'] == ('Beta' in data.names[i])
+        # video_source.json (written by the helper) numbers the videos in order.
+        assert item['source'] == list(VIDEOS).index(data.names[i])
+
+
+def test_train_views_are_clips_of_the_video(root):
+    data = build(root, 'toy-2clip')
+    for _ in range(5):
+        for i in range(len(data)):
+            item = data[i]
+            n = VIDEOS[data.names[i]]
+            for v in range(2):
+                ids = frame_ids(item['rgb'][v])
+                start = int(ids[0])
+                assert ids.tolist() == list(range(start, start + SEQ))
+                assert 0 <= start < n - SEQ
+
+
+def test_strong_weak_mix(tmp_path):
+    # A 40-frame video: clip starts in [0, 32), so two independent clips rarely coincide (and
+    # frame_ids, which saturate at frame 32, still tell different clips apart).
+    write_toy_dataset(tmp_path, 'long', {'A/v_A_g01_c01': 40}, flow=False)
+    data = build(tmp_path, 'long-2clip', img_dim=16)
+    torch.manual_seed(0)
+    same_clip_flags, other_flags = [], []
+    for _ in range(100):
+        item = data[0]
+        same = torch.equal(frame_ids(item['rgb'][0]), frame_ids(item['rgb'][1]))
+        (same_clip_flags if same else other_flags).append(item['strong'])
+    # One clip seen twice: exactly one strong view (a different clip coincides rarely).
+    one_strong = [int(f.sum()) == 1 for f in same_clip_flags]
+    assert sum(one_strong) >= len(one_strong) - 3 and len(same_clip_flags) > 25
+    # Two clips: each strong with probability 0.3.
+    rate = torch.stack(other_flags).float().mean()
+    assert 0.12 < rate < 0.5 and len(other_flags) > 25
+
+
+def test_two_stream_alignment(root):
+    data = build(root, 'toy-2stream-2clip')
+    flips = set()
+    for _ in range(6):
+        for i in range(len(data)):
+            item = data[i]
+            n_flow = VIDEOS[data.names[i]] - 1
+            for v in range(2):
+                rgb, flow = item['rgb'][v].float(), item['flow'][v].float()
+                # Same frames, and frames of the shorter (flow) video only.
+                assert torch.equal(frame_ids(item['rgb'][v]), frame_ids(item['flow'][v]))
+                assert int(frame_ids(item['flow'][v]).max()) < n_flow
+                # Same region (y ramp), same flip; flipped flow has channel 0 negated.
+                assert (rgb[:, 1] - flow[:, 1]).abs().mean() < 3
+                flipped = is_flipped(item['rgb'][v])
+                flips.add(flipped)
+                if 'flips' in item:                     # the item's plan says what was done
+                    assert bool(item['flips'][v]) == flipped
+                expected_x = 255 - rgb[:, 0] if flipped else rgb[:, 0]
+                assert (flow[:, 0] - expected_x).abs().mean() < 3
+    assert flips == {False, True}
+
+
+def test_device_decode_gives_the_same_views(root):
+    # decode='device': workers only read bytes; decoding and geometry run batched where the
+    # batch goes (here the CPU). The views must be those of the default path.
+    from dataset.video_dataset import collate, decode_on_device
+    cpu_path = build(root, 'toy-2stream-2clip')
+    dev_path = build(root, 'toy-2stream-2clip', decode='device')
+    expected, items = [], []
+    for i in range(4):
+        torch.manual_seed(i)
+        expected.append(cpu_path[i])
+        torch.manual_seed(i)
+        items.append(dev_path[i])
+        assert 'rgb' not in items[-1] and 'flow' not in items[-1]
+    batch = decode_on_device(collate(items), torch.device('cpu'), IMG)
+    for m in ('rgb', 'flow'):
+        assert torch.equal(batch[m], torch.stack([e[m] for e in expected])), m
+    assert torch.equal(batch['strong'], torch.stack([e['strong'] for e in expected]))
+
+
+def test_legacy_flow_flip(root):
+    data = build(root, 'toy-2stream-2clip', negate_flow_flip=False)
+    for _ in range(4):
+        item = data[1]
+        for v in range(2):
+            rgb, flow = item['rgb'][v].float(), item['flow'][v].float()
+            assert (flow[:, 0] - rgb[:, 0]).abs().mean() < 3
+
+
+def test_test_mode_windows(root):
+    data = build(root, 'toy', mode='test')
+    assert len(data) == 4
+    size = round(IMG * 8 / 7)                           # 37: the short side for test crops
+    w_expected = round(W * size / H)                    # 44
+    for i in range(len(data)):
+        item = data[i]
+        assert 'strong' not in item
+        n = VIDEOS[data.names[i]]
+        # Windows of 8 frames at a step of 8/2 - 1 = 3.
+        starts = list(range(0, n - SEQ + 1, 3))
+        assert item['rgb'].shape == (len(starts), SEQ, 3, size, w_expected)
+        assert item['rgb'].dtype == torch.uint8
+        ids = torch.stack([frame_ids(w) for w in item['rgb']])
+        assert ids[:, 0].tolist() == starts
+        assert torch.equal(ids, ids[:, :1] + torch.arange(SEQ))
+    data = build(root, 'toy-2stream-2clip', mode='test')
+    item = data[3]                                      # 20 RGB, 19 flow frames: n = 19
+    assert item['rgb'].shape == item['flow'].shape == (4, SEQ, 3, size, w_expected)
+    assert torch.equal(torch.stack([frame_ids(w) for w in item['flow']])[:, 0],
+                       torch.tensor([0, 3, 6, 9]))
+
+
+def test_short_videos_are_padded_or_dropped(tmp_path):
+    videos = {'A/v_A_g01_c01': 5, 'A/v_A_g02_c01': 6, 'B/v_B_g01_c01': 12}
+    write_toy_dataset(tmp_path, 'short', videos, flow=False)
+    data = build(tmp_path, 'short')
+    # min_frames(8, 1) = 6: the 5-frame video is dropped, the 6-frame one padded on the left.
+    assert data.names == ['A/v_A_g02_c01', 'B/v_B_g01_c01']
+    assert data.dropped == ['A/v_A_g01_c01']
+    assert frame_ids(data[0]['rgb'][0]).tolist() == [0, 0, 0, 1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------------------- workers
+
+def _batches(data, seed, workers=2):
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=2, shuffle=True, num_workers=workers, generator=g)
+    return [b for b in loader]
+
+
+def test_workers_augment_differently(tmp_path):
+    # The same video four times: workers 0 and 1 get items 0 and 1 (and 2 and 3). The
+    # reference seeded no per-worker randomness, so both made the same augmentation.
+    write_toy_dataset(tmp_path, 'same', {'A/v_A_g01_c01': 20}, flow=False,
+                      train=['A/v_A_g01_c01'] * 4)
+    data = build(tmp_path, 'same-2clip')
+    items = list(DataLoader(data, batch_size=None, num_workers=2))
+    assert [it['index'] for it in items] == [0, 1, 2, 3]
+    assert not torch.equal(items[0]['rgb'], items[1]['rgb'])
+    assert not torch.equal(items[2]['rgb'], items[3]['rgb'])
+
+
+def test_same_generator_seed_same_batches(root):
+    data = build(root, 'toy-2stream-2clip')
+    a, b, c = _batches(data, 5), _batches(data, 5), _batches(data, 6)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    assert any(not torch.equal(x['rgb'], y['rgb']) for x, y in zip(a, c))
+
+
+# ---------------------------------------------------------------------------------- UCF101
+
+def test_ucf101_splits_derived_from_names(tmp_path):
+    if not hasattr(splits, 'ucf101_splits'):
+        pytest.skip('dataset.splits.ucf101_splits does not exist yet')
+    names = [f'{c}/v_{c}_g{g:02d}_c{k:02d}' for c in ('ApplyEyeMakeup', 'Archery')
+             for g in (1, 7, 8, 15) for k in (1, 2)]
+    folder = tmp_path / 'ucf101'
+    folder.mkdir()
+    write_raw_lmdb(folder / 'ucf101_frame.lmdb',
+                   [(n, jpeg_bytes(position_frames(10, H, W))) for n in names])
+    train = build(tmp_path, 'ucf101-2clip')
+    test = build(tmp_path, 'ucf101', mode='test')
+    test2 = build(tmp_path, 'ucf101', mode='test', split=2)
+    # Split 1 tests groups 1-7, split 2 groups 8-14.
+    assert test.names == [n for n in names if '_g01_' in n or '_g07_' in n]
+    assert train.names == [n for n in names if '_g08_' in n or '_g15_' in n]
+    assert test2.names == [n for n in names if '_g08_' in n]
+    assert train.classes == ['ApplyEyeMakeup', 'Archery']
+    assert [train[i]['label'] for i in range(len(train))] == [0] * 4 + [1] * 4
+    # Siblings (same class and group) share a source id, other videos do not.
+    src = {n: train.sources[i] for i, n in enumerate(train.names)}
+    assert src['Archery/v_Archery_g08_c01'] == src['Archery/v_Archery_g08_c02']
+    assert src['Archery/v_Archery_g08_c01'] != src['Archery/v_Archery_g15_c01']
+    assert src['Archery/v_Archery_g08_c01'] != src['ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01']
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+def test_unknown_dataset_lists_known_ones(root):
+    with pytest.raises(ValueError, match=r'nosuch.*toy'):
+        build(root, 'nosuch-2clip')
+
+
+def test_split_names_absent_video(tmp_path):
+    sources = {n.split('/')[1][:-4]: i for i, n in enumerate(list(VIDEOS) + ['B/v_Beta_g09_c01'])}
+    write_toy_dataset(tmp_path, 'toy', VIDEOS, train=list(VIDEOS) + ['Beta/v_Beta_g09_c01'],
+                      sources=sources)
+    with pytest.raises(ValueError, match='Beta/v_Beta_g09_c01'):
+        build(tmp_path, 'toy-2clip')
+
+
+def test_class_missing_from_class_index(tmp_path):
+    write_toy_dataset(tmp_path, 'toy', VIDEOS, classes=['Alpha'])
+    with pytest.raises(ValueError, match=r"'Beta'.*ClassInd.txt"):
+        build(tmp_path, 'toy-2clip')
+
+
+def test_missing_video_source_entry(tmp_path):
+    write_toy_dataset(tmp_path, 'toy', VIDEOS, sources={'v_Alpha_g01': 0})
+    with pytest.raises(ValueError, match=r'video_source.json.*v_Alpha_g02'):
+        build(tmp_path, 'toy-2clip')
+
+
+def test_every_video_too_short(root):
+    with pytest.raises(ValueError, match=r'--seq_len 32.*--ds 2'):
+        build(root, 'toy-2clip', seq_len=32, ds=2)
+
+
+def test_img_dim_larger_than_frames(root):
+    data = build(root, 'toy-2clip', img_dim=64)
+    with pytest.raises(ValueError, match=r'--img_dim 64'):
+        data[0]
+
+
+def test_missing_lmdb(tmp_path):
+    write_toy_dataset(tmp_path, 'toy', VIDEOS, flow=False)
+    build(tmp_path, 'toy-2clip')
+    with pytest.raises(FileNotFoundError, match='toy_tvl1_frame.lmdb'):
+        build(tmp_path, 'toy-2stream-2clip')
+    with pytest.raises(FileNotFoundError, match='elsewhere.lmdb'):
+        build(tmp_path, 'toy', rgb_lmdb=tmp_path / 'elsewhere.lmdb')
+
+
+def test_missing_split_file(tmp_path):
+    write_toy_dataset(tmp_path, 'toy', VIDEOS)
+    os.remove(tmp_path / 'toy' / 'test_split01.csv')
+    with pytest.raises(FileNotFoundError, match='test_split01.csv'):
+        build(tmp_path, 'toy', mode='test')
+
+
+# ---------------------------------------------------------------------------------- preview
+
+def test_preview_png(root, tmp_path):
+    from dataset.preview import preview_size, write_preview
+    out = tmp_path / 'preview.png'
+    write_preview('toy-2stream-2clip', out, data_root=root, num=3, seq_len=SEQ, img_dim=IMG,
+                  frames=4)
+    assert png_size(out) == preview_size(num=3, views=2, frames=4, modalities=2, img_dim=IMG)
+    # 3 samples x 2 views as rows, 4 RGB + 4 flow frames per row, with a few pixels of margin.
+    width, height = png_size(out)
+    assert 8 * IMG < width < 8 * IMG + 60 and 6 * IMG < height < 6 * IMG + 40
+    out1 = tmp_path / 'rgb.png'
+    write_preview('toy', out1, data_root=root, num=2, seq_len=SEQ, img_dim=IMG, frames=4)
+    assert png_size(out1) == preview_size(num=2, views=1, frames=4, modalities=1, img_dim=IMG)

@@ -1,0 +1,233 @@
+"""The video LMDB reader and writer (SPEC §3) on real LMDBs of real JPEGs.
+
+The LMDBs read here are written by a minimal, independent writer (``tests/helpers.py``), so the
+reader is checked against the format, not against the project's own writer.
+"""
+import os
+import pickle
+
+import lmdb
+import msgpack
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchvision.io import decode_jpeg, ImageReadMode
+
+from dataset import LMDBWriter, VideoLMDB, decode_frames, encode_frames
+from helpers import (ReadFrames, decode_with_pil, jpeg_bytes, position_frames,
+                     textured_frames, write_raw_lmdb)
+
+# Three videos of different lengths (so a mix-up of __vlen__ shows), not in name order.
+LENGTHS = {'Run/v_Run_g02_c01': 7, 'Jump/v_Jump_g01_c01': 4, 'Run/v_Run_g01_c03': 11}
+# Records inserted in another order than __order__: __keys__/__vlen__ follow insertion.
+INSERTION = [2, 0, 1]
+
+
+def _videos():
+    return [(name, jpeg_bytes(textured_frames(n, 24, 32, seed=i), quality=90))
+            for i, (name, n) in enumerate(LENGTHS.items())]
+
+
+def _torchvision_decode(jpeg):
+    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8),
+                       mode=ImageReadMode.RGB)
+
+
+@pytest.fixture(scope='module')
+def videos():
+    return _videos()
+
+
+@pytest.mark.parametrize('names_as_bytes', [False, True], ids=['str-names', 'bytes-names'])
+@pytest.mark.parametrize('subdir', [False, True], ids=['file', 'directory'])
+def test_read_pixel_exact(tmp_path, videos, names_as_bytes, subdir):
+    path = write_raw_lmdb(tmp_path / 'v.lmdb', videos, names_as_bytes=names_as_bytes,
+                          subdir=subdir, insertion_order=INSERTION)
+    assert os.path.isdir(path) == subdir
+    db = VideoLMDB(path)
+    assert db.names == list(LENGTHS)
+    assert len(db) == 3
+    for name, jpegs in videos:
+        assert name in db
+        # __vlen__ is aligned with __keys__ (insertion order), not with __order__.
+        assert db.num_frames(name) == LENGTHS[name]
+        assert db.read_bytes(name, range(len(jpegs))) == jpegs
+        idx = [len(jpegs) - 1, 0, 2, 2]    # any order, repeats allowed
+        frames = db.read(name, idx)
+        assert frames.dtype == torch.uint8 and frames.shape == (4, 3, 24, 32)
+        for f, i in zip(frames, idx):
+            assert torch.equal(f, _torchvision_decode(jpegs[i]))
+            pil = decode_with_pil(jpegs[i])
+            assert (f.int() - pil.int()).abs().max() <= 2
+    assert 'Run/v_Run_g09_c01' not in db
+    with pytest.raises(KeyError, match='v_Run_g09_c01'):
+        db.num_frames('Run/v_Run_g09_c01')
+
+
+def test_decode_frames_batched_equals_single(videos):
+    jpegs = videos[2][1]
+    batch = decode_frames(jpegs)
+    assert batch.shape == (len(jpegs), 3, 24, 32)
+    for f, j in zip(batch, jpegs):
+        assert torch.equal(f, _torchvision_decode(j))
+
+
+def test_pickle_reader(tmp_path, videos):
+    db = VideoLMDB(write_raw_lmdb(tmp_path / 'v.lmdb', videos, insertion_order=INSERTION))
+    clone = pickle.loads(pickle.dumps(db))
+    assert clone.names == db.names
+    assert [clone.num_frames(n) for n in clone.names] == list(LENGTHS.values())
+    name = videos[0][0]
+    assert torch.equal(clone.read(name, [0, 1]), torch.stack(
+        [_torchvision_decode(j) for j in videos[0][1][:2]]))
+    state = pickle.loads(pickle.dumps(clone)).__dict__   # an open handle is not pickled
+    assert state['_env'] is None
+
+
+def test_two_readers_of_one_file_in_one_process(tmp_path, videos):
+    # E.g. the train and the test split of UCF101 read from the same LMDB with num_workers=0.
+    # (py-lmdb refuses to open one environment twice in a process.)
+    path = write_raw_lmdb(tmp_path / 'v.lmdb', videos)
+    first = VideoLMDB(path)
+    first.read(videos[0][0], [0])
+    second = VideoLMDB(path)
+    assert torch.equal(second.read(videos[0][0], [0]), first.read(videos[0][0], [0]))
+
+
+# py-lmdb (>= 2) refuses to open an environment twice in one process, and a forked child
+# inherits that registry: the reader must share one environment per file and process, and a
+# forked child must drop (close) the environments it inherited before opening its own.
+@pytest.mark.parametrize('context', ['fork', 'spawn'])
+@pytest.mark.parametrize('parent_read', [False, True], ids=['fresh', 'parent-read'])
+def test_read_in_dataloader_workers(tmp_path, videos, context, parent_read):
+    if parent_read and context == 'spawn':
+        pytest.skip('a spawned worker starts from a pickled reader')
+    db = VideoLMDB(write_raw_lmdb(tmp_path / 'v.lmdb', videos, insertion_order=INSERTION,
+                                  names_as_bytes=True))
+    if parent_read:
+        db.read(videos[0][0], [0])
+    data = ReadFrames(db, [n for n, _ in videos] * 2)
+    loader = DataLoader(data, batch_size=None, num_workers=2, multiprocessing_context=context)
+    pids = set()
+    for i, item in enumerate(loader):
+        name, jpegs = videos[i % 3]
+        expected = torch.stack([_torchvision_decode(j) for j in jpegs])
+        assert torch.equal(item['frames'], expected), name
+        pids.add(item['pid'])
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_writer_round_trip(tmp_path):
+    path = tmp_path / 'out' / 'w.lmdb'
+    clips = {'B/v_B_g01_c01': position_frames(5, 16, 24),
+             'A/v_A_g01_c01': textured_frames(3, 16, 24, seed=3)}
+    encoded = {n: encode_frames(f, quality=95) for n, f in clips.items()}
+    with LMDBWriter(path) as w:
+        for n, jpegs in encoded.items():
+            w.put(n, jpegs)
+    assert path.is_file()       # a single file, as the published tars
+    assert not os.path.exists(str(path) + '.tmp')
+    # The metadata is that of the format: keys in insertion order, names as str.
+    env = lmdb.open(str(path), subdir=False, readonly=True, lock=False)
+    with env.begin() as txn:
+        assert msgpack.loads(txn.get(b'__keys__'), raw=True) == [b'000000000', b'000000001']
+        assert msgpack.loads(txn.get(b'__len__')) == 2
+        assert msgpack.loads(txn.get(b'__order__')) == list(clips)
+        assert msgpack.loads(txn.get(b'__vlen__')) == [5, 3]
+    env.close()
+    db = VideoLMDB(path)
+    assert db.names == list(clips)
+    for n, f in clips.items():
+        assert db.num_frames(n) == len(f)
+        assert db.read_bytes(n, range(len(f))) == encoded[n]
+        decoded = db.read(n, range(len(f)))
+        err = (decoded.float() - f.float()).abs()         # JPEG at quality 95
+        assert err.mean() < 4 and err.max() <= 24
+
+
+def test_writer_is_atomic(tmp_path):
+    path = tmp_path / 'w.lmdb'
+    jpegs = jpeg_bytes(position_frames(2, 8, 8))
+    with pytest.raises(RuntimeError, match='boom'):
+        with LMDBWriter(path) as w:
+            w.put('A/a', jpegs)
+            assert not path.exists()
+            raise RuntimeError('boom')
+    assert sorted(os.listdir(tmp_path)) == []     # neither the target nor a temp file
+
+    w = LMDBWriter(path)
+    w.put('A/a', jpegs)
+    assert not path.exists()                      # the target only appears on close
+    w.close()
+    assert path.exists() and VideoLMDB(path).num_frames('A/a') == 2
+    assert sorted(os.listdir(tmp_path)) == ['w.lmdb']
+    with pytest.raises(FileExistsError, match='w.lmdb'):
+        LMDBWriter(path)
+
+
+@pytest.mark.xfail(strict=True, reason='dataset/lmdb_video.py caches one environment per '
+                   '(pid, path), so a file replaced at the same path is read through the old '
+                   "file's environment; key the cache on the file's inode, or drop the entry "
+                   'in LMDBWriter.close()')
+def test_rewritten_file_is_read_anew(tmp_path):
+    # Rewriting an LMDB (prepare --overwrite, the demo rebuilt) and reading it again in the same
+    # process must show the new content, not that of an environment cached for the old file.
+    path = tmp_path / 'w.lmdb'
+    jpegs = jpeg_bytes(position_frames(2, 8, 8))
+    with LMDBWriter(path) as w:
+        w.put('A/a', jpegs)
+    old = VideoLMDB(path)
+    assert old.read('A/a', [0, 1]).shape == (2, 3, 8, 8)
+    with LMDBWriter(path, overwrite=True) as w:
+        w.put('B/b', jpegs * 2)
+    new = VideoLMDB(path)
+    assert new.names == ['B/b'] and new.num_frames('B/b') == 4
+    assert new.read_bytes('B/b', [3]) == [jpegs[1]]
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / 'nowhere' / 'x_frame.lmdb'
+    with pytest.raises(FileNotFoundError, match='x_frame.lmdb'):
+        VideoLMDB(missing)
+
+
+@pytest.mark.parametrize('key', ['__order__', '__vlen__', '__keys__'])
+def test_missing_metadata(tmp_path, videos, key):
+    path = write_raw_lmdb(tmp_path / 'v.lmdb', videos, omit=(key,))
+    with pytest.raises(ValueError, match=key):
+        VideoLMDB(path)
+
+
+def test_not_an_lmdb(tmp_path):
+    path = tmp_path / 'junk.lmdb'
+    path.write_bytes(b'this is not an LMDB' * 100)
+    with pytest.raises(ValueError, match='junk.lmdb'):
+        VideoLMDB(path)
+
+
+@pytest.mark.parametrize('bad', [b'not a jpeg at all', b'\xff\xd8\xff\xe0' + b'\x00' * 40],
+                         ids=['garbage', 'broken-header'])
+def test_corrupt_frame_names_video_and_frame(tmp_path, bad):
+    jpegs = jpeg_bytes(position_frames(4, 16, 16))
+    jpegs[2] = bad
+    db = VideoLMDB(write_raw_lmdb(tmp_path / 'v.lmdb', [('Cls/v_bad', jpegs)]))
+    assert db.read('Cls/v_bad', [0, 1, 3]).shape == (3, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"frame 2 of video 'Cls/v_bad'"):
+        db.read('Cls/v_bad', [0, 1, 2, 3])
+
+
+def test_frames_of_different_sizes(tmp_path):
+    jpegs = jpeg_bytes(position_frames(2, 16, 16)) + jpeg_bytes(position_frames(1, 16, 24))
+    db = VideoLMDB(write_raw_lmdb(tmp_path / 'v.lmdb', [('Cls/v_mixed', jpegs)]))
+    with pytest.raises(ValueError, match=r"frame 2 of video 'Cls/v_mixed'"):
+        db.read('Cls/v_mixed', [0, 1, 2])
+
+
+def test_frame_index_out_of_range(tmp_path, videos):
+    db = VideoLMDB(write_raw_lmdb(tmp_path / 'v.lmdb', videos))
+    name = 'Jump/v_Jump_g01_c01'     # 4 frames
+    for bad in (4, -1):
+        with pytest.raises(IndexError, match=rf"'{name}' has 4 frames, frame {bad}"):
+            db.read(name, [0, bad])
+    with pytest.raises(KeyError, match='Nope/v'):
+        db.read('Nope/v', [0])
