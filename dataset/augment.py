@@ -63,6 +63,12 @@ def resize(frames, size):
     """uint8 ``[N, 3, H, W]`` -> uint8 ``[N, 3, *size]``, bilinear with antialiasing (as PIL)."""
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
+    if frames.device.type == 'cpu':
+        # PyTorch's CPU kernel resizes uint8 channels-last images directly, ~2.4x cheaper than
+        # through float; results differ from the float path by rounding (at most 1 level).
+        x = frames.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(x, size=size, mode='bilinear', align_corners=False,
+                             antialias=True).contiguous()
     x = F.interpolate(frames.float(), size=size, mode='bilinear', align_corners=False,
                       antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8)
@@ -96,7 +102,7 @@ def crop_resize_flip(frames, box, size, flip, is_flow=False, negate_flow=True):
 # Photometric (batched, on the training device)
 
 def _gray(x):
-    # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
+    # ITU-R 601 luma with PIL's weights (the reference converted with PIL).
     return (0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :])
 
 
@@ -195,17 +201,30 @@ class Photometric:
     def apply(self, x, p):
         """``x``: float ``[N, T, 3, H, W]`` in [0, 1] -> same, augmented per view."""
         ops = (_brightness, _contrast, _saturation, _hue)
-
-        def per_view(v):
-            return v.view(-1, 1, 1, 1, 1)
-
         for pos in range(4):
             for k, op in enumerate(ops):
                 m = p['jitter'] & (p['order'][:, pos] == k)
-                x = torch.where(per_view(m), op(x, per_view(p['factors'][:, k]).to(x.dtype)), x)
-        x = torch.where(per_view(p['gray']), _gray(x).expand_as(x), x)
-        blurred = _gaussian_blur(x, p['sigma'].to(x.dtype), self.radius)
-        return torch.where(per_view(p['blur']), blurred, x)
+                x = _on_views(x, m, lambda v, i, k=k, op=op: op(v, _per_view(p['factors'][i, k])))
+        x = _on_views(x, p['gray'], lambda v, i: _gray(v).expand_as(v))
+        return _on_views(x, p['blur'], lambda v, i: _gaussian_blur(v, p['sigma'][i], self.radius))
+
+
+def _per_view(v):
+    return v.view(-1, 1, 1, 1, 1)
+
+
+def _on_views(x, mask, fn):
+    """``fn(views, index)`` applied to the views where ``mask`` [N] is set.
+
+    On a GPU every view is computed and selected with ``torch.where`` (no host synchronisation);
+    on the CPU only the selected views are computed (several times cheaper)."""
+    if x.is_cuda:
+        every = torch.arange(x.shape[0], device=x.device)
+        return torch.where(_per_view(mask), fn(x, every).to(x.dtype), x)
+    index = mask.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return x
+    return x.index_copy(0, index, fn(x[index], index).to(x.dtype))
 
 
 def normalize(x):

@@ -21,13 +21,16 @@ def _to_str(x):
     return x.decode('utf-8') if isinstance(x, bytes) else str(x)
 
 
-_ENVS = {}  # (pid, path) -> environment: LMDB allows one open environment per file and process
+# (pid, path, inode) -> environment: LMDB allows one open environment per file and process;
+# the inode tells a file replaced at the same path (a rebuilt LMDB) from the one first opened.
+_ENVS = {}
 
 
 def _open_env(path):
-    key = (os.getpid(), os.path.realpath(path))
-    for inherited in [k for k in _ENVS if k[0] != key[0]]:  # a forked child: py-lmdb refuses
-        _ENVS.pop(inherited).close()                        # to reopen what the parent had open
+    real = os.path.realpath(path)
+    key = (os.getpid(), real, os.stat(real).st_ino)
+    for stale in [k for k in _ENVS if k[0] != key[0] or (k[1] == real and k != key)]:
+        _ENVS.pop(stale).close()  # inherited by a forked child (py-lmdb refuses to reopen), or replaced
     if key not in _ENVS:
         _ENVS[key] = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
                                readahead=False, meminit=False, max_readers=1024)
@@ -86,10 +89,10 @@ class VideoLMDB:
         return state
 
     def close(self):
-        """Close this file's environment in this process (e.g. before rewriting the file)."""
-        env = _ENVS.pop((os.getpid(), os.path.realpath(self.path)), None)
-        if env is not None:
-            env.close()
+        """Close this file's environment in this process."""
+        real = os.path.realpath(self.path)
+        for k in [k for k in _ENVS if k[:2] == (os.getpid(), real)]:
+            _ENVS.pop(k).close()
         self._env = None
 
     def num_frames(self, name):
@@ -138,7 +141,9 @@ def decode_frames(jpegs, name='?', indices=None, source='?', device='cpu'):
         frame = indices[j] if indices is not None else j
         raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is {shapes[j]}, '
                          f'earlier frames {shapes[0]}')
-    return torch.stack(imgs)
+    # The decoder hands out channels-last images; stacking them as such saves a copy here and
+    # lets the resize run on channels-last data directly.
+    return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
 
 
 def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):

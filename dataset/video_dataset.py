@@ -267,6 +267,10 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         names = derived['splits'][f'{mode}_split{split:02d}']
     elif names is None:
         names = first.names
+    missing = [n for n in names if n not in first]
+    if missing:
+        raise ValueError(f'dataset {name!r}: {len(missing)} video(s) of the {mode} split are not '
+                         f'in {first.path}, e.g. {missing[0]!r}')
 
     class_file = info['folder'] / 'ClassInd.txt'
     if class_file.exists():

@@ -165,10 +165,6 @@ def test_writer_is_atomic(tmp_path):
         LMDBWriter(path)
 
 
-@pytest.mark.xfail(strict=True, reason='dataset/lmdb_video.py caches one environment per '
-                   '(pid, path), so a file replaced at the same path is read through the old '
-                   "file's environment; key the cache on the file's inode, or drop the entry "
-                   'in LMDBWriter.close()')
 def test_rewritten_file_is_read_anew(tmp_path):
     # Rewriting an LMDB (prepare --overwrite, the demo rebuilt) and reading it again in the same
     # process must show the new content, not that of an environment cached for the old file.
