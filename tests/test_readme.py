@@ -1,0 +1,49 @@
+"""Every command the README shows for the project's scripts parses (flags exist, values fit)."""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import local_coclr
+import local_nce
+from eval import main_classifier
+from utils.config import parse_args
+
+README = Path(__file__).resolve().parents[1] / 'README.md'
+PARSERS = {'local_nce.py': local_nce.get_parser, 'local_coclr.py': local_coclr.get_parser,
+           'main_classifier.py': main_classifier.build_parser}
+
+
+def readme_commands():
+    """(script, argv) of each complete command in the README's code blocks."""
+    found = []
+    for block in re.findall(r'```\n(.*?)```', README.read_text(), re.S):
+        for command in block.replace('\\\n', ' ').splitlines():
+            words = shlex.split(command.split('#')[0]) if command.strip() else []
+            scripts = [i for i, w in enumerate(words) if Path(w).name in PARSERS]
+            if not scripts or '...' in words:
+                continue
+            i = scripts[0]
+            found.append((Path(words[i]).name, words[i + 1:]))
+    return found
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_seed_commands_are_there():
+    names = [s for s, _ in COMMANDS]
+    # the seed's four pretraining commands and three evaluation commands, plus the demo ones
+    assert names.count('local_nce.py') >= 3 and names.count('local_coclr.py') >= 4
+    assert names.count('main_classifier.py') >= 3
+
+
+@pytest.mark.parametrize('script,argv', COMMANDS, ids=[f'{s}:{i}' for i, (s, _) in enumerate(COMMANDS)])
+def test_readme_command_parses(script, argv, tmp_path):
+    args = parse_args(PARSERS[script](), argv + ['--data_root', str(tmp_path), '--epochs', '1'])
+    assert args.epochs == 1
+    if script == 'local_coclr.py':
+        assert args.pretrain and len(args.pretrain) == 2
+    if '--moco-k' in argv:
+        assert args.moco_k == int(argv[argv.index('--moco-k') + 1])
