@@ -30,7 +30,8 @@ from model.classifier import HEADS, LinearClassifier, checkpoint_kind, load_pret
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from utils.config import parse_args
-from utils.engine import MIN_SEGMENT_FRAMES, broadcast_state, check_finite, make_loader
+from utils.engine import (MIN_SEGMENT_FRAMES, begin_epoch, broadcast_state, check_finite,
+                          make_loader, open_run)
 from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
                         plain_args, seed_everything, topk_accuracy)
 
@@ -262,26 +263,15 @@ def train(args, rt, spec):
     augment = DeviceAugment(args.photometric_on_flow, rt.memory_format,
                             Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
 
-    writer = None
-    if info.is_main:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        say(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {info.world_size} process(es) '
-            f'on {device}, global batch {global_batch}, amp {rt.amp_dtype}, gradients averaged '
-            f'with all_reduce_mean\n=> train: {len(train_data)} videos of train split '
-            f'{args.which_split} ({len(train_set.dropped)} too short, dropped)\n=> validation: '
-            f'{val_desc}\n=> args:\n{format_args(args)}')
-        (exp_dir / 'args.json').write_text(json.dumps(plain_args(args), indent=1, sort_keys=True))
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(exp_dir / 'tb'))
+    writer = open_run(exp_dir, args, info,
+                      f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
+                      f'amp {rt.amp_dtype}, gradients averaged with all_reduce_mean\n=> train: '
+                      f'{len(train_data)} videos of train split {args.which_split} '
+                      f'({len(train_set.dropped)} too short, dropped)\n=> validation: {val_desc}')
 
     try:
         for epoch in range(start_epoch, args.epochs):
-            # Every epoch's randomness is a function of (seed, epoch, rank): a resumed run
-            # continues exactly as the uninterrupted one would.
-            epoch_seed = args.seed * 1_000_003 + epoch * 1009 + info.rank
-            torch.manual_seed(epoch_seed)
-            loader_gen.manual_seed(epoch_seed)
-            sampler.set_epoch(epoch)
+            begin_epoch(args.seed, epoch, info.rank, sampler, loader_gen)
             lr = learning_rate(args.lr, epoch, args.schedule)
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_mult']

@@ -8,7 +8,6 @@ is cropped to ``img_dim`` on the device: the center crop, five crops (center + 4
 video for each crop; callers average over crops (softmax probabilities for classification,
 features for retrieval).
 """
-import argparse
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,8 @@ from tqdm import tqdm
 from dataset.augment import flip_frames, normalize
 from dataset.video_dataset import VideoDataset
 from utils import distributed as du
-from utils.checkpoint import save_checkpoint
-from utils.engine import amp_dtype_of
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.engine import add_data_args, add_runtime_args, amp_dtype_of
 
 # Crop sets: the first crop of every set is the center crop and the first five of 'ten' are
 # 'five', so one ten-crop pass also gives the center- and five-crop results.
@@ -35,24 +34,9 @@ def add_common_flags(parser, batch_size=32):
     """Data, model and run flags of every evaluation script (the same names as pretraining)."""
     parser.add_argument('--config',
                         help='TOML file of flag defaults (configs/); flags given here win')
-    g = parser.add_argument_group('data')
-    g.add_argument('--dataset', default='ucf101',
-                   help='<name> (RGB) or <name>-f (flow): ucf101, ucf101-f, hmdb51, hmdb51-f, '
-                        'demo, demo-f, or any folder under --data_root laid out as SPEC §3')
-    g.add_argument('--data_root', default=None,
-                   help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
-                        'data/ in the project folder')
-    g.add_argument('--which_split', type=int, default=1,
-                   help='split k: train_split0k.csv / test_split0k.csv')
-    g.add_argument('--seq_len', type=int, default=32, help='frames per clip')
-    g.add_argument('--ds', type=int, default=1, help='frame stride of a clip')
-    g.add_argument('--img_dim', type=int, default=128,
-                   help='crop size in pixels; test frames are resized to a short side of '
-                        'round(img_dim * 8 / 7) before cropping')
-    g.add_argument('-j', '--workers', type=int, default=8, help='data-loader workers per process')
-    g.add_argument('--legacy_flow_flip', action='store_true',
-                   help="flip flow frames without negating the horizontal component (the "
-                        "reference's bug)")
+    g = add_data_args(parser, 'ucf101',
+                      '<name> (RGB) or <name>-f (flow): ucf101, ucf101-f, hmdb51, hmdb51-f, demo, '
+                      'demo-f, or any folder under --data_root laid out as SPEC §3')
     g.add_argument('--max_videos', type=int, default=0,
                    help='use only this many videos of each split, spread evenly over it (0: all); '
                         'for smoke tests')
@@ -62,13 +46,7 @@ def add_common_flags(parser, batch_size=32):
     g.add_argument('--batch_size', type=int, default=batch_size,
                    help='clips per forward pass and process (training: the batch per process)')
     g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')
-    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
-    g.add_argument('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
-                   help='mixed precision; auto = bf16 on CUDA GPUs that support it, else off')
-    g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
-                   help='channels-last 3D memory format; default on for CUDA')
-    g.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
-                   help=argparse.SUPPRESS)  # set by torch.distributed.launch
+    add_runtime_args(g)
     return parser
 
 
@@ -388,18 +366,8 @@ def save_probabilities(path, *, names, labels, probs, classes, meta):
 
 def load_probabilities(path, flag='probabilities'):
     """A file of :func:`save_probabilities`; errors name the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'{flag}: no file {path}')
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f'{flag}: {path} is not a probability file of main_classifier.py --test '
-                         f'({type(e).__name__})') from None
-    need = {'names', 'labels', 'probs', 'classes'}
-    if not isinstance(data, dict) or not need <= set(data):
-        raise ValueError(f'{flag}: {path} lacks {sorted(need - set(data or {}))}; is it a '
-                         f'probability file of main_classifier.py --test?')
+    data = load_checkpoint(path, flag, required=('names', 'labels', 'probs', 'classes'),
+                           what='probability file of main_classifier.py --test')
     n = len(data['names'])
     if data['probs'].shape[0] != n or data['labels'].shape[0] != n:
         raise ValueError(f'{flag}: {path} is inconsistent: {n} names, probabilities '

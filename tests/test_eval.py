@@ -251,7 +251,7 @@ def test_fusion_aligns_and_refuses_mismatches(tmp_path):
                           classes=['A', 'B'], meta={})
     with pytest.raises(ValueError, match='different labels.*A/a2'):
         merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'relabel.pth')
-    with pytest.raises(SystemExit, match='no file .*missing.pth'):
+    with pytest.raises(SystemExit, match='no probability file .*missing.pth'):
         merge_2stream_prob.main(['--prob1', str(tmp_path / 'rgb.pth'),
                                  '--prob2', str(tmp_path / 'missing.pth')])
 

@@ -23,18 +23,20 @@ def save_checkpoint(state, path):
         raise
 
 
-def load_checkpoint(path, flag='checkpoint'):
-    """Load a checkpoint dict with ``weights_only=True``; errors name the path."""
+def load_checkpoint(path, flag='checkpoint', required=('state_dict',), what='checkpoint'):
+    """Load a ``torch.save``d dict with ``weights_only=True``; it must hold the ``required``
+    keys. Errors name the flag and the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'{flag}: no checkpoint at {path}')
+        raise FileNotFoundError(f'{flag}: no {what} at {path}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # pickle, zip and unpickler errors all mean the same thing here
-        raise ValueError(f'{flag}: {path} is not a readable checkpoint ({type(e).__name__}: '
+        raise ValueError(f'{flag}: {path} is not a readable {what} ({type(e).__name__}: '
                          f'{str(e).splitlines()[0] if str(e) else ""})') from None
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
-        raise ValueError(f'{flag}: {path} has no state_dict')
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f'{flag}: {path} has no {", ".join(missing)}; is it a {what}?')
     return ckpt
 
 

@@ -34,18 +34,9 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--config', help='TOML file of flag defaults (configs/); flags given here win')
-    g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='ucf101-2clip',
-                   help='<name>[-f][-2stream]-2clip, e.g. ucf101-2clip (RGB), ucf101-f-2clip '
-                        '(flow), ucf101-2stream-2clip (both), demo-2clip (built-in)')
-    g.add_argument('--data_root', default=None,
-                   help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
-                        'data/ in the project folder')
-    g.add_argument('--which_split', type=int, default=1, help='split whose train part is used')
-    g.add_argument('--seq_len', type=int, default=32, help='frames per clip')
-    g.add_argument('--ds', type=int, default=1, help='frame stride of a clip')
-    g.add_argument('--img_dim', type=int, default=128, help='crop size in pixels')
-    g.add_argument('-j', '--workers', type=int, default=8, help='data-loader workers per process')
+    g = add_data_args(p, 'ucf101-2clip',
+                      '<name>[-f][-2stream]-2clip, e.g. ucf101-2clip (RGB), ucf101-f-2clip (flow), '
+                      'ucf101-2stream-2clip (both), demo-2clip (built-in)')
     g.add_argument('--decode', choices=['auto', 'cpu', 'gpu'], default='auto',
                    help='where JPEG frames are decoded and cropped: data-loader workers (cpu) or '
                         'batched with nvJPEG on the training GPU (gpu); auto = gpu on CUDA')
@@ -59,9 +50,6 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
                    help='probability that each view of a two-clip pair is strongly augmented')
     g.add_argument('--crop_area', type=float, nargs=2, default=[0.2, 1.0],
                    help='area range of the random resized crop, as shares of the frame')
-    g.add_argument('--legacy_flow_flip', action='store_true',
-                   help="flip flow frames without negating the horizontal component (the "
-                        "reference's bug)")
     g = p.add_argument_group('model')
     g.add_argument('--net', default='s3d', help='backbone: s3d, s3dg or r50')
     g.add_argument('--moco-dim', dest='moco_dim', type=int, default=128, help='embedding size D')
@@ -96,16 +84,42 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
     g.add_argument('--resume', default='', help='checkpoint to continue from (exactly)')
     g.add_argument('--save_freq', type=int, default=1, help='save every N epochs (and the last)')
     g.add_argument('--print_freq', type=int, default=10, help='log every N iterations')
+    add_runtime_args(g)
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the encoders (slow first steps, faster afterwards)')
+    return p
+
+
+def add_data_args(parser, dataset_default, dataset_help):
+    """The data flags every script shares (same names in pretraining and evaluation)."""
+    g = parser.add_argument_group('data')
+    g.add_argument('--dataset', default=dataset_default, help=dataset_help)
+    g.add_argument('--data_root', default=None,
+                   help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
+                        'data/ in the project folder')
+    g.add_argument('--which_split', type=int, default=1,
+                   help='split k: train_split0k.csv / test_split0k.csv')
+    g.add_argument('--seq_len', type=int, default=32, help='frames per clip')
+    g.add_argument('--ds', type=int, default=1, help='frame stride of a clip')
+    g.add_argument('--img_dim', type=int, default=128,
+                   help='crop size in pixels; test frames are resized to a short side of '
+                        'round(img_dim * 8 / 7) before cropping')
+    g.add_argument('-j', '--workers', type=int, default=8, help='data-loader workers per process')
+    g.add_argument('--legacy_flow_flip', action='store_true',
+                   help="flip flow frames without negating the horizontal component (the "
+                        "reference's bug)")
+    return g
+
+
+def add_runtime_args(g):
+    """Device, precision and launcher flags every script shares."""
     g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
     g.add_argument('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
                    help='mixed precision; auto = bf16 on CUDA GPUs that support it, else off')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
                    help='channels-last 3D memory format; default on for CUDA')
-    g.add_argument('--compile', action='store_true',
-                   help='torch.compile the encoders (slow first steps, faster afterwards)')
     g.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                    help=argparse.SUPPRESS)  # set by torch.distributed.launch
-    return p
 
 
 @dataclass
@@ -193,24 +207,14 @@ def train(args, task):
         task.load_pretrained(model, args)
     broadcast_state(model)
 
-    writer = None
-    if info.is_main:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        say(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {info.world_size} process(es) '
-            f'on {device}, global batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos'
-            f' ({len(dataset.dropped)} too short, dropped)\n=> args:\n{format_args(args)}')
-        (exp_dir / 'args.json').write_text(json.dumps(plain_args(args), indent=1, sort_keys=True))
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(exp_dir / 'tb'))
+    writer = open_run(exp_dir, args, info,
+                      f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
+                      f'amp {amp_dtype}, {len(dataset)} videos ({len(dataset.dropped)} too short, '
+                      f'dropped)')
 
     try:
         for epoch in range(start_epoch, args.epochs):
-            # Every epoch's randomness is a function of (seed, epoch, rank): a resumed run
-            # continues exactly as the uninterrupted one would.
-            epoch_seed = args.seed * 1_000_003 + epoch * 1009 + info.rank
-            torch.manual_seed(epoch_seed)
-            loader_gen.manual_seed(epoch_seed)
-            sampler.set_epoch(epoch)
+            begin_epoch(args.seed, epoch, info.rank, sampler, loader_gen)
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
             for group in optimizer.param_groups:
                 group['lr'] = lr
@@ -240,6 +244,28 @@ def train(args, task):
     say(f'=> finished; checkpoints in {exp_dir}')
     du.cleanup()
     return exp_dir
+
+
+def open_run(exp_dir, args, info, summary):
+    """Rank 0: create the experiment folder, print where the run came from (git revision,
+    ``summary``, sorted arguments), store the arguments, open TensorBoard. Others: None."""
+    if not info.is_main:
+        return None
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    print(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {summary}\n'
+          f'=> args:\n{format_args(args)}')
+    (exp_dir / 'args.json').write_text(json.dumps(plain_args(args), indent=1, sort_keys=True))
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(exp_dir / 'tb'))
+
+
+def begin_epoch(seed, epoch, rank, sampler, loader_gen):
+    """Every epoch's randomness is a function of (seed, epoch, rank), so a resumed run
+    continues exactly as the uninterrupted one would."""
+    epoch_seed = seed * 1_000_003 + epoch * 1009 + rank
+    torch.manual_seed(epoch_seed)
+    loader_gen.manual_seed(epoch_seed)
+    sampler.set_epoch(epoch)
 
 
 def make_loader(dataset, args, info):
