@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from . import augment, sampler, splits
-from torch.utils.data import default_collate
-
 from .lmdb_video import VideoLMDB, decode_frames, decode_list, jpeg_size, pack_jpegs, unpack_jpegs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from dataset import DatasetName, build_dataset, default_data_root
 from dataset.augment import DeviceAugment
 from dataset.video_dataset import collate, decode_on_device
 from . import distributed as du
-from .checkpoint import load_checkpoint, load_exact, save_checkpoint
+from .checkpoint import load_checkpoint, load_exact, save_checkpoint, sub_state_dict
 from .misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
                    plain_args, seed_everything, seed_worker, topk_accuracy)
 
@@ -255,7 +255,7 @@ def open_run(exp_dir, args, info, summary):
     print(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {summary}\n'
           f'=> args:\n{format_args(args)}')
     (exp_dir / 'args.json').write_text(json.dumps(plain_args(args), indent=1, sort_keys=True))
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only
     return SummaryWriter(str(exp_dir / 'tb'))
 
 
@@ -412,7 +412,6 @@ def check_finite(first_bad):
 
 def load_encoder(encoder, path, flag):
     """Initialise an ``Encoder`` from the query encoder of a pretraining checkpoint at ``path``."""
-    from .checkpoint import sub_state_dict
     ckpt = load_checkpoint(path, flag)
     weights = sub_state_dict(ckpt['state_dict'], 'encoder_q.')
     if not weights:
