@@ -81,10 +81,8 @@ class Runtime:
 def start(args):
     """Initialise the process (group) for ``args`` (--device, --amp, --channels_last)."""
     info = du.init_distributed(args.device, args.local_rank)
-    channels_last = (info.device.type == 'cuda' if args.channels_last is None
-                     else args.channels_last)
     return Runtime(info, amp_dtype_of(args, info.device),
-                   torch.channels_last_3d if channels_last else torch.contiguous_format)
+                   torch.channels_last_3d if args.channels_last else torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------------------------
