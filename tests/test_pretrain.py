@@ -116,10 +116,19 @@ def test_resume_equals_uninterrupted(data_root, tmp_path):
 
 
 def test_non_finite_loss_stops_with_iteration(data_root, tmp_path):
+    base = ['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
+            '--output_dir', str(tmp_path)]
     with pytest.raises(FloatingPointError, match='iteration 0'):
-        local_nce.main(['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
-                        '--moco-t', '0', '--output_dir', str(tmp_path)])
+        local_nce.main(base + ['--moco-t', '0'])
     assert not list(tmp_path.rglob('*.pth.tar'))
+    # After a good epoch, a run that goes non-finite leaves that checkpoint as it was.
+    exp = local_nce.main(base)
+    good = (exp / 'last.pth.tar').read_bytes()
+    with pytest.raises(FloatingPointError, match='iteration 2'):
+        local_nce.main(base + ['--moco-t', '0', '--epochs', '2', '--resume',
+                               str(exp / 'last.pth.tar')])
+    assert (exp / 'last.pth.tar').read_bytes() == good
+    assert sorted(p.name for p in exp.glob('*.pth.tar')) == ['epoch0.pth.tar', 'last.pth.tar']
 
 
 @pytest.mark.parametrize('flags,message', [
