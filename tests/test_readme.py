@@ -7,12 +7,31 @@ import pytest
 
 import local_coclr
 import local_nce
+from dataset import prepare
 from eval import main_classifier
 from utils.config import parse_args
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 PARSERS = {'local_nce.py': local_nce.get_parser, 'local_coclr.py': local_coclr.get_parser,
            'main_classifier.py': main_classifier.build_parser}
+
+
+def prepare_commands():
+    """argv of each ``python -m dataset.prepare ...`` command in the README."""
+    found = []
+    for block in re.findall(r'```\n(.*?)```', README.read_text(), re.S):
+        for command in block.replace('\\\n', ' ').splitlines():
+            words = shlex.split(command.split('#')[0]) if command.strip() else []
+            if 'dataset.prepare' in words and '...' not in words:
+                found.append(words[words.index('dataset.prepare') + 1:])
+    return found
+
+
+def test_readme_prepare_commands_parse():
+    commands = prepare_commands()
+    assert {c[0] for c in commands} >= {'videos', 'flow', 'frames', 'preview'}
+    for argv in commands:
+        prepare.build_parser().parse_args(argv)
 
 
 def readme_commands():
