@@ -151,14 +151,15 @@ class VideoDataset(Dataset):
             for m, db in self.lmdbs.items():
                 frames = decode_frames(db.read_bytes(name, unique.tolist()), name=name,
                                        indices=unique.tolist(), source=db.path)
-                self._check_size(*frames.shape[-2:], name)
+                self._check_size(*frames.shape[-2:], name, db.path)
                 item[m] = augment.resize_short_side(frames, self.test_size)[inverse]  # W x T x 3 x h x w
             return item
         indices, strong = self._plan_views(n)
         unique, inverse = torch.unique(indices, return_inverse=True)   # decode each frame once
         jpegs = {m: db.read_bytes(name, unique.tolist()) for m, db in self.lmdbs.items()}
-        h, w = jpeg_size(next(iter(jpegs.values()))[0])
-        self._check_size(h, w, name)
+        first = next(iter(self.lmdbs))
+        h, w = jpeg_size(jpegs[first][0])
+        self._check_size(h, w, name, self.lmdbs[first].path)
         item.update(strong=strong, frame_index=inverse, flips=torch.rand(self.views) < 0.5,
                     boxes=torch.tensor([augment.sample_crop(h, w, scale=self.crop_scale)
                                         for _ in range(self.views)]))
@@ -171,9 +172,9 @@ class VideoDataset(Dataset):
             item[m] = apply_views(frames, item, m, self.img_dim, self.negate_flow_flip)
         return item
 
-    def _check_size(self, h, w, name):
+    def _check_size(self, h, w, name, source):
         if min(h, w) < self.img_dim:
-            raise ValueError(f'frames of {name!r} are {h}x{w}, smaller than --img_dim '
+            raise ValueError(f'{source}: frames of {name!r} are {h}x{w}, smaller than --img_dim '
                              f'{self.img_dim}; cropping would have to upsample. Use --img_dim '
                              f'{min(h, w)} or rebuild the LMDB with larger frames')
 

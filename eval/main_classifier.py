@@ -301,9 +301,9 @@ def train(args, rt, spec):
                          'best_acc': best_acc, 'best_epoch': best_epoch, 'val_set': val_desc,
                          'scaler': scaler.state_dict(), 'classes': list(train_set.classes),
                          'args': plain_args(args)}
-                save_checkpoint(state, exp_dir / 'last.pth.tar')
+                save_checkpoint(state, exp_dir / 'last.pth.tar',
+                                *([exp_dir / 'best.pth.tar'] if is_best else []))
                 if is_best:
-                    save_checkpoint(state, exp_dir / 'best.pth.tar')
                     say(f'=> best so far ({args.val_set} top1 {best_acc:.2f}): '
                         f'{exp_dir / "best.pth.tar"}')
     except KeyboardInterrupt:

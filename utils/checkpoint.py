@@ -1,19 +1,28 @@
 """Checkpoints (SPEC §5): atomic writes, safe loading, and loads that say which keys mismatch."""
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 
-def save_checkpoint(state, path):
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half file."""
+def save_checkpoint(state, path, *copies):
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half file.
+    Each of ``copies`` (e.g. ``last.pth.tar``) gets the same bytes, serialised only once."""
     path = Path(path)
+    _atomic_write(path, lambda f: torch.save(state, f))
+    for copy in copies:
+        with open(path, 'rb') as src:
+            _atomic_write(Path(copy), lambda f: shutil.copyfileobj(src, f))
+
+
+def _atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -233,8 +233,8 @@ def train(args, task):
                              'best_acc': best_acc, 'scaler': scaler.state_dict(),
                              'rng': {'torch': torch.get_rng_state(), 'loader': loader_gen.get_state()},
                              'args': plain_args(args)}
-                    save_checkpoint(state, exp_dir / f'epoch{epoch}.pth.tar')
-                    save_checkpoint(state, exp_dir / 'last.pth.tar')
+                    save_checkpoint(state, exp_dir / f'epoch{epoch}.pth.tar',
+                                    exp_dir / 'last.pth.tar')
     except KeyboardInterrupt:
         say(f'\n=> interrupted; the last good checkpoint is {exp_dir / "last.pth.tar"}')
         raise
