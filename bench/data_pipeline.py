@@ -17,10 +17,9 @@ frames (quality 90, textured content), cropped to 128 px. Everything runs in thi
     frames of a view travel together through the same transform (as in the reference). The
     strong/weak mix is that of SPEC §4.
 
-Also shown: (a*) the project's worker path with frames kept channels-last and resized as uint8
-(a proposed change; checked here to give the same samples within 1 level), (c) the worker with
-``decode='device'`` (it only reads bytes; decoding moves to the device), a breakdown of the
-project's worker CPU time by stage, and with ``--device cuda`` the device-side step on the GPU.
+Also shown: (c) the worker with ``decode='device'`` (it only reads bytes; decoding moves to the
+device), a breakdown of the project's worker CPU time by stage, and with ``--device cuda`` the
+device-side step on the GPU.
 
 The last line is ``ratio reference/project CPU time per sample``: the reference's CPU time per
 sample over the project's worker CPU time per sample (the issue's target is >= 5x).
@@ -41,7 +40,7 @@ import torchvision.transforms.functional as TF
 
 from dataset import augment, build_dataset
 from dataset.augment import DeviceAugment
-from dataset.lmdb_video import LMDBWriter, decode_frames, encode_frames
+from dataset.lmdb_video import LMDBWriter, encode_frames
 
 H, W = 240, 320
 
@@ -174,34 +173,6 @@ class ReferencePipeline:
                 'flow': torch.stack([v[1] for v in views]), 'label': data.labels[index]}
 
 
-# ---------------------------------------------------------------------------------- proposal
-
-def proposed_item(data_bytes, index):
-    """The project's worker path with one change that keeps its semantics: frames stay in the
-    channels-last layout ``decode_jpeg`` returns them in, and crops are resized as uint8 (the
-    AVX2 path of ``F.interpolate``; differs from the float path by rounding, at most 1 level).
-    ``data_bytes`` is the dataset with ``decode='device'``: its item carries the JPEG bytes and
-    the plan (frames, boxes, flips) the default path would have used with the same RNG state."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from dataset.lmdb_video import unpack_jpegs
-    item = data_bytes[index]
-    size = (data_bytes.img_dim, data_bytes.img_dim)
-    for modality, packed in item.pop('jpeg').items():
-        imgs = decode_jpeg(unpack_jpegs(*packed), mode=ImageReadMode.RGB)
-        hwc = torch.stack([im.permute(1, 2, 0) for im in imgs])     # a copy, no transposition
-        frames = hwc.permute(0, 3, 1, 2)                            # U x 3 x H x W, channels last
-        views = []
-        for v, idx in enumerate(item['frame_index']):
-            t, l, hh, ww = augment.box_pixels(item['boxes'][v].tolist(), *frames.shape[-2:])
-            out = F.interpolate(frames[idx][..., t:t + hh, l:l + ww], size=size,
-                                mode='bilinear', align_corners=False, antialias=True)
-            if item['flips'][v]:
-                out = augment.flip_frames(out, modality == 'flow', data_bytes.negate_flow_flip)
-            views.append(out.contiguous())
-        item[modality] = torch.stack(views)
-    return item
-
-
 # ---------------------------------------------------------------------------------- timing
 
 def timed(fn, iters, warmup):
@@ -215,28 +186,34 @@ def timed(fn, iters, warmup):
 
 def profile_project(data_bytes, iters):
     """CPU time per sample of the stages of the project's worker path (``decode='cpu'``),
-    replayed with the project's functions on the plan of ``decode='device'`` items."""
-    from dataset.lmdb_video import unpack_jpegs
-    stages = dict.fromkeys(['LMDB read + plan', 'JPEG decode', 'crop + resize', 'flip'], 0.0)
+    replayed with the project's own functions on the plan of ``decode='device'`` items."""
+    from dataset.lmdb_video import decode_list, unpack_jpegs
+    stages = dict.fromkeys(['LMDB read + plan', 'JPEG decode', 'crop', 'resize', 'flip'], 0.0)
     torch.manual_seed(0)
-    size = (data_bytes.img_dim, data_bytes.img_dim)
+    size = data_bytes.img_dim
     for i in range(iters):
         t = time.process_time()
         item = data_bytes[i % len(data_bytes)]
         stages['LMDB read + plan'] += time.process_time() - t
         for modality, packed in item['jpeg'].items():
             t = time.process_time()
-            frames = decode_frames(unpack_jpegs(*packed))
+            frames = decode_list(unpack_jpegs(*packed))
             stages['JPEG decode'] += time.process_time() - t
-            for v, idx in enumerate(item['frame_index']):
+            out = augment.channels_last_empty(*item['frame_index'].shape, size=size)
+            for v, idx in enumerate(item['frame_index'].tolist()):   # as apply_views does
                 t = time.process_time()
                 top, left, h, w = augment.box_pixels(item['boxes'][v].tolist(),
-                                                     *frames.shape[-2:])
-                out = augment.resize(frames[idx][..., top:top + h, left:left + w], size)
-                stages['crop + resize'] += time.process_time() - t
+                                                     *frames[0].shape[-2:])
+                crops = torch.stack([frames[j].permute(1, 2, 0)[top:top + h, left:left + w]
+                                     for j in idx]).permute(0, 3, 1, 2)
+                stages['crop'] += time.process_time() - t
+                t = time.process_time()
+                views = augment.resize(crops, (size, size))
+                stages['resize'] += time.process_time() - t
                 t = time.process_time()
                 if item['flips'][v]:
-                    augment.flip_frames(out, modality == 'flow')
+                    views = augment.flip_frames(views, modality == 'flow')
+                out[v] = views
                 stages['flip'] += time.process_time() - t
     return {k: v / iters for k, v in stages.items()}
 
@@ -296,20 +273,14 @@ def main(argv=None):
         data_bytes = build_dataset('bench-2stream-2clip', 'train', data_root=root,
                                    seq_len=args.seq_len, ds=1, img_dim=args.img_dim,
                                    decode='device')
-        for i in range(3):                      # the proposal makes the same samples
+        for i in range(3):      # the byte-only items carry the same plan as the decoded ones
             torch.manual_seed(i)
             a = data[i % n]
             torch.manual_seed(i)
-            b = proposed_item(data_bytes, i % n)
-            assert torch.equal(a['strong'], b['strong'])
-            for m in ('rgb', 'flow'):
-                assert a[m].shape == b[m].shape
-                assert (a[m].int() - b[m].int()).abs().max() <= 1, m
+            b = data_bytes[i % n]
+            assert all(torch.equal(a[k], b[k]) for k in ('strong', 'frame_index', 'boxes', 'flips'))
         torch.manual_seed(0)
         bytes_wall, bytes_cpu = timed(lambda i: data_bytes[i % n], args.iters, args.warmup)
-        torch.manual_seed(0)
-        prop_wall, prop_cpu = timed(lambda i: proposed_item(data_bytes, i % n), args.iters,
-                                    args.warmup)
 
         ref = ReferencePipeline(data, args.img_dim, random.Random(0))
         ref_wall, ref_cpu = timed(lambda i: ref[i % n], args.iters, args.warmup)
@@ -323,7 +294,6 @@ def main(argv=None):
         ('    + photometric + normalize on the CPU (DeviceAugment)', dev_wall, dev_cpu),
         ('    = project, everything on the CPU', proj_wall + dev_wall, proj_cpu + dev_cpu),
         ('(b) reference style (PIL per frame)', ref_wall, ref_cpu),
-        ('(a*) project worker, uint8 channels-last resize (proposal)', prop_wall, prop_cpu),
         ("(c) project worker with decode='device' (bytes only)", bytes_wall, bytes_cpu),
     ]
     for label, wall, c in rows:
@@ -339,7 +309,6 @@ def main(argv=None):
     print()
     print(f'ratio reference/project CPU time per sample, photometric on the CPU too: '
           f'{ref_cpu / (proj_cpu + dev_cpu):.2f}x')
-    print(f'ratio reference/proposal CPU time per sample (a*): {ref_cpu / prop_cpu:.2f}x')
     print(f'ratio reference/project CPU time per sample: {ref_cpu / proj_cpu:.2f}x')
 
 

@@ -64,7 +64,7 @@ def run(kind, args, decode, fixed=False):
                          decode=decode, img_dim=128, legacy_flow_flip=False, reverse=False)
     ds = build_dataset(dataset_name, 'train', data_root=args.root, seq_len=32, img_dim=128,
                        decode='device' if decode == 'gpu' else 'cpu')
-    loader, _, _ = engine.make_loader(ds, ns, DistInfo(device=device))
+    loader, _ = engine.make_loader(ds, ns, DistInfo(device=device))
     torch.manual_seed(0)
     model = script.build_model(ns)
     fmt = torch.channels_last_3d if device.type == 'cuda' else torch.contiguous_format

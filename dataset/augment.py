@@ -59,16 +59,23 @@ def box_pixels(box, height, width):
     return t, l, max(1, min(int(round(h * height)), height - t)), max(1, min(int(round(w * width)), width - l))
 
 
+def channels_last_empty(*lead, size, dtype=torch.uint8, device='cpu'):
+    """An empty ``[*lead, 3, size, size]`` tensor whose memory is laid out ``[*lead, size, size, 3]``
+    (channels last). Views built in this layout reach the model as channels-last-3D clips
+    ``[N, 3, T, H, W]`` by a transpose, with no copy anywhere on the way."""
+    return torch.empty(*lead, size, size, 3, dtype=dtype, device=device).movedim(-1, -3)
+
+
 def resize(frames, size):
-    """uint8 ``[N, 3, H, W]`` -> uint8 ``[N, 3, *size]``, bilinear with antialiasing (as PIL)."""
+    """uint8 ``[N, 3, H, W]`` -> uint8 ``[N, 3, *size]``, bilinear with antialiasing (as PIL).
+    The result is channels-last in memory."""
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
     if frames.device.type == 'cpu':
-        # PyTorch's CPU kernel resizes uint8 channels-last images directly, ~2.4x cheaper than
-        # through float; results differ from the float path by rounding (at most 1 level).
-        x = frames.contiguous(memory_format=torch.channels_last)
-        return F.interpolate(x, size=size, mode='bilinear', align_corners=False,
-                             antialias=True).contiguous()
+        # PyTorch's CPU kernel resizes uint8 channels-last images directly (a crop of decoded
+        # frames already is one: no copy), several times cheaper than through float.
+        x = frames if frames.stride(-3) == 1 else frames.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
     x = F.interpolate(frames.float(), size=size, mode='bilinear', align_corners=False,
                       antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8)
@@ -84,18 +91,22 @@ def resize_short_side(frames, short):
 
 def flip_frames(frames, is_flow=False, negate_flow=True):
     """Horizontal flip; a flow frame's horizontal component changes sign (255 - channel 0)."""
-    frames = frames.flip(-1)
+    frames = frames.flip(-1)   # a new tensor: negating in place below touches no input
     if is_flow and negate_flow:
-        frames = frames.clone()
-        frames[..., 0, :, :] = 255 - frames[..., 0, :, :]
+        frames[..., 0, :, :].bitwise_not_()   # for uint8, ~x == 255 - x, in one pass
     return frames
+
+
+def resize_flip(crops, size, flip, is_flow=False, negate_flow=True):
+    """uint8 crops ``[N, 3, h, w]`` -> ``[N, 3, size, size]``, flipped if ``flip``."""
+    out = resize(crops, (size, size))
+    return flip_frames(out, is_flow, negate_flow) if flip else out
 
 
 def crop_resize_flip(frames, box, size, flip, is_flow=False, negate_flow=True):
     """Apply one view's geometry to uint8 frames ``[N, 3, H, W]`` -> ``[N, 3, size, size]``."""
     t, l, h, w = box_pixels(box, *frames.shape[-2:])
-    out = resize(frames[..., t:t + h, l:l + w], (size, size))
-    return flip_frames(out, is_flow, negate_flow) if flip else out
+    return resize_flip(frames[..., t:t + h, l:l + w], size, flip, is_flow, negate_flow)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -135,15 +135,20 @@ class VideoLMDB:
 def decode_frames(jpegs, name='?', indices=None, source='?', device='cpu'):
     """Batched libjpeg-turbo (or nvJPEG on CUDA) decode of JPEG byte strings -> [N, 3, H, W]."""
     imgs = decode_list(jpegs, name, indices, source, device)
+    check_same_size(imgs, name, indices, source)
+    # The decoder hands out channels-last images; stacking them as such saves a copy here and
+    # lets the resize run on channels-last data directly.
+    return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
+
+
+def check_same_size(imgs, name='?', indices=None, source='?'):
+    """Every decoded frame of a video must have the first frame's size."""
     if len({tuple(im.shape) for im in imgs}) != 1:
         shapes = [tuple(im.shape[1:]) for im in imgs]
         j = next(i for i, s in enumerate(shapes) if s != shapes[0])
         frame = indices[j] if indices is not None else j
         raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is {shapes[j]}, '
                          f'earlier frames {shapes[0]}')
-    # The decoder hands out channels-last images; stacking them as such saves a copy here and
-    # lets the resize run on channels-last data directly.
-    return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
 
 
 def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):

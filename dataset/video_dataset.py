@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from . import augment, sampler, splits
-from .lmdb_video import VideoLMDB, decode_frames, decode_list, jpeg_size, pack_jpegs, unpack_jpegs
+from .lmdb_video import (VideoLMDB, check_same_size, decode_frames, decode_list, jpeg_size,
+                         pack_jpegs, unpack_jpegs)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT_ENV = 'CVTCL_DATA_ROOT'
@@ -168,7 +169,8 @@ class VideoDataset(Dataset):
             item['jpeg'] = {m: pack_jpegs(b) for m, b in jpegs.items()}
             return item
         for m, b in jpegs.items():
-            frames = decode_frames(b, name=name, indices=unique.tolist(), source=self.lmdbs[m].path)
+            frames = decode_list(b, name=name, indices=unique.tolist(), source=self.lmdbs[m].path)
+            check_same_size(frames, name, unique.tolist(), self.lmdbs[m].path)
             item[m] = apply_views(frames, item, m, self.img_dim, self.negate_flow_flip)
         return item
 
@@ -180,20 +182,33 @@ class VideoDataset(Dataset):
 
 
 def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True):
-    """Decoded unique frames ``[U, 3, H, W]`` -> the item's views ``[V, T, 3, img_dim, img_dim]``
-    by its plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``); on any device."""
-    views = plan['frame_index']
-    return torch.stack([
-        augment.crop_resize_flip(frames[views[v]], plan['boxes'][v].tolist(), img_dim,
-                                 bool(plan['flips'][v]), is_flow=modality == 'flow',
-                                 negate_flow=negate_flow_flip)
-        for v in range(views.shape[0])])
+    """Decoded unique frames (a sequence of ``[3, H, W]``, as the decoder returns them, or a
+    tensor) -> the item's views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory) by its
+    plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``); on any device."""
+    index = plan['frame_index']
+    height, width = frames[0].shape[-2:]
+    out = augment.channels_last_empty(*index.shape, size=img_dim, device=frames[0].device)
+    for v, idx in enumerate(index.tolist()):
+        # Only the crop of each frame is copied, straight into one channels-last batch: the
+        # resize kernel reads it as it is, and full frames are never stacked.
+        t, l, h, w = augment.box_pixels(plan['boxes'][v].tolist(), height, width)
+        crops = torch.stack([frames[i].permute(1, 2, 0)[t:t + h, l:l + w] for i in idx])
+        out[v] = augment.resize_flip(crops.permute(0, 3, 1, 2), img_dim, bool(plan['flips'][v]),
+                                     is_flow=modality == 'flow', negate_flow=negate_flow_flip)
+    return out
 
 
 def collate(items):
-    """Default collation, except the packed JPEG bytes of ``decode='device'`` stay a list."""
-    jpegs = [item.pop('jpeg') for item in items] if 'jpeg' in items[0] else None
-    batch = default_collate(items)
+    """Default collation, except that the uint8 views keep their channels-last memory (no
+    transposing copy of the batch) and the packed JPEG bytes of ``decode='device'`` stay a list."""
+    special = ('jpeg', 'rgb', 'flow')
+    jpegs = [item['jpeg'] for item in items] if 'jpeg' in items[0] else None
+    frames = {m: [item[m].movedim(-3, -1) for item in items]
+              for m in ('rgb', 'flow') if m in items[0]}
+    batch = default_collate([{k: v for k, v in item.items() if k not in special}
+                             for item in items])
+    for m, hwc in frames.items():
+        batch[m] = default_collate(hwc).movedim(-1, -3)
     if jpegs is not None:
         batch['jpeg'] = jpegs
     return batch
@@ -206,14 +221,15 @@ def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
         per_sample = [unpack_jpegs(*item[m]) for item in batch['jpeg']]
         flat = [j for js in per_sample for j in js]
         decoded = decode_list(flat, name='batch', source=m, device=device)
-        out, start = [], 0
-        for b, js in enumerate(per_sample):
-            plan = {k: batch[k][b] for k in ('frame_index', 'boxes', 'flips')}
-            plan['frame_index'] = plan['frame_index'].to(device)
-            out.append(apply_views(torch.stack(decoded[start:start + len(js)]), plan, m, img_dim,
-                                   negate_flow_flip))
+        b, v, t = batch['frame_index'].shape
+        out = augment.channels_last_empty(b, v, t, size=img_dim, device=device)
+        start = 0
+        for i, js in enumerate(per_sample):
+            plan = {k: batch[k][i] for k in ('frame_index', 'boxes', 'flips')}  # on the host
+            out[i] = apply_views(decoded[start:start + len(js)], plan, m, img_dim,
+                                 negate_flow_flip)
             start += len(js)
-        batch[m] = torch.stack(out)
+        batch[m] = out
     return batch
 
 

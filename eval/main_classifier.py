@@ -223,7 +223,7 @@ def train(args, rt, spec):
     if len(train_data) < global_batch:
         raise SystemExit(f'error: {len(train_data)} training videos, fewer than the global '
                          f'batch {global_batch} (--batch_size x processes)')
-    loader, sampler, loader_gen = make_loader(train_data, args, info)   # the engine's loader
+    loader, sampler = make_loader(train_data, args, info)   # the engine's loader
 
     torch.manual_seed(args.seed)   # the same initial head on every process
     model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
@@ -271,7 +271,7 @@ def train(args, rt, spec):
 
     try:
         for epoch in range(start_epoch, args.epochs):
-            begin_epoch(args.seed, epoch, info.rank, sampler, loader_gen)
+            begin_epoch(args.seed, epoch, info.rank, sampler)
             lr = learning_rate(args.lr, epoch, args.schedule)
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_mult']

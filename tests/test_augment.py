@@ -15,7 +15,7 @@ from helpers import position_frames
 def test_sample_crop_bounds_over_many_draws():
     g = torch.Generator().manual_seed(0)
     H, W = 240, 320
-    areas, aspects, swapped = [], [], 0
+    areas, aspects = [], []
     for _ in range(2000):
         top, left, h, w = sample_crop(H, W, generator=g)
         assert 0 <= top and 0 <= left and top + h <= 1 + 1e-9 and left + w <= 1 + 1e-9

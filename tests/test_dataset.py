@@ -214,6 +214,47 @@ def test_same_generator_seed_same_batches(root):
     assert any(not torch.equal(x['rgb'], y['rgb']) for x, y in zip(a, c))
 
 
+def test_training_loader_independent_of_workers_and_epoch_seeded(root):
+    # The engine's loader seeds every sample: 0 or 2 (persistent) workers give the same
+    # batches, epoch after epoch, and epochs differ from each other.
+    from types import SimpleNamespace
+    from utils.distributed import DistInfo
+    from utils.engine import begin_epoch, make_loader
+    data = build(root, 'toy-2stream-2clip')
+
+    def epochs(workers):
+        args = SimpleNamespace(batch_size=2, workers=workers, seed=3)
+        loader, sampler = make_loader(data, args, DistInfo(device=torch.device('cpu')))
+        assert loader.persistent_workers == (workers > 0)
+        out = []
+        for epoch in range(2):
+            begin_epoch(3, epoch, 0, sampler)
+            out.append([b for b in loader])
+        return out
+
+    a, b = epochs(0), epochs(2)
+    for ea, eb in zip(a, b):
+        assert len(ea) == len(eb) == 2
+        for x, y in zip(ea, eb):
+            for k in ('rgb', 'flow', 'boxes', 'flips', 'strong', 'index'):
+                assert torch.equal(x[k], y[k]), k
+    assert not all(torch.equal(x['rgb'], y['rgb']) for x, y in zip(a[0], a[1]))
+
+
+def test_worker_views_are_channels_last_in_memory(root):
+    # Views are laid out [..., H, W, 3] from the worker to the model: no transposing copy.
+    from dataset.video_dataset import collate
+    data = build(root, 'toy-2stream-2clip')
+    items = [data[i] for i in range(2)]
+    for m in ('rgb', 'flow'):
+        assert items[0][m].movedim(-3, -1).is_contiguous()
+    batch = collate(items)
+    for m in ('rgb', 'flow'):
+        assert batch[m].shape == (2, 2, SEQ, 3, IMG, IMG)
+        assert batch[m].movedim(-3, -1).is_contiguous()
+        assert torch.equal(batch[m], torch.stack([it[m] for it in items]))
+
+
 # ---------------------------------------------------------------------------------- UCF101
 
 def test_ucf101_splits_derived_from_names(tmp_path):

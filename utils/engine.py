@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from backbone import BACKBONES
@@ -172,7 +172,7 @@ def train(args, task):
     if len(dataset) < global_batch:
         raise SystemExit(f'error: {args.dataset} has {len(dataset)} training videos, fewer than '
                          f'the global batch {global_batch} (--batch_size x processes)')
-    loader, sampler, loader_gen = make_loader(dataset, args, info)
+    loader, sampler = make_loader(dataset, args, info)
 
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = task.build_model(args)
@@ -214,7 +214,7 @@ def train(args, task):
 
     try:
         for epoch in range(start_epoch, args.epochs):
-            begin_epoch(args.seed, epoch, info.rank, sampler, loader_gen)
+            begin_epoch(args.seed, epoch, info.rank, sampler)
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
             for group in optimizer.param_groups:
                 group['lr'] = lr
@@ -231,7 +231,6 @@ def train(args, task):
                     state = {'state_dict': model.state_dict(), 'epoch': epoch,
                              'optimizer': optimizer.state_dict(), 'iteration': iteration,
                              'best_acc': best_acc, 'scaler': scaler.state_dict(),
-                             'rng': {'torch': torch.get_rng_state(), 'loader': loader_gen.get_state()},
                              'args': plain_args(args)}
                     save_checkpoint(state, exp_dir / f'epoch{epoch}.pth.tar',
                                     exp_dir / 'last.pth.tar')
@@ -259,26 +258,67 @@ def open_run(exp_dir, args, info, summary):
     return SummaryWriter(str(exp_dir / 'tb'))
 
 
-def begin_epoch(seed, epoch, rank, sampler, loader_gen):
+class SeededSampler(Sampler):
+    """Wraps the shuffling sampler and gives every sample its own augmentation seed,
+    ``(index, seed)``, a function of (run seed, epoch, rank, position in the epoch).
+
+    A sample's crops, flips and frames then do not depend on the number of data-loader workers
+    or on which worker makes it, the workers can persist across epochs (no restart cost per
+    epoch), and a resumed run repeats the uninterrupted one exactly."""
+
+    def __init__(self, sampler, seed, rank):
+        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        base = ((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 10_000_019
+        for position, index in enumerate(self.sampler):
+            yield index, (base + position) % 2 ** 63
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """``dataset[index]`` drawn from a generator seeded for that sample alone: the keys are the
+    ``(index, seed)`` pairs of ``SeededSampler``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def begin_epoch(seed, epoch, rank, sampler):
     """Every epoch's randomness is a function of (seed, epoch, rank), so a resumed run
-    continues exactly as the uninterrupted one would."""
-    epoch_seed = seed * 1_000_003 + epoch * 1009 + rank
-    torch.manual_seed(epoch_seed)
-    loader_gen.manual_seed(epoch_seed)
+    continues exactly as the uninterrupted one would: the training process's generator here,
+    each sample's augmentation through ``SeededSampler``."""
+    torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
     sampler.set_epoch(epoch)
 
 
 def make_loader(dataset, args, info):
-    """The training loader: this process's shard, shuffled per epoch, seeded per worker."""
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
-    generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+    """The training loader: this process's shard, shuffled per epoch, one seed per sample;
+    the workers persist across epochs."""
+    sampler = SeededSampler(DistributedSampler(dataset, num_replicas=info.world_size,
+                                               rank=info.rank, shuffle=True, seed=args.seed,
+                                               drop_last=True), args.seed, info.rank)
+    loader = DataLoader(SeededDataset(dataset), batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, pin_memory=info.device.type == 'cuda',
-                        drop_last=True, worker_init_fn=seed_worker, generator=generator,
-                        collate_fn=collate, persistent_workers=False,
+                        drop_last=True, worker_init_fn=seed_worker, collate_fn=collate,
+                        persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers else None)
-    return loader, sampler, generator
+    return loader, sampler
 
 
 def _check_args(args, spec, global_batch, task):
