@@ -2,11 +2,17 @@
 
     python bench/end_to_end.py --workers 16          # on a GPU machine (bench/gpu.sh runs it)
 
-Builds a synthetic two-stream LMDB folder with UCF101's frame size (320x240 JPEG, RGB and flow),
-then measures, in one run, samples/s of the real training loop pieces (engine.make_loader,
-engine.batch_inputs, engine.train_step) for the CPU decode path (workers decode and crop) and
-the GPU decode path (workers read bytes; nvJPEG decodes on the GPU), against the step alone on a
-fixed batch. The target is end-to-end >= 85% of step-only.
+Builds a synthetic two-stream LMDB folder with UCF101's frame size (320x240 JPEG, RGB and flow;
+its split lists every video ``--repeat`` times, so an epoch is as long as a real one without
+writing gigabytes), then measures, in one run, samples/s of the real training loop pieces
+(engine.make_loader, engine.batch_inputs, engine.train_step) for the CPU decode path (workers
+decode and crop) and the GPU decode path (workers read bytes; nvJPEG decodes on the GPU),
+against the step alone on a fixed batch. The target is end-to-end >= 85% of step-only.
+
+``gpu-1t`` is the GPU decode path without the engine's prefetch thread (decoding in the training
+thread, between steps). Two diagnostics per path say which side limits: ``loader`` (the data-loader alone, no device
+work) and ``device data`` (batch_inputs alone on batches already loaded: the GPU decode, the
+geometry and the photometric step, as the training process runs them).
 """
 import argparse
 import tempfile
@@ -37,7 +43,7 @@ def textured(num, seed, flow=False):
     return (x.clamp(0, 1) * 255).to(torch.uint8)
 
 
-def build_folder(root, videos, frames):
+def build_folder(root, videos, frames, repeat=1):
     """``root/synth``: every video reuses one pool of encoded frames, rotated per video (the
     decode cost is what matters, not distinct pixels)."""
     folder = Path(root) / 'synth'
@@ -49,12 +55,12 @@ def build_folder(root, videos, frames):
             for i, n in enumerate(names):
                 k = i % frames
                 w.put(n, (pool[k:] + pool[:k])[:frames - int(flow)])
-    splits.write_split(folder / 'train_split01.csv', names, {n: frames for n in names})
+    splits.write_split(folder / 'train_split01.csv', names * repeat, {n: frames for n in names})
     splits.write_class_index(folder / 'ClassInd.txt', sorted({n.split('/')[0] for n in names}))
     return names
 
 
-def run(kind, args, decode, fixed=False):
+def setup(kind, args, decode):
     device = torch.device(args.device)
     script = local_nce if kind == 'infonce' else local_coclr
     dataset_name = 'synth-2clip' if kind == 'infonce' else 'synth-2stream-2clip'
@@ -65,43 +71,73 @@ def run(kind, args, decode, fixed=False):
     ds = build_dataset(dataset_name, 'train', data_root=args.root, seq_len=32, img_dim=128,
                        decode='device' if decode == 'gpu' else 'cpu')
     loader, _ = engine.make_loader(ds, ns, DistInfo(device=device))
+    task = SimpleNamespace(inputs=script.inputs,
+                           weights=({'global': 1.0, 'inter': 1 / 3, 'intra': 1.0}
+                                    if kind == 'infonce'
+                                    else {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}))
+    fmt = torch.channels_last_3d
+    return device, script, ns, loader, task, engine.DeviceAugment(True, fmt), fmt
+
+
+def batches(loader):
+    while True:   # several epochs when needed (the workers persist)
+        yield from loader
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def run(kind, args, decode, fixed=False, threaded=None):
+    """samples/s of loader + batch_inputs + train_step as the engine runs them (batch_inputs in
+    the engine's prefetch thread on a GPU; ``threaded=False``: in the training thread);
+    ``fixed``: the step alone, on one prepared batch."""
+    device, script, ns, loader, task, augment, fmt = setup(kind, args, decode)
     torch.manual_seed(0)
     model = script.build_model(ns)
-    fmt = torch.channels_last_3d if device.type == 'cuda' else torch.contiguous_format
     model.to(device, memory_format=fmt).train()
     if kind == 'coclr':
         model.queue_vname.copy_(torch.arange(ns.moco_k, device=device) + 10 ** 6)
-    weights = ({'global': 1.0, 'inter': 1 / 3, 'intra': 1.0} if kind == 'infonce'
-               else {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3})
-    task = SimpleNamespace(inputs=script.inputs, weights=weights)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                            fused=device.type == 'cuda')
     amp = torch.bfloat16 if device.type == 'cuda' else None
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    augment = engine.DeviceAugment(True, fmt)
     torch.backends.cudnn.benchmark = True
-    def batches():  # several epochs when the synthetic set is small
-        while True:
-            yield from loader
-    it = batches()
-    first = next(it) if fixed else None
-    fixed_inputs = None
+    it = engine.Prefetcher(batches(loader),
+                           lambda b: engine.batch_inputs(b, task, augment, device, ns), device,
+                           threaded=threaded)
+    fixed_inputs = next(it) if fixed else None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
-        if fixed:   # the step alone: one prepared batch, reused
-            inputs = fixed_inputs = (fixed_inputs if i else
-                                     engine.batch_inputs(first, task, augment, device, ns))
-        else:
-            inputs = engine.batch_inputs(next(it), task, augment, device, ns)
-        engine.train_step(model, weights, inputs, opt, scaler, amp, device)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+        inputs = fixed_inputs or next(it)
+        engine.train_step(model, task.weights, inputs, opt, scaler, amp, device)
+    sync(device)
     rate = args.steps * args.batch_size / (time.perf_counter() - t0)
-    del it
+    it.close()
     return rate
+
+
+def data_only(kind, args, decode):
+    """samples/s of the loader alone, and of batch_inputs alone on batches already loaded."""
+    device, _, ns, loader, task, augment, _ = setup(kind, args, decode)
+    it = batches(loader)
+    for _ in range(args.warmup):
+        next(it)
+    t0 = time.perf_counter()
+    held = [next(it) for _ in range(args.steps)]
+    loader_rate = args.steps * args.batch_size / (time.perf_counter() - t0)
+    held = held[:args.device_batches]
+    engine.batch_inputs(held[0], task, augment, device, ns)
+    sync(device)
+    t0 = time.perf_counter()
+    for b in held:
+        engine.batch_inputs(b, task, augment, device, ns)
+    sync(device)
+    device_rate = len(held) * args.batch_size / (time.perf_counter() - t0)
+    return loader_rate, device_rate
 
 
 def main():
@@ -109,26 +145,42 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--workers', type=int, default=16)
     p.add_argument('--batch_size', type=int, default=32)
-    p.add_argument('--videos', type=int, default=400)
-    p.add_argument('--frames', type=int, default=96)
-    p.add_argument('--steps', type=int, default=20)
-    p.add_argument('--warmup', type=int, default=5)
+    p.add_argument('--videos', type=int, default=96, help='distinct videos written')
+    p.add_argument('--repeat', type=int, default=10,
+                   help='times the split lists each video (the epoch length)')
+    p.add_argument('--frames', type=int, default=64)
+    p.add_argument('--steps', type=int, default=30)
+    p.add_argument('--warmup', type=int, default=8)
+    p.add_argument('--device_batches', type=int, default=6,
+                   help='loaded batches timed through batch_inputs alone')
     p.add_argument('--models', nargs='+', default=['infonce', 'coclr'])
     args = p.parse_args()
+    paths = ['cpu'] if args.device == 'cpu' else ['cpu', 'gpu']
     with tempfile.TemporaryDirectory() as tmp:
         args.root = tmp
         t = time.time()
-        build_folder(tmp, args.videos, args.frames)
-        print(f'synthetic LMDB: {args.videos} videos x {args.frames} frames, 320x240, RGB+flow '
-              f'({time.time() - t:.0f} s to build); batch {args.batch_size}, {args.workers} workers')
-        print(f'{"model":8} {"step-only":>10} {"cpu decode":>11} {"gpu decode":>11} '
-              f'{"cpu/step":>9} {"gpu/step":>9}   (samples/s)')
+        build_folder(tmp, args.videos, args.frames, args.repeat)
+        print(f'synthetic LMDB: {args.videos} videos x {args.frames} frames, 320x240, RGB+flow, '
+              f'listed {args.repeat}x ({time.time() - t:.0f} s to build); batch '
+              f'{args.batch_size}, {args.workers} workers, {args.steps} timed steps after '
+              f'{args.warmup}', flush=True)
+        rows = []
         for kind in args.models:
-            step = run(kind, args, 'cpu' if args.device == 'cpu' else 'gpu', fixed=True)
-            cpu = run(kind, args, 'cpu')
-            gpu = run(kind, args, 'gpu') if args.device != 'cpu' else float('nan')
-            print(f'{kind:8} {step:10.1f} {cpu:11.1f} {gpu:11.1f} {cpu / step:9.0%} '
-                  f'{gpu / step:9.0%}', flush=True)
+            step = run(kind, args, paths[-1], fixed=True)
+            for decode in paths:
+                loader_rate, device_rate = data_only(kind, args, decode)
+                for threaded in ([None, False] if decode == 'gpu' else [None]):
+                    e2e = run(kind, args, decode, threaded=threaded)
+                    label = decode if threaded is None else f'{decode}-1t'
+                    rows.append((kind, label, step, e2e, loader_rate, device_rate))
+                    print(f'{kind} {label}: step-only {step:.1f}, end-to-end {e2e:.1f}, loader '
+                          f'{loader_rate:.1f}, device data {device_rate:.1f} samples/s',
+                          flush=True)
+        print(f'\n{"model":8} {"decode":6} {"step-only":>10} {"end-to-end":>11} {"e2e/step":>9} '
+              f'{"loader":>8} {"device data":>12}   (samples/s)')
+        for kind, decode, step, e2e, loader_rate, device_rate in rows:
+            print(f'{kind:8} {decode:6} {step:10.1f} {e2e:11.1f} {e2e / step:9.0%} '
+                  f'{loader_rate:8.1f} {device_rate:12.1f}')
 
 
 if __name__ == '__main__':

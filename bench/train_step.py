@@ -4,11 +4,21 @@ path, side by side in one run.
     python bench/train_step.py                      # CPU here: small default size
     python bench/train_step.py --batch_size 32 --img_dim 128 --steps 10   # the issue's size (GPU)
 
-fast path = what the engine does on this device (bf16 autocast and channels-last 3D on CUDA,
-fused Adam, cudnn.benchmark); plain = fp32, contiguous tensors, for-loop Adam (the original
-code's style). Inputs are random normalised clips already on the device, so this measures the
-step alone (see bench/end_to_end.py for the data path). Prints a table: step time, samples/s,
-model FLOP utilisation against --peak_tflops (measured by bench/gpu.sh), peak memory.
+Paths (``--paths``):
+  plain         fp32, contiguous tensors, for-loop Adam, no cudnn.benchmark: the original code's
+                style, with PyTorch's defaults (on a GPU cuDNN may still use TF32 for fp32
+                convolutions);
+  plain-strict  the same with TF32 off everywhere: true fp32 arithmetic, as on the GPUs the
+                original code was written for;
+  fast          what the engine does on this device (bf16 autocast and channels-last 3D on CUDA,
+                fused Adam, cudnn.benchmark);
+  fast-ncdhw    fast, but with contiguous (NCDHW) tensors: what channels-last is worth;
+  fast-compile  fast with the encoders compiled (``--compile``; compilation is not timed).
+Inputs are random normalised clips already on the device, so this measures the step alone (see
+bench/end_to_end.py for the data path). Prints a table: step time, samples/s, model FLOP
+utilisation against --peak_tflops (measured by bench/gpu.sh), peak memory. ``--profile`` adds,
+for the fast path, the device's busy time per step and its most expensive kernels: a busy time
+far below the step time means the step is bound by the host launching kernels.
 """
 import argparse
 import time
@@ -23,12 +33,16 @@ from backbone import build_backbone
 from utils.engine import train_step
 
 
-def make_model(kind, args, device, fast):
+PATHS = ('plain', 'plain-strict', 'fast', 'fast-ncdhw', 'fast-compile')
+
+
+def make_model(kind, args, device, channels_last):
     ns = SimpleNamespace(net=args.net, moco_dim=128, moco_k=args.moco_k, moco_m=0.999,
-                         moco_t=0.07, num_segments=4, bn_splits=2, topk=5, self_mask_prob=0.9)
+                         moco_t=0.07, num_segments=4, bn_splits=args.bn_splits, topk=5,
+                         self_mask_prob=0.9)
     script = local_nce if kind == 'infonce' else local_coclr
     model = script.build_model(ns)
-    fmt = torch.channels_last_3d if fast else torch.contiguous_format
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt).train()
     if kind == 'coclr':  # a full queue of distinct sources, so every step trains
         model.queue_vname.copy_(torch.arange(args.moco_k, device=device) + 10 ** 6)
@@ -37,10 +51,10 @@ def make_model(kind, args, device, fast):
     return model, weights
 
 
-def make_inputs(kind, args, device, fast):
+def make_inputs(kind, args, device, channels_last):
     g = torch.Generator(device='cpu').manual_seed(0)
     shape = (args.batch_size, 3, args.seq_len, args.img_dim, args.img_dim)
-    fmt = torch.channels_last_3d if fast else torch.contiguous_format
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
 
     def clip():
         return torch.randn(shape, generator=g).to(device).contiguous(memory_format=fmt)
@@ -57,36 +71,74 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench(kind, fast, args, device):
+def set_tf32(enabled):
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+def bench(kind, path, args, device):
+    """Seconds per step and peak GiB of one path; with ``profile``, also the device's busy
+    seconds per step and the top kernels."""
+    fast, cuda = path.startswith('fast'), device.type == 'cuda'
+    channels_last = path in ('fast', 'fast-compile') and (cuda or args.cpu_channels_last)
     torch.manual_seed(0)
-    model, weights = make_model(kind, args, device, fast)
-    inputs = make_inputs(kind, args, device, fast)
+    model, weights = make_model(kind, args, device, channels_last)
+    if path == 'fast-compile':
+        for name in ('encoder_q', 'encoder_k', 'sampler'):
+            if hasattr(model, name):
+                getattr(model, name).compile()
+    inputs = make_inputs(kind, args, device, channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    use_fused = fast and device.type == 'cuda'
+    use_fused = fast and cuda
     opt = torch.optim.Adam(params, lr=1e-4, fused=use_fused, foreach=False if not use_fused else None)
-    amp = torch.bfloat16 if fast and device.type == 'cuda' else None
+    amp = torch.bfloat16 if fast and cuda else None
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     torch.backends.cudnn.benchmark = fast
-    if device.type == 'cuda':
+    set_tf32(path != 'plain-strict' and torch.backends.cudnn.allow_tf32)
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
     for _ in range(args.warmup):
         train_step(model, weights, inputs, opt, scaler, amp, device)
     sync(device)
+    warm = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(args.steps):
         loss, *_ = train_step(model, weights, inputs, opt, scaler, amp, device)
     sync(device)
     dt = (time.perf_counter() - t) / args.steps
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else float('nan')
-    assert torch.isfinite(loss), f'{kind} fast={fast}: non-finite loss'
-    return dt, mem
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')
+    assert torch.isfinite(loss), f'{kind} {path}: non-finite loss'
+    profile = None
+    if args.profile and path == 'fast' and cuda:
+        try:
+            profile = device_profile(model, weights, inputs, opt, scaler, amp, device)
+        except Exception as e:  # the profile is a diagnostic: never lose the table for it
+            print(f'(profile failed: {e!r})')
+    set_tf32(True)
+    return dt, mem, warm, profile
+
+
+def device_profile(model, weights, inputs, opt, scaler, amp, device, steps=3):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step(model, weights, inputs, opt, scaler, amp, device)
+        sync(device)
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and
+               e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time_total for e in kernels) / 1e6 / steps
+    launches = sum(e.count for e in kernels) / steps
+    top = sorted(kernels, key=lambda e: -e.device_time_total)[:12]
+    return busy, launches, [(e.key, e.device_time_total / 1e3 / steps, e.count / steps)
+                            for e in top]
 
 
 def step_flops(kind, args, device):
     """FLOPs of one training step per sample, counted (forward, backward, no-grad encoders)."""
     small = SimpleNamespace(**{**vars(args), 'batch_size': 2})
-    model, weights = make_model(kind, small, device, fast=False)
-    inputs = make_inputs(kind, small, device, fast=False)
+    model, weights = make_model(kind, small, device, channels_last=False)
+    inputs = make_inputs(kind, small, device, channels_last=False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     with FlopCounterMode(display=False) as fc:
@@ -116,27 +168,48 @@ def main():
     p.add_argument('--peak_tflops', type=float, default=0.0,
                    help='measured bf16 matmul peak of the device, for the utilisation column')
     p.add_argument('--models', nargs='+', default=['infonce', 'coclr'])
+    p.add_argument('--paths', nargs='+', default=['plain', 'fast'], choices=PATHS)
+    p.add_argument('--bn_splits', type=int, default=2,
+                   help='shuffle-BN groups of the key batch (the engine\'s one-process default)')
+    p.add_argument('--cpu_channels_last', action=argparse.BooleanOptionalAction, default=True,
+                   help='on the CPU, the fast path is channels-last (the engine\'s default)')
+    p.add_argument('--profile', action='store_true',
+                   help='profile the fast path: device busy time per step, top kernels')
     args = p.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
     fwd = backbone_forward_flops(args, device)
-    print(f'device: {name}; S3D-style backbone {args.net} forward at {args.seq_len}x'
-          f'{args.img_dim}^2: {fwd / 1e9:.2f} GFLOP per clip (counted)')
-    print(f'batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up\n')
-    print(f'{"model":8} {"path":6} {"s/step":>8} {"samples/s":>10} {"GFLOP/sample":>13} '
-          f'{"TFLOP/s":>8} {"MFU":>6} {"peak GiB":>9}')
+    print(f'device: {name}; torch {torch.__version__}; backbone {args.net} forward at '
+          f'{args.seq_len}x{args.img_dim}^2: {fwd / 1e9:.2f} GFLOP per clip (counted)')
+    print(f'batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, '
+          f'bn_splits {args.bn_splits}\n')
+    print(f'{"model":8} {"path":12} {"s/step":>8} {"samples/s":>10} {"GFLOP/sample":>13} '
+          f'{"TFLOP/s":>8} {"MFU":>6} {"peak GiB":>9} {"warm-up s":>10}')
+    profiles = []
     for kind in args.models:
         flops = step_flops(kind, args, device)
         rates = {}
-        for fast in (False, True):
-            dt, mem = bench(kind, fast, args, device)
+        for path in args.paths:
+            dt, mem, warm, profile = bench(kind, path, args, device)
             rate = args.batch_size / dt
             tflops = flops * rate / 1e12
             mfu = f'{tflops / args.peak_tflops:6.1%}' if args.peak_tflops else '     -'
-            rates[fast] = rate
-            print(f'{kind:8} {"fast" if fast else "fp32":6} {dt:8.3f} {rate:10.1f} '
-                  f'{flops / 1e9:13.1f} {tflops:8.2f} {mfu} {mem:9.2f}', flush=True)
-        print(f'{kind:8} speed-up fast/fp32: {rates[True] / rates[False]:.2f}x')
+            rates[path] = rate
+            print(f'{kind:8} {path:12} {dt:8.3f} {rate:10.1f} {flops / 1e9:13.1f} '
+                  f'{tflops:8.2f} {mfu} {mem:9.2f} {warm:10.1f}', flush=True)
+            if profile:
+                profiles.append((kind, dt, profile))
+        for path in args.paths:
+            if path.startswith('fast'):
+                for base in ('plain', 'plain-strict'):
+                    if base in rates:
+                        print(f'{kind:8} speed-up {path}/{base}: {rates[path] / rates[base]:.2f}x')
+    for kind, dt, (busy, launches, top) in profiles:
+        print(f'\n{kind} fast path, profiled: step {dt * 1e3:.1f} ms, device busy {busy * 1e3:.1f} ms '
+              f'({busy / dt:.0%}), {launches:.0f} kernel launches per step; top kernels '
+              f'(ms/step, launches/step):')
+        for key, ms, count in top:
+            print(f'  {ms:8.2f} {count:6.0f}  {key[:100]}')
 
 
 if __name__ == '__main__':

@@ -251,18 +251,28 @@ class DeviceAugment:
     ``batch[modality]``: uint8 ``[B, V, T, 3, H, W]``; ``batch['strong']``: bool ``[B, V]``.
     Returns ``{modality: float [B, V, 3, T, H, W]}``. One parameter draw per view is applied to
     the RGB and the flow frames of that view (``photometric_on_flow``, the reference's behaviour),
-    or to RGB only.
+    or to RGB only. Parameters come from the augmenter's own generator (``reseed``), so the
+    draws do not depend on what else uses the global one, or on the thread this runs in.
     """
 
     def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format,
-                 photometric=None):
+                 photometric=None, seed=0):
         self.photometric = photometric or Photometric()
         self.photometric_on_flow = photometric_on_flow
         self.memory_format = memory_format
+        self.reseed(seed)
+
+    def reseed(self, seed):
+        self.seed, self.generator = seed, None
+
+    def _generator(self, device):
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+        return self.generator
 
     def __call__(self, batch, device):
         strong = batch['strong'].to(device, non_blocking=True).flatten()
-        params = self.photometric.sample(strong)
+        params = self.photometric.sample(strong, self._generator(strong.device))
         out = {}
         for modality in ('rgb', 'flow'):
             if modality not in batch:

@@ -30,8 +30,8 @@ from model.classifier import HEADS, LinearClassifier, checkpoint_kind, load_pret
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from utils.config import parse_args
-from utils.engine import (MIN_SEGMENT_FRAMES, begin_epoch, broadcast_state, check_finite,
-                          make_loader, open_run)
+from utils.engine import (MIN_SEGMENT_FRAMES, Prefetcher, begin_epoch, broadcast_state,
+                          check_finite, make_loader, open_run)
 from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
                         plain_args, seed_everything, topk_accuracy)
 
@@ -271,7 +271,7 @@ def train(args, rt, spec):
 
     try:
         for epoch in range(start_epoch, args.epochs):
-            begin_epoch(args.seed, epoch, info.rank, sampler)
+            begin_epoch(args.seed, epoch, info.rank, sampler, augment)
             lr = learning_rate(args.lr, epoch, args.schedule)
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_mult']
@@ -326,38 +326,41 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
     bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not rt.is_main, dynamic_ncols=True)
     tic, seen, n = time.time(), 0, 0
-    for i, batch in enumerate(loader):
-        if i >= steps:
-            break
-        x = augment(batch, device)[modality][:, 0]                  # B x 3 x T x H x W
-        target = batch['label'].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            logits = model(x).float()                                # B x classes
-        loss = F.cross_entropy(logits, target)
-        first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), iteration,
-                                first_bad)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        du.all_reduce_mean([p.grad for p in params if p.grad is not None])
-        scaler.step(optimizer)
-        scaler.update()
-        top1, top5 = topk_accuracy(logits.detach(), target)
-        sums['loss'] += loss.detach()
-        sums['top1'] += 100 * top1
-        sums['top5'] += 100 * top5
-        n += 1
-        seen += len(target) * rt.info.world_size
-        iteration += 1
-        bar.update(1)
-        if n % args.print_freq == 0 or i + 1 == steps:
-            check_finite(first_bad)
-            means = {k: float(v) / n for k, v in sums.items()}
-            bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.1f}')
-            if writer is not None:
-                for k, v in means.items():
-                    writer.add_scalar(f'train/{k}', v, iteration)
-                writer.add_scalar('train/lr', optimizer.param_groups[-1]['lr'], iteration)
+    batches = Prefetcher(loader, lambda b: (augment(b, device)[modality][:, 0],   # B x 3 x T x H x W
+                                            b['label'].to(device, non_blocking=True)), device)
+    try:
+        for i, (x, target) in enumerate(batches):
+            if i >= steps:
+                break
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                logits = model(x).float()                                # B x classes
+            loss = F.cross_entropy(logits, target)
+            first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), iteration,
+                                    first_bad)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            du.all_reduce_mean([p.grad for p in params if p.grad is not None])
+            scaler.step(optimizer)
+            scaler.update()
+            top1, top5 = topk_accuracy(logits.detach(), target)
+            sums['loss'] += loss.detach()
+            sums['top1'] += 100 * top1
+            sums['top5'] += 100 * top5
+            n += 1
+            seen += len(target) * rt.info.world_size
+            iteration += 1
+            bar.update(1)
+            if n % args.print_freq == 0 or i + 1 == steps:
+                check_finite(first_bad)
+                means = {k: float(v) / n for k, v in sums.items()}
+                bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.1f}')
+                if writer is not None:
+                    for k, v in means.items():
+                        writer.add_scalar(f'train/{k}', v, iteration)
+                    writer.add_scalar('train/lr', optimizer.param_groups[-1]['lr'], iteration)
+    finally:
+        batches.close()
     bar.close()
     check_finite(first_bad)
     # Epoch metrics over every process (each ran the same number of steps).

@@ -183,7 +183,7 @@ class LocalCoCLR(MoCo):
         return self._host_full
 
     def forward(self, view1, view2, other_view2, source, label=None, **_):
-        full = self.queue_full
+        full = self.ready   # host-cached: no device read per step once the queue is full
         q, q_local, k, k_local = self.embed(view1, view2)
         with torch.no_grad():
             s = self.sampler(other_view2)

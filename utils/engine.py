@@ -6,6 +6,8 @@ from atomic checkpoints.
 """
 import argparse
 import json
+import queue
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -214,7 +216,7 @@ def train(args, task):
 
     try:
         for epoch in range(start_epoch, args.epochs):
-            begin_epoch(args.seed, epoch, info.rank, sampler)
+            begin_epoch(args.seed, epoch, info.rank, sampler, augment)
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
             for group in optimizer.param_groups:
                 group['lr'] = lr
@@ -299,12 +301,105 @@ class SeededDataset(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
-def begin_epoch(seed, epoch, rank, sampler):
+def begin_epoch(seed, epoch, rank, sampler, augment):
     """Every epoch's randomness is a function of (seed, epoch, rank), so a resumed run
-    continues exactly as the uninterrupted one would: the training process's generator here,
-    each sample's augmentation through ``SeededSampler``."""
-    torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+    continues exactly as the uninterrupted one would: the training process's generator and the
+    device-side augmenter's here, each sample's through ``SeededSampler``."""
+    epoch_seed = seed * 1_000_003 + epoch * 1009 + rank
+    torch.manual_seed(epoch_seed)
+    augment.reseed(epoch_seed + 1)
     sampler.set_epoch(epoch)
+
+
+class Prefetcher:
+    """``fn(batch)`` for each batch of ``batches``, computed ahead in a background thread (on a
+    CUDA stream of its own on a GPU): decoding and augmenting the next batches overlap the
+    training step of this one. ``depth`` batches are kept ready. Errors in the thread are raised
+    here; ``close()`` stops it (always call it: the loader must be free for the next epoch).
+    With ``threaded=False`` (the CPU default, where both would compete for the same cores) it
+    simply maps ``fn`` over ``batches``."""
+
+    _END = object()
+
+    def __init__(self, batches, fn, device, depth=2, threaded=None):
+        self.device, self.fn = device, fn
+        self.threaded = device.type == 'cuda' if threaded is None else threaded
+        self.batches = iter(batches)
+        if not self.threaded:
+            return
+        self.queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.stream = torch.cuda.Stream(device) if device.type == 'cuda' else None
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _put(self, item):
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+
+    def _work(self):
+        try:
+            if self.stream is not None:
+                torch.cuda.set_device(self.device)
+            for batch in self.batches:
+                if self.stop.is_set():
+                    return
+                if self.stream is None:
+                    self._put((self.fn(batch), None))
+                    continue
+                with torch.cuda.stream(self.stream):
+                    out = self.fn(batch)
+                    ready = torch.cuda.Event()
+                    ready.record(self.stream)
+                self._put((out, ready))
+            self._put(self._END)
+        except BaseException as e:  # handed to the training thread, raised there
+            self._put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.threaded:
+            return self.fn(next(self.batches))
+        item = self.queue.get()
+        if item is self._END:
+            self._put(self._END)   # stays at the end
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        out, ready = item
+        if ready is not None:  # the step's stream waits for the batch; its memory is kept
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            for t in _tensors(out):
+                t.record_stream(stream)
+        return out
+
+    def close(self):
+        if not self.threaded:
+            return
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                self.thread.join(timeout=0.05)
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
 
 
 def make_loader(dataset, args, info):
@@ -382,40 +477,43 @@ def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype,
     steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
     bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not info.is_main, dynamic_ncols=True)
     tic, seen, n = time.time(), 0, 0
-    for i, batch in enumerate(loader):
-        if i >= steps:
-            break
-        inputs = batch_inputs(batch, task, augment, device, args)
-        loss, terms, stats, ready = train_step(model, task.weights, inputs, optimizer, scaler,
-                                               amp_dtype, device)
-        first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), iteration, first_bad)
-        # Metrics stay on the device; they are read only at logging intervals.
-        sums['loss'] += loss.detach()
-        for k, v in terms.items():
-            sums[f'loss_{k}'] += v.detach()
-        top1, top5 = topk_accuracy(stats['logits'], torch.zeros(len(stats['logits']),
-                                                                dtype=torch.long, device=device))
-        sums['top1'] += top1
-        sums['top5'] += top5
-        sums['inter_top1'] += stats['inter_top1']
-        if 'mining_acc' in stats:
-            sums['mining_acc'] += stats['mining_acc']
-            sums['mining_n'] += 1
-        n += 1
-        seen += args.batch_size * info.world_size
-        iteration += 1
-        bar.update(1)
-        if n % args.print_freq == 0 or i + 1 == steps:
-            check_finite(first_bad)
-            means = _means(sums, n)
-            rate = seen / (time.time() - tic)
-            bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3f}',
-                            ready=ready)
-            if writer is not None:
-                for k, v in means.items():
-                    writer.add_scalar(f'train/{k}', v, iteration)
-                writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], iteration)
-                writer.add_scalar('train/samples_per_s', rate, iteration)
+    batches = Prefetcher(loader, lambda b: batch_inputs(b, task, augment, device, args), device)
+    try:
+        for i, inputs in enumerate(batches):
+            if i >= steps:
+                break
+            loss, terms, stats, ready = train_step(model, task.weights, inputs, optimizer, scaler,
+                                                   amp_dtype, device)
+            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), iteration, first_bad)
+            # Metrics stay on the device; they are read only at logging intervals.
+            sums['loss'] += loss.detach()
+            for k, v in terms.items():
+                sums[f'loss_{k}'] += v.detach()
+            top1, top5 = topk_accuracy(stats['logits'], torch.zeros(len(stats['logits']),
+                                                                    dtype=torch.long, device=device))
+            sums['top1'] += top1
+            sums['top5'] += top5
+            sums['inter_top1'] += stats['inter_top1']
+            if 'mining_acc' in stats:
+                sums['mining_acc'] += stats['mining_acc']
+                sums['mining_n'] += 1
+            n += 1
+            seen += args.batch_size * info.world_size
+            iteration += 1
+            bar.update(1)
+            if n % args.print_freq == 0 or i + 1 == steps:
+                check_finite(first_bad)
+                means = _means(sums, n)
+                rate = seen / (time.time() - tic)
+                bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3f}',
+                                ready=ready)
+                if writer is not None:
+                    for k, v in means.items():
+                        writer.add_scalar(f'train/{k}', v, iteration)
+                    writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], iteration)
+                    writer.add_scalar('train/samples_per_s', rate, iteration)
+    finally:
+        batches.close()
     bar.close()
     check_finite(first_bad)
     means = _means(sums, max(n, 1))
