@@ -219,6 +219,7 @@ def test_training_loader_independent_of_workers_and_epoch_seeded(root):
     # batches, epoch after epoch, and epochs differ from each other.
     from types import SimpleNamespace
     from utils.distributed import DistInfo
+    from dataset.augment import DeviceAugment
     from utils.engine import begin_epoch, make_loader
     data = build(root, 'toy-2stream-2clip')
 
@@ -228,7 +229,7 @@ def test_training_loader_independent_of_workers_and_epoch_seeded(root):
         assert loader.persistent_workers == (workers > 0)
         out = []
         for epoch in range(2):
-            begin_epoch(3, epoch, 0, sampler)
+            begin_epoch(3, epoch, 0, sampler, DeviceAugment())
             out.append([b for b in loader])
         return out
 
