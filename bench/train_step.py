@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import local_coclr
 import local_nce
 from backbone import build_backbone
-from utils.engine import train_step
+from utils.engine import compile_encoders, train_step
 
 
 PATHS = ('plain', 'plain-strict', 'fast', 'fast-ncdhw', 'fast-compile')
@@ -71,9 +71,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def set_tf32(enabled):
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+DEFAULT_TF32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+
+
+def set_tf32(strict):
+    """TF32 off everywhere (strict fp32), or PyTorch's defaults."""
+    conv, matmul = (False, False) if strict else DEFAULT_TF32
+    torch.backends.cudnn.allow_tf32 = conv
+    torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def bench(kind, path, args, device):
@@ -84,9 +89,7 @@ def bench(kind, path, args, device):
     torch.manual_seed(0)
     model, weights = make_model(kind, args, device, channels_last)
     if path == 'fast-compile':
-        for name in ('encoder_q', 'encoder_k', 'sampler'):
-            if hasattr(model, name):
-                getattr(model, name).compile()
+        compile_encoders(model)
     inputs = make_inputs(kind, args, device, channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     use_fused = fast and cuda
@@ -94,7 +97,7 @@ def bench(kind, path, args, device):
     amp = torch.bfloat16 if fast and cuda else None
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     torch.backends.cudnn.benchmark = fast
-    set_tf32(path != 'plain-strict' and torch.backends.cudnn.allow_tf32)
+    set_tf32(strict=path == 'plain-strict')
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -115,7 +118,7 @@ def bench(kind, path, args, device):
             profile = device_profile(model, weights, inputs, opt, scaler, amp, device)
         except Exception as e:  # the profile is a diagnostic: never lose the table for it
             print(f'(profile failed: {e!r})')
-    set_tf32(True)
+    set_tf32(strict=False)
     return dt, mem, warm, profile
 
 

@@ -4,16 +4,22 @@
 LMDBs, ClassInd.txt, three UCF101-style splits, video_source.json), so every script can run
 end to end on a laptop without downloading anything.
 
-Each video shows one textured object on a textured background. The appearance (shape, colours,
-textures) is drawn per sibling group, independently of the class; the class is the object's
-motion alone:
+Each video shows one textured object, repeated on a 32-pixel lattice (2 x 2 copies in view, all
+moving together, so that any crop the augmentation takes shows the motion), on a textured
+background. The appearance (shape, colours,
+textures) is drawn per group number and shared by that group of every class (group 3 of MoveUp
+looks like group 3 of ZoomIn): appearance says nothing about the class, even among the training
+videos, so a classifier cannot score by memorising looks and has to see the motion. The class is
+the object's motion alone, at speeds of real videos (about 1-3 px/frame): the motion over a clip
+is large, but each frame's step stays within the reach of a 3D network's first (7-frame,
+7-pixel) filters, which cannot follow an object that jumps several pixels a frame:
 
 =====================  ==================================================================
-MoveUp / MoveDown      constant vertical velocity, 2-4 px/frame, wrapping around the frame
-OscillateHorizontal    x = x0 + A sin(2 pi t / P + phi), A 6-12 px, P 8-14 frames
+MoveUp / MoveDown      constant vertical velocity, 1-2 px/frame, wrapping around the cell
+OscillateHorizontal    x = x0 + A sin(2 pi t / P + phi), A 4-7 px, P 16-24 frames
 OscillateVertical      the same along y
 ZoomIn / ZoomOut       the object's scale grows (shrinks) by a constant factor per frame;
-                       after a factor of ~3.4 (every 8-14 frames) it restarts at the other end
+                       after a factor of 2.8 (every 12-20 frames) it restarts at the other end
 =====================  ==================================================================
 
 6 classes x 10 groups x 5 clips = 300 videos of 40-64 frames, 64 x 64 pixels; test split k holds
@@ -31,8 +37,8 @@ video of the same class. This matters because flip is one of the training augmen
 centre c and per-frame scale ratio r (1 for moves and oscillations), so flow t (frame t to t+1)
 is computed from the motion, not estimated; the static background has zero flow. At a zoom's
 restart the flow is the continuous zoom (the object "jumps back" there; it is one frame in
-8-14). Translations wrap around the frame (the scene is a torus), and the flow is that of the
-torus.
+12-20). Translations wrap around the lattice cell (the scene is a torus of period ``TILE``,
+which divides the frame size), and the flow is that of the torus.
 """
 import errno
 import json
@@ -57,10 +63,11 @@ GROUPS = 10          # sibling groups per class (appearance shared within a grou
 CLIPS = 5            # clips per group
 GROUPS_PER_SPLIT = 3  # test split k holds groups 3(k-1)+1 .. 3k, as UCF101's blocks of 7
 SIZE = 64            # frames are SIZE x SIZE
+TILE = 32            # the object repeats every TILE pixels in x and y (TILE divides SIZE)
 FRAMES = (40, 64)    # RGB frames per video, inclusive range
-SCALE = (7.0, 24.0)  # object radius in pixels; zooms sweep it, other classes draw it once
+SCALE = (5.0, 14.0)  # object radius in pixels (< TILE / 2); zooms sweep it, others draw it once
 RGB_QUALITY, FLOW_QUALITY = 90, 95  # flow JPEGs carry numbers: keep the JPEG error small
-VERSION = 2          # bump when the generator changes, so an old demo/ is not taken for new
+VERSION = 5          # bump when the generator changes, so an old demo/ is not taken for new
 INFO_FILE = 'demo_info.json'
 
 _SHAPES = ('disc', 'square', 'diamond', 'ring', 'plus')  # all mirror symmetric
@@ -126,28 +133,30 @@ def _motion(rng, cls, n):
     rate = 0.0
     log_scale = np.full(n, rng.uniform(lo, hi))
     if cls in ('MoveUp', 'MoveDown'):
-        speed = rng.uniform(2, 4)
+        speed = rng.uniform(1, 2)
         cy = y0 + t * (speed if cls == 'MoveDown' else -speed)
     elif cls.startswith('Oscillate'):
-        amp, period, phase = rng.uniform(6, 12), rng.uniform(8, 14), rng.uniform(0, 2 * math.pi)
+        amp, period, phase = rng.uniform(4, 7), rng.uniform(16, 24), rng.uniform(0, 2 * math.pi)
         wave = amp * np.sin(2 * math.pi * t / period + phase)
         if cls == 'OscillateHorizontal':
             cx = x0 + wave
         else:
             cy = y0 + wave
     else:  # zooms: log radius is a sawtooth, so each frame's size is log-uniform like the others
-        rate = (hi - lo) / rng.uniform(8, 14) * (1 if cls == 'ZoomIn' else -1)
+        rate = (hi - lo) / rng.uniform(12, 20) * (1 if cls == 'ZoomIn' else -1)
         log_scale = lo + np.mod(rng.uniform(0, hi - lo) + rate * t, hi - lo)
     return cx, cy, rate, log_scale
 
 
 def plan(seed=0):
-    """Every clip of the demo, in LMDB order. Each group and clip has its own random stream
-    (seeded by seed, class, group, clip), so a clip does not depend on the others."""
+    """Every clip of the demo, in LMDB order. Each appearance (seeded by seed, group) and clip
+    (seed, class, group, clip) has its own random stream, so a clip does not depend on the
+    others."""
+    looks = {g: _appearance(np.random.default_rng([seed, g])) for g in range(1, GROUPS + 1)}
     clips = []
     for label, cls in enumerate(CLASSES):
         for g in range(1, GROUPS + 1):
-            look = _appearance(np.random.default_rng([seed, label, g]))
+            look = looks[g]
             for c in range(1, CLIPS + 1):
                 rng = np.random.default_rng([seed, label, g, c])
                 n = int(rng.integers(FRAMES[0], FRAMES[1] + 1))
@@ -160,8 +169,8 @@ def plan(seed=0):
 # ---------------------------------------------------------------------------------- drawing
 
 def _wrap(d):
-    # Offset on the torus, in [-SIZE/2, SIZE/2).
-    return np.mod(d + SIZE / 2, SIZE) - SIZE / 2
+    # Offset to the nearest copy of the object on the lattice, in [-TILE/2, TILE/2).
+    return np.mod(d + TILE / 2, TILE) - TILE / 2
 
 
 def _pattern(texture, a, b):

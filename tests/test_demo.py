@@ -132,11 +132,12 @@ def test_flow_is_the_analytic_motion(lmdbs):
         stored = dequantize_flow(flow.read(name, range(flow.num_frames(name)))).numpy()
         err = np.abs(stored - exact)
         assert err.mean() < 0.3 and np.percentile(err, 99) < 2.5, (name, err.mean())
-        assert np.abs(stored).max() > 1.5  # the motion is large: several pixels per frame
+        assert np.abs(stored).max() > 0.5  # the object moves (about 1-3 px per frame, by design)
 
         restart = np.abs(np.diff(clip.log_scale) - clip.log_scale_rate) > 1e-6  # zoom cycles
         warped, still = warp_errors(frames.astype(np.float32), exact, skip=restart)
-        assert warped < 3 and warped < 0.2 * still, (name, warped, still)
+        # Slow motion (about 1 px a frame) leaves a small still error: the absolute bound matters.
+        assert warped < 1.5 and warped < 0.3 * still, (name, warped, still)
 
 
 def warp_errors(frames, flow, skip):
@@ -147,7 +148,7 @@ def warp_errors(frames, flow, skip):
     warped, still = [], []
     for t in np.flatnonzero(~skip):
         u, v = flow[t]
-        moving = np.hypot(u, v) > 1
+        moving = np.hypot(u, v) > 0.5
         inner = moving & np.roll(moving, 1, 0) & np.roll(moving, -1, 0) & \
             np.roll(moving, 1, 1) & np.roll(moving, -1, 1)
         nxt = frames[t + 1]
@@ -166,17 +167,18 @@ def warp_errors(frames, flow, skip):
 def motion_class(flow):
     """Name the class of a video from its flow alone (``[T, 2, H, W]`` pixels), by rules that
     follow the class definitions: a zoom has a divergence inside the object (2 (r - 1) for a
-    scale ratio r per frame, about +-0.17), a move a vertical motion of one sign throughout,
-    an oscillation a mean motion along one axis that changes sign."""
+    scale ratio r per frame, 0.1-0.18 in size; translations have none), a move a vertical
+    motion of one sign throughout, an oscillation a mean motion along one axis that changes
+    sign."""
     u, v = flow[:, 0], flow[:, 1]
-    moving = np.hypot(u, v) > 0.5
+    moving = np.hypot(u, v) > 0.25   # above the flow's quantisation step (0.16 px)
     inner = moving
     for _ in range(2):  # away from the object's outline, where JPEG rings
         inner = inner & np.roll(inner, 1, -1) & np.roll(inner, -1, -1) & \
             np.roll(inner, 1, -2) & np.roll(inner, -1, -2)
     divergence = (np.roll(u, -1, -1) - np.roll(u, 1, -1) + np.roll(v, -1, -2)
                   - np.roll(v, 1, -2)) / 2
-    if inner.any() and abs(np.median(divergence[inner])) > 0.12:
+    if inner.any() and abs(np.median(divergence[inner])) > 0.05:
         return 'ZoomIn' if np.median(divergence[inner]) > 0 else 'ZoomOut'
     count = moving.sum((1, 2))
     seen = count > 0

@@ -183,9 +183,7 @@ def train(args, task):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     if args.compile:
-        for name in ('encoder_q', 'encoder_k', 'sampler'):
-            if hasattr(model, name):
-                getattr(model, name).compile()   # in place: state-dict keys stay CoCLR's
+        compile_encoders(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd,
                                  fused=device.type == 'cuda')
@@ -245,6 +243,14 @@ def train(args, task):
     say(f'=> finished; checkpoints in {exp_dir}')
     du.cleanup()
     return exp_dir
+
+
+def compile_encoders(model):
+    """``torch.compile`` the encoders in place (state-dict keys stay CoCLR's), with dynamic
+    shapes: one compilation serves both the clip batch and the local-segment batch."""
+    for name in ('encoder_q', 'encoder_k', 'sampler'):
+        if hasattr(model, name):
+            getattr(model, name).compile(dynamic=True)
 
 
 def open_run(exp_dir, args, info, summary):
@@ -343,8 +349,8 @@ class Prefetcher:
 
     def _work(self):
         try:
-            if self.stream is not None:
-                torch.cuda.set_device(self.device)
+            if self.stream is not None and self.device.index is not None:
+                torch.cuda.set_device(self.device)   # the current device is per thread
             for batch in self.batches:
                 if self.stop.is_set():
                     return
@@ -377,7 +383,8 @@ class Prefetcher:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(ready)
             for t in _tensors(out):
-                t.record_stream(stream)
+                if t.is_cuda:
+                    t.record_stream(stream)
         return out
 
     def close(self):
