@@ -226,3 +226,27 @@ def test_mirrored_motion_is_the_mirrored_flow():
         np.testing.assert_allclose(m_flow[:, 0], -flow[:, 0, :, ::-1], atol=1e-4)
         np.testing.assert_allclose(m_flow[:, 1], flow[:, 1, :, ::-1], atol=1e-4)
         assert motion_class(m_flow) == name.split('/')[0]
+
+
+def test_appearance_says_nothing_about_the_class():
+    """Group g looks the same in every class (so looks cannot be memorised as class cues), and
+    different groups look different."""
+    looks = {}
+    for clip in demo.plan(0):
+        looks.setdefault(group_number(clip.name), set()).add(repr(clip.look))
+    assert len(looks) == demo.GROUPS
+    assert all(len(v) == 1 for v in looks.values())               # one look per group
+    assert len({next(iter(v)) for v in looks.values()}) == demo.GROUPS   # all groups differ
+
+
+def test_every_crop_window_sees_the_motion():
+    """The object repeats on a TILE lattice: every TILE x TILE window of a frame (the smallest
+    random crop of a 64 px frame is about 29 px) shows moving pixels within a few frames."""
+    plan = {c.name: c for c in demo.plan(0)}
+    t = demo.TILE
+    for name in SAMPLES:
+        _, flow = demo.render(plan[name])
+        moving = np.hypot(flow[:8, 0], flow[:8, 1]).max(0) > 0.25          # H x W, 8 frames
+        for y in range(0, demo.SIZE - t + 1, 4):
+            for x in range(0, demo.SIZE - t + 1, 4):
+                assert moving[y:y + t, x:x + t].any(), (name, y, x)
