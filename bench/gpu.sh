@@ -11,10 +11,10 @@
 #   3. end-to-end samples/s over a synthetic UCF101-sized LMDB with 16 workers, CPU decode and
 #      GPU decode (with and without the prefetch thread), against the step alone;
 #   4. the fast step with the encoders compiled (--compile; compilation time shown);
-#   5. the demo pipeline on the GPU, when DEMO=1 (it does not fit a short device slot).
+#   5. the demo pipeline on the GPU, when DEMO=1 (it needs more than BUDGET allows).
 # The whole script stops within BUDGET seconds (default 450): each section's limit is cut to what
 # is left, and a section with under 20 s left is skipped, so a caller with a hard wall-clock limit
-# (a lent GPU slot) always gets the sections that finished, never a killed script with nothing.
+# (a GPU job with a hard time limit) always gets the sections that finished, never a killed script with nothing.
 set -u
 cd "$(dirname "$0")/.."
 LOG=${1:-bench/gpu_logs}
