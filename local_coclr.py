@@ -64,15 +64,19 @@ def get_parser():
     return parser
 
 
+def loss_weights(args):
+    return {'coclr': args.w_coclr,
+            'inter': 1 / 3 if args.w_inter is None else args.w_inter,
+            'intra': 1 / 3 if args.w_intra is None else args.w_intra}
+
+
 def main(argv=None):
     parser = get_parser()
     args = parse_args(parser, argv)
     if not args.pretrain or len(args.pretrain) != 2:
         parser.error('--pretrain TRAINED SAMPLER is required (a path or "random" each)')
-    weights = {'coclr': args.w_coclr,
-               'inter': 1 / 3 if args.w_inter is None else args.w_inter,
-               'intra': 1 / 3 if args.w_intra is None else args.w_intra}
-    task = engine.Task('coclr', build_model, load_pretrained, inputs, weights, check_dataset)
+    task = engine.Task('coclr', build_model, load_pretrained, inputs, loss_weights(args),
+                       check_dataset)
     return engine.train(args, task)
 
 

@@ -46,12 +46,16 @@ def get_parser():
     return parser
 
 
+def loss_weights(args):
+    return {'global': 1.0,
+            'inter': 1 / 3 if args.w_inter is None else args.w_inter,
+            'intra': 1.0 if args.w_intra is None else args.w_intra}
+
+
 def main(argv=None):
     args = parse_args(get_parser(), argv)
-    weights = {'global': 1.0,
-               'inter': 1 / 3 if args.w_inter is None else args.w_inter,
-               'intra': 1.0 if args.w_intra is None else args.w_intra}
-    task = engine.Task('infonce', build_model, load_pretrained, inputs, weights, check_dataset)
+    task = engine.Task('infonce', build_model, load_pretrained, inputs, loss_weights(args),
+                       check_dataset)
     return engine.train(args, task)
 
 

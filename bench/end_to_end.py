@@ -22,12 +22,12 @@ from types import SimpleNamespace
 
 import torch
 
-import local_coclr
-import local_nce
 from dataset import LMDBWriter, build_dataset, encode_frames
 from dataset import splits
 from utils import engine
 from utils.distributed import DistInfo
+
+from train_step import SCRIPTS, make_model, script_args, sync   # bench/train_step.py
 
 FRAME_H, FRAME_W = 240, 320
 
@@ -61,22 +61,16 @@ def build_folder(root, videos, frames, repeat=1):
 
 
 def setup(kind, args, decode):
+    """The engine's loader, batch preparation and arguments for ``kind`` with ``decode``."""
     device = torch.device(args.device)
-    script = local_nce if kind == 'infonce' else local_coclr
     dataset_name = 'synth-2clip' if kind == 'infonce' else 'synth-2stream-2clip'
-    ns = SimpleNamespace(net='s3d', moco_dim=128, moco_k=args.batch_size * 64, moco_m=0.999,
-                         moco_t=0.07, num_segments=4, bn_splits=2, topk=5, self_mask_prob=0.9,
-                         batch_size=args.batch_size, workers=args.workers, seed=0,
-                         decode=decode, img_dim=128, legacy_flow_flip=False, reverse=False)
+    ns = script_args(kind, '--moco-k', args.batch_size * 64, '--bn_splits', 2, '--batch_size',
+                     args.batch_size, '--workers', args.workers, '--decode', decode)
     ds = build_dataset(dataset_name, 'train', data_root=args.root, seq_len=32, img_dim=128,
                        decode='device' if decode == 'gpu' else 'cpu')
     loader, _ = engine.make_loader(ds, ns, DistInfo(device=device))
-    task = SimpleNamespace(inputs=script.inputs,
-                           weights=({'global': 1.0, 'inter': 1 / 3, 'intra': 1.0}
-                                    if kind == 'infonce'
-                                    else {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}))
-    fmt = torch.channels_last_3d
-    return device, script, ns, loader, task, engine.DeviceAugment(True, fmt), fmt
+    task = SimpleNamespace(inputs=SCRIPTS[kind].inputs)
+    return device, ns, loader, task, engine.DeviceAugment(True, torch.channels_last_3d)
 
 
 def batches(loader):
@@ -84,21 +78,13 @@ def batches(loader):
         yield from loader
 
 
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
 def run(kind, args, decode, fixed=False, threaded=None):
     """samples/s of loader + batch_inputs + train_step as the engine runs them (batch_inputs in
     the engine's prefetch thread on a GPU; ``threaded=False``: in the training thread);
     ``fixed``: the step alone, on one prepared batch."""
-    device, script, ns, loader, task, augment, fmt = setup(kind, args, decode)
+    device, ns, loader, task, augment = setup(kind, args, decode)
     torch.manual_seed(0)
-    model = script.build_model(ns)
-    model.to(device, memory_format=fmt).train()
-    if kind == 'coclr':
-        model.queue_vname.copy_(torch.arange(ns.moco_k, device=device) + 10 ** 6)
+    model, weights = make_model(kind, ns, device, channels_last=True)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                            fused=device.type == 'cuda')
     amp = torch.bfloat16 if device.type == 'cuda' else None
@@ -113,7 +99,7 @@ def run(kind, args, decode, fixed=False, threaded=None):
             sync(device)
             t0 = time.perf_counter()
         inputs = fixed_inputs or next(it)
-        engine.train_step(model, task.weights, inputs, opt, scaler, amp, device)
+        engine.train_step(model, weights, inputs, opt, scaler, amp, device)
     sync(device)
     rate = args.steps * args.batch_size / (time.perf_counter() - t0)
     it.close()
@@ -122,7 +108,7 @@ def run(kind, args, decode, fixed=False, threaded=None):
 
 def data_only(kind, args, decode):
     """samples/s of the loader alone, and of batch_inputs alone on batches already loaded."""
-    device, _, ns, loader, task, augment, _ = setup(kind, args, decode)
+    device, ns, loader, task, augment = setup(kind, args, decode)
     it = batches(loader)
     for _ in range(args.warmup):
         next(it)

@@ -36,19 +36,24 @@ from utils.engine import compile_encoders, train_step
 PATHS = ('plain', 'plain-strict', 'fast', 'fast-ncdhw', 'fast-compile')
 
 
+SCRIPTS = {'infonce': local_nce, 'coclr': local_coclr}
+
+
+def script_args(kind, *flags):
+    """The pretraining script's own arguments: its defaults, with ``flags`` given."""
+    return SCRIPTS[kind].get_parser().parse_args([str(f) for f in flags])
+
+
 def make_model(kind, args, device, channels_last):
-    ns = SimpleNamespace(net=args.net, moco_dim=128, moco_k=args.moco_k, moco_m=0.999,
-                         moco_t=0.07, num_segments=4, bn_splits=args.bn_splits, topk=5,
-                         self_mask_prob=0.9)
-    script = local_nce if kind == 'infonce' else local_coclr
-    model = script.build_model(ns)
+    """The model and loss weights the script builds (``args``: net, moco_k, bn_splits)."""
+    ns = script_args(kind, '--net', args.net, '--moco-k', args.moco_k,
+                     '--bn_splits', args.bn_splits)
+    model = SCRIPTS[kind].build_model(ns)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt).train()
     if kind == 'coclr':  # a full queue of distinct sources, so every step trains
         model.queue_vname.copy_(torch.arange(args.moco_k, device=device) + 10 ** 6)
-    weights = ({'global': 1.0, 'inter': 1 / 3, 'intra': 1.0} if kind == 'infonce'
-               else {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3})
-    return model, weights
+    return model, SCRIPTS[kind].loss_weights(ns)
 
 
 def make_inputs(kind, args, device, channels_last):

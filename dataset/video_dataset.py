@@ -181,13 +181,15 @@ class VideoDataset(Dataset):
                              f'{min(h, w)} or rebuild the LMDB with larger frames')
 
 
-def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True):
+def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None):
     """Decoded unique frames (a sequence of ``[3, H, W]``, as the decoder returns them, or a
     tensor) -> the item's views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory) by its
-    plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``); on any device."""
+    plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``); on any device. Written into
+    ``out`` when given (e.g. the sample's slot of a batch)."""
     index = plan['frame_index']
     height, width = frames[0].shape[-2:]
-    out = augment.channels_last_empty(*index.shape, size=img_dim, device=frames[0].device)
+    if out is None:
+        out = augment.channels_last_empty(*index.shape, size=img_dim, device=frames[0].device)
     for v, idx in enumerate(index.tolist()):
         # Only the crop of each frame is copied, straight into one channels-last batch: the
         # resize kernel reads it as it is, and full frames are never stacked.
@@ -226,8 +228,8 @@ def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
         start = 0
         for i, js in enumerate(per_sample):
             plan = {k: batch[k][i] for k in ('frame_index', 'boxes', 'flips')}  # on the host
-            out[i] = apply_views(decoded[start:start + len(js)], plan, m, img_dim,
-                                 negate_flow_flip)
+            apply_views(decoded[start:start + len(js)], plan, m, img_dim, negate_flow_flip,
+                        out=out[i])
             start += len(js)
         batch[m] = out
     return batch
