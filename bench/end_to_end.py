@@ -5,7 +5,7 @@
 Builds a synthetic two-stream LMDB folder with UCF101's frame size (320x240 JPEG, RGB and flow;
 its split lists every video ``--repeat`` times, so an epoch is as long as a real one without
 writing gigabytes), then measures, in one run, samples/s of the real training loop pieces
-(engine.make_loader, engine.batch_inputs, engine.train_step) for the CPU decode path (workers
+(engine.make_loader, engine.batch_inputs, the engine's step) for the CPU decode path (workers
 decode and crop) and the GPU decode path (workers read bytes; nvJPEG decodes on the GPU),
 against the step alone on a fixed batch. The target is end-to-end >= 85% of step-only.
 
@@ -15,6 +15,7 @@ work) and ``device data`` (batch_inputs alone on batches already loaded: the GPU
 geometry and the photometric step, as the training process runs them).
 """
 import argparse
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -32,25 +33,25 @@ from train_step import SCRIPTS, make_model, script_args, sync   # bench/train_st
 FRAME_H, FRAME_W = 240, 320
 
 
-def textured(num, seed, flow=False):
-    """Smooth random texture frames (realistic JPEG sizes), uint8 [N, 3, 240, 320]."""
+def textured(num, seed, flow=False, size=(FRAME_H, FRAME_W)):
+    """Smooth random texture frames (realistic JPEG sizes), uint8 [N, 3, H, W]."""
     g = torch.Generator().manual_seed(seed)
-    low = torch.rand(num, 3, 15, 20, generator=g)
-    x = torch.nn.functional.interpolate(low, size=(FRAME_H, FRAME_W), mode='bicubic')
-    x = x + 0.08 * torch.randn(num, 3, FRAME_H, FRAME_W, generator=g)
+    low = torch.rand(num, 3, max(size[0] // 16, 2), max(size[1] // 16, 2), generator=g)
+    x = torch.nn.functional.interpolate(low, size=size, mode='bicubic')
+    x = x + 0.08 * torch.randn(num, 3, *size, generator=g)
     if flow:
         x[:, 2] = 0.5
     return (x.clamp(0, 1) * 255).to(torch.uint8)
 
 
-def build_folder(root, videos, frames, repeat=1):
+def build_folder(root, videos, frames, repeat=1, size=(FRAME_H, FRAME_W)):
     """``root/synth``: every video reuses one pool of encoded frames, rotated per video (the
     decode cost is what matters, not distinct pixels)."""
     folder = Path(root) / 'synth'
     folder.mkdir(parents=True)
     names = [f'C{v % 10}/v_C{v % 10}_g{v // 10:02d}_c01' for v in range(videos)]
     for suffix, flow in (('frame', False), ('tvl1_frame', True)):
-        pool = encode_frames(textured(frames, seed=int(flow), flow=flow), quality=90)
+        pool = encode_frames(textured(frames, seed=int(flow), flow=flow, size=size), quality=90)
         with LMDBWriter(folder / f'synth_{suffix}.lmdb') as w:
             for i, n in enumerate(names):
                 k = i % frames
@@ -65,8 +66,10 @@ def setup(kind, args, decode):
     device = torch.device(args.device)
     dataset_name = 'synth-2clip' if kind == 'infonce' else 'synth-2stream-2clip'
     ns = script_args(kind, '--moco-k', args.batch_size * 64, '--bn_splits', 2, '--batch_size',
-                     args.batch_size, '--workers', args.workers, '--decode', decode)
-    ds = build_dataset(dataset_name, 'train', data_root=args.root, seq_len=32, img_dim=128,
+                     args.batch_size, '--workers', args.workers, '--decode', decode,
+                     '--img_dim', args.img_dim,
+                     '--cuda_graph' if args.cuda_graph else '--no-cuda_graph')
+    ds = build_dataset(dataset_name, 'train', data_root=args.root, seq_len=32, img_dim=args.img_dim,
                        decode='device' if decode == 'gpu' else 'cpu')
     loader, _ = engine.make_loader(ds, ns, DistInfo(device=device))
     task = SimpleNamespace(inputs=SCRIPTS[kind].inputs)
@@ -82,6 +85,7 @@ def run(kind, args, decode, fixed=False, threaded=None):
     """samples/s of loader + batch_inputs + train_step as the engine runs them (batch_inputs in
     the engine's prefetch thread on a GPU; ``threaded=False``: in the training thread);
     ``fixed``: the step alone, on one prepared batch."""
+    gc.collect()   # the previous measurement's loader workers end first
     device, ns, loader, task, augment = setup(kind, args, decode)
     torch.manual_seed(0)
     model, weights = make_model(kind, ns, device, channels_last=True)
@@ -93,13 +97,13 @@ def run(kind, args, decode, fixed=False, threaded=None):
     it = engine.Prefetcher(batches(loader),
                            lambda b: engine.batch_inputs(b, task, augment, device, ns), device,
                            threaded=threaded)
+    step = engine.make_step(model, weights, opt, scaler, amp, device, ns.cuda_graph)
     fixed_inputs = next(it) if fixed else None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             sync(device)
             t0 = time.perf_counter()
-        inputs = fixed_inputs or next(it)
-        engine.train_step(model, weights, inputs, opt, scaler, amp, device)
+        step(fixed_inputs or next(it))
     sync(device)
     rate = args.steps * args.batch_size / (time.perf_counter() - t0)
     it.close()
@@ -108,14 +112,16 @@ def run(kind, args, decode, fixed=False, threaded=None):
 
 def data_only(kind, args, decode):
     """samples/s of the loader alone, and of batch_inputs alone on batches already loaded."""
+    gc.collect()
     device, ns, loader, task, augment = setup(kind, args, decode)
     it = batches(loader)
     for _ in range(args.warmup):
         next(it)
     t0 = time.perf_counter()
-    held = [next(it) for _ in range(args.steps)]
+    for _ in range(args.steps):
+        next(it)   # dropped at once, as training does: held batches would each need new pinned memory
     loader_rate = args.steps * args.batch_size / (time.perf_counter() - t0)
-    held = held[:args.device_batches]
+    held = [next(it) for _ in range(args.device_batches)]
     engine.batch_inputs(held[0], task, augment, device, ns)
     sync(device)
     t0 = time.perf_counter()
@@ -140,28 +146,39 @@ def main():
     p.add_argument('--device_batches', type=int, default=6,
                    help='loaded batches timed through batch_inputs alone')
     p.add_argument('--models', nargs='+', default=['infonce', 'coclr'])
+    p.add_argument('--decodes', nargs='+', default=['cpu', 'gpu', 'gpu-1t'],
+                   choices=['cpu', 'gpu', 'gpu-1t'], help='data paths measured (GPU only)')
+    p.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=True,
+                   help='the step replayed from a CUDA graph (the engine\'s default on one GPU)')
+    p.add_argument('--img_dim', type=int, default=128, help='crop size of the training clips')
+    p.add_argument('--frame_size', type=int, nargs=2, default=[FRAME_H, FRAME_W],
+                   metavar=('H', 'W'), help='size of the synthetic frames')
     args = p.parse_args()
-    paths = ['cpu'] if args.device == 'cpu' else ['cpu', 'gpu']
+    decodes = ['cpu'] if args.device == 'cpu' else args.decodes
     with tempfile.TemporaryDirectory() as tmp:
         args.root = tmp
         t = time.time()
-        build_folder(tmp, args.videos, args.frames, args.repeat)
-        print(f'synthetic LMDB: {args.videos} videos x {args.frames} frames, 320x240, RGB+flow, '
-              f'listed {args.repeat}x ({time.time() - t:.0f} s to build); batch '
-              f'{args.batch_size}, {args.workers} workers, {args.steps} timed steps after '
-              f'{args.warmup}', flush=True)
+        build_folder(tmp, args.videos, args.frames, args.repeat, tuple(args.frame_size))
+        h, w = args.frame_size
+        print(f'synthetic LMDB: {args.videos} videos x {args.frames} frames, {w}x{h}, RGB+flow, '
+              f'listed {args.repeat}x ({time.time() - t:.0f} s to build); crops {args.img_dim} px, '
+              f'batch {args.batch_size}, {args.workers} workers, {args.steps} timed steps after '
+              f'{args.warmup}, {"CUDA graph" if args.cuda_graph else "eager"} step', flush=True)
         rows = []
         for kind in args.models:
-            step = run(kind, args, paths[-1], fixed=True)
-            for decode in paths:
-                loader_rate, device_rate = data_only(kind, args, decode)
-                for threaded in ([None, False] if decode == 'gpu' else [None]):
-                    e2e = run(kind, args, decode, threaded=threaded)
-                    label = decode if threaded is None else f'{decode}-1t'
-                    rows.append((kind, label, step, e2e, loader_rate, device_rate))
-                    print(f'{kind} {label}: step-only {step:.1f}, end-to-end {e2e:.1f}, loader '
-                          f'{loader_rate:.1f}, device data {device_rate:.1f} samples/s',
-                          flush=True)
+            step = run(kind, args, 'gpu' if 'gpu' in ' '.join(decodes) else 'cpu', fixed=True)
+            print(f'{kind} step-only {step:.1f} samples/s', flush=True)
+            for label in decodes:
+                decode = label.split('-')[0]
+                try:
+                    loader_rate, device_rate = data_only(kind, args, decode)
+                    e2e = run(kind, args, decode, threaded=False if label.endswith('-1t') else None)
+                except Exception as e:  # keep the other rows
+                    print(f'{kind} {label} failed: {type(e).__name__}: {e}', flush=True)
+                    continue
+                rows.append((kind, label, step, e2e, loader_rate, device_rate))
+                print(f'{kind} {label}: step-only {step:.1f}, end-to-end {e2e:.1f}, loader '
+                      f'{loader_rate:.1f}, device data {device_rate:.1f} samples/s', flush=True)
         print(f'\n{"model":8} {"decode":6} {"step-only":>10} {"end-to-end":>11} {"e2e/step":>9} '
               f'{"loader":>8} {"device data":>12}   (samples/s)')
         for kind, decode, step, e2e, loader_rate, device_rate in rows:

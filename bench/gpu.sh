@@ -1,31 +1,38 @@
 #!/usr/bin/env bash
-# Every GPU figure of bench/RESULTS.md in one prepared run (at most BUDGET s, default 450):
-#   BUDGET=450 bash bench/gpu.sh [LOG_DIR]
+# Every GPU figure of bench/RESULTS.md in one prepared run (at most BUDGET s, default 470):
+#   BUDGET=470 bash bench/gpu.sh [LOG_DIR]
 # Sections, most important first, each with its own time limit so that one stuck section cannot
 # take the others' figures with it (everything is also logged to LOG_DIR):
-#   1. the measured bf16 matmul peak (the ceiling for the utilisation column);
-#   2. S3D FLOPs, step time, samples/s, utilisation and peak memory of local InfoNCE and CVTCL:
-#      plain fp32 (TF32 allowed, PyTorch's default), strict fp32, the fast path, the fast path
-#      without channels-last; a profile of the fast step (device busy time, top kernels);
-#      the fast step at batch 64 and with one BatchNorm group (what the launch count costs);
-#   3. end-to-end samples/s over a synthetic UCF101-sized LMDB with 16 workers, CPU decode and
-#      GPU decode (with and without the prefetch thread), against the step alone;
-#   4. the fast step with the encoders compiled (--compile; compilation time shown);
-#   5. the demo pipeline on the GPU, when DEMO=1 (it needs more than BUDGET allows).
-# The whole script stops within BUDGET seconds (default 450): each section's limit is cut to what
-# is left, and a section with under 20 s left is skipped, so a caller with a hard wall-clock limit
-# (a GPU job with a hard time limit) always gets the sections that finished, never a killed script with nothing.
+#   matmul        the measured bf16 matmul peak (the ceiling for the utilisation column);
+#   train_infonce S3D FLOPs, step time, samples/s, utilisation and peak memory of local InfoNCE:
+#                 plain fp32 (TF32 allowed, PyTorch's default), strict fp32, the eager fast path,
+#                 the fast path replayed from a CUDA graph (the engine's default on one GPU); the
+#                 graphed step checked against the eager one; a profile of the eager fast step
+#                 (device busy time, launches, top kernels);
+#   train_cvtcl   the same for CVTCL (plain, fast, graphed);
+#   e2e           end-to-end samples/s over a synthetic UCF101-sized LMDB (320x240 JPEG) with 16
+#                 workers, CPU decode and GPU decode, against the step alone;
+#   e2e_demo      the same at the demo's size (64x64 frames, 64 px crops);
+#   compile       the eager fast step with the encoders compiled (--compile);
+#   demo          the demo pipeline at full length (scripts/demo_pipeline.py --profile gpu).
+# SECTIONS picks and orders them (default: all but compile and demo; COMPILE=1 and DEMO=1 add
+# them). DEMO_ARGS go to the demo pipeline. Other paths of bench/train_step.py (fast-ncdhw,
+# fast-graph-ncdhw) are measured by naming them there. The whole script stops within BUDGET seconds: each section's limit is cut to
+# what is left, and a section with under 20 s left is skipped, so a caller with a hard
+# wall-clock limit always gets the sections that finished.
 set -u
 cd "$(dirname "$0")/.."
 LOG=${1:-bench/gpu_logs}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # works without installing the project
-DEADLINE=$((SECONDS + ${BUDGET:-450}))
+DEADLINE=$((SECONDS + ${BUDGET:-470}))
+SECTIONS=${SECTIONS:-"matmul train_infonce train_cvtcl e2e e2e_demo${COMPILE:+ compile}${DEMO:+ demo}"}
 status=0
 
 section() {  # section NAME TIMEOUT_S CMD...
   local name=$1 limit=$2; shift 2
+  case " $SECTIONS " in *" $name "*) ;; *) return ;; esac
   local left=$((DEADLINE - SECONDS - 5))
   if [ "$left" -lt 20 ]; then echo "=== $name skipped: the time budget is spent"; status=1; return; fi
   [ "$limit" -le "$left" ] || limit=$left
@@ -38,7 +45,7 @@ section() {  # section NAME TIMEOUT_S CMD...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"
 
-section matmul_peak 40 python - <<'PY'
+section matmul 30 python - <<'PY'
 import torch, time
 a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
 b = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
@@ -55,24 +62,23 @@ open('/tmp/cvtcl_peak', 'w').write(f'{tflops:.1f}')
 PY
 PEAK=$(cat /tmp/cvtcl_peak 2>/dev/null || echo 0)
 
-section train_step_infonce 110 python bench/train_step.py --batch_size 32 --img_dim 128 \
-  --steps 8 --warmup 3 --peak_tflops "$PEAK" --models infonce \
-  --paths plain plain-strict fast fast-ncdhw --profile
-section train_step_cvtcl 70 python bench/train_step.py --batch_size 32 --img_dim 128 --steps 8 \
-  --warmup 3 --peak_tflops "$PEAK" --models coclr --paths plain plain-strict fast
-section train_step_b64_split1 60 sh -c "python bench/train_step.py --batch_size 64 --img_dim 128 \
-  --steps 6 --warmup 3 --peak_tflops $PEAK --models infonce --paths fast && \
-  python bench/train_step.py --batch_size 32 --img_dim 128 --steps 8 --warmup 3 \
-  --peak_tflops $PEAK --models infonce --paths fast --bn_splits 1"
-
-section end_to_end 170 python bench/end_to_end.py --workers 16 --batch_size 32 --steps 30 \
-  --warmup 8 --videos 96 --repeat 12 --frames 64
-
-section compile ${COMPILE_LIMIT:-120} python bench/train_step.py --batch_size 32 --img_dim 128 \
-  --steps 8 --warmup 3 --peak_tflops "$PEAK" --models infonce --paths fast fast-compile
-
-if [ -n "${DEMO:-}" ]; then
-  section demo_pipeline 600 python scripts/demo_pipeline.py --profile gpu --output_dir "$LOG/demo"
-fi
+TRAIN="python bench/train_step.py --batch_size 32 --img_dim 128 --steps 8 --warmup 4 --peak_tflops $PEAK"
+for name in $SECTIONS; do
+  case $name in
+    matmul) ;;   # ran above: its figure feeds the others
+    train_infonce) section $name 100 $TRAIN --models infonce --paths plain plain-strict fast \
+        fast-graph --profile --graph_check ;;
+    train_cvtcl) section $name 70 $TRAIN --models coclr --paths plain fast fast-graph ;;
+    e2e) section $name 150 python bench/end_to_end.py --workers 16 --batch_size 32 --steps 20 \
+        --warmup 6 --videos 96 --repeat 12 --frames 64 --decodes cpu gpu ;;
+    e2e_demo) section $name 60 python bench/end_to_end.py --workers 12 --batch_size 32 \
+        --steps 20 --warmup 6 --videos 96 --repeat 12 --frames 64 --decodes cpu gpu \
+        --frame_size 64 64 --img_dim 64 --models infonce ;;
+    compile) section $name 150 $TRAIN --models infonce --paths fast fast-compile ;;
+    demo) section $name 600 python scripts/demo_pipeline.py --profile gpu \
+        --output_dir "$LOG/demo" --results "$LOG/demo_results.md" ${DEMO_ARGS:-} ;;
+    *) echo "unknown section $name"; status=1 ;;
+  esac
+done
 
 exit $status

@@ -10,9 +10,13 @@ Paths (``--paths``):
                 convolutions);
   plain-strict  the same with TF32 off everywhere: true fp32 arithmetic, as on the GPUs the
                 original code was written for;
-  fast          what the engine does on this device (bf16 autocast and channels-last 3D on CUDA,
-                fused Adam, cudnn.benchmark);
+  fast          the engine's eager step on this device (bf16 autocast and channels-last 3D on
+                CUDA, fused Adam, cudnn.benchmark);
+  fast-graph    fast, with the forward and backward replayed from a CUDA graph and S3D's layers
+                as 2D kernels (backbone/layout.py): what the engine does on one GPU
+                (``--cuda_graph``, the default);
   fast-ncdhw    fast, but with contiguous (NCDHW) tensors: what channels-last is worth;
+  fast-graph-ncdhw  the same for the graphed step;
   fast-compile  fast with the encoders compiled (``--compile``; compilation is not timed).
 Inputs are random normalised clips already on the device, so this measures the step alone (see
 bench/end_to_end.py for the data path). Prints a table: step time, samples/s, model FLOP
@@ -30,10 +34,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import local_coclr
 import local_nce
 from backbone import build_backbone
-from utils.engine import compile_encoders, train_step
+from utils.engine import GraphedStep, compile_encoders, make_step, train_step
 
 
-PATHS = ('plain', 'plain-strict', 'fast', 'fast-ncdhw', 'fast-compile')
+PATHS = ('plain', 'plain-strict', 'fast', 'fast-graph', 'fast-ncdhw', 'fast-graph-ncdhw',
+         'fast-compile')
 
 
 SCRIPTS = {'infonce': local_nce, 'coclr': local_coclr}
@@ -90,7 +95,7 @@ def bench(kind, path, args, device):
     """Seconds per step and peak GiB of one path; with ``profile``, also the device's busy
     seconds per step and the top kernels."""
     fast, cuda = path.startswith('fast'), device.type == 'cuda'
-    channels_last = path in ('fast', 'fast-compile') and (cuda or args.cpu_channels_last)
+    channels_last = fast and 'ncdhw' not in path and (cuda or args.cpu_channels_last)
     torch.manual_seed(0)
     model, weights = make_model(kind, args, device, channels_last)
     if path == 'fast-compile':
@@ -101,22 +106,25 @@ def bench(kind, path, args, device):
     opt = torch.optim.Adam(params, lr=1e-4, fused=use_fused, foreach=False if not use_fused else None)
     amp = torch.bfloat16 if fast and cuda else None
     scaler = torch.amp.GradScaler(device.type, enabled=False)
+    step = make_step(model, weights, opt, scaler, amp, device, cuda_graph='graph' in path)
     torch.backends.cudnn.benchmark = fast
     set_tf32(strict=path == 'plain-strict')
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(args.warmup):
-        train_step(model, weights, inputs, opt, scaler, amp, device)
+        step(inputs)
     sync(device)
     warm = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(args.steps):
-        loss, *_ = train_step(model, weights, inputs, opt, scaler, amp, device)
+        loss, *_ = step(inputs)
     sync(device)
     dt = (time.perf_counter() - t) / args.steps
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')
     assert torch.isfinite(loss), f'{kind} {path}: non-finite loss'
+    if isinstance(step, GraphedStep) and step.graph is None:
+        print(f'({kind} {path}: not captured: {step.failed or "too few warm-up steps"}; timed eager)')
     profile = None
     if args.profile and path == 'fast' and cuda:
         try:
@@ -125,6 +133,30 @@ def bench(kind, path, args, device):
             print(f'(profile failed: {e!r})')
     set_tf32(strict=False)
     return dt, mem, warm, profile
+
+
+def graph_check(kind, args, device, steps=6):
+    """The graphed step against the eager step from the same weights, inputs and seeds: the
+    losses of ``steps`` steps, and the largest weight difference at the end."""
+    losses, weights_after = {}, {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model, weights = make_model(kind, args, device, True)
+        inputs = make_inputs(kind, args, device, True)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                               fused=True)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        step = make_step(model, weights, opt, scaler, torch.bfloat16, device, cuda_graph=graphed)
+        if graphed:
+            step.warmup = 1
+        torch.manual_seed(1)
+        losses[graphed] = [float(step(inputs)[0]) for _ in range(steps)]
+        weights_after[graphed] = torch.cat([p.detach().float().flatten()
+                                            for p in model.encoder_q.parameters()])
+    diff = (weights_after[True] - weights_after[False]).abs().max().item()
+    print(f'{kind} graph check ({steps} steps, capture at step 2): eager losses '
+          f'{[round(x, 4) for x in losses[False]]}; graphed {[round(x, 4) for x in losses[True]]}; '
+          f'max |weight difference| {diff:.2e}', flush=True)
 
 
 def device_profile(model, weights, inputs, opt, scaler, amp, device, steps=3):
@@ -181,6 +213,8 @@ def main():
                    help='shuffle-BN groups of the key batch (the engine\'s one-process default)')
     p.add_argument('--cpu_channels_last', action=argparse.BooleanOptionalAction, default=True,
                    help='on the CPU, the fast path is channels-last (the engine\'s default)')
+    p.add_argument('--graph_check', action='store_true',
+                   help='compare the CUDA-graph step with the eager step (losses, weights)')
     p.add_argument('--profile', action='store_true',
                    help='profile the fast path: device busy time per step, top kernels')
     args = p.parse_args()
@@ -197,8 +231,18 @@ def main():
     for kind in args.models:
         flops = step_flops(kind, args, device)
         rates = {}
+        if args.graph_check and device.type == 'cuda':
+            try:
+                graph_check(kind, args, device)
+            except Exception as e:
+                print(f'({kind} graph check failed: {e!r})')
         for path in args.paths:
-            dt, mem, warm, profile = bench(kind, path, args, device)
+            try:
+                dt, mem, warm, profile = bench(kind, path, args, device)
+            except Exception as e:  # one failing path must not take the others' rows with it
+                print(f'{kind:8} {path:12} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}',
+                      flush=True)
+                continue
             rate = args.batch_size / dt
             tflops = flops * rate / 1e12
             mfu = f'{tflops / args.peak_tflops:6.1%}' if args.peak_tflops else '     -'
@@ -208,7 +252,7 @@ def main():
             if profile:
                 profiles.append((kind, dt, profile))
         for path in args.paths:
-            if path.startswith('fast'):
+            if path.startswith('fast') and path in rates:
                 for base in ('plain', 'plain-strict'):
                     if base in rates:
                         print(f'{kind:8} speed-up {path}/{base}: {rates[path] / rates[base]:.2f}x')

@@ -196,6 +196,18 @@ def unpack_jpegs(data, offsets):
     return [data[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+def merge_packed(packed):
+    """Several ``pack_jpegs`` results -> one ``(data, offsets, counts)`` (``counts``: JPEGs of
+    each). A batch then leaves a data-loader worker as three tensors, not two per sample: the
+    training process receives each tensor through a file-descriptor handshake (~0.5 ms), which
+    otherwise capped the GPU-decode loader at a few hundred samples/s whatever the workers."""
+    data = torch.cat([d for d, _ in packed])
+    starts = torch.tensor([0] + [len(d) for d, _ in packed[:-1]]).cumsum(0)
+    offsets = torch.cat([o[:-1] + s for (_, o), s in zip(packed, starts)]
+                        + [torch.tensor([len(data)])])
+    return data, offsets, torch.tensor([len(o) - 1 for _, o in packed])
+
+
 def encode_frames(frames, quality=90):
     """uint8 ``[N, 3, H, W]`` -> list of JPEG byte strings."""
     frames = frames.contiguous()

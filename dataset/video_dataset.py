@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, default_collate
 
 from . import augment, sampler, splits
 from .lmdb_video import (VideoLMDB, check_same_size, decode_frames, decode_list, jpeg_size,
-                         pack_jpegs, unpack_jpegs)
+                         merge_packed, pack_jpegs, unpack_jpegs)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT_ENV = 'CVTCL_DATA_ROOT'
@@ -182,19 +182,27 @@ class VideoDataset(Dataset):
 
 
 def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None):
-    """Decoded unique frames (a sequence of ``[3, H, W]``, as the decoder returns them, or a
-    tensor) -> the item's views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory) by its
+    """Decoded unique frames (a sequence of ``[3, H, W]``, as the decoder returns them, or one
+    ``[N, H, W, 3]`` tensor) -> the item's views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory) by its
     plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``); on any device. Written into
     ``out`` when given (e.g. the sample's slot of a batch)."""
     index = plan['frame_index']
-    height, width = frames[0].shape[-2:]
+    stacked = isinstance(frames, torch.Tensor)   # [N, H, W, 3]: frames stacked on the device
+    height, width = frames.shape[1:3] if stacked else frames[0].shape[-2:]
+    device = frames.device if stacked else frames[0].device
     if out is None:
-        out = augment.channels_last_empty(*index.shape, size=img_dim, device=frames[0].device)
+        out = augment.channels_last_empty(*index.shape, size=img_dim, device=device)
+    if stacked:
+        index_on_device = index.to(device, non_blocking=True)
     for v, idx in enumerate(index.tolist()):
         # Only the crop of each frame is copied, straight into one channels-last batch: the
-        # resize kernel reads it as it is, and full frames are never stacked.
+        # resize kernel reads it as it is, and full frames are never stacked. On the device the
+        # crops of a view are gathered in one indexing call (launches, not bytes, cost there).
         t, l, h, w = augment.box_pixels(plan['boxes'][v].tolist(), height, width)
-        crops = torch.stack([frames[i].permute(1, 2, 0)[t:t + h, l:l + w] for i in idx])
+        if stacked:
+            crops = frames[:, t:t + h, l:l + w][index_on_device[v]]
+        else:
+            crops = torch.stack([frames[i].permute(1, 2, 0)[t:t + h, l:l + w] for i in idx])
         out[v] = augment.resize_flip(crops.permute(0, 3, 1, 2), img_dim, bool(plan['flips'][v]),
                                      is_flow=modality == 'flow', negate_flow=negate_flow_flip)
     return out
@@ -202,7 +210,8 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
 
 def collate(items):
     """Default collation, except that the uint8 views keep their channels-last memory (no
-    transposing copy of the batch) and the packed JPEG bytes of ``decode='device'`` stay a list."""
+    transposing copy of the batch) and the packed JPEG bytes of ``decode='device'`` are merged
+    per modality (``merge_packed``)."""
     special = ('jpeg', 'rgb', 'flow')
     jpegs = [item['jpeg'] for item in items] if 'jpeg' in items[0] else None
     frames = {m: [item[m].movedim(-3, -1) for item in items]
@@ -212,25 +221,29 @@ def collate(items):
     for m, hwc in frames.items():
         batch[m] = default_collate(hwc).movedim(-1, -3)
     if jpegs is not None:
-        batch['jpeg'] = jpegs
+        batch['jpeg'] = {m: merge_packed([j[m] for j in jpegs]) for m in jpegs[0]}
     return batch
 
 
 def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
     """Decode a ``decode='device'`` batch with nvJPEG in one call per modality and apply each
     view's geometry there: adds ``batch[modality]`` uint8 ``[B, V, T, 3, img_dim, img_dim]``."""
-    for m in batch['jpeg'][0]:
-        per_sample = [unpack_jpegs(*item[m]) for item in batch['jpeg']]
-        flat = [j for js in per_sample for j in js]
+    for m, (data, offsets, counts) in batch['jpeg'].items():
+        flat = unpack_jpegs(data, offsets)
+        if device.type == 'cuda':
+            # torchvision's nvJPEG decoder allocates its outputs on this stream but writes them
+            # from a stream of its own without waiting for this one: memory freed here while
+            # kernels still read it could be overwritten. Let this stream's work finish first.
+            torch.cuda.current_stream(device).synchronize()
         decoded = decode_list(flat, name='batch', source=m, device=device)
         b, v, t = batch['frame_index'].shape
         out = augment.channels_last_empty(b, v, t, size=img_dim, device=device)
         start = 0
-        for i, js in enumerate(per_sample):
+        for i, count in enumerate(counts.tolist()):
             plan = {k: batch[k][i] for k in ('frame_index', 'boxes', 'flips')}  # on the host
-            apply_views(decoded[start:start + len(js)], plan, m, img_dim, negate_flow_flip,
-                        out=out[i])
-            start += len(js)
+            frames = torch.stack([f.permute(1, 2, 0) for f in decoded[start:start + count]])
+            apply_views(frames, plan, m, img_dim, negate_flow_flip, out=out[i])
+            start += count
         batch[m] = out
     return batch
 

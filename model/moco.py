@@ -68,15 +68,6 @@ class MoCo(nn.Module):
         self.encoder_k.requires_grad_(False)
         self.register_buffer('queue', F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
-        # Host copies of derivable state, so a training step never waits on the GPU to read
-        # them; reset whenever a state dict is loaded.
-        self._host_ptr = None
-        self._host_full = False
-        self.register_load_state_dict_post_hook(MoCo._forget_host_state)
-
-    @staticmethod
-    def _forget_host_state(module, incompatible_keys):
-        module._host_ptr, module._host_full = None, False
 
     @property
     def ready(self):
@@ -109,16 +100,20 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys, **extra_queues):
-        """Write keys of every process at ``queue_ptr`` (K is a multiple of the global batch)."""
+        """Write keys of every process at ``queue_ptr`` (K is a multiple of the global batch).
+
+        The pointer is read and advanced on the device: a step never waits for the GPU, and the
+        same kernels are right on every replay of a captured CUDA graph."""
         keys = du.all_gather(keys)
         n = keys.shape[0]
-        ptr = int(self.queue_ptr) if self._host_ptr is None else self._host_ptr
         assert self.K % n == 0, 'checked at start-up: --moco-k must be a multiple of the global batch'
-        self.queue[:, ptr:ptr + n] = keys.T
+        slots = self.queue_ptr + torch.arange(n, device=keys.device)     # never past K
+        self.queue.index_copy_(1, slots, keys.T.to(self.queue.dtype))
         for name, values in extra_queues.items():
-            getattr(self, name)[..., ptr:ptr + n] = du.all_gather(values).movedim(0, -1)
-        self._host_ptr = (ptr + n) % self.K
-        self.queue_ptr.fill_(self._host_ptr)
+            buffer = getattr(self, name)
+            buffer.index_copy_(buffer.dim() - 1, slots,
+                               du.all_gather(values).movedim(0, -1).to(buffer.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
 
     def embed(self, view1, view2):
         """q ``[B,D]`` (view 1), q_local ``[B,D]`` (segment 1 of view 1), k ``[B,D]`` (view 2),
@@ -166,6 +161,14 @@ class LocalCoCLR(MoCo):
         self.register_buffer('queue_second', F.normalize(torch.randn(dim, self.K), dim=0))
         self.register_buffer('queue_vname', torch.full((self.K,), -1, dtype=torch.long))
         self.register_buffer('queue_label', torch.full((self.K,), -1, dtype=torch.long))
+        # Host copy of "the queue is full": once full it stays full, so the device is read only
+        # until then. Forgotten whenever a state dict is loaded.
+        self._host_full = False
+        self.register_load_state_dict_post_hook(LocalCoCLR._forget_host_state)
+
+    @staticmethod
+    def _forget_host_state(module, incompatible_keys):
+        module._host_full = False
 
     def train(self, mode=True):
         super().train(mode)
@@ -178,7 +181,6 @@ class LocalCoCLR(MoCo):
 
     @property
     def ready(self):
-        # Once full, the queue stays full: read the device only until then.
         self._host_full = self._host_full or self.queue_full
         return self._host_full
 
@@ -188,7 +190,8 @@ class LocalCoCLR(MoCo):
         with torch.no_grad():
             s = self.sampler(other_view2)
         queue = self.queue.clone()
-        mask_self = bool(torch.rand(()) < self.self_mask_prob)
+        # Drawn on the device (a graph replay draws anew); the same draw as before on the CPU.
+        mask_self = torch.rand((), device=view1.device) < self.self_mask_prob
         with fp32(queue):
             s = s.float()
             logits = losses.global_logits(q, k, queue, self.tau)

@@ -26,12 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 PROFILES = {
-    # pretraining: epochs and iterations per epoch (0 = whole epoch); CVTCL queue length;
-    # finetuning epochs and iterations; eval clip length (S3D pools it away).
-    'cpu': dict(pre_epochs=1, pre_iters=15, coclr_k=64, ft_epochs=1, ft_iters=15,
-                workers=2, batch=8),
-    'gpu': dict(pre_epochs=200, pre_iters=0, coclr_k=128, ft_epochs=30, ft_iters=0,
-                workers=8, batch=32),
+    # pretraining: epochs and iterations per epoch (0 = whole epoch), checkpoint every N epochs;
+    # CVTCL queue length; finetuning epochs and iterations, test every N epochs.
+    'cpu': dict(pre_epochs=1, pre_iters=15, save_freq=1, coclr_k=64, ft_epochs=1, ft_iters=15,
+                eval_freq=1, workers=2, batch=8),
+    'gpu': dict(pre_epochs=200, pre_iters=0, save_freq=50, coclr_k=128, ft_epochs=30, ft_iters=0,
+                eval_freq=5, workers=12, batch=32),
 }
 
 
@@ -70,8 +70,14 @@ def main():
     p.add_argument('--results', default=str(ROOT / 'docs' / 'RESULTS.md'),
                    help='markdown file the results table is written to')
     p.add_argument('--device', default='auto')
+    p.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
+                   help="pretraining's --decode (where JPEG frames are decoded)")
+    p.add_argument('--pre_epochs', type=int, default=None,
+                   help="epochs of each pretraining stage (default: the profile's)")
     args = p.parse_args()
-    prof = PROFILES[args.profile]
+    prof = dict(PROFILES[args.profile])
+    if args.pre_epochs is not None:
+        prof['pre_epochs'] = args.pre_epochs
     out = Path(args.output_dir).resolve()
     if out.exists():
         sys.exit(f'error: --output_dir {out} exists; remove it or choose another')
@@ -82,7 +88,8 @@ def main():
     if args.data_root:
         common += ['--data_root', args.data_root]
     pre = ['--epochs', prof['pre_epochs'], '--iters_per_epoch', prof['pre_iters'],
-           '--batch_size', prof['batch'], *common]
+           '--save_freq', prof['save_freq'], '--batch_size', prof['batch'],
+           '--decode', args.decode, *common]
     commands, t0 = [], time.time()
 
     def stage(cmd, folder):
@@ -122,7 +129,7 @@ def main():
     for modality, dataset in (('rgb', 'demo'), ('flow', 'demo-f')):
         stage(evalc + ['--dataset', dataset, '--pretrain', ckpt[f'cvtcl_{modality}'],
                        '--epochs', prof['ft_epochs'], '--iters_per_epoch', prof['ft_iters'],
-                       '--schedule'], f'finetune_{modality}')
+                       '--eval_freq', prof['eval_freq'], '--schedule'], f'finetune_{modality}')
         best = only_dir(out / f'finetune_{modality}') / 'best.pth.tar'
         stage(evalc + ['--dataset', dataset, '--test', best, '--ten_crop'], f'test_{modality}')
         report = json.loads(next((out / f'test_{modality}').glob('*_ten.json')).read_text())

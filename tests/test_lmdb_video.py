@@ -227,3 +227,14 @@ def test_frame_index_out_of_range(tmp_path, videos):
             db.read(name, [0, bad])
     with pytest.raises(KeyError, match='Nope/v'):
         db.read('Nope/v', [0])
+
+
+def test_merged_packs_unpack_to_every_jpeg_in_order():
+    """A batch's per-sample byte packs merge into one (data, offsets, counts) that gives back
+    every sample's JPEGs, in order (the device-decode path's transfer format)."""
+    from dataset.lmdb_video import merge_packed, pack_jpegs, unpack_jpegs
+    samples = [[b'\xff\xd8a', b'bc'], [b'defg'], [b'h', b'ij', b'klm']]
+    data, offsets, counts = merge_packed([pack_jpegs(s) for s in samples])
+    assert counts.tolist() == [2, 1, 3]
+    flat = [bytes(t.tolist()) for t in unpack_jpegs(data, offsets)]
+    assert flat == [j for s in samples for j in s]

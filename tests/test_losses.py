@@ -77,6 +77,15 @@ def test_coclr_mask_siblings_topk_and_self():
                                             topk=1, mine=False, mask_self=True)
     assert top is None
     assert early.tolist() == [[False, False, False, True, False], [True, False, False, False, False]]
+    # The draw may be a device tensor (no host branch, as in a CUDA graph): same masks.
+    for flag in (False, True):
+        for mine in (False, True):
+            as_bool, _ = losses.coclr_positive_mask(sampler_emb, queue_second, source,
+                                                    queue_source, topk=1, mine=mine, mask_self=flag)
+            as_tensor, _ = losses.coclr_positive_mask(sampler_emb, queue_second, source,
+                                                      queue_source, topk=1, mine=mine,
+                                                      mask_self=torch.tensor(flag))
+            assert torch.equal(as_bool, as_tensor), (flag, mine)
 
 
 def test_losses_are_finite_with_extreme_logits():

@@ -36,6 +36,16 @@ def test_enqueue_wraps_around():
     assert m.queue[0].tolist() == [2, 2, 2, 3, 3, 3]
 
 
+def test_enqueue_follows_the_pointer_buffer():
+    """The pointer is kept on the device only (no host copy to go stale): keys go wherever the
+    ``queue_ptr`` buffer says, e.g. after a state dict was loaded."""
+    m = LocalInfoNCE('s3d', dim=2, K=6)
+    m.enqueue(torch.zeros(3, 2))
+    m.queue_ptr.fill_(3)
+    m.enqueue(torch.ones(3, 2))
+    assert m.queue[0, 3:].tolist() == [1, 1, 1] and m.queue_ptr.item() == 0
+
+
 def test_split_segments_order():
     x = torch.arange(2 * 8).float().view(2, 1, 8, 1, 1).expand(2, 3, 8, 2, 2).contiguous()
     seg = split_segments(x, 4)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from backbone import BACKBONES
+from backbone.layout import use_2d_kernels
 from dataset import DatasetName, build_dataset, default_data_root
 from dataset.augment import DeviceAugment
 from dataset.video_dataset import collate, decode_on_device
@@ -39,9 +40,11 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
     g = add_data_args(p, 'ucf101-2clip',
                       '<name>[-f][-2stream]-2clip, e.g. ucf101-2clip (RGB), ucf101-f-2clip (flow), '
                       'ucf101-2stream-2clip (both), demo-2clip (built-in)')
-    g.add_argument('--decode', choices=['auto', 'cpu', 'gpu'], default='auto',
+    g.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
                    help='where JPEG frames are decoded and cropped: data-loader workers (cpu) or '
-                        'batched with nvJPEG on the training GPU (gpu); auto = gpu on CUDA')
+                        'batched with nvJPEG on the training GPU (gpu: frees the CPU cores, but '
+                        'on an H100 with 16 workers it fed the step at 43-57%% of its speed, '
+                        'against 89-94%% for cpu; bench/RESULTS.md)')
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
                    help='apply colour jitter/grayscale/blur to flow frames too (the reference '
                         'does); --no-photometric_on_flow limits them to RGB')
@@ -89,6 +92,10 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
     add_runtime_args(g)
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the encoders (slow first steps, faster afterwards)')
+    g.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=True,
+                   help='replay each training step from a CUDA graph, with S3D\'s layers as 2D '
+                        'kernels (one CUDA device, without --compile): 113 against 156 ms per '
+                        'step on an H100')
     return p
 
 
@@ -160,8 +167,6 @@ def train(args, task):
 
     seed_everything(args.seed + info.rank)
     data_root = args.data_root or default_data_root()
-    if args.decode == 'auto':
-        args.decode = 'gpu' if device.type == 'cuda' else 'cpu'
     if args.decode == 'gpu' and device.type != 'cuda':
         raise SystemExit('error: --decode gpu needs a CUDA device (--device cuda)')
     dataset = build_dataset(args.dataset, 'train', data_root=data_root, seq_len=args.seq_len,
@@ -206,10 +211,13 @@ def train(args, task):
     else:
         task.load_pretrained(model, args)
     broadcast_state(model)
+    step = make_step(model, task.weights, optimizer, scaler, amp_dtype, device,
+                     args.cuda_graph and not args.compile)
 
     writer = open_run(exp_dir, args, info,
                       f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
-                      f'amp {amp_dtype}, {len(dataset)} videos ({len(dataset.dropped)} too short, '
+                      f'amp {amp_dtype}, {"CUDA graph" if isinstance(step, GraphedStep) else "eager"}'
+                      f' step, {len(dataset)} videos ({len(dataset.dropped)} too short, '
                       f'dropped)')
 
     try:
@@ -218,9 +226,8 @@ def train(args, task):
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            stats, iteration = _train_one_epoch(
-                model, task, loader, augment, optimizer, scaler, amp_dtype, device, args, epoch,
-                iteration, writer, info)
+            stats, iteration = _train_one_epoch(model, step, task, loader, augment, lr, device,
+                                                args, epoch, iteration, writer, info)
             best_acc = max(best_acc, stats.get('top1', 0.0))
             stats['replica_checksum'] = _check_replicas(model)
             if info.is_main:
@@ -459,25 +466,119 @@ def batch_inputs(batch, task, augment, device, args):
     return task.inputs(augment(batch, device), batch, device, args)
 
 
-def train_step(model, weights, inputs, optimizer, scaler, amp_dtype, device):
-    """One step: forward under autocast, weighted loss, backward, gradient average, update.
-    No host synchronisation. Before ``model.ready`` (CoCLR's queue filling) forward only."""
+def forward_backward(model, weights, inputs, scaler, amp_dtype, device, cache_casts=True):
+    """Forward under autocast, weighted loss, backward (before ``model.ready``, CoCLR's queue
+    filling, forward only). Returns ``(loss, terms, stats, ready)``, all left on the device."""
     ready = model.ready
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None), torch.set_grad_enabled(ready):
+                        enabled=amp_dtype is not None, cache_enabled=cache_casts), \
+            torch.set_grad_enabled(ready):
         terms, stats = model(**inputs)
         loss = sum(weights[k] * v for k, v in terms.items())
     if ready:
-        optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
-        scaler.step(optimizer)
-        scaler.update()
     return loss.detach(), terms, stats, ready
 
 
-def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype, device, args,
-                     epoch, iteration, writer, info):
+def update(model, optimizer, scaler):
+    """Gradient average over processes, then the optimiser step."""
+    du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def train_step(model, weights, inputs, optimizer, scaler, amp_dtype, device):
+    """One eager step: forward, backward, gradient average, update. No host synchronisation."""
+    optimizer.zero_grad(set_to_none=True)
+    out = forward_backward(model, weights, inputs, scaler, amp_dtype, device)
+    if out[-1]:
+        update(model, optimizer, scaler)
+    return out
+
+
+class GraphedStep:
+    """``train_step`` with its forward and backward replayed from a CUDA graph.
+
+    S3D's step is thousands of small kernels (a convolution, a BatchNorm and a ReLU per layer, for
+    three encoders). Captured once as a graph, the whole forward and backward (both encoders,
+    shuffle-BN, momentum update, losses, enqueue) is replayed with one launch, so the host's work
+    per step no longer bounds it. That is what lets the model run S3D's layers through the 2D
+    kernels of ``backbone.layout``: a quarter less GPU time on an H100, but more host work than
+    an eager step can afford (113 against 156 ms per step, bench/RESULTS.md). The optimiser
+    step stays eager: fused Adam is a few kernels, and the learning rate stays a plain number.
+
+    The first ``warmup`` trainable steps run eagerly on a side stream (cuDNN picks its
+    algorithms, lazy state is made), the next one is captured and replayed, and every later step
+    copies its inputs into the graph's static buffers and replays it. Steps before
+    ``model.ready`` (CoCLR's queue filling) are not captured. If capture fails, the step stays
+    eager, with PyTorch's 3D layers, and says why once."""
+
+    def __init__(self, model, weights, optimizer, scaler, amp_dtype, device, warmup=3):
+        self.model, self.weights, self.optimizer = model, weights, optimizer
+        self.scaler, self.amp_dtype, self.device = scaler, amp_dtype, device
+        self.warmup, self.warm = warmup, 0
+        self.graph = self.static = self.out = None
+        self.failed = None
+        self.side = torch.cuda.Stream(device)
+        use_2d_kernels(model)   # faster kernels, whose extra host work the graph hides
+
+    def _copy_in(self, inputs):
+        if self.static is None:
+            self.static = {k: torch.empty_like(v) for k, v in inputs.items()}
+        for k, v in inputs.items():
+            self.static[k].copy_(v)
+
+    def __call__(self, inputs):
+        if self.graph is not None:
+            self._copy_in(inputs)
+            self.graph.replay()
+            update(self.model, self.optimizer, self.scaler)
+            return self.out
+        if self.failed or not self.model.ready:
+            return train_step(self.model, self.weights, inputs, self.optimizer, self.scaler,
+                              self.amp_dtype, self.device)
+        self._copy_in(inputs)
+        if self.warm < self.warmup:
+            self.warm += 1
+            current = torch.cuda.current_stream(self.device)
+            self.side.wait_stream(current)
+            with torch.cuda.stream(self.side):
+                out = train_step(self.model, self.weights, self.static, self.optimizer,
+                                 self.scaler, self.amp_dtype, self.device)
+            current.wait_stream(self.side)
+            return out
+        self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the prefetch thread keeps working on its own stream meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode='thread_local'):
+                out = forward_backward(self.model, self.weights, self.static, self.scaler,
+                                       self.amp_dtype, self.device, cache_casts=False)
+        except Exception as e:  # the step stays eager: slower, never wrong
+            self.failed = f'{type(e).__name__}: {e}'.splitlines()[0]
+            print(f'=> CUDA graph capture failed ({self.failed}); training continues without '
+                  f'it (--no-cuda_graph silences this)', flush=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            use_2d_kernels(self.model, False)   # eagerly the 3D layers are faster
+            torch.cuda.synchronize(self.device)
+            return train_step(self.model, self.weights, inputs, self.optimizer, self.scaler,
+                              self.amp_dtype, self.device)
+        self.graph, self.out = graph, out
+        graph.replay()  # capturing ran nothing: this is the captured step's real run
+        update(self.model, self.optimizer, self.scaler)
+        return out
+
+
+def make_step(model, weights, optimizer, scaler, amp_dtype, device, cuda_graph):
+    """The step function the epoch loop calls: graphed on one CUDA device (``cuda_graph``),
+    else eager."""
+    if cuda_graph and device.type == 'cuda' and du.world_size() == 1:
+        return GraphedStep(model, weights, optimizer, scaler, amp_dtype, device)
+    return lambda inputs: train_step(model, weights, inputs, optimizer, scaler, amp_dtype, device)
+
+
+def _train_one_epoch(model, step, task, loader, augment, lr, device, args, epoch, iteration,
+                     writer, info):
     model.train()
     sums = defaultdict(lambda: torch.zeros((), device=device))
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -489,8 +590,7 @@ def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype,
         for i, inputs in enumerate(batches):
             if i >= steps:
                 break
-            loss, terms, stats, ready = train_step(model, task.weights, inputs, optimizer, scaler,
-                                                   amp_dtype, device)
+            loss, terms, stats, ready = step(inputs)
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), iteration, first_bad)
             # Metrics stay on the device; they are read only at logging intervals.
             sums['loss'] += loss.detach()
@@ -517,7 +617,7 @@ def _train_one_epoch(model, task, loader, augment, optimizer, scaler, amp_dtype,
                 if writer is not None:
                     for k, v in means.items():
                         writer.add_scalar(f'train/{k}', v, iteration)
-                    writer.add_scalar('train/lr', optimizer.param_groups[0]['lr'], iteration)
+                    writer.add_scalar('train/lr', lr, iteration)
                     writer.add_scalar('train/samples_per_s', rate, iteration)
     finally:
         batches.close()
