@@ -7,8 +7,8 @@
 #   train_infonce S3D FLOPs, step time, samples/s, utilisation and peak memory of local InfoNCE:
 #                 plain fp32 (TF32 allowed, PyTorch's default), strict fp32, the eager fast path,
 #                 the fast path replayed from a CUDA graph (the engine's default on one GPU); the
-#                 graphed step checked against the eager one; a profile of the eager fast step
-#                 (device busy time, launches, top kernels);
+#                 graphed step checked against the eager one; profiles of the eager and the
+#                 graphed fast step (device busy time, launches, top kernels);
 #   train_cvtcl   the same for CVTCL (plain, fast, graphed);
 #   e2e           end-to-end samples/s over a synthetic UCF101-sized LMDB (320x240 JPEG) with 16
 #                 workers, CPU decode and GPU decode, against the step alone;

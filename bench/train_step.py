@@ -21,8 +21,8 @@ Paths (``--paths``):
 Inputs are random normalised clips already on the device, so this measures the step alone (see
 bench/end_to_end.py for the data path). Prints a table: step time, samples/s, model FLOP
 utilisation against --peak_tflops (measured by bench/gpu.sh), peak memory. ``--profile`` adds,
-for the fast path, the device's busy time per step and its most expensive kernels: a busy time
-far below the step time means the step is bound by the host launching kernels.
+for the eager and the graphed fast path, the device's busy time per step and its most expensive
+kernels: a busy time far below the step time means the step is bound by the host.
 """
 import argparse
 import time
@@ -126,9 +126,9 @@ def bench(kind, path, args, device):
     if isinstance(step, GraphedStep) and step.graph is None:
         print(f'({kind} {path}: not captured: {step.failed or "too few warm-up steps"}; timed eager)')
     profile = None
-    if args.profile and path == 'fast' and cuda:
+    if args.profile and path in ('fast', 'fast-graph') and cuda:
         try:
-            profile = device_profile(model, weights, inputs, opt, scaler, amp, device)
+            profile = device_profile(step, inputs, device)
         except Exception as e:  # the profile is a diagnostic: never lose the table for it
             print(f'(profile failed: {e!r})')
     set_tf32(strict=False)
@@ -159,11 +159,11 @@ def graph_check(kind, args, device, steps=6):
           f'max |weight difference| {diff:.2e}', flush=True)
 
 
-def device_profile(model, weights, inputs, opt, scaler, amp, device, steps=3):
+def device_profile(step, inputs, device, steps=3):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            train_step(model, weights, inputs, opt, scaler, amp, device)
+            step(inputs)
         sync(device)
     kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and
                e.device_type == torch.autograd.DeviceType.CUDA]
@@ -216,7 +216,8 @@ def main():
     p.add_argument('--graph_check', action='store_true',
                    help='compare the CUDA-graph step with the eager step (losses, weights)')
     p.add_argument('--profile', action='store_true',
-                   help='profile the fast path: device busy time per step, top kernels')
+                   help='profile the fast paths (eager and graphed): device busy time per step, '
+                        'kernel launches, top kernels')
     args = p.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
@@ -250,14 +251,14 @@ def main():
             print(f'{kind:8} {path:12} {dt:8.3f} {rate:10.1f} {flops / 1e9:13.1f} '
                   f'{tflops:8.2f} {mfu} {mem:9.2f} {warm:10.1f}', flush=True)
             if profile:
-                profiles.append((kind, dt, profile))
+                profiles.append((kind, path, dt, profile))
         for path in args.paths:
             if path.startswith('fast') and path in rates:
                 for base in ('plain', 'plain-strict'):
                     if base in rates:
                         print(f'{kind:8} speed-up {path}/{base}: {rates[path] / rates[base]:.2f}x')
-    for kind, dt, (busy, launches, top) in profiles:
-        print(f'\n{kind} fast path, profiled: step {dt * 1e3:.1f} ms, device busy {busy * 1e3:.1f} ms '
+    for kind, path, dt, (busy, launches, top) in profiles:
+        print(f'\n{kind} {path}, profiled: step {dt * 1e3:.1f} ms, device busy {busy * 1e3:.1f} ms '
               f'({busy / dt:.0%}), {launches:.0f} kernel launches per step; top kernels '
               f'(ms/step, launches/step):')
         for key, ms, count in top:
