@@ -86,45 +86,41 @@ def _triple(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
-class Conv3d(nn.Conv3d):
-    planes = False   # use_2d_kernels
+class _Planes:
+    """``forward``: ``forward_planes`` when enabled (``use_2d_kernels``) for a channels-last
+    GPU clip, else the ``nn`` layer's own."""
+    planes = False
 
     def forward(self, x):
-        return self.forward_planes(x) if self.planes and use_planes(x) else super().forward(x)
+        if self.planes and use_planes(x):
+            return self.forward_planes(x)
+        return super().forward(x)
 
+
+class Conv3d(_Planes, nn.Conv3d):
     def forward_planes(self, x):
         if self.groups == 1 and self.dilation == (1, 1, 1) and self.padding_mode == 'zeros' \
                 and isinstance(self.padding, tuple):
             y = conv3d_planes(x, self.weight, self.bias, self.stride, self.padding)
             if y is not None:
                 return y
-        return super().forward(x)
+        return nn.Conv3d.forward(self, x)
 
 
-class BatchNorm3d(nn.BatchNorm3d):
-    planes = False   # use_2d_kernels
-
-    def forward(self, x):
-        return self.forward_planes(x) if self.planes and use_planes(x) else super().forward(x)
-
+class BatchNorm3d(_Planes, nn.BatchNorm3d):
     def forward_planes(self, x):
         """The same statistics (over B, T, H, W) through the ``[B, C, T*H, W]`` view."""
         b, c, t, h, w = x.shape
-        return super().forward(x.view(b, c, t * h, w)).view(b, c, t, h, w)
+        return nn.BatchNorm3d.forward(self, x.view(b, c, t * h, w)).view(b, c, t, h, w)
 
     def _check_input_dim(self, input):
         if input.dim() not in (4, 5):   # 4: the view of forward_planes
             raise ValueError(f'expected a 5D input (got {input.dim()}D input)')
 
 
-class MaxPool3d(nn.MaxPool3d):
-    planes = False   # use_2d_kernels
-
-    def forward(self, x):
-        return self.forward_planes(x) if self.planes and use_planes(x) else super().forward(x)
-
+class MaxPool3d(_Planes, nn.MaxPool3d):
     def forward_planes(self, x):
         if self.ceil_mode or self.return_indices or _triple(self.dilation) != (1, 1, 1):
-            return super().forward(x)
+            return nn.MaxPool3d.forward(self, x)
         return max_pool3d_planes(x, _triple(self.kernel_size), _triple(self.stride),
                                  _triple(self.padding))
