@@ -43,10 +43,13 @@ section() {  # section NAME TIMEOUT_S CMD...
   [ "$rc" -eq 0 ] || { echo "!!! $name failed with exit code $rc"; status=1; }
 }
 
+export PEAK_FILE="$LOG/matmul_peak.txt"   # the matmul section's figure, for the utilisation column
+rm -f "$PEAK_FILE"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOG/gpu.txt"
 
 section matmul 30 python - <<'PY'
-import torch, time
+import os, time
+import torch
 a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
 b = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
 for _ in range(3):
@@ -58,9 +61,9 @@ for _ in range(n):
 torch.cuda.synchronize()
 tflops = 2 * 8192 ** 3 * n / (time.perf_counter() - t) / 1e12
 print(f'bf16 matmul 8192^3: {tflops:.0f} TFLOP/s')
-open('/tmp/cvtcl_peak', 'w').write(f'{tflops:.1f}')
+open(os.environ['PEAK_FILE'], 'w').write(f'{tflops:.1f}')
 PY
-PEAK=$(cat /tmp/cvtcl_peak 2>/dev/null || echo 0)
+PEAK=$(cat "$PEAK_FILE" 2>/dev/null || echo 0)
 
 TRAIN="python bench/train_step.py --batch_size 32 --img_dim 128 --steps 8 --warmup 4 --peak_tflops $PEAK"
 for name in $SECTIONS; do
