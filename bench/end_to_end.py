@@ -28,7 +28,7 @@ from dataset import splits
 from utils import engine
 from utils.distributed import DistInfo
 
-from train_step import SCRIPTS, make_model, script_args, sync   # bench/train_step.py
+from train_step import SCRIPTS, make_model, path_step, script_args, sync   # bench/train_step.py
 
 FRAME_H, FRAME_W = 240, 320
 
@@ -89,15 +89,11 @@ def run(kind, args, decode, fixed=False, threaded=None):
     device, ns, loader, task, augment = setup(kind, args, decode)
     torch.manual_seed(0)
     model, weights = make_model(kind, ns, device, channels_last=True)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                           fused=device.type == 'cuda')
-    amp = torch.bfloat16 if device.type == 'cuda' else None
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    step = path_step(model, weights, 'fast-graph' if ns.cuda_graph else 'fast', device)
     torch.backends.cudnn.benchmark = True
     it = engine.Prefetcher(batches(loader),
                            lambda b: engine.batch_inputs(b, task, augment, device, ns), device,
                            threaded=threaded)
-    step = engine.make_step(model, weights, opt, scaler, amp, device, ns.cuda_graph)
     fixed_inputs = next(it) if fixed else None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:

@@ -91,6 +91,17 @@ def set_tf32(strict):
     torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
+def path_step(model, weights, path, device):
+    """The step function of ``path`` for ``model``: its optimiser (fused Adam on the fast paths
+    on CUDA, the for-loop one otherwise), precision and CUDA graph, as the engine builds them."""
+    fast = path.startswith('fast') and device.type == 'cuda'
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4, fused=fast, foreach=None if fast else False)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    return make_step(model, weights, opt, scaler, torch.bfloat16 if fast else None, device,
+                     cuda_graph='graph' in path)
+
+
 def bench(kind, path, args, device):
     """Seconds per step and peak GiB of one path; with ``profile``, also the device's busy
     seconds per step and the top kernels."""
@@ -101,12 +112,7 @@ def bench(kind, path, args, device):
     if path == 'fast-compile':
         compile_encoders(model)
     inputs = make_inputs(kind, args, device, channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    use_fused = fast and cuda
-    opt = torch.optim.Adam(params, lr=1e-4, fused=use_fused, foreach=False if not use_fused else None)
-    amp = torch.bfloat16 if fast and cuda else None
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    step = make_step(model, weights, opt, scaler, amp, device, cuda_graph='graph' in path)
+    step = path_step(model, weights, path, device)
     torch.backends.cudnn.benchmark = fast
     set_tf32(strict=path == 'plain-strict')
     if cuda:
@@ -143,10 +149,7 @@ def graph_check(kind, args, device, steps=6):
         torch.manual_seed(0)
         model, weights = make_model(kind, args, device, True)
         inputs = make_inputs(kind, args, device, True)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                               fused=True)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        step = make_step(model, weights, opt, scaler, torch.bfloat16, device, cuda_graph=graphed)
+        step = path_step(model, weights, 'fast-graph' if graphed else 'fast', device)
         if graphed:
             step.warmup = 1
         torch.manual_seed(1)

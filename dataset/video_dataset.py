@@ -183,9 +183,9 @@ class VideoDataset(Dataset):
 
 def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None):
     """Decoded unique frames (a sequence of ``[3, H, W]``, as the decoder returns them, or one
-    ``[N, H, W, 3]`` tensor) -> the item's views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory) by its
-    plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``); on any device. Written into
-    ``out`` when given (e.g. the sample's slot of a batch)."""
+    ``[N, H, W, 3]`` tensor) -> the item's views ``[V, T, 3, img_dim, img_dim]`` (channels last
+    in memory) by its plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``); on any
+    device. Written into ``out`` when given (e.g. the sample's slot of a batch)."""
     index = plan['frame_index']
     stacked = isinstance(frames, torch.Tensor)   # [N, H, W, 3]: frames stacked on the device
     height, width = frames.shape[1:3] if stacked else frames[0].shape[-2:]
@@ -195,9 +195,9 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
     if stacked:
         index_on_device = index.to(device, non_blocking=True)
     for v, idx in enumerate(index.tolist()):
-        # Only the crop of each frame is copied, straight into one channels-last batch: the
-        # resize kernel reads it as it is, and full frames are never stacked. On the device the
-        # crops of a view are gathered in one indexing call (launches, not bytes, cost there).
+        # Only the crop of each frame is copied, straight into one channels-last batch that the
+        # resize kernel reads as it is. On the device, where launches cost more than bytes, the
+        # sample's frames come stacked and a view's crops are gathered in one indexing call.
         t, l, h, w = augment.box_pixels(plan['boxes'][v].tolist(), height, width)
         if stacked:
             crops = frames[:, t:t + h, l:l + w][index_on_device[v]]

@@ -62,7 +62,8 @@ def coclr_positive_mask(sampler_emb, queue_second, source, queue_source, topk, m
     Column 0 is the key itself. In the queue: every entry of the same source group (siblings),
     and, when ``mine`` (queue full and ``topk`` > 0), the ``topk`` entries most similar to row b
     in the sampler's (other modality's) space, siblings excluded from that ranking. With
-    ``mask_self`` (a bool or a 0-d bool tensor) the self positive is dropped in rows that have another positive.
+    ``mask_self`` (a bool, or a 0-d bool tensor drawn on the device: no host branch) the self
+    positive is dropped in rows that have another positive.
     Returns ``(mask, topk_index)``; ``topk_index`` is ``[B, topk]`` or None.
     """
     siblings = source[:, None] == queue_source[None, :]          # B x K
@@ -73,6 +74,5 @@ def coclr_positive_mask(sampler_emb, queue_second, source, queue_source, topk, m
         sim = sim.masked_fill(siblings, float('-inf'))
         topk_index = sim.topk(topk, dim=1).indices                # B x topk
         mask_queue.scatter_(1, topk_index, True)
-    # mask_self: a bool, or a bool tensor drawn on the device (no host branch).
     self_col = ~(mask_queue.any(1, keepdim=True) & mask_self)
     return torch.cat([self_col, mask_queue], 1), topk_index
