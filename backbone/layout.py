@@ -97,11 +97,33 @@ class _Planes:
         return super().forward(x)
 
 
+def pad_channels(x, weight, multiple):
+    """``x`` ``[B, C, T, H, W]`` (channels-last-3D) and ``weight`` ``[O, C, ...]`` with zero
+    channels added up to a multiple of ``multiple``: the same convolution."""
+    b, c, t, h, w = x.shape
+    extra = -c % multiple
+    if not extra:
+        return x, weight
+    padded = x.new_zeros(b, t, h, w, c + extra)
+    padded[..., :c] = x.permute(0, 2, 3, 4, 1)
+    return padded.permute(0, 4, 1, 2, 3), F.pad(weight, (0, 0) * (weight.dim() - 2) + (0, extra))
+
+
 class Conv3d(_Planes, nn.Conv3d):
+    # Pad the input channels to a multiple of this in the 2D path (0: never). cuDNN's
+    # channels-last tensor-core kernels want channels in multiples of 8; S3D's first
+    # convolution sees the 3 channels of a clip: 11 of the step's 112 ms of GPU time on an
+    # H100 (bench/RESULTS.md, run 2 profile). Off until measured (bench/train_step.py,
+    # path fast-graph-pad8).
+    pad_channels = 0
+
     def forward_planes(self, x):
         if self.groups == 1 and self.dilation == (1, 1, 1) and self.padding_mode == 'zeros' \
                 and isinstance(self.padding, tuple):
-            y = conv3d_planes(x, self.weight, self.bias, self.stride, self.padding)
+            xp, weight = x, self.weight
+            if self.pad_channels:
+                xp, weight = pad_channels(x, weight, self.pad_channels)
+            y = conv3d_planes(xp, weight, self.bias, self.stride, self.padding)
             if y is not None:
                 return y
         return nn.Conv3d.forward(self, x)

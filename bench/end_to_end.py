@@ -71,14 +71,14 @@ def setup(kind, args, decode):
                      '--cuda_graph' if args.cuda_graph else '--no-cuda_graph')
     ds = build_dataset(dataset_name, 'train', data_root=args.root, seq_len=32, img_dim=args.img_dim,
                        decode='device' if decode == 'gpu' else 'cpu')
-    loader, _ = engine.make_loader(ds, ns, DistInfo(device=device))
+    loader = engine.make_loader(ds, ns, DistInfo(device=device))
     task = SimpleNamespace(inputs=SCRIPTS[kind].inputs)
     return device, ns, loader, task, engine.DeviceAugment(True, torch.channels_last_3d)
 
 
 def batches(loader):
-    while True:   # several epochs when needed (the workers persist)
-        yield from loader
+    for epoch in range(loader.epochs):   # one stream across epochs, as in training
+        yield from loader.epoch(epoch)
 
 
 def run(kind, args, decode, fixed=False, threaded=None):

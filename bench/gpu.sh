@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of bench/RESULTS.md in one prepared run (at most BUDGET s, default 470):
-#   BUDGET=470 bash bench/gpu.sh [LOG_DIR]
+# Every GPU figure of bench/RESULTS.md in one prepared run (at most BUDGET s, default 480):
+#   BUDGET=480 bash bench/gpu.sh [LOG_DIR]
 # Sections, most important first, each with its own time limit so that one stuck section cannot
 # take the others' figures with it (everything is also logged to LOG_DIR):
 #   matmul        the measured bf16 matmul peak (the ceiling for the utilisation column);
@@ -8,26 +8,29 @@
 #                 plain fp32 (TF32 allowed, PyTorch's default), strict fp32, the eager fast path,
 #                 the fast path replayed from a CUDA graph (the engine's default on one GPU); the
 #                 graphed step checked against the eager one; profiles of the eager and the
-#                 graphed fast step (device busy time, launches, top kernels);
+#                 graphed fast step (device busy time, launches, top kernels); the graphed step
+#                 with the first convolution's input channels padded to 8 (fast-graph-pad8);
 #   train_cvtcl   the same for CVTCL (plain, fast, graphed);
 #   e2e           end-to-end samples/s over a synthetic UCF101-sized LMDB (320x240 JPEG) with 16
 #                 workers, CPU decode and GPU decode, against the step alone;
 #   e2e_demo      the same at the demo's size (64x64 frames, 64 px crops);
+#   loader_epochs what an epoch boundary costs at the demo's size: one loader iterator per
+#                 epoch against the engine's one stream (bench/loader_epochs.py, 12 workers);
 #   compile       the eager fast step with the encoders compiled (--compile);
 #   demo          the demo pipeline at full length (scripts/demo_pipeline.py --profile gpu).
 # SECTIONS picks and orders them (default: all but compile and demo; COMPILE=1 and DEMO=1 add
 # them). DEMO_ARGS go to the demo pipeline. Other paths of bench/train_step.py (fast-ncdhw,
-# fast-graph-ncdhw) are measured by naming them there. The whole script stops within BUDGET seconds: each section's limit is cut to
-# what is left, and a section with under 20 s left is skipped, so a caller with a hard
-# wall-clock limit always gets the sections that finished.
+# fast-graph-ncdhw) are measured by naming them there. The whole script stops within BUDGET
+# seconds: each section's limit is cut to what is left, and a section with under 20 s left is
+# skipped, so a caller with a hard wall-clock limit always gets the sections that finished.
 set -u
 cd "$(dirname "$0")/.."
 LOG=${1:-bench/gpu_logs}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # works without installing the project
-DEADLINE=$((SECONDS + ${BUDGET:-470}))
-SECTIONS=${SECTIONS:-"matmul train_infonce train_cvtcl e2e e2e_demo${COMPILE:+ compile}${DEMO:+ demo}"}
+DEADLINE=$((SECONDS + ${BUDGET:-480}))
+SECTIONS=${SECTIONS:-"matmul train_infonce train_cvtcl e2e e2e_demo loader_epochs${COMPILE:+ compile}${DEMO:+ demo}"}
 status=0
 
 section() {  # section NAME TIMEOUT_S CMD...
@@ -69,14 +72,16 @@ TRAIN="python bench/train_step.py --batch_size 32 --img_dim 128 --steps 8 --warm
 for name in $SECTIONS; do
   case $name in
     matmul) ;;   # ran above: its figure feeds the others
-    train_infonce) section $name 100 $TRAIN --models infonce --paths plain plain-strict fast \
-        fast-graph --profile --graph_check ;;
+    train_infonce) section $name 115 $TRAIN --models infonce --paths plain plain-strict fast \
+        fast-graph fast-graph-pad8 --profile --graph_check ;;
     train_cvtcl) section $name 70 $TRAIN --models coclr --paths plain fast fast-graph ;;
     e2e) section $name 150 python bench/end_to_end.py --workers 16 --batch_size 32 --steps 20 \
         --warmup 6 --videos 96 --repeat 12 --frames 64 --decodes cpu gpu ;;
     e2e_demo) section $name 60 python bench/end_to_end.py --workers 12 --batch_size 32 \
         --steps 20 --warmup 6 --videos 96 --repeat 12 --frames 64 --decodes cpu gpu \
         --frame_size 64 64 --img_dim 64 --models infonce ;;
+    loader_epochs) section $name 45 python bench/loader_epochs.py --workers 12 --batch_size 32 \
+        --epochs 12 --step_ms 40 ;;
     compile) section $name 150 $TRAIN --models infonce --paths fast fast-compile ;;
     demo) section $name 600 python scripts/demo_pipeline.py --profile gpu \
         --output_dir "$LOG/demo" --results "$LOG/demo_results.md" ${DEMO_ARGS:-} ;;

@@ -15,6 +15,8 @@ Paths (``--paths``):
   fast-graph    fast, with the forward and backward replayed from a CUDA graph and S3D's layers
                 as 2D kernels (backbone/layout.py): what the engine does on one GPU
                 (``--cuda_graph``, the default);
+  fast-graph-pad8  fast-graph with the 3 input channels of the first convolution padded to 8
+                (``layout.Conv3d.pad_channels``, off in the engine until measured);
   fast-ncdhw    fast, but with contiguous (NCDHW) tensors: what channels-last is worth;
   fast-graph-ncdhw  the same for the graphed step;
   fast-compile  fast with the encoders compiled (``--compile``; compilation is not timed).
@@ -33,12 +35,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import local_coclr
 import local_nce
-from backbone import build_backbone
+from backbone import build_backbone, layout
 from utils.engine import GraphedStep, compile_encoders, make_step, train_step
 
 
-PATHS = ('plain', 'plain-strict', 'fast', 'fast-graph', 'fast-ncdhw', 'fast-graph-ncdhw',
-         'fast-compile')
+PATHS = ('plain', 'plain-strict', 'fast', 'fast-graph', 'fast-graph-pad8', 'fast-ncdhw',
+         'fast-graph-ncdhw', 'fast-compile')
 
 
 SCRIPTS = {'infonce': local_nce, 'coclr': local_coclr}
@@ -111,6 +113,10 @@ def bench(kind, path, args, device):
     model, weights = make_model(kind, args, device, channels_last)
     if path == 'fast-compile':
         compile_encoders(model)
+    if path.endswith('-pad8'):   # the first convolution's 3 channels padded to 8 (2D path)
+        for m in model.modules():
+            if isinstance(m, layout.Conv3d):
+                m.pad_channels = 8
     inputs = make_inputs(kind, args, device, channels_last)
     step = path_step(model, weights, path, device)
     torch.backends.cudnn.benchmark = fast
@@ -132,7 +138,7 @@ def bench(kind, path, args, device):
     if isinstance(step, GraphedStep) and step.graph is None:
         print(f'({kind} {path}: not captured: {step.failed or "too few warm-up steps"}; timed eager)')
     profile = None
-    if args.profile and path in ('fast', 'fast-graph') and cuda:
+    if args.profile and path in ('fast', 'fast-graph', 'fast-graph-pad8') and cuda:
         try:
             profile = device_profile(step, inputs, device)
         except Exception as e:  # the profile is a diagnostic: never lose the table for it
@@ -229,7 +235,7 @@ def main():
           f'{args.seq_len}x{args.img_dim}^2: {fwd / 1e9:.2f} GFLOP per clip (counted)')
     print(f'batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, '
           f'bn_splits {args.bn_splits}\n')
-    print(f'{"model":8} {"path":12} {"s/step":>8} {"samples/s":>10} {"GFLOP/sample":>13} '
+    print(f'{"model":8} {"path":16} {"s/step":>8} {"samples/s":>10} {"GFLOP/sample":>13} '
           f'{"TFLOP/s":>8} {"MFU":>6} {"peak GiB":>9} {"warm-up s":>10}')
     profiles = []
     for kind in args.models:
@@ -251,7 +257,7 @@ def main():
             tflops = flops * rate / 1e12
             mfu = f'{tflops / args.peak_tflops:6.1%}' if args.peak_tflops else '     -'
             rates[path] = rate
-            print(f'{kind:8} {path:12} {dt:8.3f} {rate:10.1f} {flops / 1e9:13.1f} '
+            print(f'{kind:8} {path:16} {dt:8.3f} {rate:10.1f} {flops / 1e9:13.1f} '
                   f'{tflops:8.2f} {mfu} {mem:9.2f} {warm:10.1f}', flush=True)
             if profile:
                 profiles.append((kind, path, dt, profile))

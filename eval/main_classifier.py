@@ -223,7 +223,7 @@ def train(args, rt, spec):
     if len(train_data) < global_batch:
         raise SystemExit(f'error: {len(train_data)} training videos, fewer than the global '
                          f'batch {global_batch} (--batch_size x processes)')
-    loader, sampler = make_loader(train_data, args, info)   # the engine's loader
+    loader = make_loader(train_data, args, info)   # the engine's loader
 
     torch.manual_seed(args.seed)   # the same initial head on every process
     model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
@@ -271,7 +271,7 @@ def train(args, rt, spec):
 
     try:
         for epoch in range(start_epoch, args.epochs):
-            begin_epoch(args.seed, epoch, info.rank, sampler, augment)
+            begin_epoch(args.seed, epoch, info.rank, augment)
             lr = learning_rate(args.lr, epoch, args.schedule)
             for group in optimizer.param_groups:
                 group['lr'] = lr * group['lr_mult']
@@ -323,15 +323,13 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     params = [p for g in optimizer.param_groups for p in g['params']]
     sums = defaultdict(lambda: torch.zeros((), device=device))
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
-    bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not rt.is_main, dynamic_ncols=True)
+    bar = tqdm(total=loader.steps, desc=f'epoch {epoch}', disable=not rt.is_main, dynamic_ncols=True)
     tic, seen, n = time.time(), 0, 0
-    batches = Prefetcher(loader, lambda b: (augment(b, device)[modality][:, 0],   # B x 3 x T x H x W
-                                            b['label'].to(device, non_blocking=True)), device)
+    batches = Prefetcher(loader.epoch(epoch),
+                         lambda b: (augment(b, device)[modality][:, 0],   # B x 3 x T x H x W
+                                    b['label'].to(device, non_blocking=True)), device)
     try:
-        for i, (x, target) in enumerate(batches):
-            if i >= steps:
-                break
+        for x, target in batches:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 logits = model(x).float()                                # B x classes
@@ -351,7 +349,7 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
             seen += len(target) * rt.info.world_size
             iteration += 1
             bar.update(1)
-            if n % args.print_freq == 0 or i + 1 == steps:
+            if n % args.print_freq == 0 or n == loader.steps:
                 check_finite(first_bad)
                 means = {k: float(v) / n for k, v in sums.items()}
                 bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.1f}')

@@ -214,32 +214,58 @@ def test_same_generator_seed_same_batches(root):
     assert any(not torch.equal(x['rgb'], y['rgb']) for x, y in zip(a, c))
 
 
+def same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
 def test_training_loader_independent_of_workers_and_epoch_seeded(root):
-    # The engine's loader seeds every sample: 0 or 2 (persistent) workers give the same
+    # The training loader seeds every sample: 0 or 2 (persistent) workers give the same
     # batches, epoch after epoch, and epochs differ from each other.
-    from types import SimpleNamespace
-    from utils.distributed import DistInfo
-    from dataset.augment import DeviceAugment
-    from utils.engine import begin_epoch, make_loader
+    from dataset.loader import TrainLoader
     data = build(root, 'toy-2stream-2clip')
 
     def epochs(workers):
-        args = SimpleNamespace(batch_size=2, workers=workers, seed=3)
-        loader, sampler = make_loader(data, args, DistInfo(device=torch.device('cpu')))
-        assert loader.persistent_workers == (workers > 0)
-        out = []
-        for epoch in range(2):
-            begin_epoch(3, epoch, 0, sampler, DeviceAugment())
-            out.append([b for b in loader])
-        return out
+        loader = TrainLoader(data, 2, workers, seed=3, epochs=2)
+        assert loader.loader.persistent_workers == (workers > 0)
+        return [list(loader.epoch(e)) for e in range(2)]
 
     a, b = epochs(0), epochs(2)
     for ea, eb in zip(a, b):
-        assert len(ea) == len(eb) == 2
-        for x, y in zip(ea, eb):
-            for k in ('rgb', 'flow', 'boxes', 'flips', 'strong', 'index'):
-                assert torch.equal(x[k], y[k]), k
+        assert len(ea) == 2
+        same_batches(ea, eb)
     assert not all(torch.equal(x['rgb'], y['rgb']) for x, y in zip(a[0], a[1]))
+
+
+def test_training_loader_streams_across_epochs_and_restarts_exactly(root):
+    # One stream runs through the epochs; a resumed run (a new loader starting at epoch 2), an
+    # epoch left unfinished and asked for again, or an epoch out of order all get the very
+    # batches the uninterrupted stream gives. max_steps keeps the first batches of each epoch.
+    from dataset.loader import TrainLoader
+    data = build(root, 'toy-2clip')
+    stream = TrainLoader(data, 1, 2, seed=5, epochs=4)
+    assert stream.steps == 4
+    whole = [list(stream.epoch(e)) for e in range(4)]
+    assert len({tuple(int(b['index']) for b in epoch) for epoch in whole}) > 1   # reshuffled
+
+    resumed = TrainLoader(data, 1, 2, seed=5, epochs=4)
+    part = resumed.epoch(2)
+    same_batches([next(part)], whole[2][:1])                     # left unfinished ...
+    same_batches(list(resumed.epoch(2)), whole[2])               # ... and asked for again
+    same_batches(list(resumed.epoch(3)), whole[3])
+    same_batches(list(resumed.epoch(0)), whole[0])               # out of order
+
+    short = TrainLoader(data, 1, 0, seed=5, epochs=4, max_steps=3)
+    assert short.steps == 3
+    for e in (0, 1):
+        same_batches(list(short.epoch(e)), whole[e][:3])
+    with pytest.raises(ValueError, match='epoch 4 is outside 0..3'):
+        next(short.epoch(4))
+    with pytest.raises(ValueError, match='no batch of 8'):
+        TrainLoader(data, 8, 0, seed=5, epochs=1)
 
 
 def test_worker_views_are_channels_last_in_memory(root):

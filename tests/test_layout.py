@@ -101,3 +101,27 @@ def test_use_2d_kernels_switches_every_layout_layer():
     assert all(m.planes for m in layers)
     layout.use_2d_kernels(net, False)
     assert not any(m.planes for m in layers)
+
+
+@pytest.mark.parametrize('kernel,stride,padding', [
+    ((1, 7, 7), (1, 2, 2), (0, 3, 3)),     # S3D's first convolution
+    ((3, 1, 1), (1, 1, 1), (1, 0, 0)),
+    ((3, 3, 3), (1, 1, 1), (1, 1, 1))])    # no 2D path: the 3D layer, unpadded
+def test_padded_input_channels_give_the_same_convolution(kernel, stride, padding):
+    torch.manual_seed(0)
+    conv = layout.Conv3d(3, 16, kernel, stride, padding, bias=False).to(memory_format=CL)
+    padded = copy.deepcopy(conv)
+    padded.pad_channels = 8
+    x = torch.randn(2, 3, 6, 20, 20).contiguous(memory_format=CL)
+    xp, wp = layout.pad_channels(x, conv.weight, 8)
+    assert xp.shape[1] == wp.shape[1] == 8 and xp.is_contiguous(memory_format=CL)
+    assert torch.equal(xp[:, :3], x) and not xp[:, 3:].any() and not wp[:, 3:].any()
+    ref = nn.Conv3d.forward(conv, x)
+    out = padded.forward_planes(x)
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    (ref * g).sum().backward()
+    (out * g).sum().backward()
+    assert padded.weight.grad.shape == conv.weight.shape
+    torch.testing.assert_close(padded.weight.grad, conv.weight.grad, rtol=1e-4, atol=1e-4)

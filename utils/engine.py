@@ -15,18 +15,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from backbone import BACKBONES
 from backbone.layout import use_2d_kernels
 from dataset import DatasetName, build_dataset, default_data_root
 from dataset.augment import DeviceAugment
-from dataset.video_dataset import collate, decode_on_device
+from dataset.loader import TrainLoader
+from dataset.video_dataset import decode_on_device
 from . import distributed as du
 from .checkpoint import load_checkpoint, load_exact, save_checkpoint, sub_state_dict
 from .misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
-                   plain_args, seed_everything, seed_worker, topk_accuracy)
+                   plain_args, seed_everything, topk_accuracy)
 
 # Shortest local segment each backbone can encode: S3D halves time three times.
 MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}
@@ -179,7 +179,7 @@ def train(args, task):
     if len(dataset) < global_batch:
         raise SystemExit(f'error: {args.dataset} has {len(dataset)} training videos, fewer than '
                          f'the global batch {global_batch} (--batch_size x processes)')
-    loader, sampler = make_loader(dataset, args, info)
+    loader = make_loader(dataset, args, info)
 
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = task.build_model(args)
@@ -222,7 +222,7 @@ def train(args, task):
 
     try:
         for epoch in range(start_epoch, args.epochs):
-            begin_epoch(args.seed, epoch, info.rank, sampler, augment)
+            begin_epoch(args.seed, epoch, info.rank, augment)
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
             for group in optimizer.param_groups:
                 group['lr'] = lr
@@ -273,55 +273,13 @@ def open_run(exp_dir, args, info, summary):
     return SummaryWriter(str(exp_dir / 'tb'))
 
 
-class SeededSampler(Sampler):
-    """Wraps the shuffling sampler and gives every sample its own augmentation seed,
-    ``(index, seed)``, a function of (run seed, epoch, rank, position in the epoch).
-
-    A sample's crops, flips and frames then do not depend on the number of data-loader workers
-    or on which worker makes it, the workers can persist across epochs (no restart cost per
-    epoch), and a resumed run repeats the uninterrupted one exactly."""
-
-    def __init__(self, sampler, seed, rank):
-        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self):
-        return len(self.sampler)
-
-    def __iter__(self):
-        base = ((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 10_000_019
-        for position, index in enumerate(self.sampler):
-            yield index, (base + position) % 2 ** 63
-
-
-class SeededDataset(torch.utils.data.Dataset):
-    """``dataset[index]`` drawn from a generator seeded for that sample alone: the keys are the
-    ``(index, seed)`` pairs of ``SeededSampler``."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
-
-
-def begin_epoch(seed, epoch, rank, sampler, augment):
+def begin_epoch(seed, epoch, rank, augment):
     """Every epoch's randomness is a function of (seed, epoch, rank), so a resumed run
     continues exactly as the uninterrupted one would: the training process's generator and the
-    device-side augmenter's here, each sample's through ``SeededSampler``."""
+    device-side augmenter's here, each sample's through ``dataset.loader``."""
     epoch_seed = seed * 1_000_003 + epoch * 1009 + rank
     torch.manual_seed(epoch_seed)
     augment.reseed(epoch_seed + 1)
-    sampler.set_epoch(epoch)
 
 
 class Prefetcher:
@@ -417,17 +375,11 @@ def _tensors(x):
 
 
 def make_loader(dataset, args, info):
-    """The training loader: this process's shard, shuffled per epoch, one seed per sample;
-    the workers persist across epochs."""
-    sampler = SeededSampler(DistributedSampler(dataset, num_replicas=info.world_size,
-                                               rank=info.rank, shuffle=True, seed=args.seed,
-                                               drop_last=True), args.seed, info.rank)
-    loader = DataLoader(SeededDataset(dataset), batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, pin_memory=info.device.type == 'cuda',
-                        drop_last=True, worker_init_fn=seed_worker, collate_fn=collate,
-                        persistent_workers=args.workers > 0,
-                        prefetch_factor=4 if args.workers else None)
-    return loader, sampler
+    """The training loader (``dataset.loader.TrainLoader``): this process's shard, shuffled per
+    epoch, one seed per sample, one stream of batches across epochs."""
+    return TrainLoader(dataset, args.batch_size, args.workers, args.seed, args.epochs,
+                       rank=info.rank, world_size=info.world_size,
+                       max_steps=args.iters_per_epoch, pin_memory=info.device.type == 'cuda')
 
 
 def _check_args(args, spec, global_batch, task):
@@ -582,14 +534,13 @@ def _train_one_epoch(model, step, task, loader, augment, lr, device, args, epoch
     model.train()
     sums = defaultdict(lambda: torch.zeros((), device=device))
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    steps = len(loader) if not args.iters_per_epoch else min(len(loader), args.iters_per_epoch)
-    bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not info.is_main, dynamic_ncols=True)
+    bar = tqdm(total=loader.steps, desc=f'epoch {epoch}', disable=not info.is_main,
+               dynamic_ncols=True)
     tic, seen, n = time.time(), 0, 0
-    batches = Prefetcher(loader, lambda b: batch_inputs(b, task, augment, device, args), device)
+    batches = Prefetcher(loader.epoch(epoch),
+                         lambda b: batch_inputs(b, task, augment, device, args), device)
     try:
-        for i, inputs in enumerate(batches):
-            if i >= steps:
-                break
+        for inputs in batches:
             loss, terms, stats, ready = step(inputs)
             first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), iteration, first_bad)
             # Metrics stay on the device; they are read only at logging intervals.
@@ -608,7 +559,7 @@ def _train_one_epoch(model, step, task, loader, augment, lr, device, args, epoch
             seen += args.batch_size * info.world_size
             iteration += 1
             bar.update(1)
-            if n % args.print_freq == 0 or i + 1 == steps:
+            if n % args.print_freq == 0 or n == loader.steps:
                 check_finite(first_bad)
                 means = _means(sums, n)
                 rate = seen / (time.time() - tic)

@@ -1,0 +1,104 @@
+"""The training loader: one stream of seeded batches from the first epoch to the last.
+
+Every sample is drawn from a generator seeded for it alone, a function of (run seed, epoch,
+rank, position in the epoch). A sample's crops, flips and frames then do not depend on the
+number of data-loader workers or on which worker makes it, and a resumed run repeats the
+uninterrupted one exactly.
+
+The batches of all epochs come from one ``DataLoader`` iterator, so the workers make the next
+epoch's first batches while this epoch's last steps train. With one iterator per epoch, every
+epoch began with the GPU waiting while a single worker made a whole batch; at the demo's size
+(six batches an epoch) that wait was most of the epoch (bench/loader_epochs.py).
+"""
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from utils.misc import seed_worker
+from .video_dataset import collate
+
+
+def sample_seed(seed, epoch, rank, position):
+    """The augmentation seed of the sample at ``position`` of ``rank``'s shard of ``epoch``."""
+    return ((((seed * 1_000_003 + epoch) * 1009 + rank) * 10_000_019) + position) % 2 ** 63
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """``dataset[index]`` drawn from a generator seeded for that sample alone: the keys are
+    ``(index, seed)`` pairs."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class EpochBatches(Sampler):
+    """Batches of ``(index, seed)`` keys for epochs ``start`` to ``end - 1``, one after the
+    other: ``steps`` batches of ``rank``'s shard of each epoch's shuffle."""
+
+    def __init__(self, shard, batch_size, steps, seed, rank):
+        self.shard, self.batch_size, self.steps = shard, batch_size, steps
+        self.seed, self.rank = seed, rank
+        self.start = self.end = 0
+
+    def __len__(self):
+        return max(self.end - self.start, 0) * self.steps
+
+    def __iter__(self):
+        for epoch in range(self.start, self.end):
+            self.shard.set_epoch(epoch)
+            indices = list(self.shard)[:self.steps * self.batch_size]
+            keys = [(index, sample_seed(self.seed, epoch, self.rank, position))
+                    for position, index in enumerate(indices)]
+            for b in range(0, len(keys), self.batch_size):
+                yield keys[b:b + self.batch_size]
+
+
+class TrainLoader:
+    """``loader.epoch(e)`` yields epoch ``e``'s ``loader.steps`` batches of this process's shard.
+
+    Epochs read in order, each to its last batch, come from one stream that runs to ``epochs - 1``.
+    Any other request (a first epoch, a resumed one, one after an epoch left unfinished) starts
+    the stream anew at that epoch; the batches are the same either way. The workers persist."""
+
+    def __init__(self, dataset, batch_size, workers, seed, epochs, *, rank=0, world_size=1,
+                 max_steps=0, pin_memory=False):
+        shard = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                   seed=seed, drop_last=True)
+        whole = len(shard) // batch_size
+        if whole == 0:
+            raise ValueError(f'{len(dataset)} videos over {world_size} process(es) give no batch '
+                             f'of {batch_size}')
+        self.steps = min(whole, max_steps) if max_steps else whole
+        self.epochs = epochs
+        self.batches = EpochBatches(shard, batch_size, self.steps, seed, rank)
+        self.loader = DataLoader(SeededDataset(dataset), batch_sampler=self.batches,
+                                 num_workers=workers, pin_memory=pin_memory,
+                                 worker_init_fn=seed_worker, collate_fn=collate,
+                                 persistent_workers=workers > 0,
+                                 prefetch_factor=4 if workers else None,
+                                 # Starting an iterator draws a seed for the workers: from a
+                                 # generator of its own, so that restarting the stream (on
+                                 # resume) leaves the training process's random numbers alone.
+                                 generator=torch.Generator().manual_seed(seed))
+        self._stream, self._next = None, None
+
+    def epoch(self, epoch):
+        if not 0 <= epoch < self.epochs:
+            raise ValueError(f'epoch {epoch} is outside 0..{self.epochs - 1}')
+        if self._stream is None or epoch != self._next:
+            self.batches.start, self.batches.end = epoch, self.epochs
+            self._stream = iter(self.loader)
+        self._next = None   # until this epoch's last batch is taken
+        for i in range(self.steps):
+            batch = next(self._stream)
+            if i + 1 == self.steps:
+                self._next = epoch + 1
+            yield batch
