@@ -13,13 +13,13 @@ epoch began with the GPU waiting while a single worker made a whole batch; at th
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from utils.misc import seed_worker
+from utils.misc import epoch_seed, seed_worker
 from .video_dataset import collate
 
 
 def sample_seed(seed, epoch, rank, position):
     """The augmentation seed of the sample at ``position`` of ``rank``'s shard of ``epoch``."""
-    return ((((seed * 1_000_003 + epoch) * 1009 + rank) * 10_000_019) + position) % 2 ** 63
+    return (epoch_seed(seed, epoch, rank) * 10_000_019 + position) % 2 ** 63
 
 
 class SeededDataset(torch.utils.data.Dataset):

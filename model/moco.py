@@ -120,7 +120,11 @@ class MoCo(nn.Module):
         k_local ``[B,L,D]`` (the L segments of view 2, encoded in one batched call)."""
         b = view1.shape[0]
         q = self.encoder_q(view1)
-        q_local = self.encoder_q(split_segments(view1, self.num_segments)[::self.num_segments])
+        # The first segments are a strided view; a dense copy in the same memory format (clone)
+        # lets the encoder's first layer take the same kernels as the other calls (on a GPU
+        # the 2D path of backbone/layout.py needs dense channels-last input).
+        q_local = self.encoder_q(split_segments(view1, self.num_segments)[::self.num_segments]
+                                 .clone())
         with torch.no_grad():
             self.momentum_update()
             k = self.shuffled_keys(view2)

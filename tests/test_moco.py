@@ -109,6 +109,22 @@ def test_coclr_waits_for_full_queue_and_keeps_sampler_frozen():
     assert m.queue_vname.tolist() == [0, 1, 0, 1]
 
 
+@pytest.mark.parametrize('memory_format', [torch.channels_last_3d, torch.contiguous_format])
+def test_every_encoder_call_gets_dense_input_in_the_clips_memory_format(memory_format):
+    # The first local segments are a strided view of view 1; the encoder gets a dense copy, so
+    # its first layer runs the same kernels as every other call (the GPU's 2D path needs it).
+    torch.manual_seed(0)
+    seen = []
+    m = LocalCoCLR(net='s3d', K=4, topk=1, bn_splits=2).to(memory_format=memory_format).train()
+    for enc in (m.encoder_q, m.encoder_k, m.sampler):
+        enc.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    x = small_input(2, 32).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        m(x, x, x, source=torch.tensor([0, 1]), label=torch.tensor([0, 1]))
+    assert len(seen) == 7 and seen[1].shape == (2, 3, 8, 32, 32)   # q, q_local, 2+2 keys, sampler
+    assert all(t.is_contiguous(memory_format=memory_format) for t in seen)
+
+
 @pytest.mark.skipif(not REFERENCE.exists(), reason='reference file not present')
 @pytest.mark.parametrize('cls,key', [(LocalInfoNCE, 'infonce_s3d_keys'), (LocalCoCLR, 'coclr_s3d_keys')])
 def test_state_dict_keys_equal_coclr(cls, key):

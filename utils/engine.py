@@ -25,8 +25,8 @@ from dataset.loader import TrainLoader
 from dataset.video_dataset import decode_on_device
 from . import distributed as du
 from .checkpoint import load_checkpoint, load_exact, save_checkpoint, sub_state_dict
-from .misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
-                   plain_args, seed_everything, topk_accuracy)
+from .misc import (PROJECT_ROOT, append_jsonl, epoch_seed, format_args, git_revision,
+                   learning_rate, plain_args, seed_everything, topk_accuracy)
 
 # Shortest local segment each backbone can encode: S3D halves time three times.
 MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}
@@ -277,9 +277,9 @@ def begin_epoch(seed, epoch, rank, augment):
     """Every epoch's randomness is a function of (seed, epoch, rank), so a resumed run
     continues exactly as the uninterrupted one would: the training process's generator and the
     device-side augmenter's here, each sample's through ``dataset.loader``."""
-    epoch_seed = seed * 1_000_003 + epoch * 1009 + rank
-    torch.manual_seed(epoch_seed)
-    augment.reseed(epoch_seed + 1)
+    root = epoch_seed(seed, epoch, rank)
+    torch.manual_seed(2 * root)     # two seeds of their own: no generator repeats another's
+    augment.reseed(2 * root + 1)
 
 
 class Prefetcher:

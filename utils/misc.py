@@ -45,6 +45,12 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def epoch_seed(seed, epoch, rank):
+    """The one root of an epoch's randomness in process ``rank``: distinct for every (epoch,
+    rank) of a run. The training process's generators and every sample's seed derive from it."""
+    return (seed * 1_000_003 + epoch) * 1009 + rank
+
+
 def seed_worker(worker_id):
     # torch seeds each worker differently (base seed + id); derive numpy/random from it so no
     # library repeats the same numbers in every worker.
