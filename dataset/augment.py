@@ -103,12 +103,6 @@ def resize_flip(crops, size, flip, is_flow=False, negate_flow=True):
     return flip_frames(out, is_flow, negate_flow) if flip else out
 
 
-def crop_resize_flip(frames, box, size, flip, is_flow=False, negate_flow=True):
-    """Apply one view's geometry to uint8 frames ``[N, 3, H, W]`` -> ``[N, 3, size, size]``."""
-    t, l, h, w = box_pixels(box, *frames.shape[-2:])
-    return resize_flip(frames[..., t:t + h, l:l + w], size, flip, is_flow, negate_flow)
-
-
 # ----------------------------------------------------------------------------------------------
 # Photometric (batched, on the training device)
 

@@ -5,9 +5,15 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from dataset import augment
-from dataset.augment import (Photometric, box_pixels, center_box, crop_resize_flip, flip_frames,
-                             normalize, resize_short_side, sample_crop)
+from dataset.augment import (Photometric, box_pixels, center_box, flip_frames, normalize,
+                             resize_flip, resize_short_side, sample_crop)
 from helpers import position_frames
+
+
+def crop_resize_flip(frames, box, size, flip, is_flow=False, negate_flow=True):
+    """One view's geometry as the data paths apply it: ``box_pixels``, then ``resize_flip``."""
+    t, l, h, w = box_pixels(box, *frames.shape[-2:])
+    return resize_flip(frames[..., t:t + h, l:l + w], size, flip, is_flow, negate_flow)
 
 
 # ---------------------------------------------------------------------------------- crop boxes
