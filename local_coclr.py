@@ -10,7 +10,7 @@ multi-positive loss, plus the inter and intra local temporal losses.
 """
 from model.moco import LocalCoCLR
 from utils import engine
-from utils.config import parse_args
+from utils.config import NON_NEGATIVE_REAL, POSITIVE, PROBABILITY, parse_args
 
 
 def build_model(args):
@@ -57,10 +57,12 @@ def get_parser():
                         'key encoder) and the frozen sampler of the other modality')
     g.add_argument('--reverse', action='store_true',
                    help='train the flow network with RGB mining (default: RGB with flow mining)')
-    g.add_argument('--topk', type=int, default=5, help='positives mined per sample by the sampler')
-    g.add_argument('--self_mask_prob', type=float, default=0.9,
+    g.add_argument('--topk', type=POSITIVE, default=5,
+                   help='positives mined per sample by the sampler')
+    g.add_argument('--self_mask_prob', type=PROBABILITY, default=0.9,
                    help='probability that a batch drops the self positive where mined ones exist')
-    g.add_argument('--w_coclr', type=float, default=1 / 3, help='weight of the CoCLR loss')
+    g.add_argument('--w_coclr', type=NON_NEGATIVE_REAL, default=1 / 3,
+                   help='weight of the CoCLR loss')
     return parser
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from dataset import splits as split_files
 from dataset.lmdb_video import LMDBWriter, VideoLMDB, decode_frames, encode_frames
+from utils.config import NON_NEGATIVE, POSITIVE, Ranged
 
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov')
 FRAME_EXTS = ('.jpg', '.jpeg')
@@ -357,17 +358,20 @@ def run_demo(args):
 
 # ------------------------------------------------------------------------------- parsers
 
+JPEG_QUALITY = Ranged(int, 1, 100)
+
+
 def _add_common(p, workers=True):
     p.add_argument('--overwrite', action='store_true',
                    help='replace existing outputs (default: refuse to touch them)')
     if workers:
-        p.add_argument('-j', '--workers', type=int, default=min(8, os.cpu_count() or 1),
+        p.add_argument('-j', '--workers', type=POSITIVE, default=min(8, os.cpu_count() or 1),
                        help='worker processes, one video each at a time; 1 works in this '
                             'process (default: %(default)s, the CPU count up to 8)')
 
 
 def _short_side(p, what):
-    p.add_argument('--short_side', type=int, default=0, metavar='N',
+    p.add_argument('--short_side', type=NON_NEGATIVE, default=0, metavar='N',
                    help=f'resize frames so their shorter side is N pixels before {what} '
                         f'(default 0: keep the size)')
 
@@ -392,7 +396,7 @@ def add_videos(sub):
     p.add_argument('--src', required=True, metavar='DIR', help='folder of class folders of videos')
     p.add_argument('--out', required=True, metavar='LMDB', help='video LMDB to write')
     _short_side(p, 'storing them')
-    p.add_argument('--quality', type=int, default=90, metavar='Q',
+    p.add_argument('--quality', type=JPEG_QUALITY, default=90, metavar='Q',
                    help='JPEG quality of the stored frames (default: %(default)s)')
     _add_common(p)
     p.set_defaults(run=run_videos)
@@ -409,7 +413,7 @@ def add_flow(sub):
                    help='an RGB video LMDB, or a folder of class/video/*.jpg frame folders')
     p.add_argument('--out', required=True, metavar='LMDB', help='flow LMDB to write')
     _short_side(p, 'computing the flow')
-    p.add_argument('--quality', type=int, default=95, metavar='Q',
+    p.add_argument('--quality', type=JPEG_QUALITY, default=95, metavar='Q',
                    help='JPEG quality of the flow frames; they carry numbers, keep it high '
                         '(default: %(default)s)')
     _add_common(p)

@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from utils.config import POSITIVE
 from .augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
 from .video_dataset import DatasetName, build_dataset
 
@@ -106,12 +107,13 @@ def add_parser(sub, user_error):
                    help='folder holding <name>/ (default: $CVTCL_DATA_ROOT or data/ in the '
                         'project folder)')
     p.add_argument('--out', required=True, metavar='PNG', help='image to write')
-    p.add_argument('--num', type=int, default=4, help='samples shown (default: %(default)s)')
-    p.add_argument('--frames', type=int, default=4,
+    p.add_argument('--num', type=POSITIVE, default=4, help='samples shown (default: %(default)s)')
+    p.add_argument('--frames', type=POSITIVE, default=4,
                    help='frames shown per view, evenly spaced (default: %(default)s)')
-    p.add_argument('--seq_len', type=int, default=32, help='frames per clip (default: %(default)s)')
-    p.add_argument('--ds', type=int, default=1, help='frame stride (default: %(default)s)')
-    p.add_argument('--img_dim', type=int, default=128,
+    p.add_argument('--seq_len', type=POSITIVE, default=32,
+                   help='frames per clip (default: %(default)s)')
+    p.add_argument('--ds', type=POSITIVE, default=1, help='frame stride (default: %(default)s)')
+    p.add_argument('--img_dim', type=POSITIVE, default=128,
                    help='crop size in pixels (default: %(default)s)')
     p.add_argument('--seed', type=int, default=0,
                    help='picks the samples and their augmentation (default: %(default)s)')

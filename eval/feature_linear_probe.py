@@ -19,7 +19,7 @@ from dataset import DatasetName
 from eval import retrieval
 from eval import video_eval as ve
 from utils import distributed as du
-from utils.config import parse_args
+from utils.config import FRACTION, POSITIVE, POSITIVE_REAL, parse_args
 from utils.engine import MIN_SEGMENT_FRAMES
 from utils.misc import format_args, git_revision, plain_args
 
@@ -32,11 +32,12 @@ def build_parser():
     g.add_argument('--test', required=True,
                    help='checkpoint whose backbone gives the features (pretraining or '
                         'classifier), or "random"')
-    g.add_argument('--Cs', type=float, nargs='+', default=[1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
+    g.add_argument('--Cs', type=POSITIVE_REAL, nargs='+',
+                   default=[1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
                    help='inverse regularisation strengths tried')
-    g.add_argument('--holdout_fraction', type=float, default=0.2,
+    g.add_argument('--holdout_fraction', type=FRACTION, default=0.2,
                    help='share of the train videos (whole source groups) that chooses C')
-    g.add_argument('--max_iter', type=int, default=1000, help='iterations of the lbfgs solver')
+    g.add_argument('--max_iter', type=POSITIVE, default=1000, help='iterations of the lbfgs solver')
     g.add_argument('--output_dir', default=None,
                    help="where the result JSON goes (default: the checkpoint's folder; for "
                         '--test random: <output_dir or experiments/>/random_<net>/)')

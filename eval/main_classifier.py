@@ -29,7 +29,8 @@ from eval import video_eval as ve
 from model.classifier import HEADS, LinearClassifier, checkpoint_kind, load_pretrained
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
-from utils.config import parse_args
+from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, PROBABILITY,
+                          parse_args)
 from utils.engine import (MIN_SEGMENT_FRAMES, Prefetcher, begin_epoch, broadcast_state,
                           check_finite, make_loader, open_run)
 from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
@@ -48,34 +49,35 @@ def build_parser():
                    help='initial weights: a pretraining checkpoint (its query encoder, '
                         'encoder_q.0.*), a classifier checkpoint (same head and classes), or '
                         '"random" to train from scratch. Required unless --resume')
-    g.add_argument('--dropout', type=float, default=0.9, help='dropout before the ft head')
+    g.add_argument('--dropout', type=PROBABILITY, default=0.9, help='dropout before the ft head')
     g.add_argument('--optim', choices=['adam', 'sgd'], default='adam',
                    help='adam, or sgd with momentum 0.9')
-    g.add_argument('--lr', type=float, default=1e-3, help='learning rate of the head')
-    g.add_argument('--backbone_lr_mult', type=float, default=0.1,
+    g.add_argument('--lr', type=NON_NEGATIVE_REAL, default=1e-3, help='learning rate of the head')
+    g.add_argument('--backbone_lr_mult', type=NON_NEGATIVE_REAL, default=0.1,
                    help='ft: the backbone learns at lr x this (the reference: lr/10)')
-    g.add_argument('--wd', type=float, default=1e-3, help='weight decay (all parameters)')
-    g.add_argument('--epochs', type=int, default=10)
-    g.add_argument('--schedule', type=int, nargs='*', default=[60, 80],
+    g.add_argument('--wd', type=NON_NEGATIVE_REAL, default=1e-3,
+                   help='weight decay (all parameters)')
+    g.add_argument('--epochs', type=POSITIVE, default=10)
+    g.add_argument('--schedule', type=NON_NEGATIVE, nargs='*', default=[60, 80],
                    help='epochs at which the learning rate drops x0.1')
-    g.add_argument('--color_jitter_prob', type=float, default=0.3,
+    g.add_argument('--color_jitter_prob', type=PROBABILITY, default=0.3,
                    help='share of training clips given colour jitter (brightness, contrast, '
                         'saturation 0.4, hue 0.1, random order) on the device, as the reference')
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
                    help='colour-jitter flow frames too (the reference treats them as images)')
-    g.add_argument('--eval_freq', type=int, default=1,
+    g.add_argument('--eval_freq', type=POSITIVE, default=1,
                    help='validate every N epochs (and after the last)')
     g.add_argument('--val_set', choices=['test', 'holdout', 'none'], default='test',
                    help='what validation (and so the best checkpoint) uses: test = the test split '
                         '(as the reference; then it is no independent validation), holdout = '
                         '--val_fraction of the train split by source group (removed from '
                         'training), none. Validation: middle window, center crop, one clip a video')
-    g.add_argument('--val_fraction', type=float, default=0.1,
+    g.add_argument('--val_fraction', type=FRACTION, default=0.1,
                    help='--val_set holdout: share of the train videos held out')
-    g.add_argument('--iters_per_epoch', type=int, default=0,
+    g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0,
                    help='stop each epoch after this many iterations (0: whole epoch); for '
                         'smoke tests')
-    g.add_argument('--print_freq', type=int, default=10, help='log every N iterations')
+    g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     g = p.add_argument_group('output')
     g.add_argument('--output_dir', default=None,
                    help='training: experiments go to <output_dir>/<name_prefix><run name>/ '
@@ -95,7 +97,7 @@ def build_parser():
                        help='test with five crops and their flips (also reports center, five)')
     g.add_argument('--retrieval', action='store_true',
                    help='nearest-neighbour retrieval: test videos query train videos')
-    g.add_argument('--visualize', type=int, default=0, metavar='N',
+    g.add_argument('--visualize', type=NON_NEGATIVE, default=0, metavar='N',
                    help='--retrieval: write a PNG of N queries and their top-5 neighbours')
     retrieval.add_feature_flags(p)
     return p
@@ -323,7 +325,8 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     params = [p for g in optimizer.param_groups for p in g['params']]
     sums = defaultdict(lambda: torch.zeros((), device=device))
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    bar = tqdm(total=loader.steps, desc=f'epoch {epoch}', disable=not rt.is_main, dynamic_ncols=True)
+    bar = tqdm(total=loader.steps, desc=f'epoch {epoch}', disable=not rt.is_main,
+               dynamic_ncols=True)
     tic, seen, n = time.time(), 0, 0
     batches = Prefetcher(loader.epoch(epoch),
                          lambda b: (augment(b, device)[modality][:, 0],   # B x 3 x T x H x W

@@ -20,6 +20,7 @@ from dataset.augment import flip_frames, normalize
 from dataset.video_dataset import VideoDataset
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import NON_NEGATIVE, POSITIVE
 from utils.engine import add_data_args, add_runtime_args, amp_dtype_of
 
 # Crop sets: the first crop of every set is the center crop and the first five of 'ten' are
@@ -37,13 +38,13 @@ def add_common_flags(parser, batch_size=32):
     g = add_data_args(parser, 'ucf101',
                       '<name> (RGB) or <name>-f (flow): ucf101, ucf101-f, hmdb51, hmdb51-f, demo, '
                       'demo-f, or any folder under --data_root laid out as SPEC §3')
-    g.add_argument('--max_videos', type=int, default=0,
+    g.add_argument('--max_videos', type=NON_NEGATIVE, default=0,
                    help='use only this many videos of each split, spread evenly over it (0: all); '
                         'for smoke tests')
     g = parser.add_argument_group('model')
     g.add_argument('--net', default='s3d', help='backbone: s3d, s3dg or r50')
     g = parser.add_argument_group('run')
-    g.add_argument('--batch_size', type=int, default=batch_size,
+    g.add_argument('--batch_size', type=POSITIVE, default=batch_size,
                    help='clips per forward pass and process (training: the batch per process)')
     g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')
     add_runtime_args(g)

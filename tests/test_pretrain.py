@@ -118,14 +118,15 @@ def test_resume_equals_uninterrupted(data_root, tmp_path):
 def test_non_finite_loss_stops_with_iteration(data_root, tmp_path):
     base = ['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
             '--output_dir', str(tmp_path)]
+    # A temperature of 1e-45 (a valid flag) overflows the float32 logits to inf.
     with pytest.raises(FloatingPointError, match='iteration 0'):
-        local_nce.main(base + ['--moco-t', '0'])
+        local_nce.main(base + ['--moco-t', '1e-45'])
     assert not list(tmp_path.rglob('*.pth.tar'))
     # After a good epoch, a run that goes non-finite leaves that checkpoint as it was.
     exp = local_nce.main(base)
     good = (exp / 'last.pth.tar').read_bytes()
     with pytest.raises(FloatingPointError, match='iteration 2'):
-        local_nce.main(base + ['--moco-t', '0', '--epochs', '2', '--resume',
+        local_nce.main(base + ['--moco-t', '1e-45', '--epochs', '2', '--resume',
                                str(exp / 'last.pth.tar')])
     assert (exp / 'last.pth.tar').read_bytes() == good
     assert sorted(p.name for p in exp.glob('*.pth.tar')) == ['epoch0.pth.tar', 'last.pth.tar']
@@ -166,6 +167,42 @@ def test_bad_pretrain_checkpoints(data_root, tmp_path):
         local_coclr.main(['--dataset', 'ucf101-2stream-2clip', '--data_root', str(data_root),
                           *TINY, '--output_dir', str(tmp_path), '--pretrain', 'random',
                           str(missing)])
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--batch_size', '0'], 'argument --batch_size: 0 is not an integer >= 1'),
+    (['--iters_per_epoch', '-1'], 'argument --iters_per_epoch: -1 is not an integer >= 0'),
+    (['--moco-t', '0'], 'argument --moco-t: 0 is not a number > 0'),
+    (['--crop_area', '0', '1'], 'argument --crop_area: 0 is not a number in (0, 1]'),
+    (['--two_clip_prob', '1.5'], 'argument --two_clip_prob: 1.5 is not a number in [0, 1]')])
+def test_out_of_range_flags_are_refused_by_name(argv, message, capsys):
+    from utils.config import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(local_nce.get_parser(), argv)
+    assert message in capsys.readouterr().err
+
+
+def test_out_of_range_config_values_are_refused_with_the_file(tmp_path, capsys):
+    from utils.config import parse_args
+    cfg = tmp_path / 'c.toml'
+    for text, message in (
+            ('save_freq = 0', '--save_freq: 0 (from --config {}) is not an integer >= 1'),
+            ('epochs = 2.5', '--epochs: 2.5 (from --config {}) is not an integer'),
+            ('warmup = [0.1, -1.0]', '--warmup: -1.0 (from --config {}) is not a number'),
+            ('lr = "fast"', "argument --lr: invalid float value: 'fast'")):   # argparse's
+        cfg.write_text(text + '\n')
+        with pytest.raises(SystemExit):
+            parse_args(local_nce.get_parser(), ['--config', str(cfg)])
+        assert message.format(cfg) in capsys.readouterr().err, text
+    cfg.write_text('epochs = 3\nlr = 1\n')     # a whole number is a number
+    a = parse_args(local_nce.get_parser(), ['--config', str(cfg)])
+    assert (a.epochs, a.lr) == (3, 1)
+
+
+def test_crop_area_in_the_wrong_order_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match='--crop_area 0.9 0.2: give the smaller area first'):
+        local_nce.main(['--dataset', 'demo-2clip', '--data_root', str(tmp_path), '--crop_area',
+                        '0.9', '0.2', '--output_dir', str(tmp_path)])
 
 
 def test_config_file_defaults_and_overrides(tmp_path):

@@ -24,6 +24,8 @@ from dataset.augment import DeviceAugment
 from dataset.loader import TrainLoader
 from dataset.video_dataset import decode_on_device
 from . import distributed as du
+from .config import (AREA, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, POSITIVE_REAL,
+                     PROBABILITY)
 from .checkpoint import load_checkpoint, load_exact, save_checkpoint, sub_state_dict
 from .misc import (PROJECT_ROOT, append_jsonl, epoch_seed, format_args, git_revision,
                    learning_rate, plain_args, seed_everything, topk_accuracy)
@@ -48,47 +50,53 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
                    help='apply colour jitter/grayscale/blur to flow frames too (the reference '
                         'does); --no-photometric_on_flow limits them to RGB')
-    g.add_argument('--two_clip_prob', type=float, default=0.5,
+    g.add_argument('--two_clip_prob', type=PROBABILITY, default=0.5,
                    help='share of pairs made of two different clips (the rest: one clip seen '
                         'twice, one view strong and one weak)')
-    g.add_argument('--two_clip_strong_prob', type=float, default=0.3,
+    g.add_argument('--two_clip_strong_prob', type=PROBABILITY, default=0.3,
                    help='probability that each view of a two-clip pair is strongly augmented')
-    g.add_argument('--crop_area', type=float, nargs=2, default=[0.2, 1.0],
+    g.add_argument('--crop_area', type=AREA, nargs=2, default=[0.2, 1.0],
                    help='area range of the random resized crop, as shares of the frame')
     g = p.add_argument_group('model')
     g.add_argument('--net', default='s3d', help='backbone: s3d, s3dg or r50')
-    g.add_argument('--moco-dim', dest='moco_dim', type=int, default=128, help='embedding size D')
-    g.add_argument('--moco-k', dest='moco_k', type=int, default=2048,
+    g.add_argument('--moco-dim', dest='moco_dim', type=POSITIVE, default=128,
+                   help='embedding size D')
+    g.add_argument('--moco-k', dest='moco_k', type=POSITIVE, default=2048,
                    help='queue length K; a multiple of the global batch')
-    g.add_argument('--moco-m', dest='moco_m', type=float, default=0.999,
+    g.add_argument('--moco-m', dest='moco_m', type=PROBABILITY, default=0.999,
                    help='momentum of the key encoder')
-    g.add_argument('--moco-t', dest='moco_t', type=float, default=0.07, help='temperature tau')
-    g.add_argument('--num_segments', type=int, default=4,
+    g.add_argument('--moco-t', dest='moco_t', type=POSITIVE_REAL, default=0.07,
+                   help='temperature tau')
+    g.add_argument('--num_segments', type=POSITIVE, default=4,
                    help='local segments L per clip (seq_len/L frames each)')
-    g.add_argument('--bn_splits', type=int, default=None,
+    g.add_argument('--bn_splits', type=POSITIVE, default=None,
                    help='groups of the shuffled key batch with their own BatchNorm statistics; '
                         'default 2 in a single process, 1 with several processes')
-    g.add_argument('--w_inter', type=float, default=None, help='weight of the inter loss')
-    g.add_argument('--w_intra', type=float, default=None, help='weight of the intra loss')
+    g.add_argument('--w_inter', type=NON_NEGATIVE_REAL, default=None,
+                   help='weight of the inter loss')
+    g.add_argument('--w_intra', type=NON_NEGATIVE_REAL, default=None,
+                   help='weight of the intra loss')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--batch_size', type=int, default=batch_size, help='batch size per process')
-    g.add_argument('--epochs', type=int, default=epochs)
-    g.add_argument('--schedule', type=int, nargs='*', default=schedule,
+    g.add_argument('--batch_size', type=POSITIVE, default=batch_size, help='batch size per process')
+    g.add_argument('--epochs', type=POSITIVE, default=epochs)
+    g.add_argument('--schedule', type=NON_NEGATIVE, nargs='*', default=schedule,
                    help='epochs at which the learning rate drops x0.1')
-    g.add_argument('--lr', type=float, default=lr, help='Adam learning rate')
-    g.add_argument('--wd', type=float, default=1e-5, help='Adam weight decay')
-    g.add_argument('--warmup', type=float, nargs='*', default=warmup,
+    g.add_argument('--lr', type=NON_NEGATIVE_REAL, default=lr, help='Adam learning rate')
+    g.add_argument('--wd', type=NON_NEGATIVE_REAL, default=1e-5, help='Adam weight decay')
+    g.add_argument('--warmup', type=NON_NEGATIVE_REAL, nargs='*', default=warmup,
                    help='learning-rate factors of the first epochs')
     g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')
-    g.add_argument('--iters_per_epoch', type=int, default=0,
-                   help='stop each epoch after this many iterations (0: whole epoch); for smoke tests')
+    g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0,
+                   help='stop each epoch after this many iterations (0: whole epoch); for '
+                        'smoke tests')
     g = p.add_argument_group('run')
     g.add_argument('--output_dir', default=str(PROJECT_ROOT / 'experiments'),
                    help='experiments are written to <output_dir>/<name_prefix><run name>/')
     g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
     g.add_argument('--resume', default='', help='checkpoint to continue from (exactly)')
-    g.add_argument('--save_freq', type=int, default=1, help='save every N epochs (and the last)')
-    g.add_argument('--print_freq', type=int, default=10, help='log every N iterations')
+    g.add_argument('--save_freq', type=POSITIVE, default=1,
+                   help='save every N epochs (and the last)')
+    g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     add_runtime_args(g)
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the encoders (slow first steps, faster afterwards)')
@@ -106,14 +114,15 @@ def add_data_args(parser, dataset_default, dataset_help):
     g.add_argument('--data_root', default=None,
                    help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
                         'data/ in the project folder')
-    g.add_argument('--which_split', type=int, default=1,
+    g.add_argument('--which_split', type=POSITIVE, default=1,
                    help='split k: train_split0k.csv / test_split0k.csv')
-    g.add_argument('--seq_len', type=int, default=32, help='frames per clip')
-    g.add_argument('--ds', type=int, default=1, help='frame stride of a clip')
-    g.add_argument('--img_dim', type=int, default=128,
+    g.add_argument('--seq_len', type=POSITIVE, default=32, help='frames per clip')
+    g.add_argument('--ds', type=POSITIVE, default=1, help='frame stride of a clip')
+    g.add_argument('--img_dim', type=POSITIVE, default=128,
                    help='crop size in pixels; test frames are resized to a short side of '
                         'round(img_dim * 8 / 7) before cropping')
-    g.add_argument('-j', '--workers', type=int, default=8, help='data-loader workers per process')
+    g.add_argument('-j', '--workers', type=NON_NEGATIVE, default=8,
+                   help='data-loader workers per process')
     g.add_argument('--legacy_flow_flip', action='store_true',
                    help="flip flow frames without negating the horizontal component (the "
                         "reference's bug)")
@@ -392,6 +401,8 @@ def _check_args(args, spec, global_batch, task):
         bad(f'--moco-k {args.moco_k} is not a multiple of the global batch {global_batch} '
             f'(--batch_size {args.batch_size} x {global_batch // args.batch_size} processes); '
             f'use --moco-k {lo or global_batch} or change --batch_size')
+    if args.crop_area[0] > args.crop_area[1]:
+        bad(f'--crop_area {args.crop_area[0]:g} {args.crop_area[1]:g}: give the smaller area first')
     if spec.views != 2:
         bad(f'--dataset {args.dataset}: pretraining needs two views per video; use '
             f'{args.dataset}-2clip')
