@@ -13,8 +13,6 @@
 """
 import argparse
 import json
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -31,8 +29,8 @@ from utils import distributed as du
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, PROBABILITY,
                           parse_args)
-from utils.engine import (MIN_SEGMENT_FRAMES, Prefetcher, begin_epoch, broadcast_state,
-                          check_finite, make_loader, open_run)
+from utils.engine import (MIN_SEGMENT_FRAMES, EpochMeter, Prefetcher, begin_epoch,
+                          broadcast_state, make_loader, open_run)
 from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
                         plain_args, seed_everything, topk_accuracy)
 
@@ -323,11 +321,7 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     device, amp_dtype = rt.device, rt.amp_dtype
     model.train()              # a linear probe's backbone stays in eval mode (LinearClassifier)
     params = [p for g in optimizer.param_groups for p in g['params']]
-    sums = defaultdict(lambda: torch.zeros((), device=device))
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    bar = tqdm(total=loader.steps, desc=f'epoch {epoch}', disable=not rt.is_main,
-               dynamic_ncols=True)
-    tic, seen, n = time.time(), 0, 0
+    meter = EpochMeter(epoch, loader.steps, device, rt.is_main, writer, args.print_freq)
     batches = Prefetcher(loader.epoch(epoch),
                          lambda b: (augment(b, device)[modality][:, 0],   # B x 3 x T x H x W
                                     b['label'].to(device, non_blocking=True)), device)
@@ -337,40 +331,18 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
                                 enabled=amp_dtype is not None):
                 logits = model(x).float()                                # B x classes
             loss = F.cross_entropy(logits, target)
-            first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), iteration,
-                                    first_bad)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             du.all_reduce_mean([p.grad for p in params if p.grad is not None])
             scaler.step(optimizer)
             scaler.update()
             top1, top5 = topk_accuracy(logits.detach(), target)
-            sums['loss'] += loss.detach()
-            sums['top1'] += 100 * top1
-            sums['top5'] += 100 * top5
-            n += 1
-            seen += len(target) * rt.info.world_size
+            meter.update(iteration, loss.detach(), len(target) * rt.info.world_size,
+                         optimizer.param_groups[-1]['lr'], {'top1': 100 * top1, 'top5': 100 * top5})
             iteration += 1
-            bar.update(1)
-            if n % args.print_freq == 0 or n == loader.steps:
-                check_finite(first_bad)
-                means = {k: float(v) / n for k, v in sums.items()}
-                bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.1f}')
-                if writer is not None:
-                    for k, v in means.items():
-                        writer.add_scalar(f'train/{k}', v, iteration)
-                    writer.add_scalar('train/lr', optimizer.param_groups[-1]['lr'], iteration)
     finally:
         batches.close()
-    bar.close()
-    check_finite(first_bad)
-    # Epoch metrics over every process (each ran the same number of steps).
-    keys = sorted(sums)
-    totals = torch.stack([sums[k] for k in keys])
-    du.all_reduce_mean([totals])
-    means = {k: float(v) / max(n, 1) for k, v in zip(keys, totals)}
-    means['samples_per_s'] = seen / max(time.time() - tic, 1e-9)
-    return means, iteration
+    return meter.close(), iteration
 
 
 @torch.no_grad()

@@ -97,3 +97,20 @@ def test_prefetcher_raises_the_threads_error_and_stops_early():
     next(endless)
     endless.close()                       # the thread is blocked on a full queue: it must stop
     assert not endless.thread.is_alive()
+
+
+def test_epoch_meter_means_over_reporting_steps_and_first_non_finite_iteration():
+    from utils.engine import EpochMeter
+    cpu = torch.device('cpu')
+    meter = EpochMeter(0, 2, cpu, show=False, writer=None, print_freq=10)
+    meter.update(5, torch.tensor(1.0), 4, 0.1, {'top1': torch.tensor(0.5)})
+    meter.update(6, torch.tensor(3.0), 4, 0.1, {'top1': torch.tensor(1.0),
+                                                'mining_acc': torch.tensor(0.25)})
+    means = meter.close()
+    assert (means['loss'], means['top1'], means['mining_acc']) == (2.0, 0.75, 0.25)
+    assert means['samples_per_s'] > 0
+    meter = EpochMeter(0, 3, cpu, show=False, writer=None, print_freq=10)
+    meter.update(7, torch.tensor(1.0), 4, 0.1, {'top1': torch.tensor(0.5)})
+    meter.update(8, torch.tensor(float('nan')), 4, 0.1, {'top1': torch.tensor(0.5)})
+    with pytest.raises(FloatingPointError, match='iteration 8'):   # read at the epoch's end
+        meter.update(9, torch.tensor(float('inf')), 4, 0.1, {'top1': torch.tensor(0.5)})

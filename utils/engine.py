@@ -540,54 +540,79 @@ def make_step(model, weights, optimizer, scaler, amp_dtype, device, cuda_graph):
     return lambda inputs: train_step(model, weights, inputs, optimizer, scaler, amp_dtype, device)
 
 
+class EpochMeter:
+    """One epoch's running metrics, kept on the device and read only every ``print_freq`` steps
+    (and at the end): sums, the first iteration whose loss is not finite, the progress bar (rank
+    0) and TensorBoard scalars. A metric's mean is over the steps that reported it."""
+
+    def __init__(self, epoch, steps, device, show, writer, print_freq):
+        self.sums = defaultdict(lambda: torch.zeros((), device=device))
+        self.counts = defaultdict(int)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not show, dynamic_ncols=True)
+        self.steps, self.writer, self.print_freq = steps, writer, print_freq
+        self.tic, self.seen, self.n = time.time(), 0, 0
+
+    def update(self, iteration, loss, samples, lr, metrics, **postfix):
+        """After the step numbered ``iteration``: its loss, ``samples`` over all processes, its
+        other ``metrics`` (device scalars); ``postfix``: what the bar shows besides them."""
+        self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), iteration,
+                                     self.first_bad)
+        for k, v in {'loss': loss.detach(), **metrics}.items():
+            self.sums[k] += v
+            self.counts[k] += 1
+        self.n += 1
+        self.seen += samples
+        self.bar.update(1)
+        if self.n % self.print_freq == 0 or self.n == self.steps:
+            check_finite(self.first_bad)
+            means = self.means()
+            self.bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3g}',
+                                 **postfix)
+            if self.writer is not None:
+                for k, v in means.items():
+                    self.writer.add_scalar(f'train/{k}', v, iteration + 1)
+                self.writer.add_scalar('train/lr', lr, iteration + 1)
+
+    def means(self, totals=None):
+        totals = totals or self.sums
+        out = {k: float(totals[k]) / self.counts[k] for k in self.sums}
+        out['samples_per_s'] = self.seen / max(time.time() - self.tic, 1e-9)
+        return out
+
+    def close(self):
+        """The epoch's means, averaged over every process (each ran the same steps)."""
+        self.bar.close()
+        check_finite(self.first_bad)
+        keys = sorted(self.sums)
+        if not keys:
+            return {'samples_per_s': 0.0}
+        totals = torch.stack([self.sums[k] for k in keys])
+        du.all_reduce_mean([totals])
+        return self.means(dict(zip(keys, totals)))
+
+
 def _train_one_epoch(model, step, task, loader, augment, lr, device, args, epoch, iteration,
                      writer, info):
     model.train()
-    sums = defaultdict(lambda: torch.zeros((), device=device))
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    bar = tqdm(total=loader.steps, desc=f'epoch {epoch}', disable=not info.is_main,
-               dynamic_ncols=True)
-    tic, seen, n = time.time(), 0, 0
+    meter = EpochMeter(epoch, loader.steps, device, info.is_main, writer, args.print_freq)
     batches = Prefetcher(loader.epoch(epoch),
                          lambda b: batch_inputs(b, task, augment, device, args), device)
     try:
         for inputs in batches:
             loss, terms, stats, ready = step(inputs)
-            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), iteration, first_bad)
-            # Metrics stay on the device; they are read only at logging intervals.
-            sums['loss'] += loss.detach()
-            for k, v in terms.items():
-                sums[f'loss_{k}'] += v.detach()
-            top1, top5 = topk_accuracy(stats['logits'], torch.zeros(len(stats['logits']),
-                                                                    dtype=torch.long, device=device))
-            sums['top1'] += top1
-            sums['top5'] += top5
-            sums['inter_top1'] += stats['inter_top1']
+            positives = torch.zeros(len(stats['logits']), dtype=torch.long, device=device)
+            top1, top5 = topk_accuracy(stats['logits'], positives)
+            metrics = {f'loss_{k}': v.detach() for k, v in terms.items()}
+            metrics.update(top1=top1, top5=top5, inter_top1=stats['inter_top1'])
             if 'mining_acc' in stats:
-                sums['mining_acc'] += stats['mining_acc']
-                sums['mining_n'] += 1
-            n += 1
-            seen += args.batch_size * info.world_size
+                metrics['mining_acc'] = stats['mining_acc']
+            meter.update(iteration, loss, args.batch_size * info.world_size, lr, metrics,
+                         ready=ready)
             iteration += 1
-            bar.update(1)
-            if n % args.print_freq == 0 or n == loader.steps:
-                check_finite(first_bad)
-                means = _means(sums, n)
-                rate = seen / (time.time() - tic)
-                bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3f}',
-                                ready=ready)
-                if writer is not None:
-                    for k, v in means.items():
-                        writer.add_scalar(f'train/{k}', v, iteration)
-                    writer.add_scalar('train/lr', lr, iteration)
-                    writer.add_scalar('train/samples_per_s', rate, iteration)
     finally:
         batches.close()
-    bar.close()
-    check_finite(first_bad)
-    means = _means(sums, max(n, 1))
-    means['samples_per_s'] = seen / max(time.time() - tic, 1e-9)
-    return means, iteration
+    return meter.close(), iteration
 
 
 @torch.no_grad()
@@ -599,13 +624,6 @@ def _check_replicas(model):
     if not torch.all(every == every[0]):
         raise RuntimeError(f'processes diverged: checksums {every.tolist()}')
     return float(mine)
-
-
-def _means(sums, n):
-    out = {k: float(v) / n for k, v in sums.items() if not k.startswith('mining')}
-    if 'mining_n' in sums and float(sums['mining_n']) > 0:
-        out['mining_acc'] = float(sums['mining_acc']) / float(sums['mining_n'])
-    return out
 
 
 def check_finite(first_bad):
