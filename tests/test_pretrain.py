@@ -174,7 +174,8 @@ def test_bad_pretrain_checkpoints(data_root, tmp_path):
     (['--iters_per_epoch', '-1'], 'argument --iters_per_epoch: -1 is not an integer >= 0'),
     (['--moco-t', '0'], 'argument --moco-t: 0 is not a number > 0'),
     (['--crop_area', '0', '1'], 'argument --crop_area: 0 is not a number in (0, 1]'),
-    (['--two_clip_prob', '1.5'], 'argument --two_clip_prob: 1.5 is not a number in [0, 1]')])
+    (['--two_clip_prob', '1.5'], 'argument --two_clip_prob: 1.5 is not a number in [0, 1]'),
+    (['--lr', 'nan'], 'argument --lr: nan is not a number >= 0')])
 def test_out_of_range_flags_are_refused_by_name(argv, message, capsys):
     from utils.config import parse_args
     with pytest.raises(SystemExit):

@@ -1,5 +1,6 @@
 """Command-line flags with TOML config files as defaults (a flag given on the command line wins)."""
 import argparse
+import math
 import tomllib
 from pathlib import Path
 
@@ -16,6 +17,8 @@ class Ranged:
     def ok(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float
                                                     else int):
+            return False
+        if not math.isfinite(value):   # nan and inf pass every comparison or none
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
