@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from utils.config import POSITIVE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROFILES = {
@@ -72,7 +74,7 @@ def main():
     p.add_argument('--device', default='auto')
     p.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
                    help="pretraining's --decode (where JPEG frames are decoded)")
-    p.add_argument('--pre_epochs', type=int, default=None,
+    p.add_argument('--pre_epochs', type=POSITIVE, default=None,
                    help="epochs of each pretraining stage (default: the profile's)")
     args = p.parse_args()
     prof = dict(PROFILES[args.profile])
