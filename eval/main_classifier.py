@@ -253,6 +253,9 @@ def train(args, rt, spec):
         start_epoch, iteration = resume['epoch'] + 1, resume['iteration']
         best_acc, best_epoch = resume.get('best_acc', 0.0), resume.get('best_epoch', -1)
         exp_dir = Path(args.resume).resolve().parent
+        if start_epoch >= args.epochs:
+            raise SystemExit(f'error: --resume {args.resume} ends at epoch {resume["epoch"]}: '
+                             f'--epochs {args.epochs} leaves nothing to train; give more epochs')
         say(f'=> resumed {args.resume} (epoch {resume["epoch"]}, iteration {iteration})'
             + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
     broadcast_state(model)

@@ -206,6 +206,9 @@ def test_finetune_resumes_exactly(data_root, pretrain_ckpt, tmp_path):
     groups = {g['name']: g['lr'] for g in b['optimizer']['param_groups']}
     assert groups == pytest.approx({'backbone': 1e-5, 'head': 1e-4})
     assert len(Path(straight / 'log.jsonl').read_text().splitlines()) == 2
+    with pytest.raises(SystemExit, match='leaves nothing to train'):   # resumed once too often
+        _train(data_root, tmp_path / 'c', '--epochs', '2', *common,
+               '--resume', str(resumed / 'last.pth.tar'))
     # Starting again in a folder that holds a run is refused (no silent overwrite).
     with pytest.raises(SystemExit, match='already holds a run'):
         _train(data_root, tmp_path / 'a', '--epochs', '2', *common)

@@ -113,6 +113,10 @@ def test_resume_equals_uninterrupted(data_root, tmp_path):
     for k in a['state_dict']:
         assert torch.equal(a['state_dict'][k], b['state_dict'][k]), k
     assert (straight / 'epoch0.pth.tar').exists()
+    # A finished run resumed with no epochs left to train says so instead of doing nothing.
+    with pytest.raises(SystemExit, match='ends at epoch 1: --epochs 2 leaves nothing to train'):
+        local_nce.main(common + ['--output_dir', str(tmp_path / 'cut'), '--resume',
+                                 str(cut / 'last.pth.tar')])
 
 
 def test_non_finite_loss_stops_with_iteration(data_root, tmp_path):

@@ -216,6 +216,9 @@ def train(args, task):
         start_epoch, iteration = ckpt['epoch'] + 1, ckpt['iteration']
         best_acc = ckpt.get('best_acc', 0.0)
         exp_dir = Path(args.resume).resolve().parent
+        if start_epoch >= args.epochs:
+            raise SystemExit(f'error: --resume {args.resume} ends at epoch {ckpt["epoch"]}: '
+                             f'--epochs {args.epochs} leaves nothing to train; give more epochs')
         say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {iteration})')
     else:
         task.load_pretrained(model, args)
