@@ -1,5 +1,6 @@
 """Checkpoints (SPEC §5): atomic writes, safe loading, and loads that say which keys mismatch."""
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,11 +43,22 @@ def load_checkpoint(path, flag='checkpoint', required=('state_dict',), what='che
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # pickle, zip and unpickler errors all mean the same thing here
         raise ValueError(f'{flag}: {path} is not a readable {what} ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0] if str(e) else ""})') from None
+                         f'{_load_error(e)})') from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f'{flag}: {path} has no {", ".join(missing)}; is it a {what}?')
     return ckpt
+
+
+def _load_error(e):
+    """The informative part of a ``torch.load`` error. For the weights-only unpickler's, that is
+    its reason (e.g. "Unsupported operand 249" for a corrupted file), not its advice to load
+    untrusted files with ``weights_only=False``."""
+    text = str(e)
+    reason = re.search(r'WeightsUnpickler error:\s*(.+?)(?:\n\n|$)', text, re.S)
+    if reason:
+        return reason.group(1).split('. ')[0].strip()
+    return text.splitlines()[0] if text else ''
 
 
 def sub_state_dict(state_dict, prefix):
