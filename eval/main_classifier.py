@@ -30,7 +30,7 @@ from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, PROBABILITY,
                           parse_args)
 from utils.engine import (MIN_SEGMENT_FRAMES, EpochMeter, Prefetcher, begin_epoch,
-                          broadcast_state, make_loader, open_run)
+                          broadcast_state, check_epochs_left, make_loader, open_run)
 from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
                         plain_args, seed_everything, topk_accuracy)
 
@@ -253,9 +253,7 @@ def train(args, rt, spec):
         start_epoch, iteration = resume['epoch'] + 1, resume['iteration']
         best_acc, best_epoch = resume.get('best_acc', 0.0), resume.get('best_epoch', -1)
         exp_dir = Path(args.resume).resolve().parent
-        if start_epoch >= args.epochs:
-            raise SystemExit(f'error: --resume {args.resume} ends at epoch {resume["epoch"]}: '
-                             f'--epochs {args.epochs} leaves nothing to train; give more epochs')
+        check_epochs_left(args, resume['epoch'])
         say(f'=> resumed {args.resume} (epoch {resume["epoch"]}, iteration {iteration})'
             + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
     broadcast_state(model)

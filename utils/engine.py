@@ -216,9 +216,7 @@ def train(args, task):
         start_epoch, iteration = ckpt['epoch'] + 1, ckpt['iteration']
         best_acc = ckpt.get('best_acc', 0.0)
         exp_dir = Path(args.resume).resolve().parent
-        if start_epoch >= args.epochs:
-            raise SystemExit(f'error: --resume {args.resume} ends at epoch {ckpt["epoch"]}: '
-                             f'--epochs {args.epochs} leaves nothing to train; give more epochs')
+        check_epochs_left(args, ckpt['epoch'])
         say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {iteration})')
     else:
         task.load_pretrained(model, args)
@@ -569,7 +567,7 @@ class EpochMeter:
         self.bar.update(1)
         if self.n % self.print_freq == 0 or self.n == self.steps:
             check_finite(self.first_bad)
-            means = self.means()
+            means = self.means(torch.stack(list(self.sums.values())))
             self.bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3g}',
                                  **postfix)
             if self.writer is not None:
@@ -577,9 +575,9 @@ class EpochMeter:
                     self.writer.add_scalar(f'train/{k}', v, iteration + 1)
                 self.writer.add_scalar('train/lr', lr, iteration + 1)
 
-    def means(self, totals=None):
-        totals = totals or self.sums
-        out = {k: float(totals[k]) / self.counts[k] for k in self.sums}
+    def means(self, totals):
+        """``totals``: the sums stacked in ``self.sums`` order, read from the device at once."""
+        out = {k: v / self.counts[k] for k, v in zip(self.sums, totals.tolist())}
         out['samples_per_s'] = self.seen / max(time.time() - self.tic, 1e-9)
         return out
 
@@ -587,12 +585,9 @@ class EpochMeter:
         """The epoch's means, averaged over every process (each ran the same steps)."""
         self.bar.close()
         check_finite(self.first_bad)
-        keys = sorted(self.sums)
-        if not keys:
-            return {'samples_per_s': 0.0}
-        totals = torch.stack([self.sums[k] for k in keys])
+        totals = torch.stack(list(self.sums.values()))
         du.all_reduce_mean([totals])
-        return self.means(dict(zip(keys, totals)))
+        return self.means(totals)
 
 
 def _train_one_epoch(model, step, task, loader, augment, lr, device, args, epoch, iteration,
@@ -627,6 +622,13 @@ def _check_replicas(model):
     if not torch.all(every == every[0]):
         raise RuntimeError(f'processes diverged: checksums {every.tolist()}')
     return float(mine)
+
+
+def check_epochs_left(args, last_epoch):
+    """A run resumed after its last epoch would train nothing: say so instead."""
+    if last_epoch + 1 >= args.epochs:
+        raise SystemExit(f'error: --resume {args.resume} ends at epoch {last_epoch}: '
+                         f'--epochs {args.epochs} leaves nothing to train; give more epochs')
 
 
 def check_finite(first_bad):
