@@ -10,7 +10,10 @@ multi-positive loss, plus the inter and intra local temporal losses.
 """
 from model.moco import LocalCoCLR
 from utils import engine
-from utils.config import NON_NEGATIVE_REAL, POSITIVE, PROBABILITY, parse_args
+from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
+
+# SPEC §4: total = (coclr + inter + intra)/3 (flags --w_coclr, --w_inter, --w_intra).
+WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
 
 
 def build_model(args):
@@ -46,7 +49,8 @@ def check_dataset(spec, args):
 
 
 def get_parser():
-    parser = engine.pretrain_parser(__doc__.split('\n\n')[0], lr=1e-3, warmup=[], batch_size=32,
+    parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2stream-2clip',
+                                    weights=WEIGHTS, lr=1e-3, warmup=[], batch_size=32,
                                     epochs=100, schedule=[80])
     g = parser.add_argument_group('CVTCL (cross-view co-training)')
     g.add_argument('--model', default='coclr', choices=['coclr'],
@@ -57,19 +61,11 @@ def get_parser():
                         'key encoder) and the frozen sampler of the other modality')
     g.add_argument('--reverse', action='store_true',
                    help='train the flow network with RGB mining (default: RGB with flow mining)')
-    g.add_argument('--topk', type=POSITIVE, default=5,
-                   help='positives mined per sample by the sampler')
+    g.add_argument('--topk', type=NON_NEGATIVE, default=5,
+                   help='positives mined per sample by the sampler (0: siblings only)')
     g.add_argument('--self_mask_prob', type=PROBABILITY, default=0.9,
                    help='probability that a batch drops the self positive where mined ones exist')
-    g.add_argument('--w_coclr', type=NON_NEGATIVE_REAL, default=1 / 3,
-                   help='weight of the CoCLR loss')
     return parser
-
-
-def loss_weights(args):
-    return {'coclr': args.w_coclr,
-            'inter': 1 / 3 if args.w_inter is None else args.w_inter,
-            'intra': 1 / 3 if args.w_intra is None else args.w_intra}
 
 
 def main(argv=None):
@@ -77,8 +73,11 @@ def main(argv=None):
     args = parse_args(parser, argv)
     if not args.pretrain or len(args.pretrain) != 2:
         parser.error('--pretrain TRAINED SAMPLER is required (a path or "random" each)')
-    task = engine.Task('coclr', build_model, load_pretrained, inputs, loss_weights(args),
-                       check_dataset)
+    if args.topk > args.moco_k:
+        parser.error(f'--topk {args.topk} mines more positives than the queue holds '
+                     f'(--moco-k {args.moco_k})')
+    task = engine.Task('coclr', build_model, load_pretrained, inputs,
+                       engine.loss_weights(args, WEIGHTS), check_dataset)
     return engine.train(args, task)
 
 

@@ -10,6 +10,9 @@ from model.moco import LocalInfoNCE
 from utils import engine
 from utils.config import parse_args
 
+# SPEC §4: total = global + inter/3 + intra (flags --w_global, --w_inter, --w_intra).
+WEIGHTS = {'global': 1.0, 'inter': 1 / 3, 'intra': 1.0}
+
 
 def build_model(args):
     return LocalInfoNCE(args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
@@ -35,9 +38,9 @@ def check_dataset(spec, args):
 
 
 def get_parser():
-    parser = engine.pretrain_parser(__doc__.split('\n\n')[0], lr=5e-4,
-                                    warmup=[0.01, 0.05, 0.1, 0.5], batch_size=8, epochs=300,
-                                    schedule=[250, 280])
+    parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2clip',
+                                    weights=WEIGHTS, lr=5e-4, warmup=[0.01, 0.05, 0.1, 0.5],
+                                    batch_size=8, epochs=300, schedule=[250, 280])
     parser.add_argument('--model', default='infonce', choices=['infonce'],
                         help='infonce: global + inter + intra (set --w_inter 0 --w_intra 0 for '
                              'plain MoCo)')
@@ -46,16 +49,10 @@ def get_parser():
     return parser
 
 
-def loss_weights(args):
-    return {'global': 1.0,
-            'inter': 1 / 3 if args.w_inter is None else args.w_inter,
-            'intra': 1.0 if args.w_intra is None else args.w_intra}
-
-
 def main(argv=None):
     args = parse_args(get_parser(), argv)
-    task = engine.Task('infonce', build_model, load_pretrained, inputs, loss_weights(args),
-                       check_dataset)
+    task = engine.Task('infonce', build_model, load_pretrained, inputs,
+                       engine.loss_weights(args, WEIGHTS), check_dataset)
     return engine.train(args, task)
 
 

@@ -224,8 +224,8 @@ def main(argv=None):
     p.add_argument('--frames', type=int, default=64, help='frames per video')
     p.add_argument('--iters', type=int, default=24, help='timed samples per pipeline')
     p.add_argument('--warmup', type=int, default=3, help='untimed samples first')
-    p.add_argument('--seq_len', type=int, default=32)
-    p.add_argument('--img_dim', type=int, default=128)
+    p.add_argument('--seq_len', type=int, default=32, help='frames per view')
+    p.add_argument('--img_dim', type=int, default=128, help='crop size of the views')
     p.add_argument('--quality', type=int, default=90, help='JPEG quality of the frames')
     p.add_argument('--batch', type=int, default=2,
                    help='samples per batch for the device-side (photometric) step on the CPU')

@@ -130,18 +130,20 @@ def data_only(kind, args, decode):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--workers', type=int, default=16)
-    p.add_argument('--batch_size', type=int, default=32)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='default: cuda when available')
+    p.add_argument('--workers', type=int, default=16, help='data-loader workers')
+    p.add_argument('--batch_size', type=int, default=32, help='samples per step')
     p.add_argument('--videos', type=int, default=96, help='distinct videos written')
     p.add_argument('--repeat', type=int, default=10,
                    help='times the split lists each video (the epoch length)')
-    p.add_argument('--frames', type=int, default=64)
-    p.add_argument('--steps', type=int, default=30)
-    p.add_argument('--warmup', type=int, default=8)
+    p.add_argument('--frames', type=int, default=64, help='frames per video')
+    p.add_argument('--steps', type=int, default=30, help='timed steps per row')
+    p.add_argument('--warmup', type=int, default=8, help='untimed steps first')
     p.add_argument('--device_batches', type=int, default=6,
                    help='loaded batches timed through batch_inputs alone')
-    p.add_argument('--models', nargs='+', default=['infonce', 'coclr'])
+    p.add_argument('--models', nargs='+', default=['infonce', 'coclr'],
+                   choices=['infonce', 'coclr'], help='training steps measured')
     p.add_argument('--decodes', nargs='+', default=['cpu', 'gpu', 'gpu-1t'],
                    choices=['cpu', 'gpu', 'gpu-1t'], help='data paths measured (GPU only)')
     p.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=True,

@@ -60,8 +60,8 @@ def main():
     p.add_argument('--workers', type=int, default=12, help="default: the demo's GPU profile")
     p.add_argument('--epochs', type=int, default=12, help='epochs per way (the first not counted)')
     p.add_argument('--step_ms', type=float, default=30.0, help='stand-in step time per batch')
-    p.add_argument('--seq_len', type=int, default=32)
-    p.add_argument('--img_dim', type=int, default=64)
+    p.add_argument('--seq_len', type=int, default=32, help='frames per view')
+    p.add_argument('--img_dim', type=int, default=64, help='crop size of the views')
     args = p.parse_args()
     if args.epochs < 2:
         p.error('--epochs must be at least 2 (the first is not counted)')

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import local_coclr
 import local_nce
 from backbone import build_backbone, layout
-from utils.engine import GraphedStep, compile_encoders, make_step, train_step
+from utils.engine import GraphedStep, compile_encoders, loss_weights, make_step, train_step
 
 
 PATHS = ('plain', 'plain-strict', 'fast', 'fast-graph', 'fast-graph-pad8', 'fast-ncdhw',
@@ -60,7 +60,7 @@ def make_model(kind, args, device, channels_last):
     model.to(device, memory_format=fmt).train()
     if kind == 'coclr':  # a full queue of distinct sources, so every step trains
         model.queue_vname.copy_(torch.arange(args.moco_k, device=device) + 10 ** 6)
-    return model, SCRIPTS[kind].loss_weights(ns)
+    return model, loss_weights(ns, SCRIPTS[kind].WEIGHTS)
 
 
 def make_inputs(kind, args, device, channels_last):
@@ -206,18 +206,23 @@ def backbone_forward_flops(args, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     cuda = torch.cuda.is_available()
-    p.add_argument('--device', default='cuda' if cuda else 'cpu')
-    p.add_argument('--net', default='s3d')
-    p.add_argument('--batch_size', type=int, default=32 if cuda else 4)
-    p.add_argument('--seq_len', type=int, default=32)
-    p.add_argument('--img_dim', type=int, default=128 if cuda else 64)
-    p.add_argument('--moco_k', type=int, default=2048)
-    p.add_argument('--steps', type=int, default=10 if cuda else 2)
-    p.add_argument('--warmup', type=int, default=3 if cuda else 1)
+    p.add_argument('--device', default='cuda' if cuda else 'cpu',
+                   help='default: cuda when available')
+    p.add_argument('--net', default='s3d', help='backbone')
+    p.add_argument('--batch_size', type=int, default=32 if cuda else 4,
+                   help='samples per step (default: 32 on a GPU, 4 on the CPU)')
+    p.add_argument('--seq_len', type=int, default=32, help='frames per view')
+    p.add_argument('--img_dim', type=int, default=128 if cuda else 64,
+                   help='crop size (default: 128 on a GPU, 64 on the CPU)')
+    p.add_argument('--moco_k', type=int, default=2048, help='queue length')
+    p.add_argument('--steps', type=int, default=10 if cuda else 2, help='timed steps per row')
+    p.add_argument('--warmup', type=int, default=3 if cuda else 1, help='untimed steps first')
     p.add_argument('--peak_tflops', type=float, default=0.0,
                    help='measured bf16 matmul peak of the device, for the utilisation column')
-    p.add_argument('--models', nargs='+', default=['infonce', 'coclr'])
-    p.add_argument('--paths', nargs='+', default=['plain', 'fast'], choices=PATHS)
+    p.add_argument('--models', nargs='+', default=['infonce', 'coclr'],
+                   choices=['infonce', 'coclr'], help='training steps measured')
+    p.add_argument('--paths', nargs='+', default=['plain', 'fast'], choices=PATHS,
+                   help='step variants measured (see the module docstring)')
     p.add_argument('--bn_splits', type=int, default=2,
                    help='shuffle-BN groups of the key batch (the engine\'s one-process default)')
     p.add_argument('--cpu_channels_last', action=argparse.BooleanOptionalAction, default=True,

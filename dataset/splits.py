@@ -26,7 +26,10 @@ def source_key(name):
 
 
 def read_split(path):
-    """Video names (``class/video``) of a split CSV, in file order."""
+    """Video names (``class/video``) of a split CSV, in file order.
+
+    A row whose frame count is 0 is skipped: such a video can make no clip, and the
+    reference's HMDB51 CSVs list a few that are not in the LMDBs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'split file not found: {path}')
@@ -34,6 +37,8 @@ def read_split(path):
     with open(path, newline='') as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or not row[0].strip():
+                continue
+            if len(row) > 1 and row[1].strip() == '0':
                 continue
             try:
                 names.append(video_name(row[0].strip()))

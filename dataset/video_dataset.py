@@ -59,7 +59,8 @@ def known_datasets(data_root):
 def layout(data_root, base, mode):
     """Paths of a dataset folder (SPEC §3) for ``mode`` ('train' or 'test')."""
     folder = Path(data_root) / base
-    kinetics = (folder / f'{base}_frame_train.lmdb').exists()
+    # Kinetics-style folders have one LMDB per part; a flow-only folder counts too.
+    kinetics = any((folder / f'{base}{kind}_frame_train.lmdb').exists() for kind in ('', '_tvl1'))
     part = ('train' if mode == 'train' else 'val') if kinetics else None
     suffix = f'_{part}' if part else ''
     return {
@@ -305,9 +306,18 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     class_file = info['folder'] / 'ClassInd.txt'
     if class_file.exists():
         classes = splits.read_class_index(class_file)
+    elif derived:
+        classes = {c: i for i, c in enumerate(derived['classes'])}
     else:
-        all_classes = derived['classes'] if derived else sorted({n.split('/')[0] for n in first.names})
-        classes = {c: i for i, c in enumerate(all_classes)}
+        # Sorted class names of every video, so that train and test number them alike: a
+        # Kinetics-style folder keeps the other part's videos in another LMDB.
+        names_of_all = set(first.names)
+        if info['kinetics']:
+            other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train')
+            other_db = other['rgb'] if spec.rgb else other['flow']
+            if other_db.exists():
+                names_of_all.update(VideoLMDB(other_db).names)
+        classes = {c: i for i, c in enumerate(sorted({n.split('/')[0] for n in names_of_all}))}
     labels = []
     for n in names:
         c = n.split('/')[0]

@@ -30,7 +30,8 @@ from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, PROBABILITY,
                           parse_args)
 from utils.engine import (MIN_SEGMENT_FRAMES, EpochMeter, Prefetcher, begin_epoch,
-                          broadcast_state, check_epochs_left, make_loader, open_run)
+                          broadcast_state, check_epochs_left, data_location, make_loader,
+                          open_run)
 from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
                         plain_args, seed_everything, topk_accuracy)
 
@@ -55,7 +56,7 @@ def build_parser():
                    help='ft: the backbone learns at lr x this (the reference: lr/10)')
     g.add_argument('--wd', type=NON_NEGATIVE_REAL, default=1e-3,
                    help='weight decay (all parameters)')
-    g.add_argument('--epochs', type=POSITIVE, default=10)
+    g.add_argument('--epochs', type=POSITIVE, default=10, help='training epochs')
     g.add_argument('--schedule', type=NON_NEGATIVE, nargs='*', default=[60, 80],
                    help='epochs at which the learning rate drops x0.1')
     g.add_argument('--color_jitter_prob', type=PROBABILITY, default=0.3,
@@ -187,8 +188,8 @@ def validation_videos(args, train_set, positions):
     if args.val_set == 'none':
         return positions, None, 'none'
     if args.val_set == 'test':
-        test_set = build_dataset(args.dataset, 'test', data_root=args.data_root,
-                                 seq_len=args.seq_len, ds=args.ds, img_dim=args.img_dim, split=k)
+        test_set = build_dataset(args.dataset, 'test', **data_location(args),
+                                 seq_len=args.seq_len, ds=args.ds, img_dim=args.img_dim)
         videos = ve.Videos(test_set, ve.spread_indices(len(test_set), args.max_videos))
         return positions, videos, (f'TEST split {k} ({len(videos)} videos; the reference '
                                    f'validates on the test split, so the best checkpoint is '
@@ -213,9 +214,9 @@ def train(args, rt, spec):
         pretrained = load_checkpoint(args.pretrain, '--pretrain')
     seed_everything(args.seed + info.rank)
     modality = 'flow' if spec.flow else 'rgb'
-    train_set = build_dataset(args.dataset, 'train', data_root=args.data_root,
+    train_set = build_dataset(args.dataset, 'train', **data_location(args),
                               seq_len=args.seq_len, ds=args.ds, img_dim=args.img_dim,
-                              split=args.which_split, strong_prob=args.color_jitter_prob,
+                              strong_prob=args.color_jitter_prob,
                               negate_flow_flip=not args.legacy_flow_flip)
     positions = ve.spread_indices(len(train_set), args.max_videos)
     positions, val_videos, val_desc = validation_videos(args, train_set, positions)
@@ -381,8 +382,8 @@ def run_test(args, rt):
     if checkpoint_kind(ckpt['state_dict'], source) == 'pretrain':
         raise SystemExit(f'error: {source} is a pretraining checkpoint (encoder_q.*): it has no '
                          f'classifier. Finetune or linear-probe it first, or use --retrieval')
-    test_set = build_dataset(args.dataset, 'test', data_root=args.data_root, seq_len=args.seq_len,
-                             ds=args.ds, img_dim=args.img_dim, split=args.which_split)
+    test_set = build_dataset(args.dataset, 'test', **data_location(args), seq_len=args.seq_len,
+                             ds=args.ds, img_dim=args.img_dim)
     model = LinearClassifier(args.net, test_set.num_classes, args.train_what, args.dropout)
     load_pretrained(model, ckpt['state_dict'], source)    # another class count: shape error
     if 'classes' in ckpt and list(ckpt['classes']) != list(test_set.classes):

@@ -24,6 +24,7 @@ from dataset import build_dataset
 from dataset.augment import resize_short_side
 from model.classifier import backbone_weights
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
+from utils.engine import data_location
 from utils.misc import PROJECT_ROOT
 from . import video_eval as ve
 
@@ -92,12 +93,22 @@ def weights_id(test, seed):
     return f'random-seed{seed}' if test == 'random' else 'sha256:' + file_sha256(test)
 
 
-def cache_key(args, part, weights, names):
-    """Everything the features of one set depend on (``names``: its videos, in order)."""
+def lmdb_identity(path):
+    """Where an LMDB is and which version of it: real path, size and modification time of its
+    data file (a rewritten LMDB under the same path is another one)."""
+    path = Path(path).resolve()
+    st = (path / 'data.mdb' if path.is_dir() else path).stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def cache_key(args, part, weights, videos):
+    """Everything the features of one set depend on: the weights, the settings, and the frames
+    of ``videos`` (a :class:`video_eval.Videos`: which videos in which order, from which LMDBs)."""
     return {'version': CACHE_VERSION, 'weights': weights, 'net': args.net, 'dataset': args.dataset,
             'split': args.which_split, 'part': part, 'seq_len': args.seq_len, 'ds': args.ds,
             'img_dim': args.img_dim, 'feature_l2norm': args.feature_l2norm,
-            'videos': hashlib.sha256('\n'.join(names).encode()).hexdigest()}
+            'videos': hashlib.sha256('\n'.join(videos.names).encode()).hexdigest(),
+            'lmdbs': {m: lmdb_identity(db.path) for m, db in sorted(videos.dataset.lmdbs.items())}}
 
 
 def cache_file(folder, key):
@@ -155,8 +166,8 @@ def feature_fn(backbone, l2norm):
 def split_videos(args, part):
     """The videos of ``part`` ('train' or 'test') of ``--which_split``, each item holding every
     test window (limited by ``--max_videos``), as :class:`video_eval.Videos`."""
-    ds = build_dataset(args.dataset, part, data_root=args.data_root, seq_len=args.seq_len,
-                       ds=args.ds, img_dim=args.img_dim, split=args.which_split)
+    ds = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
+                       ds=args.ds, img_dim=args.img_dim)
     if part == 'train':
         ds = ve.with_test_windows(ds, f'dataset {args.dataset!r} (train split)')
     return ve.Videos(ds, ve.spread_indices(len(ds), args.max_videos))
@@ -165,7 +176,7 @@ def split_videos(args, part):
 def extract_features(args, part, videos, backbone, weights, rt, folder):
     """Features of every video of ``videos`` (from the cache when it holds this exact key):
     ``{'features': [N, F], 'labels', 'sources', 'names', 'classes', 'key'}``."""
-    key = cache_key(args, part, weights, videos.names)
+    key = cache_key(args, part, weights, videos)
     path = cache_file(folder, key)
     cached = read_cache(path, key)
     if cached is not None:

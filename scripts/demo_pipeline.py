@@ -65,13 +65,14 @@ def only_dir(parent):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--profile', choices=sorted(PROFILES), default='cpu')
+    p.add_argument('--profile', choices=sorted(PROFILES), default='cpu',
+                   help='stage lengths and sizes: cpu (a short check) or gpu (full length)')
     p.add_argument('--output_dir', default=str(ROOT / 'experiments' / 'demo_pipeline'),
                    help='all runs of the pipeline go here (must not exist yet)')
     p.add_argument('--data_root', default=None, help='default: the project data root')
     p.add_argument('--results', default=str(ROOT / 'docs' / 'RESULTS.md'),
                    help='markdown file the results table is written to')
-    p.add_argument('--device', default='auto')
+    p.add_argument('--device', default='auto', help="every stage's --device")
     p.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
                    help="pretraining's --decode (where JPEG frames are decoded)")
     p.add_argument('--pre_epochs', type=POSITIVE, default=None,

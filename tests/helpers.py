@@ -126,8 +126,9 @@ def write_toy_dataset(root, name='toy', videos=None, *, height=40, width=48, flo
     for split, names in (('train', train), ('test', test)):
         names = list(videos) if names is None else names
         with open(os.path.join(folder, f'{split}_split01.csv'), 'w') as f:
-            # Paths as the published CSVs have them: a prefix and a trailing slash.
-            f.writelines(f'/data/frames/{n}/,{videos.get(n, 0)}\n' for n in names)
+            # Paths as the published CSVs have them: a prefix and a trailing slash. A video
+            # missing from the LMDB gets a non-zero count (rows of count 0 are skipped).
+            f.writelines(f'/data/frames/{n}/,{videos.get(n, 30)}\n' for n in names)
     if sources is None:
         sources = {n.split('/')[1].rsplit('_c', 1)[0]: i for i, n in enumerate(videos)}
     with open(os.path.join(folder, 'video_source.json'), 'w') as f:

@@ -202,6 +202,25 @@ def test_parameters_shared_across_frames_and_modalities():
     assert (out[0] - out[1]).abs().max() > 1e-3 or (p['factors'][0] == p['factors'][1]).all()
 
 
+@pytest.mark.parametrize('on_flow', [True, False])
+def test_device_augment_photometric_on_flow(on_flow):
+    # The same uint8 content as RGB and flow, every view strong: with photometric_on_flow the
+    # flow views get exactly the RGB views' change (one draw per view), without it none.
+    g = torch.Generator().manual_seed(3)
+    views = torch.randint(0, 256, (4, 2, 3, 3, 10, 10), dtype=torch.uint8, generator=g)
+    batch = {'rgb': views, 'flow': views.clone(), 'strong': torch.ones(4, 2, dtype=torch.bool)}
+    aug = augment.DeviceAugment(photometric_on_flow=on_flow,
+                                photometric=Photometric(jitter_prob=1.0), seed=0)
+    out = aug(batch, torch.device('cpu'))
+    plain = normalize(views.flatten(0, 1).float() / 255).transpose(1, 2).reshape(out['rgb'].shape)
+    assert out['rgb'].shape == (4, 2, 3, 3, 10, 10)
+    assert (out['rgb'] - plain).abs().max() > 0.05                  # RGB is always jittered
+    if on_flow:
+        assert torch.equal(out['flow'], out['rgb'])
+    else:
+        assert torch.allclose(out['flow'], plain, atol=1e-6)
+
+
 def test_hue_zero_is_identity():
     x = _video(3, T=2)
     p = _params(3, jitter=True, factors=(1.0, 1.0, 1.0, 0.0))

@@ -309,6 +309,48 @@ def test_ucf101_splits_derived_from_names(tmp_path):
     assert src['Archery/v_Archery_g08_c01'] != src['ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01']
 
 
+def write_kinetics(folder, base, lengths, modalities=('', '_tvl1')):
+    """A Kinetics-style folder: one LMDB per part and modality, {train,val}_split.csv."""
+    folder.mkdir(parents=True)
+    for part, videos in lengths.items():
+        for kind in modalities:
+            write_raw_lmdb(folder / f'{base}{kind}_frame_{part}.lmdb',
+                           [(n, jpeg_bytes(position_frames(k, H, W))) for n, k in videos.items()])
+        (folder / f'{part}_split.csv').write_text(
+            ''.join(f'{n},{k}\n' for n, k in videos.items()))
+
+
+@pytest.mark.parametrize('name,modalities', [('k4-2clip', ('', '_tvl1')),
+                                             ('k4-f-2clip', ('_tvl1',))])
+def test_kinetics_layout(tmp_path, name, modalities):
+    # SPEC §3: <name>_frame_{train,val}.lmdb, {train,val}_split.csv, val as the test set, and
+    # the stricter drop rule n <= seq_len * ds + 1 (9 frames dropped, 10 kept at seq_len 8).
+    train = {'bowling/a': 9, 'bowling/b': 10, 'skiing/c': 12}
+    write_kinetics(tmp_path / 'k4', 'k4', {'train': train, 'val': {'skiing/d': 14}}, modalities)
+    data = build(tmp_path, name)
+    assert data.names == ['bowling/b', 'skiing/c'] and data.dropped == ['bowling/a']
+    assert data.classes == ['bowling', 'skiing']
+    test = build(tmp_path, name.replace('-2clip', ''), mode='test')
+    assert test.names == ['skiing/d'] and test.labels == [1]
+
+
+def test_split_rows_without_frames_are_skipped(tmp_path):
+    # The reference's HMDB51 CSVs list a few videos with 0 frames that are not in the LMDBs.
+    folder = write_toy_dataset(tmp_path, 'toy', VIDEOS)
+    csv = os.path.join(folder, 'train_split01.csv')
+    with open(csv, 'a') as f:
+        f.write('/data/frames/Beta/v_Beta_g09_c01/,0\n')
+    assert build(tmp_path, 'toy-2clip').names == list(VIDEOS)
+
+
+def test_data_root_from_environment(tmp_path, monkeypatch):
+    from dataset import default_data_root
+    write_toy_dataset(tmp_path, 'toy', VIDEOS)
+    monkeypatch.setenv('CVTCL_DATA_ROOT', str(tmp_path))
+    assert default_data_root() == tmp_path
+    assert build_dataset('toy-2clip', 'train', seq_len=SEQ, img_dim=IMG).names == list(VIDEOS)
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 def test_unknown_dataset_lists_known_ones(root):

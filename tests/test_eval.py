@@ -281,8 +281,20 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
     shutil.copy(checkpoints['pre0'], copy)
     _eval(data_root, '--test', str(copy), *common)
     assert capsys.readouterr().out.count('features: cached') == 2
-    key = retrieval.cache_key(main_classifier.build_parser().parse_args(
-        ['--test', 'x', '--dataset', 'tiny', *TINY]), 'test', 'sha256:0', ['A/a'])
+    # The same frames read from another LMDB (--rgb_lmdb): not taken from the cache, but the
+    # same features.
+    lmdb = data_root / 'tiny' / 'tiny_frame.lmdb'
+    moved = tmp_path / 'moved' / 'frames.lmdb'
+    moved.parent.mkdir()
+    (shutil.copytree if lmdb.is_dir() else shutil.copy)(lmdb, moved)
+    elsewhere = _eval(data_root, '--test', str(checkpoints['pre0']), *common,
+                      '--rgb_lmdb', str(moved))
+    assert capsys.readouterr().out.count('features: computing') == 2
+    assert elsewhere['recall'] == first['recall']
+    args = parse_args(main_classifier.build_parser(),
+                      ['--test', 'x', '--dataset', 'tiny', '--data_root', str(data_root), *TINY])
+    key = retrieval.cache_key(args, 'test', 'sha256:0', retrieval.split_videos(args, 'test'))
+    assert key['lmdbs'] == {'rgb': retrieval.lmdb_identity(lmdb)}
     assert retrieval.cache_file(cache, key) != retrieval.cache_file(
         cache, {**key, 'weights': 'sha256:1'})
 

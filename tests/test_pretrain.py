@@ -222,3 +222,55 @@ def test_config_file_defaults_and_overrides(tmp_path):
     cfg.write_text('no_such_flag = 1\n')
     with pytest.raises(SystemExit):
         parse_args(local_nce.get_parser(), ['--config', str(cfg)])
+
+
+def test_loss_weights_and_defaults_of_each_script():
+    # SPEC §4: local_nce.py total = global + inter/3 + intra; local_coclr.py (coclr + inter +
+    # intra)/3; each weight a flag.
+    from utils.config import parse_args
+    from utils.engine import loss_weights
+    a = parse_args(local_nce.get_parser(), [])
+    assert loss_weights(a, local_nce.WEIGHTS) == {'global': 1.0, 'inter': 1 / 3, 'intra': 1.0}
+    assert a.dataset == 'ucf101-2clip'
+    a = parse_args(local_nce.get_parser(), ['--w_global', '0.5', '--w_intra', '0'])
+    assert loss_weights(a, local_nce.WEIGHTS) == {'global': 0.5, 'inter': 1 / 3, 'intra': 0.0}
+    c = parse_args(local_coclr.get_parser(), [])
+    assert loss_weights(c, local_coclr.WEIGHTS) == {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
+    assert c.dataset == 'ucf101-2stream-2clip'
+    assert parse_args(local_coclr.get_parser(), ['--topk', '0']).topk == 0   # siblings only
+
+
+def test_topk_larger_than_the_queue_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        local_coclr.main(['--pretrain', 'random', 'random', '--topk', '9', '--moco-k', '8'])
+    assert '--topk 9 mines more positives than the queue holds (--moco-k 8)' in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize('reverse', [False, True])
+def test_reverse_swaps_the_trained_and_the_mining_modality(reverse):
+    from utils.config import parse_args
+    flags = ['--pretrain', 'random', 'random'] + (['--reverse'] if reverse else [])
+    args = parse_args(local_coclr.get_parser(), flags)
+    views = {m: torch.randn(2, 2, 3, 4, 8, 8) for m in ('rgb', 'flow')}
+    batch = {'source': torch.tensor([3, 4]), 'label': torch.tensor([0, 1])}
+    x = local_coclr.inputs(views, batch, torch.device('cpu'), args)
+    trained, other = ('flow', 'rgb') if reverse else ('rgb', 'flow')
+    assert torch.equal(x['view1'], views[trained][:, 0])
+    assert torch.equal(x['view2'], views[trained][:, 1])
+    assert torch.equal(x['other_view2'], views[other][:, 1])
+    assert torch.equal(x['source'], batch['source'])
+
+
+def test_learning_rate_warmup_then_steps():
+    # SPEC §4: local InfoNCE warms up over 5 epochs (1/100, 1/20, 1/10, 1/2, 1 of lr), then
+    # x0.1 at each --schedule epoch.
+    from utils.config import parse_args
+    from utils.misc import learning_rate
+    a = parse_args(local_nce.get_parser(), [])
+    rates = [learning_rate(a.lr, e, a.schedule, a.warmup) for e in (0, 1, 2, 3, 4, 249, 250, 280)]
+    expected = [5e-6, 2.5e-5, 5e-5, 2.5e-4, 5e-4, 5e-4, 5e-5, 5e-6]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    c = parse_args(local_coclr.get_parser(), ['--pretrain', 'random', 'random'])
+    assert [learning_rate(c.lr, e, c.schedule, c.warmup) for e in (0, 79, 80)] == \
+        pytest.approx([1e-3, 1e-3, 1e-4], rel=1e-12)

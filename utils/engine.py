@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from backbone import BACKBONES
 from backbone.layout import use_2d_kernels
-from dataset import DatasetName, build_dataset, default_data_root
+from dataset import DatasetName, build_dataset
 from dataset.augment import DeviceAugment
 from dataset.loader import TrainLoader
 from dataset.video_dataset import decode_on_device
@@ -34,12 +34,14 @@ from .misc import (PROJECT_ROOT, append_jsonl, epoch_seed, format_args, git_revi
 MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}
 
 
-def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
-    """Flags of both pretraining scripts; the defaults given are each script's (seed's) own."""
+def pretrain_parser(description, *, dataset, weights, lr, warmup, batch_size, epochs,
+                    schedule):
+    """Flags of both pretraining scripts; the defaults given are each script's (seed's) own.
+    ``weights``: loss term -> default weight, one flag ``--w_<term>`` each (SPEC §4)."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--config', help='TOML file of flag defaults (configs/); flags given here win')
-    g = add_data_args(p, 'ucf101-2clip',
+    g = add_data_args(p, dataset,
                       '<name>[-f][-2stream]-2clip, e.g. ucf101-2clip (RGB), ucf101-f-2clip (flow), '
                       'ucf101-2stream-2clip (both), demo-2clip (built-in)')
     g.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
@@ -72,13 +74,12 @@ def pretrain_parser(description, *, lr, warmup, batch_size, epochs, schedule):
     g.add_argument('--bn_splits', type=POSITIVE, default=None,
                    help='groups of the shuffled key batch with their own BatchNorm statistics; '
                         'default 2 in a single process, 1 with several processes')
-    g.add_argument('--w_inter', type=NON_NEGATIVE_REAL, default=None,
-                   help='weight of the inter loss')
-    g.add_argument('--w_intra', type=NON_NEGATIVE_REAL, default=None,
-                   help='weight of the intra loss')
+    for term, weight in weights.items():
+        g.add_argument(f'--w_{term}', type=NON_NEGATIVE_REAL, default=weight,
+                       help=f'weight of the {term} loss')
     g = p.add_argument_group('optimisation')
     g.add_argument('--batch_size', type=POSITIVE, default=batch_size, help='batch size per process')
-    g.add_argument('--epochs', type=POSITIVE, default=epochs)
+    g.add_argument('--epochs', type=POSITIVE, default=epochs, help='training epochs')
     g.add_argument('--schedule', type=NON_NEGATIVE, nargs='*', default=schedule,
                    help='epochs at which the learning rate drops x0.1')
     g.add_argument('--lr', type=NON_NEGATIVE_REAL, default=lr, help='Adam learning rate')
@@ -126,12 +127,28 @@ def add_data_args(parser, dataset_default, dataset_help):
     g.add_argument('--legacy_flow_flip', action='store_true',
                    help="flip flow frames without negating the horizontal component (the "
                         "reference's bug)")
+    g.add_argument('--rgb_lmdb', default=None, metavar='PATH',
+                   help='RGB frame LMDB to read instead of the layout\'s '
+                        '<data_root>/<name>/<name>_frame.lmdb (for train and test alike)')
+    g.add_argument('--flow_lmdb', default=None, metavar='PATH',
+                   help='flow frame LMDB to read instead of <data_root>/<name>/'
+                        '<name>_tvl1_frame.lmdb (for train and test alike)')
+    g.add_argument('--split_dir', default=None, metavar='DIR',
+                   help='folder of the split CSVs, ClassInd.txt and video_source.json, instead '
+                        'of <data_root>/<name>/')
     return g
+
+
+def data_location(args):
+    """``build_dataset`` keywords for where the data of ``args`` is (the data flags)."""
+    return {'data_root': args.data_root, 'split': args.which_split, 'rgb_lmdb': args.rgb_lmdb,
+            'flow_lmdb': args.flow_lmdb, 'split_dir': args.split_dir}
 
 
 def add_runtime_args(g):
     """Device, precision and launcher flags every script shares."""
-    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto')
+    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
+                   help='auto = cuda when available')
     g.add_argument('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
                    help='mixed precision; auto = bf16 on CUDA GPUs that support it, else off')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=True,
@@ -150,6 +167,11 @@ class Task:
     inputs: Callable                             # (views dict, batch, device, args) -> forward kwargs
     weights: dict                                # loss term -> weight
     check_dataset: Callable = lambda spec, args: None
+
+
+def loss_weights(args, terms):
+    """The ``--w_<term>`` weight of each loss term in ``terms``."""
+    return {term: getattr(args, f'w_{term}') for term in terms}
 
 
 def amp_dtype_of(args, device):
@@ -175,11 +197,10 @@ def train(args, task):
     _check_args(args, spec, global_batch, task)
 
     seed_everything(args.seed + info.rank)
-    data_root = args.data_root or default_data_root()
     if args.decode == 'gpu' and device.type != 'cuda':
         raise SystemExit('error: --decode gpu needs a CUDA device (--device cuda)')
-    dataset = build_dataset(args.dataset, 'train', data_root=data_root, seq_len=args.seq_len,
-                            ds=args.ds, img_dim=args.img_dim, split=args.which_split,
+    dataset = build_dataset(args.dataset, 'train', **data_location(args), seq_len=args.seq_len,
+                            ds=args.ds, img_dim=args.img_dim,
                             negate_flow_flip=not args.legacy_flow_flip,
                             decode='device' if args.decode == 'gpu' else 'cpu',
                             two_clip_prob=args.two_clip_prob,
