@@ -11,6 +11,7 @@ multi-positive loss, plus the inter and intra local temporal losses.
 from model.moco import LocalCoCLR
 from utils import engine
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
+from utils.misc import run_main
 
 # SPEC §4: total = (coclr + inter + intra)/3 (flags --w_coclr, --w_inter, --w_intra).
 WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
@@ -24,12 +25,14 @@ def build_model(args):
 
 def load_pretrained(model, args):
     trained, sampler = args.pretrain
-    for path, encoders, role in ((trained, (model.encoder_q,), 'trained network'),
-                                 (sampler, (model.sampler,), 'sampler')):
+    main, other = ('flow', 'rgb') if args.reverse else ('rgb', 'flow')
+    for path, encoder, role, modality in ((trained, model.encoder_q, 'trained network', main),
+                                          (sampler, model.sampler, 'sampler', other)):
         if path == 'random':
             print(f'=> --pretrain: {role} left randomly initialised (asked with "random")')
             continue
-        epoch = engine.load_encoder(encoders[0], path, f'--pretrain ({role})')
+        epoch = engine.load_encoder(encoder, path, f'--pretrain ({role}, {modality.upper()})',
+                                    modality)
         print(f'=> {role} initialised from {path} (epoch {epoch})')
     model.encoder_k.load_state_dict(model.encoder_q.state_dict())
 
@@ -82,4 +85,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

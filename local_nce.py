@@ -9,6 +9,7 @@ clip-level InfoNCE loss plus the inter and intra local temporal losses.
 from model.moco import LocalInfoNCE
 from utils import engine
 from utils.config import parse_args
+from utils.misc import run_main
 
 # SPEC §4: total = global + inter/3 + intra (flags --w_global, --w_inter, --w_intra).
 WEIGHTS = {'global': 1.0, 'inter': 1 / 3, 'intra': 1.0}
@@ -21,7 +22,8 @@ def build_model(args):
 
 def load_pretrained(model, args):
     if args.pretrain:
-        epoch = engine.load_encoder(model.encoder_q, args.pretrain, '--pretrain')
+        epoch = engine.load_encoder(model.encoder_q, args.pretrain, '--pretrain',
+                                    engine.modality_of(args.dataset))
         model.encoder_k.load_state_dict(model.encoder_q.state_dict())
         print(f'=> initialised from {args.pretrain} (epoch {epoch})')
 
@@ -57,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -21,7 +21,7 @@ from eval import video_eval as ve
 from utils import distributed as du
 from utils.config import FRACTION, POSITIVE, POSITIVE_REAL, parse_args
 from utils.engine import MIN_SEGMENT_FRAMES
-from utils.misc import format_args, git_revision, plain_args
+from utils.misc import format_args, git_revision, plain_args, run_main
 
 
 def build_parser():
@@ -104,7 +104,7 @@ def run(args, rt):
     acc = top_k(probe, x_test, y_test)
     out = Path(args.output_dir) if args.output_dir else retrieval.experiment_dir(args)
     out.mkdir(parents=True, exist_ok=True)
-    stem = 'random' if args.test == 'random' else ve.checkpoint_stem(args.test)
+    stem = ve.result_stem(args.test, args.output_dir)
     path = out / f'{stem}_feature_probe_{args.dataset}_split{args.which_split}.json'
     path.write_text(json.dumps({'checkpoint': args.test, 'weights': weights, 'C': C,
                                 'holdout_accuracy': {str(c): a for c, a in scores.items()},
@@ -117,4 +117,4 @@ def run(args, rt):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

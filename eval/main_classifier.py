@@ -30,10 +30,11 @@ from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, PROBABILITY,
                           parse_args)
 from utils.engine import (MIN_SEGMENT_FRAMES, EpochMeter, Prefetcher, begin_epoch,
-                          broadcast_state, check_epochs_left, data_location, make_loader,
-                          open_run)
-from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision, learning_rate,
-                        plain_args, seed_everything, topk_accuracy)
+                          broadcast_state, check_epochs_left, check_fresh_run, check_modality,
+                          check_resume, data_location, make_loader, modality_of, open_run)
+from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision,
+                        interrupted_message, learning_rate, plain_args, seed_everything,
+                        run_main, topk_accuracy, trim_log)
 
 
 def build_parser():
@@ -210,8 +211,14 @@ def train(args, rt, spec):
     # Checkpoints are read first: a wrong path fails before any data is touched.
     resume = load_checkpoint(args.resume, '--resume') if args.resume else None
     pretrained = None
-    if resume is None and args.pretrain != 'random':
+    if resume is not None:
+        if checkpoint_kind(resume['state_dict'], f'--resume {args.resume}') == 'pretrain':
+            raise SystemExit(f'error: --resume {args.resume} is a pretraining checkpoint; start a '
+                             f'classifier from it with --pretrain {args.resume}')
+        check_resume(resume, args, info.world_size)
+    elif args.pretrain != 'random':
         pretrained = load_checkpoint(args.pretrain, '--pretrain')
+        check_modality(pretrained, modality_of(args.dataset), f'--pretrain {args.pretrain}')
     seed_everything(args.seed + info.rank)
     modality = 'flow' if spec.flow else 'rgb'
     train_set = build_dataset(args.dataset, 'train', **data_location(args),
@@ -238,9 +245,7 @@ def train(args, rt, spec):
             new = ', '.join(model.head_keys()) if kind == 'pretrain' else 'nothing'
             say(f'=> initialised from {args.pretrain} ({kind} checkpoint, epoch '
                 f'{pretrained.get("epoch")}); newly initialised: {new}')
-        if info.is_main and (exp_dir / 'last.pth.tar').exists():
-            raise SystemExit(f'error: {exp_dir} already holds a run; continue it with --resume '
-                             f'{exp_dir / "last.pth.tar"} or choose --name_prefix/--output_dir')
+        check_fresh_run(exp_dir)
     model.to(device, memory_format=rt.memory_format)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
@@ -255,6 +260,8 @@ def train(args, rt, spec):
         best_acc, best_epoch = resume.get('best_acc', 0.0), resume.get('best_epoch', -1)
         exp_dir = Path(args.resume).resolve().parent
         check_epochs_left(args, resume['epoch'])
+        if info.is_main:
+            trim_log(exp_dir / 'log.jsonl', start_epoch)
         say(f'=> resumed {args.resume} (epoch {resume["epoch"]}, iteration {iteration})'
             + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
     broadcast_state(model)
@@ -302,14 +309,14 @@ def train(args, rt, spec):
                          'optimizer': optimizer.state_dict(), 'iteration': iteration,
                          'best_acc': best_acc, 'best_epoch': best_epoch, 'val_set': val_desc,
                          'scaler': scaler.state_dict(), 'classes': list(train_set.classes),
-                         'args': plain_args(args)}
+                         'args': plain_args(args), 'world_size': info.world_size}
                 save_checkpoint(state, exp_dir / 'last.pth.tar',
                                 *([exp_dir / 'best.pth.tar'] if is_best else []))
                 if is_best:
                     say(f'=> best so far ({args.val_set} top1 {best_acc:.2f}): '
                         f'{exp_dir / "best.pth.tar"}')
     except KeyboardInterrupt:
-        say(f'\n=> interrupted; the last good checkpoint is {exp_dir / "last.pth.tar"}')
+        say(interrupted_message(exp_dir))
         raise
     finally:
         if writer is not None:
@@ -382,6 +389,7 @@ def run_test(args, rt):
     if checkpoint_kind(ckpt['state_dict'], source) == 'pretrain':
         raise SystemExit(f'error: {source} is a pretraining checkpoint (encoder_q.*): it has no '
                          f'classifier. Finetune or linear-probe it first, or use --retrieval')
+    check_modality(ckpt, modality_of(args.dataset), source)
     test_set = build_dataset(args.dataset, 'test', **data_location(args), seq_len=args.seq_len,
                              ds=args.ds, img_dim=args.img_dim)
     model = LinearClassifier(args.net, test_set.num_classes, args.train_what, args.dropout)
@@ -411,7 +419,8 @@ def run_test(args, rt):
     summaries = ve.crop_summaries(probs, crops)
     results = {name: ve.video_accuracy(p, labels) for name, p in summaries.items()}
     out = results_dir(args, Path(args.test).resolve().parent)
-    tag = f'{ve.checkpoint_stem(args.test)}_{args.dataset}_split{args.which_split}_{crops}'
+    stem = ve.result_stem(args.test, args.output_dir)
+    tag = f'{stem}_{args.dataset}_split{args.which_split}_{crops}'
     prob_file = out / f'{tag}_prob.pth'
     ve.save_probabilities(prob_file, names=videos.names, labels=videos.labels,
                           probs=summaries[crops], classes=test_set.classes,
@@ -450,9 +459,8 @@ def run_retrieval(args, rt):
     if len(videos['train']) < max(retrieval.KS):
         print(f'=> note: only {len(videos["train"])} train videos; R@k with a larger k counts '
               f'all of them')
-    stem = 'random' if args.test == 'random' else ve.checkpoint_stem(args.test)
     out = results_dir(args, retrieval.experiment_dir(args))
-    tag = f'{stem}_retrieval_{args.dataset}_split{args.which_split}'
+    tag = f'{ve.result_stem(args.test, args.output_dir)}_retrieval_{args.dataset}_split{args.which_split}'
     report = {'checkpoint': args.test if args.test == 'random' else str(Path(args.test).resolve()),
               'weights': weights, 'dataset': args.dataset, 'split': args.which_split,
               'queries': len(videos['test']), 'gallery': len(videos['train']),
@@ -470,4 +478,4 @@ def run_retrieval(args, rt):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from eval.video_eval import load_probabilities, video_accuracy
+from utils.engine import modality_of
+from utils.misc import run_main
 
 
 def align(first, second):
@@ -50,9 +52,25 @@ def fuse(probs1, probs2):
     return (probs1.float() + probs2.float()) / 2
 
 
+def stream_modality(data):
+    """'rgb' or 'flow' from the file's ``meta['dataset']``; None when it does not say."""
+    try:
+        return modality_of(data['meta']['dataset'])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def merge(path1, path2):
+    if Path(path1).resolve() == Path(path2).resolve():
+        raise ValueError(f'--prob1 and --prob2 are the same file ({path1}); fusion needs the '
+                         f'RGB and the flow stream')
     first = load_probabilities(path1, '--prob1')
     second = load_probabilities(path2, '--prob2')
+    modalities = stream_modality(first), stream_modality(second)
+    if modalities[0] is not None and modalities[0] == modalities[1]:
+        raise ValueError(f'{path1} and {path2} are both {modalities[0].upper()} streams '
+                         f'(--dataset {first["meta"]["dataset"]} and '
+                         f'{second["meta"]["dataset"]}); fusion needs the RGB and the flow stream')
     try:
         probs2 = align(first, second)
     except ValueError as e:
@@ -85,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

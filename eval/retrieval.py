@@ -24,7 +24,7 @@ from dataset import build_dataset
 from dataset.augment import resize_short_side
 from model.classifier import backbone_weights
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
-from utils.engine import data_location
+from utils.engine import check_modality, data_location, modality_of
 from utils.misc import PROJECT_ROOT
 from . import video_eval as ve
 
@@ -152,6 +152,7 @@ def load_backbone(args, flag='--test'):
         return backbone, f'random initialisation (seed {args.seed})'
     ckpt = load_checkpoint(args.test, flag)
     source = f'{flag} {args.test}'
+    check_modality(ckpt, modality_of(args.dataset), source)
     load_exact(backbone, backbone_weights(ckpt['state_dict'], source), source)
     return backbone, f'{args.test} (epoch {ckpt.get("epoch")})'
 

@@ -357,6 +357,16 @@ def checkpoint_stem(path):
     return name
 
 
+def result_stem(test, output_dir):
+    """Prefix of the result files for ``--test test``: the checkpoint's stem (``best``) in its
+    own folder; with the run folder's name (``<run>_best``) in an ``--output_dir``, which the
+    checkpoints of several runs may share."""
+    if test == 'random':
+        return 'random'
+    stem = checkpoint_stem(test)
+    return f'{Path(test).resolve().parent.name}_{stem}' if output_dir else stem
+
+
 def save_probabilities(path, *, names, labels, probs, classes, meta):
     save_checkpoint({'names': list(names), 'labels': torch.as_tensor(labels, dtype=torch.long),
                      'probs': probs.detach().float().cpu(), 'classes': list(classes),

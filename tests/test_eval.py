@@ -212,17 +212,17 @@ def test_ten_crop_test_writes_results_and_fusion(data_root, checkpoints, tmp_pat
     out = capsys.readouterr().out
     assert 'crops' in out and 'ten' in out
     assert set(report['results']) == {'center', 'five', 'ten'} and report['videos'] == 3
-    saved = json.loads((tmp_path / 'best_tiny_split1_ten.json').read_text())
+    saved = json.loads((tmp_path / 'cls_best_tiny_split1_ten.json').read_text())
     assert saved['results'] == report['results']
-    rgb = ve.load_probabilities(tmp_path / 'best_tiny_split1_ten_prob.pth')
+    rgb = ve.load_probabilities(tmp_path / 'cls_best_tiny_split1_ten_prob.pth')
     assert rgb['probs'].shape == (3, 3) and torch.allclose(rgb['probs'].sum(1), torch.ones(3))
     assert rgb['names'][0].startswith('Jump/') and rgb['labels'].tolist() == [0, 1, 2]
     # The flow stream of the same classifier shape, center crop; then late fusion.
     _eval(data_root, '--dataset', 'tiny-f', '--train_what', 'ft', '--test',
           str(checkpoints['cls']), '--center_crop', '--output_dir', str(tmp_path),
           '--max_videos', '3')
-    flow = tmp_path / 'best_tiny-f_split1_center_prob.pth'
-    result = merge_2stream_prob.main(['--prob1', str(tmp_path / 'best_tiny_split1_ten_prob.pth'),
+    flow = tmp_path / 'cls_best_tiny-f_split1_center_prob.pth'
+    result = merge_2stream_prob.main(['--prob1', str(tmp_path / 'cls_best_tiny_split1_ten_prob.pth'),
                                       '--prob2', str(flow), '--output', str(tmp_path / 'f.json')])
     assert result['videos'] == 3 and set(result) == {'first', 'second', 'fusion', 'videos'}
     assert json.loads((tmp_path / 'f.json').read_text())['fusion'] == result['fusion']
@@ -251,6 +251,13 @@ def test_fusion_aligns_and_refuses_mismatches(tmp_path):
                           classes=['A', 'B'], meta={})
     with pytest.raises(ValueError, match='different labels.*A/a2'):
         merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'relabel.pth')
+    with pytest.raises(ValueError, match='the same file'):
+        merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'rgb.pth')
+    for name, dataset in (('rgb2.pth', 'tiny'), ('rgb3.pth', 'tiny-2clip')):
+        ve.save_probabilities(tmp_path / name, names=names, labels=[0, 0, 1], probs=p1,
+                              classes=['A', 'B'], meta={'dataset': dataset})
+    with pytest.raises(ValueError, match='both RGB streams'):
+        merge_2stream_prob.merge(tmp_path / 'rgb2.pth', tmp_path / 'rgb3.pth')
     with pytest.raises(SystemExit, match='no probability file .*missing.pth'):
         merge_2stream_prob.main(['--prob1', str(tmp_path / 'rgb.pth'),
                                  '--prob2', str(tmp_path / 'missing.pth')])
@@ -264,7 +271,7 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith('retrieval tiny split1: R@1=')
     assert first['queries'] == 4 and first['gallery'] == 4
-    assert (tmp_path / 'infonce_retrieval_tiny_split1_top5.png').is_file()
+    assert (tmp_path / 'pre0_infonce_retrieval_tiny_split1_top5.png').is_file()
     files = sorted(cache.iterdir())
     assert len(files) == 2                     # train and test features of checkpoint 0
     # The same checkpoint again: features come from the cache.
@@ -327,6 +334,20 @@ def test_bad_test_inputs(data_root, checkpoints, tmp_path):
                     five)
     with pytest.raises(ValueError, match=r'final_fc\.1\.weight: \(5, 1024\) vs \(3, 1024\)'):
         _eval(data_root, '--train_what', 'ft', '--test', str(five), '--center_crop')
+    # Checkpoints of flow runs judged or started on RGB (their saved --dataset says flow).
+    flow_cls = tmp_path / 'flow_cls.pth.tar'
+    save_checkpoint({'state_dict': LinearClassifier('s3d', 3, 'ft').state_dict(), 'epoch': 0,
+                     'args': {'dataset': 'tiny-f'}}, flow_cls)
+    flow_pre = tmp_path / 'flow_pre.pth.tar'
+    save_checkpoint({**torch.load(checkpoints['pre0'], weights_only=True),
+                     'args': {'dataset': 'tiny-f-2clip'}}, flow_pre)
+    for argv in (['--train_what', 'ft', '--test', str(flow_cls), '--center_crop'],
+                 ['--test', str(flow_pre), '--retrieval'],
+                 ['--train_what', 'ft', '--pretrain', str(flow_pre)]):
+        with pytest.raises(ValueError, match=r'trained on FLOW \(--dataset tiny-f'):
+            _eval(data_root, *argv, '--output_dir', str(tmp_path))
+    with pytest.raises(SystemExit, match='is a pretraining checkpoint; start a classifier from it'):
+        _eval(data_root, '--resume', str(checkpoints['pre0']), '--output_dir', str(tmp_path))
     for argv in (['--test', 'random', '--center_crop'],              # random: retrieval only
                  ['--test', str(five)],                              # no crop flag
                  ['--test', str(five), '--center_crop', '--ten_crop'],

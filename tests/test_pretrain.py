@@ -113,6 +113,26 @@ def test_resume_equals_uninterrupted(data_root, tmp_path):
     for k in a['state_dict']:
         assert torch.equal(a['state_dict'][k], b['state_dict'][k]), k
     assert (straight / 'epoch0.pth.tar').exists()
+    assert [r['epoch'] for r in last_log(cut)] == [0, 1]
+    # The log of a resumed run reads as one run: epochs trained again replace their records.
+    local_nce.main(common + ['--output_dir', str(tmp_path / 'cut'), '--resume',
+                             str(cut / 'epoch0.pth.tar')])
+    assert [r['epoch'] for r in last_log(cut)] == [0, 1]
+    # Resuming with other settings than the checkpoint's is refused, naming each change.
+    with pytest.raises(SystemExit, match=r"--lr 0\.0005 -> 0\.1; --seed 0 -> 7"):
+        local_nce.main(common + ['--output_dir', str(tmp_path / 'cut'), '--resume',
+                                 str(cut / 'epoch0.pth.tar'), '--lr', '0.1', '--seed', '7'])
+    with pytest.raises(SystemExit, match="--dataset 'ucf101-2clip' -> 'ucf101-f-2clip'"):
+        local_nce.main([*common, '--dataset', 'ucf101-f-2clip', '--output_dir',
+                        str(tmp_path / 'cut'), '--resume', str(cut / 'epoch0.pth.tar')])
+    two = torch.load(cut / 'epoch0.pth.tar', weights_only=True)
+    two['world_size'] = 2
+    save_checkpoint(two, tmp_path / 'two.pth.tar')
+    with pytest.raises(SystemExit, match='processes 2 -> 1'):
+        local_nce.main(common + ['--resume', str(tmp_path / 'two.pth.tar')])
+    # A new run never writes over an earlier one.
+    with pytest.raises(SystemExit, match=r'already holds a run; continue it with --resume'):
+        local_nce.main(common + ['--output_dir', str(tmp_path / 'straight')])
     # A finished run resumed with no epochs left to train says so instead of doing nothing.
     with pytest.raises(SystemExit, match='ends at epoch 1: --epochs 2 leaves nothing to train'):
         local_nce.main(common + ['--output_dir', str(tmp_path / 'cut'), '--resume',
@@ -126,14 +146,18 @@ def test_non_finite_loss_stops_with_iteration(data_root, tmp_path):
     with pytest.raises(FloatingPointError, match='iteration 0'):
         local_nce.main(base + ['--moco-t', '1e-45'])
     assert not list(tmp_path.rglob('*.pth.tar'))
-    # After a good epoch, a run that goes non-finite leaves that checkpoint as it was.
+    # After a good epoch, a run that goes non-finite (resumed from a copy of the checkpoint
+    # with a NaN weight) leaves the last good checkpoint as it was.
     exp = local_nce.main(base)
     good = (exp / 'last.pth.tar').read_bytes()
+    poisoned = torch.load(exp / 'last.pth.tar', weights_only=True)
+    poisoned['state_dict']['encoder_q.4.weight'][0, 0] = float('nan')
+    save_checkpoint(poisoned, exp / 'poisoned.pth.tar')
     with pytest.raises(FloatingPointError, match='iteration 2'):
-        local_nce.main(base + ['--moco-t', '1e-45', '--epochs', '2', '--resume',
-                               str(exp / 'last.pth.tar')])
+        local_nce.main(base + ['--epochs', '2', '--resume', str(exp / 'poisoned.pth.tar')])
     assert (exp / 'last.pth.tar').read_bytes() == good
-    assert sorted(p.name for p in exp.glob('*.pth.tar')) == ['epoch0.pth.tar', 'last.pth.tar']
+    assert sorted(p.name for p in exp.glob('*.pth.tar')) == ['epoch0.pth.tar', 'last.pth.tar',
+                                                             'poisoned.pth.tar']
 
 
 @pytest.mark.parametrize('flags,message', [
@@ -142,6 +166,7 @@ def test_non_finite_loss_stops_with_iteration(data_root, tmp_path):
     (['--dataset', 'nosuch-2clip'], 'Known under'),
     (['--dataset', 'ucf101'], 'needs two views'),
     (['--seq_len', '16'], 'needs at least 8'),
+    (['--bn_splits', '3'], '--batch_size 4 does not split into --bn_splits 3 groups'),
 ])
 def test_bad_arguments(data_root, tmp_path, flags, message):
     args = ['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
@@ -274,3 +299,31 @@ def test_learning_rate_warmup_then_steps():
     c = parse_args(local_coclr.get_parser(), ['--pretrain', 'random', 'random'])
     assert [learning_rate(c.lr, e, c.schedule, c.warmup) for e in (0, 79, 80)] == \
         pytest.approx([1e-3, 1e-3, 1e-4], rel=1e-12)
+
+
+def test_pretrained_networks_of_the_other_modality_are_refused(data_root, infonce_ckpts,
+                                                               tmp_path):
+    base = ['--data_root', str(data_root), *TINY, '--output_dir', str(tmp_path)]
+    with pytest.raises(ValueError, match=r'trained on FLOW \(--dataset ucf101-f-2clip\), but RGB'):
+        local_nce.main(base + ['--dataset', 'ucf101-2clip', '--pretrain',
+                               str(infonce_ckpts['flow'])])
+    # --pretrain TRAINED SAMPLER given the wrong way round.
+    with pytest.raises(ValueError, match=r'--pretrain \(trained network, RGB\) .* trained on FLOW'):
+        local_coclr.main(base + ['--dataset', 'ucf101-2stream-2clip', '--pretrain',
+                                 str(infonce_ckpts['flow']), str(infonce_ckpts['rgb'])])
+    with pytest.raises(ValueError, match=r'--pretrain \(sampler, RGB\) .* trained on FLOW'):
+        local_coclr.main(base + ['--dataset', 'ucf101-2stream-2clip', '--reverse', '--pretrain',
+                                 str(infonce_ckpts['flow']), str(infonce_ckpts['flow'])])
+
+
+def test_script_errors_and_interrupts_end_without_a_traceback(data_root, tmp_path):
+    from utils.misc import interrupted_message
+    r = run([sys.executable, 'local_nce.py', '--dataset', 'ucf101-2clip', '--data_root',
+             str(data_root), *TINY, '--output_dir', str(tmp_path), '--pretrain',
+             str(tmp_path / 'nope.pth.tar')])
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert r.stderr.strip() == f'error: --pretrain: no checkpoint at {tmp_path / "nope.pth.tar"}'
+    assert 'before the first checkpoint' in interrupted_message(tmp_path)
+    (tmp_path / 'last.pth.tar').write_bytes(b'')
+    assert f'the last good checkpoint is {tmp_path / "last.pth.tar"}' in \
+        interrupted_message(tmp_path)

@@ -44,7 +44,7 @@ def init_distributed(device='auto', local_rank_flag=None):
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError('--device cuda was asked but no CUDA device is visible')
+        raise ValueError('--device cuda was asked but no CUDA device is visible')
     rank = _env_int('RANK', 'SLURM_PROCID')
     world = _env_int('WORLD_SIZE', 'SLURM_NTASKS')
     local = _env_int('LOCAL_RANK', 'SLURM_LOCALID')
@@ -54,7 +54,7 @@ def init_distributed(device='auto', local_rank_flag=None):
         dev = torch.device('cuda', torch.cuda.current_device()) if device == 'cuda' else torch.device('cpu')
         return DistInfo(0, 1, 0, dev)
     if 'MASTER_ADDR' not in os.environ:  # SLURM without torchrun: first node of the allocation
-        raise RuntimeError('distributed launch without MASTER_ADDR/MASTER_PORT; use torchrun, '
+        raise ValueError('distributed launch without MASTER_ADDR/MASTER_PORT; use torchrun, '
                            'torch.distributed.launch, or export them in the SLURM script')
     if device == 'cuda':
         torch.cuda.set_device(local % torch.cuda.device_count())

@@ -28,7 +28,8 @@ from .config import (AREA, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, POSITIVE_R
                      PROBABILITY)
 from .checkpoint import load_checkpoint, load_exact, save_checkpoint, sub_state_dict
 from .misc import (PROJECT_ROOT, append_jsonl, epoch_seed, format_args, git_revision,
-                   learning_rate, plain_args, seed_everything, topk_accuracy)
+                   interrupted_message, learning_rate, plain_args, seed_everything, topk_accuracy,
+                   trim_log)
 
 # Shortest local segment each backbone can encode: S3D halves time three times.
 MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}
@@ -218,6 +219,9 @@ def train(args, task):
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     if args.compile:
+        if device.type == 'cpu':
+            say('=> warning: --compile on the CPU: compiling S3D took longer than 25 minutes '
+                'on a 2-core machine (bench/RESULTS.md); the eager step is the CPU default')
         compile_encoders(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd,
@@ -230,6 +234,10 @@ def train(args, task):
     start_epoch, iteration, best_acc = 0, 0, 0.0
     if args.resume:
         ckpt = load_checkpoint(args.resume, '--resume')
+        if not any(k.startswith('encoder_q.') for k in ckpt['state_dict']):
+            raise SystemExit(f'error: --resume {args.resume} is not a pretraining checkpoint (no '
+                             f'encoder_q.* weights)')
+        check_resume(ckpt, args, info.world_size)
         load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
         optimizer.load_state_dict(ckpt['optimizer'])
         if 'scaler' in ckpt:
@@ -238,8 +246,12 @@ def train(args, task):
         best_acc = ckpt.get('best_acc', 0.0)
         exp_dir = Path(args.resume).resolve().parent
         check_epochs_left(args, ckpt['epoch'])
-        say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {iteration})')
+        if info.is_main:
+            trim_log(exp_dir / 'log.jsonl', start_epoch)
+        say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {iteration})'
+            + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
     else:
+        check_fresh_run(exp_dir)
         task.load_pretrained(model, args)
     broadcast_state(model)
     step = make_step(model, task.weights, optimizer, scaler, amp_dtype, device,
@@ -269,11 +281,11 @@ def train(args, task):
                     state = {'state_dict': model.state_dict(), 'epoch': epoch,
                              'optimizer': optimizer.state_dict(), 'iteration': iteration,
                              'best_acc': best_acc, 'scaler': scaler.state_dict(),
-                             'args': plain_args(args)}
+                             'args': plain_args(args), 'world_size': info.world_size}
                     save_checkpoint(state, exp_dir / f'epoch{epoch}.pth.tar',
                                     exp_dir / 'last.pth.tar')
     except KeyboardInterrupt:
-        say(f'\n=> interrupted; the last good checkpoint is {exp_dir / "last.pth.tar"}')
+        say(interrupted_message(exp_dir))
         raise
     finally:
         if writer is not None:
@@ -423,6 +435,9 @@ def _check_args(args, spec, global_batch, task):
         bad(f'--moco-k {args.moco_k} is not a multiple of the global batch {global_batch} '
             f'(--batch_size {args.batch_size} x {global_batch // args.batch_size} processes); '
             f'use --moco-k {lo or global_batch} or change --batch_size')
+    if args.batch_size % args.bn_splits:
+        bad(f'--batch_size {args.batch_size} does not split into --bn_splits {args.bn_splits} '
+            f'groups of the same size')
     if args.crop_area[0] > args.crop_area[1]:
         bad(f'--crop_area {args.crop_area[0]:g} {args.crop_area[1]:g}: give the smaller area first')
     if spec.views != 2:
@@ -645,6 +660,14 @@ def _check_replicas(model):
     return float(mine)
 
 
+def check_fresh_run(exp_dir):
+    """A new run never writes over the log and checkpoints of an earlier one."""
+    if (exp_dir / 'log.jsonl').exists() or any(exp_dir.glob('*.pth.tar')):
+        raise SystemExit(f'error: {exp_dir} already holds a run; continue it with --resume '
+                         f'{exp_dir / "last.pth.tar"}, or start another with --name_prefix or '
+                         f'--output_dir (or delete the folder)')
+
+
 def check_epochs_left(args, last_epoch):
     """A run resumed after its last epoch would train nothing: say so instead."""
     if last_epoch + 1 >= args.epochs:
@@ -661,11 +684,66 @@ def check_finite(first_bad):
                                  f'checkpoint is left as it was')
 
 
-def load_encoder(encoder, path, flag):
-    """Initialise an ``Encoder`` from the query encoder of a pretraining checkpoint at ``path``."""
+def load_encoder(encoder, path, flag, modality):
+    """Initialise an ``Encoder`` from the query encoder of a pretraining checkpoint at ``path``,
+    which must have been trained on ``modality`` (when its arguments say)."""
     ckpt = load_checkpoint(path, flag)
     weights = sub_state_dict(ckpt['state_dict'], 'encoder_q.')
     if not weights:
         raise ValueError(f'{flag} {path}: no encoder_q.* weights; is it a pretraining checkpoint?')
+    check_modality(ckpt, modality, f'{flag} {path}')
     load_exact(encoder, weights, f'{flag} {path}')
     return ckpt.get('epoch')
+
+
+def modality_of(dataset):
+    """'rgb' or 'flow': the modality a network trained with ``--dataset dataset`` sees (for
+    two-stream CVTCL: the trained one, RGB unless ``--reverse``)."""
+    spec = DatasetName.parse(dataset)
+    return 'rgb' if spec.rgb else 'flow'
+
+
+def trained_modality(ckpt):
+    """The modality of a checkpoint's trained network, from the arguments it was saved with;
+    None when it holds none (e.g. a checkpoint of another code base)."""
+    args = ckpt.get('args')
+    try:
+        spec = DatasetName.parse(args['dataset'])
+    except (TypeError, KeyError, ValueError):
+        return None
+    if spec.rgb and spec.flow:
+        return 'flow' if args.get('reverse') else 'rgb'
+    return 'rgb' if spec.rgb else 'flow'
+
+
+def check_modality(ckpt, modality, source):
+    """An RGB network must not silently start or judge a flow run, or the other way round."""
+    found = trained_modality(ckpt)
+    if found is not None and found != modality:
+        raise ValueError(f'{source} holds a network trained on {found.upper()} (--dataset '
+                         f'{ckpt["args"]["dataset"]}), but {modality.upper()} is needed here; '
+                         f'give a checkpoint of a {modality.upper()} run')
+
+
+# Flags a resumed run may change: where the data and results are, the hardware and speed
+# settings, how long it trains and what it prints. Any other changed flag would make the resumed
+# run another experiment than the one its checkpoint began.
+RESUME_MAY_CHANGE = {
+    'resume', 'config', 'epochs', 'schedule', 'data_root', 'rgb_lmdb', 'flow_lmdb', 'split_dir',
+    'output_dir', 'name_prefix', 'workers', 'device', 'decode', 'channels_last', 'compile',
+    'cuda_graph', 'local_rank', 'print_freq', 'save_freq', 'eval_freq', 'pretrain', 'dirname'}
+
+
+def check_resume(ckpt, args, world_size):
+    """The flags and process count of a resumed run must be the checkpoint's, except those of
+    ``RESUME_MAY_CHANGE``; an error lists every other difference."""
+    saved = ckpt.get('args') or {}
+    now = plain_args(args)
+    changed = [f'--{k} {saved[k]!r} -> {now[k]!r}' for k in sorted(now)
+               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if ckpt.get('world_size', world_size) != world_size:
+        changed.append(f'processes {ckpt["world_size"]} -> {world_size} (the global batch and '
+                       f'the data order depend on it)')
+    if changed:
+        raise SystemExit(f'error: --resume {args.resume} continues a run with other settings: '
+                         + '; '.join(changed) + '. Resume with the same flags, or start a new run')

@@ -1,7 +1,9 @@
 """Small helpers: run provenance, JSON-lines logs, seeding, learning-rate schedule."""
 import json
+import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,27 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + '\n')
 
 
+def trim_log(path, start_epoch):
+    """Drop the records of epochs from ``start_epoch`` on from a ``log.jsonl``: a resumed run
+    trains them again (they may be newer than the checkpoint it resumes), so that the log reads
+    as one uninterrupted run. Written to a new file, then renamed."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(''.join(line + '\n' for line in lines))
+    os.replace(tmp, path)
+
+
+def interrupted_message(exp_dir):
+    last = Path(exp_dir) / 'last.pth.tar'
+    if last.exists():
+        return f'\n=> interrupted; the last good checkpoint is {last}'
+    return f'\n=> interrupted before the first checkpoint; nothing to resume in {exp_dir}'
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -72,3 +95,20 @@ def topk_accuracy(logits, target, ks=(1, 5)):
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hit = top == target[:, None]
     return [hit[:, :k].any(1).float().mean() for k in ks]
+
+
+def run_main(main):
+    """A script's entry point. Bad input (the ValueError or OSError that names the file, key or
+    flag) ends as ``error: ...`` with exit status 2 instead of a traceback, and Ctrl-C with
+    status 130 after the script's own message. ``CVTCL_TRACEBACK=1`` shows the traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        if os.environ.get('CVTCL_TRACEBACK'):
+            raise
+        sys.exit(130)
+    except (ValueError, OSError) as e:
+        if os.environ.get('CVTCL_TRACEBACK'):
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
