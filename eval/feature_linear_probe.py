@@ -100,6 +100,9 @@ def run(args, rt):
     C, scores = choose_c(x_train, y_train, feats['train']['sources'].tolist(), args.Cs,
                          args.holdout_fraction, args.max_iter, args.seed)
     print('=> held-out accuracy by C: ' + ', '.join(f'C={c:g}: {a:.1f}' for c, a in scores.items()))
+    if len(scores) > 1 and len(set(scores.values())) == 1:
+        print(f'=> warning: every C scored {next(iter(scores.values())):.1f} on the held-out part; '
+              f'C={C:g} is an arbitrary choice (too few videos? see --holdout_fraction)')
     probe = make_probe(C, args.max_iter, args.seed).fit(x_train, y_train)
     acc = top_k(probe, x_test, y_test)
     out = Path(args.output_dir) if args.output_dir else retrieval.experiment_dir(args)
