@@ -6,8 +6,8 @@ from pathlib import Path
 
 
 class Ranged:
-    """An argparse ``type``: an int or a float within bounds. ``parse_args`` also checks the
-    values that come from a config file, which argparse does not convert."""
+    """An argparse ``type``: an int or a float within bounds. ``parse_args`` checks the numbers
+    of a config file with ``ok`` (argparse converts only strings)."""
 
     def __init__(self, kind, low=None, high=None, low_open=False, high_open=False):
         self.kind, self.low, self.high = kind, low, high
@@ -49,23 +49,58 @@ POSITIVE_REAL = Ranged(float, 0.0, low_open=True)
 NON_NEGATIVE_REAL = Ranged(float, 0.0)
 
 
-def check_ranges(parser, args, source=None):
-    """``parser.error`` for a value of ``args`` outside its flag's ``Ranged`` type (a config
-    file's values reach ``args`` without argparse's conversion)."""
-    for action in parser._actions:
-        if not isinstance(action.type, Ranged) or getattr(args, action.dest, None) is None:
-            continue
-        value = getattr(args, action.dest)
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if not action.type.ok(v):
-                where = f' (from {source})' if source else ''
-                parser.error(f'{action.option_strings[-1]}: {v!r}{where} is not '
-                             f'{action.type.describe()}')
+def _flag(action):
+    return next((s for s in action.option_strings if s.startswith('--')), action.dest)
+
+
+def _config_value(parser, action, value, where):
+    """What argparse would make of ``value`` (a TOML value for ``action``'s flag) given on the
+    command line, or ``parser.error`` naming the flag, ``where`` and what the flag accepts.
+    argparse itself neither converts nor checks defaults (bar a lone string), so without this a
+    file's value would skip the flag's choices, type and number of values."""
+    def refuse(item, accepted):
+        parser.error(f'{_flag(action)}: {item!r} {where} is not {accepted}')
+
+    if action.nargs == 0:   # every such flag here is a switch: store_true/false, --[no-]flag
+        if not isinstance(value, bool):
+            refuse(value, 'true or false')
+        return value
+    single = action.nargs in (None, '?')
+    if single:
+        if isinstance(value, (list, dict)):
+            refuse(value, 'a single value')
+    else:   # '*', '+' or N values: a TOML list, even of one value
+        n = action.nargs
+        if (not isinstance(value, list) or (isinstance(n, int) and len(value) != n)
+                or (n == '+' and not value)):
+            refuse(value, {'*': 'a list', '+': 'a non-empty list'}.get(n, f'a list of {n} values'))
+
+    converted = []
+    for item in [value] if single else value:
+        number = isinstance(item, (int, float)) and not isinstance(item, bool)
+        if isinstance(action.type, Ranged) and number:
+            if not action.type.ok(item):   # its own message: "2.5 is not an integer >= 1"
+                refuse(item, action.type.describe())
+            item = action.type.kind(item)
+        elif isinstance(item, str) or (number and action.type is not None):
+            try:   # the command line's own conversion and message
+                item = parser._get_value(action, str(item))
+            except argparse.ArgumentError as e:
+                parser.error(f'{e} {where}')
+        else:   # a boolean, table or nested list for a value; a number for a string flag
+            refuse(item, action.type.describe() if isinstance(action.type, Ranged)
+                   else 'a string' if action.type is None
+                   else {int: 'an integer', float: 'a number'}.get(action.type, 'a number'))
+        if action.choices is not None and item not in action.choices:
+            refuse(item, f'one of {", ".join(map(str, action.choices))}')
+        converted.append(item)
+    return converted[0] if single else converted
 
 
 def parse_args(parser, argv=None):
-    """Parse ``argv``; values of ``--config FILE`` become defaults. An unknown key is an error,
-    and so is a value outside its flag's range (``Ranged``), from the file or the command line."""
+    """Parse ``argv``; values of ``--config FILE`` become defaults, checked as strictly as the
+    same flags on the command line (choices, type and range, number of values, switches take
+    true or false). An unknown key is an error."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--config')
     known, _ = pre.parse_known_args(argv)
@@ -78,14 +113,19 @@ def parse_args(parser, argv=None):
                 config = tomllib.load(f)
             except tomllib.TOMLDecodeError as e:
                 parser.error(f'--config {path}: {e}')
-        dests = {a.dest for a in parser._actions}
+        actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+        where = f'(from --config {known.config})'
         values = {}
         for key, value in config.items():
             dest = key.replace('-', '_')
-            if dest not in dests or dest in ('help', 'config'):
+            if dest not in actions:
                 parser.error(f'--config {path}: unknown key {key!r}')
-            values[dest] = value
+            values[dest] = _config_value(parser, actions[dest], value, where)
+            actions[dest].required = False   # the file gives it
+        for group in parser._mutually_exclusive_groups:   # as the command line refuses both
+            both = [_flag(a) for a in group._group_actions
+                    if a.dest in values and values[a.dest] != a.default]
+            if len(both) > 1:
+                parser.error(f'{both[0]} and {both[1]} {where} exclude each other')
         parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    check_ranges(parser, args, f'--config {known.config}' if known.config else None)
-    return args
+    return parser.parse_args(argv)

@@ -1,0 +1,121 @@
+"""Config files (--config FILE.toml) are checked as strictly as the same flags on the command line."""
+from pathlib import Path
+
+import pytest
+
+import local_coclr
+import local_nce
+from eval import feature_linear_probe, main_classifier
+from utils.config import parse_args
+
+CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
+NCE, COCLR = local_nce.get_parser, local_coclr.get_parser
+CLASSIFIER, PROBE = main_classifier.build_parser, feature_linear_probe.build_parser
+
+
+def parse(make_parser, tmp_path, text, *argv):
+    cfg = tmp_path / 'c.toml'
+    cfg.write_text(text + '\n')
+    return parse_args(make_parser(), ['--config', str(cfg), *argv])
+
+
+@pytest.mark.parametrize('make_parser,text,message', [
+    # choices
+    (NCE, 'device = "gpu"', "--device: 'gpu' (from --config {}) is not one of auto, cpu, cuda"),
+    (CLASSIFIER, 'optim = "adamw"', "--optim: 'adamw' (from --config {}) is not one of adam, sgd"),
+    (CLASSIFIER, 'val_set = "holdut"',
+     "--val_set: 'holdut' (from --config {}) is not one of test, holdout, none"),
+    (NCE, 'amp = "bf17"', "--amp: 'bf17' (from --config {}) is not one of auto, off, bf16, fp16"),
+    (CLASSIFIER, 'train_what = "finetune"',
+     "--train_what: 'finetune' (from --config {}) is not one of ft, last"),
+    (NCE, 'model = "coclr"', "--model: 'coclr' (from --config {}) is not one of infonce"),
+    # switches take a TOML boolean
+    (NCE, 'legacy_flow_flip = "no"',
+     "--legacy_flow_flip: 'no' (from --config {}) is not true or false"),
+    (NCE, 'channels_last = "false"',
+     "--channels_last: 'false' (from --config {}) is not true or false"),
+    (NCE, 'compile = 1', '--compile: 1 (from --config {}) is not true or false'),
+    # the number of values
+    (NCE, 'schedule = 80', '--schedule: 80 (from --config {}) is not a list'),
+    (NCE, 'crop_area = 0.5', '--crop_area: 0.5 (from --config {}) is not a list of 2 values'),
+    (NCE, 'crop_area = [0.5]', '--crop_area: [0.5] (from --config {}) is not a list of 2 values'),
+    (PROBE, 'test = "random"\nCs = []', '--Cs: [] (from --config {}) is not a non-empty list'),
+    (NCE, 'net = ["s3d"]', "--net: ['s3d'] (from --config {}) is not a single value"),
+    (COCLR, 'pretrain = "random"',
+     "--pretrain: 'random' (from --config {}) is not a list of 2 values"),
+    # the type
+    (NCE, 'pretrain = 5', '--pretrain: 5 (from --config {}) is not a string'),
+    (COCLR, 'pretrain = ["random", 5]', '--pretrain: 5 (from --config {}) is not a string'),
+    (NCE, 'seed = true', '--seed: True (from --config {}) is not an integer'),
+    (NCE, 'seed = 2.5', "argument --seed: invalid int value: '2.5' (from --config {})"),
+    (NCE, 'lr = false', '--lr: False (from --config {}) is not a number >= 0'),
+    (NCE, 'schedule = ["80", "x"]',
+     "argument --schedule: invalid int value: 'x' (from --config {})"),
+    (NCE, 'crop_area = [0.5, 1.5]',
+     '--crop_area: 1.5 (from --config {}) is not a number in (0, 1]'),
+    (NCE, 'batch_size = "0"', 'argument --batch_size: 0 is not an integer >= 1 (from --config {})'),
+    # one of a mutually exclusive group, as on the command line
+    (CLASSIFIER, 'five_crop = true\nten_crop = true',
+     '--five_crop and --ten_crop (from --config {}) exclude each other'),
+])
+def test_bad_config_values_are_refused_by_flag_and_file(make_parser, text, message, tmp_path,
+                                                        capsys):
+    with pytest.raises(SystemExit):
+        parse(make_parser, tmp_path, text)
+    assert message.format(tmp_path / 'c.toml') in capsys.readouterr().err
+
+
+def test_valid_config_values_are_taken_as_the_command_line_would(tmp_path):
+    a = parse(NCE, tmp_path, '\n'.join([
+        'device = "cpu"', 'amp = "bf16"', 'model = "infonce"', 'schedule = []',
+        'warmup = [0.1, 1]', 'crop_area = [0.3, 0.9]', 'legacy_flow_flip = true',
+        'channels_last = false', 'cuda_graph = false', 'lr = "0.1"', 'moco-k = 64',
+        'pretrain = "random"', 'dataset = "demo-2clip"']))
+    assert (a.device, a.amp, a.model, a.schedule) == ('cpu', 'bf16', 'infonce', [])
+    assert (a.warmup, a.crop_area) == ([0.1, 1.0], [0.3, 0.9])
+    assert (a.legacy_flow_flip, a.channels_last, a.cuda_graph) == (True, False, False)
+    assert (a.lr, a.moco_k, a.pretrain, a.dataset) == (0.1, 64, 'random', 'demo-2clip')
+    assert all(type(w) is float for w in a.warmup)   # as "--warmup 0.1 1" gives
+    c = parse(COCLR, tmp_path, 'pretrain = ["random", "random"]\nreverse = true\nschedule = [80]')
+    assert (c.pretrain, c.reverse, c.schedule) == (['random', 'random'], True, [80])
+    m = parse(CLASSIFIER, tmp_path, 'optim = "sgd"\nval_set = "holdout"\ntrain_what = "last"\n'
+              'ten_crop = true\ncenter_crop = false')
+    assert (m.optim, m.val_set, m.train_what, m.ten_crop, m.center_crop) == \
+        ('sgd', 'holdout', 'last', True, False)
+
+
+def test_command_line_flags_win_over_the_file(tmp_path):
+    a = parse(NCE, tmp_path, 'device = "cpu"\nschedule = []\nchannels_last = false\n'
+              'legacy_flow_flip = true\ncrop_area = [0.3, 0.9]\npretrain = "x"',
+              '--device', 'cuda', '--schedule', '5', '--channels_last', '--crop_area', '0.5', '1',
+              '--pretrain', 'y')
+    assert (a.device, a.schedule, a.channels_last, a.crop_area, a.pretrain) == \
+        ('cuda', [5], True, [0.5, 1.0], 'y')
+    assert a.legacy_flow_flip   # store_true cannot be switched off on the command line
+    a = parse(NCE, tmp_path, 'channels_last = true', '--no-channels_last')
+    assert not a.channels_last
+    c = parse(COCLR, tmp_path, 'pretrain = ["a", "b"]', '--pretrain', 'random', 'random')
+    assert c.pretrain == ['random', 'random']
+    m = parse(CLASSIFIER, tmp_path, 'optim = "sgd"', '--optim', 'adam')
+    assert m.optim == 'adam'
+    with pytest.raises(SystemExit):   # and the command line is still checked
+        parse(CLASSIFIER, tmp_path, 'optim = "sgd"', '--optim', 'adamw')
+
+
+def test_a_required_flag_may_come_from_the_file(tmp_path, capsys):
+    assert parse(PROBE, tmp_path, 'test = "random"').test == 'random'
+    with pytest.raises(SystemExit):
+        parse(PROBE, tmp_path, 'max_iter = 10')
+    assert 'the following arguments are required: --test' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('path', sorted(CONFIGS.glob('*.toml')), ids=lambda p: p.name)
+def test_every_shipped_config_parses_with_its_script(path):
+    if 'coclr' in path.name:
+        make_parser, extra = COCLR, ['--pretrain', 'random', 'random']
+    elif path.stem in ('demo_finetune', 'demo_scratch'):
+        make_parser, extra = CLASSIFIER, []
+    else:
+        make_parser, extra = NCE, []
+    args = parse_args(make_parser(), ['--config', str(path), *extra])
+    assert isinstance(args.schedule, list)
