@@ -3,8 +3,8 @@
     python bench/end_to_end.py --workers 16          # on a GPU machine (bench/gpu.sh runs it)
 
 Builds a synthetic two-stream LMDB folder with UCF101's frame size (320x240 JPEG, RGB and flow;
-its split lists every video ``--repeat`` times, so an epoch is as long as a real one without
-writing gigabytes), then measures, in one run, samples/s of the real training loop pieces
+``--videos`` of them: the training loader streams across epochs, so short epochs cost no waits at
+their boundaries and no gigabytes need writing), then measures, in one run, samples/s of the real training loop pieces
 (engine.make_loader, engine.batch_inputs, the engine's step) for the CPU decode path (workers
 decode and crop) and the GPU decode path (workers read bytes; nvJPEG decodes on the GPU),
 against the step alone on a fixed batch. The target is end-to-end >= 85% of step-only.
@@ -44,7 +44,7 @@ def textured(num, seed, flow=False, size=(FRAME_H, FRAME_W)):
     return (x.clamp(0, 1) * 255).to(torch.uint8)
 
 
-def build_folder(root, videos, frames, repeat=1, size=(FRAME_H, FRAME_W)):
+def build_folder(root, videos, frames, size=(FRAME_H, FRAME_W)):
     """``root/synth``: every video reuses one pool of encoded frames, rotated per video (the
     decode cost is what matters, not distinct pixels)."""
     folder = Path(root) / 'synth'
@@ -56,7 +56,7 @@ def build_folder(root, videos, frames, repeat=1, size=(FRAME_H, FRAME_W)):
             for i, n in enumerate(names):
                 k = i % frames
                 w.put(n, (pool[k:] + pool[:k])[:frames - int(flow)])
-    splits.write_split(folder / 'train_split01.csv', names * repeat, {n: frames for n in names})
+    splits.write_split(folder / 'train_split01.csv', names, {n: frames for n in names})
     splits.write_class_index(folder / 'ClassInd.txt', sorted({n.split('/')[0] for n in names}))
     return names
 
@@ -65,8 +65,9 @@ def setup(kind, args, decode):
     """The engine's loader, batch preparation and arguments for ``kind`` with ``decode``."""
     device = torch.device(args.device)
     dataset_name = 'synth-2clip' if kind == 'infonce' else 'synth-2stream-2clip'
-    ns = script_args(kind, '--moco-k', args.batch_size * 64, '--bn_splits', 2, '--batch_size',
-                     args.batch_size, '--workers', args.workers, '--decode', decode,
+    # --epochs: more than any measurement reads (the loader makes each epoch only when reached).
+    ns = script_args(kind, '--epochs', 10 ** 6, '--moco-k', args.batch_size * 64, '--bn_splits', 2,
+                     '--batch_size', args.batch_size, '--workers', args.workers, '--decode', decode,
                      '--img_dim', args.img_dim,
                      '--cuda_graph' if args.cuda_graph else '--no-cuda_graph')
     ds = build_dataset(dataset_name, 'train', data_root=args.root, seq_len=32, img_dim=args.img_dim,
@@ -135,8 +136,6 @@ def main():
     p.add_argument('--workers', type=int, default=16, help='data-loader workers')
     p.add_argument('--batch_size', type=int, default=32, help='samples per step')
     p.add_argument('--videos', type=int, default=96, help='distinct videos written')
-    p.add_argument('--repeat', type=int, default=10,
-                   help='times the split lists each video (the epoch length)')
     p.add_argument('--frames', type=int, default=64, help='frames per video')
     p.add_argument('--steps', type=int, default=30, help='timed steps per row')
     p.add_argument('--warmup', type=int, default=8, help='untimed steps first')
@@ -156,10 +155,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         args.root = tmp
         t = time.time()
-        build_folder(tmp, args.videos, args.frames, args.repeat, tuple(args.frame_size))
+        build_folder(tmp, args.videos, args.frames, tuple(args.frame_size))
         h, w = args.frame_size
-        print(f'synthetic LMDB: {args.videos} videos x {args.frames} frames, {w}x{h}, RGB+flow, '
-              f'listed {args.repeat}x ({time.time() - t:.0f} s to build); crops {args.img_dim} px, '
+        print(f'synthetic LMDB: {args.videos} videos x {args.frames} frames, {w}x{h}, RGB+flow '
+              f'({time.time() - t:.0f} s to build); crops {args.img_dim} px, '
               f'batch {args.batch_size}, {args.workers} workers, {args.steps} timed steps after '
               f'{args.warmup}, {"CUDA graph" if args.cuda_graph else "eager"} step', flush=True)
         rows = []

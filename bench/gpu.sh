@@ -76,9 +76,9 @@ for name in $SECTIONS; do
         fast-graph fast-graph-pad8 --profile --graph_check ;;
     train_cvtcl) section $name 70 $TRAIN --models coclr --paths plain fast fast-graph ;;
     e2e) section $name 150 python bench/end_to_end.py --workers 16 --batch_size 32 --steps 20 \
-        --warmup 6 --videos 96 --repeat 12 --frames 64 --decodes cpu gpu ;;
+        --warmup 6 --videos 96 --frames 64 --decodes cpu gpu ;;
     e2e_demo) section $name 60 python bench/end_to_end.py --workers 12 --batch_size 32 \
-        --steps 20 --warmup 6 --videos 96 --repeat 12 --frames 64 --decodes cpu gpu \
+        --steps 20 --warmup 6 --videos 96 --frames 64 --decodes cpu gpu \
         --frame_size 64 64 --img_dim 64 --models infonce ;;
     loader_epochs) section $name 45 python bench/loader_epochs.py --workers 12 --batch_size 32 \
         --epochs 12 --step_ms 40 ;;

@@ -315,6 +315,10 @@ def ensure_demo(data_root, seed=0):
     kept, and the others delete theirs. A ``demo/`` folder therefore is always complete."""
     folder = os.path.join(str(data_root), NAME)
     if not os.path.exists(folder):
+        # Said aloud so that a mistyped --data_root shows, instead of a quiet new demo there.
+        if os.environ.get('LOCAL_RANK', '0') == '0':  # once per machine, not once per process
+            print(f'building the demo dataset in {os.path.abspath(folder)} (first use there)',
+                  flush=True)
         tmp = _build_aside(str(data_root), seed)
         try:
             os.rename(tmp, folder)

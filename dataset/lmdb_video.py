@@ -32,9 +32,27 @@ def _open_env(path):
     for stale in [k for k in _ENVS if k[0] != key[0] or (k[1] == real and k != key)]:
         _ENVS.pop(stale).close()  # inherited by a forked child (py-lmdb refuses to reopen), or replaced
     if key not in _ENVS:
-        _ENVS[key] = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
-                               readahead=False, meminit=False, max_readers=1024)
+        env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
+                        readahead=False, meminit=False, max_readers=1024)
+        try:
+            _check_size(env, path)
+        except ValueError:
+            env.close()
+            raise
+        _ENVS[key] = env
     return _ENVS[key]
+
+
+def _check_size(env, path):
+    """A file shorter than its pages (a broken copy or untar) is memory-mapped all the same, and
+    reading a record past its end kills the process with SIGBUS, printing nothing. The meta page
+    names the last page in use, so compare before any record is read."""
+    data = os.path.join(path, 'data.mdb') if os.path.isdir(path) else path
+    size = os.path.getsize(data)
+    need = (env.info()['last_pgno'] + 1) * env.stat()['psize']
+    if size < need:
+        raise ValueError(f'{data} is {size} bytes but its LMDB metadata needs {need} '
+                         f'(truncated? re-extract it)')
 
 
 class VideoLMDB:

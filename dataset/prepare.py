@@ -188,7 +188,11 @@ def read_frame_folder(folder):
     for f in files:
         with open(os.path.join(folder, f), 'rb') as fh:
             data = fh.read()
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+        try:
+            im = Image.open(io.BytesIO(data))  # reads the header only
+        except (OSError, SyntaxError) as e:  # PIL's messages name the buffer, not the file
+            raise ValueError(f'{f} is not a readable image ({type(e).__name__})') from None
+        with im:
             if im.format != 'JPEG':
                 raise ValueError(f'{f} is {im.format}, not JPEG')
             if size is not None and im.size != size:
@@ -296,6 +300,15 @@ def run_flow(args):
     write_lmdb(args.out, args.overwrite, names, results)
 
 
+def _check_no_empty_split(derived, reason, prefix=''):
+    """A split of no video would train or test on nothing (an accuracy of 0/0 later on): refuse
+    to write any file and say which split is empty and why (``reason(split)``)."""
+    empty = [s for s, names in derived['splits'].items() if not names]
+    if empty:
+        raise UserError(prefix + '; '.join(f'{s} would list no videos ({reason(s)})'
+                                           for s in empty) + '; no split file written')
+
+
 def _write_splits(args, derived, num_frames):
     try:
         paths = split_files.write_split_files(args.out, derived, num_frames, args.overwrite)
@@ -314,6 +327,16 @@ def run_splits_ucf101(args):
         derived = split_files.ucf101_splits(names)
     except ValueError as e:
         raise UserError(f'--lmdb {args.lmdb}: {e}') from None
+    if not names:
+        raise UserError(f'--lmdb {args.lmdb} holds no videos; no split file written')
+
+    def reason(split):
+        block = split_files.groups_text(split_files.group_block(int(split[-2:])))
+        if split.startswith('test'):
+            return f'no video of groups {block}'
+        return f'every video is of groups {block}, its test split'
+    present = split_files.groups_text({split_files.group_number(n) for n in names})
+    _check_no_empty_split(derived, reason, f'--lmdb {args.lmdb} (videos of groups {present}): ')
     _write_splits(args, derived, num_frames)
 
 
@@ -333,6 +356,17 @@ def run_splits_hmdb51(args):
         print(f'warning: {len(derived["missing"])} listed videos are not in {args.lmdb} '
               f'(left out): {shown}{" ..." if len(derived["missing"]) > 5 else ""}',
               file=sys.stderr)
+    # A split none of whose train (or test) videos are at hand is absent from the derivation.
+    for k in {split[-2:] for split in derived['splits']}:
+        for part in ('train', 'test'):
+            derived['splits'].setdefault(f'{part}_split{k}', [])
+    derived['splits'] = dict(sorted(derived['splits'].items()))
+
+    def reason(split):
+        label = '1 (train)' if split.startswith('train') else '2 (test)'
+        return (f'none of the videos the --official files mark {label} for split '
+                f'{int(split[-2:])} is in --lmdb {args.lmdb}')
+    _check_no_empty_split(derived, reason)
     _write_splits(args, derived, num_frames)
 
 
@@ -340,6 +374,9 @@ def run_splits_kinetics(args):
     train, train_frames = _open_lmdb_names(args.train_lmdb, '--train_lmdb')
     val, val_frames = _open_lmdb_names(args.val_lmdb, '--val_lmdb')
     derived = split_files.kinetics_splits(train, val)
+    _check_no_empty_split(derived, lambda split: (
+        f'--train_lmdb {args.train_lmdb} holds no videos' if split == 'train_split'
+        else f'--val_lmdb {args.val_lmdb} holds no videos'))
     _write_splits(args, derived, {**train_frames, **val_frames})
 
 

@@ -29,11 +29,12 @@ def read_split(path):
     """Video names (``class/video``) of a split CSV, in file order.
 
     A row whose frame count is 0 is skipped: such a video can make no clip, and the
-    reference's HMDB51 CSVs list a few that are not in the LMDBs."""
+    reference's HMDB51 CSVs list a few that are not in the LMDBs. A video listed twice is an
+    error: it would count twice in training and in the test accuracy."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'split file not found: {path}')
-    names = []
+    line_of = {}  # name -> line it is first listed on
     with open(path, newline='') as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or not row[0].strip():
@@ -41,10 +42,14 @@ def read_split(path):
             if len(row) > 1 and row[1].strip() == '0':
                 continue
             try:
-                names.append(video_name(row[0].strip()))
+                name = video_name(row[0].strip())
             except ValueError as e:
                 raise ValueError(f'{path}:{lineno}: {e}') from None
-    return names
+            if name in line_of:
+                raise ValueError(f'{path}:{lineno}: video {name!r} is listed twice (also on '
+                                 f'line {line_of[name]}); remove one of the rows')
+            line_of[name] = lineno
+    return list(line_of)
 
 
 def read_class_index(path):
@@ -100,6 +105,22 @@ def group_number(name):
     return int(m.group(1))
 
 
+def group_block(k, groups_per_split=7):
+    """Groups of test split k: ``groups_per_split*(k-1)+1 .. groups_per_split*k``."""
+    return range(groups_per_split * (k - 1) + 1, groups_per_split * k + 1)
+
+
+def groups_text(groups):
+    """``{1, 2, 3, 8}`` -> ``'g01-g03, g08'`` (for messages)."""
+    runs = []
+    for g in sorted(set(groups)):
+        if runs and g == runs[-1][1] + 1:
+            runs[-1][1] = g
+        else:
+            runs.append([g, g])
+    return ', '.join(f'g{a:02d}' if a == b else f'g{a:02d}-g{b:02d}' for a, b in runs)
+
+
 def group_splits(names, groups_per_split=7, num_splits=3):
     """Splits by blocks of groups: test split k holds groups ``groups_per_split*(k-1)+1 ..
     groups_per_split*k``, its train split every other video. Classes are sorted by name;
@@ -107,7 +128,7 @@ def group_splits(names, groups_per_split=7, num_splits=3):
     groups = {n: group_number(n) for n in names}
     splits = {}
     for k in range(1, num_splits + 1):
-        block = range(groups_per_split * (k - 1) + 1, groups_per_split * k + 1)
+        block = group_block(k, groups_per_split)
         splits[f'train_split{k:02d}'] = [n for n in names if groups[n] not in block]
         splits[f'test_split{k:02d}'] = [n for n in names if groups[n] in block]
     sources = sorted({(n.split('/')[0], groups[n], source_key(n)) for n in names})

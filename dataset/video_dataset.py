@@ -32,18 +32,26 @@ class DatasetName:
     flow: bool
     views: int
 
+    SUFFIXES = ('-f', '-2stream', '-2clip')  # the order they must come in
+
     @classmethod
     def parse(cls, name):
-        base, flow_only, two_stream, views = name, False, False, 1
-        for suffix in ('-2clip', '-2stream', '-f'):
-            if base.endswith(suffix):
-                base = base[: -len(suffix)]
-                views = 2 if suffix == '-2clip' else views
-                two_stream |= suffix == '-2stream'
-                flow_only |= suffix == '-f'
-        if flow_only and two_stream:
+        # Strip every trailing suffix, in any order, then rebuild the name in the grammar's
+        # order: a name that differs (misordered or repeated suffixes) gets the right spelling.
+        base, found = name, set()
+        while suffix := next((s for s in cls.SUFFIXES if base.endswith(s)), None):
+            base = base[: -len(suffix)]
+            found.add(suffix)
+        if not base:
+            raise ValueError(f'dataset {name!r}: no name before the suffixes')
+        if '-f' in found and '-2stream' in found:
             raise ValueError(f'dataset {name!r}: -f (flow only) and -2stream exclude each other')
-        return cls(base, rgb=not flow_only, flow=flow_only or two_stream, views=views)
+        canonical = base + ''.join(s for s in cls.SUFFIXES if s in found)
+        if canonical != name:
+            raise ValueError(f'dataset {name!r}: the suffixes go in the order '
+                             f'<name>[-f][-2stream][-2clip], each once; use {canonical!r}')
+        return cls(base, rgb='-f' not in found, flow=bool(found & {'-f', '-2stream'}),
+                   views=2 if '-2clip' in found else 1)
 
 
 def known_datasets(data_root):
@@ -68,8 +76,15 @@ def layout(data_root, base, mode):
         'rgb': folder / f'{base}_frame{suffix}.lmdb',
         'flow': folder / f'{base}_tvl1_frame{suffix}.lmdb',
         'kinetics': kinetics,
-        'split_csv': (folder / f'{part}_split.csv') if kinetics else None,
     }
+
+
+def split_csv(info, mode, split):
+    """The split CSV of ``mode`` in ``info['folder']``: ``{train,test}_split0k.csv``, or for
+    Kinetics ``{train,val}_split.csv``."""
+    if info['kinetics']:
+        return info['folder'] / f'{"train" if mode == "train" else "val"}_split.csv'
+    return info['folder'] / f'{"train" if mode == "train" else "test"}_split{split:02d}.csv'
 
 
 class VideoDataset(Dataset):
@@ -108,11 +123,13 @@ class VideoDataset(Dataset):
             self.lmdbs['rgb'] = rgb_lmdb if isinstance(rgb_lmdb, VideoLMDB) else VideoLMDB(rgb_lmdb)
         if flow_lmdb is not None:
             self.lmdbs['flow'] = flow_lmdb if isinstance(flow_lmdb, VideoLMDB) else VideoLMDB(flow_lmdb)
+        if not names:
+            raise ValueError(f'{description}: the split lists no videos')
         for modality, db in self.lmdbs.items():
             missing = [n for n in names if n not in db]
             if missing:
                 raise ValueError(f'{description}: {len(missing)} video(s) of the split are not in '
-                                 f'{db.path}, e.g. {missing[0]!r}')
+                                 f'{db.path}, e.g. {missing[0]!r}{holds_none(db)}')
         need = sampler.min_frames(seq_len, ds, strict_min_frames)
         keep = [i for i, n in enumerate(names) if self._length(n) >= need]
         self.dropped = sorted(set(names) - {names[i] for i in keep})
@@ -249,18 +266,50 @@ def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
     return batch
 
 
-def _split_names(info, base, mode, split):
-    """Names of the split's videos; UCF101 splits are derived from the LMDB when absent."""
-    if info['kinetics']:
-        csv = info['split_csv']
-        if csv.exists():
-            return splits.read_split(csv), csv
-        return None, None
-    csv = info['folder'] / f'{"train" if mode == "train" else "test"}_split{split:02d}.csv'
+def holds_none(db):
+    """``'; <path> holds no videos'`` for an empty LMDB (the likelier cause of a missing video)."""
+    return '' if len(db) else f'; {db.path} holds no videos'
+
+
+def _split_names(info, spec, mode, split, first, dataset):
+    """Names of the split's videos and the derived UCF101 splits (None unless derived): from the
+    split CSV; for UCF101 without one, derived from the names in ``first`` (SPEC §3); for
+    Kinetics without one, every video of ``first`` (its LMDB is one part)."""
+    csv = split_csv(info, mode, split)
     if csv.exists():
-        return splits.read_split(csv), csv
-    if base.startswith('ucf101'):
-        return None, None
+        names = splits.read_split(csv)
+        if not names:
+            raise ValueError(f'dataset {dataset!r}: split file {csv} lists no videos (rows of 0 '
+                             f'frames do not count)')
+        train_csv = split_csv(info, 'train', split)
+        if mode == 'test' and train_csv.exists():
+            # A video in both would be trained on and then scored as unseen.
+            both = set(names).intersection(splits.read_split(train_csv))
+            if both:
+                example = next(n for n in names if n in both)
+                raise ValueError(f'dataset {dataset!r}: {len(both)} video(s) are in both '
+                                 f'{train_csv} and {csv}, e.g. {example!r}; a test video must '
+                                 f'not be a training video')
+        return names, None
+    if spec.base.startswith('ucf101'):
+        # The published UCF101 tars hold no split files; they follow from the names (SPEC §3).
+        derived = splits.ucf101_splits(first.names)
+        if f'{mode}_split{split:02d}' not in derived['splits']:
+            raise ValueError(f'dataset {dataset!r}: UCF101 has splits 1, 2 and 3, not '
+                             f'--which_split {split}')
+        names = derived['splits'][f'{mode}_split{split:02d}']
+        if not names:
+            block = splits.groups_text(splits.group_block(split))
+            why = (f'{first.path} holds no videos' if not len(first)
+                   else f'{first.path} has no video of groups {block}' if mode == 'test'
+                   else f'every video of {first.path} is of groups {block}, its test split')
+            raise ValueError(f'dataset {dataset!r}: the {mode} split {split} derived from the '
+                             f'video names is empty: {why}')
+        return names, derived
+    if info['kinetics']:
+        if not len(first):
+            raise ValueError(f'dataset {dataset!r}: {first.path} holds no videos')
+        return first.names, None
     raise FileNotFoundError(f'split file {csv} not found; build it with '
                             f'`python -m dataset.prepare splits ...` (see README, Data)')
 
@@ -290,18 +339,11 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
             raise FileNotFoundError(f'dataset {name!r} needs the {modality} LMDB '
                                     f'{paths[modality]}, which does not exist')
     first = VideoLMDB(paths['rgb'] if spec.rgb else paths['flow'])
-    names, _ = _split_names(info, spec.base, mode, split)
-    derived = None
-    if names is None and spec.base.startswith('ucf101'):
-        # The published UCF101 tars hold no split files; they follow from the names (SPEC §3).
-        derived = splits.ucf101_splits(first.names)
-        names = derived['splits'][f'{mode}_split{split:02d}']
-    elif names is None:
-        names = first.names
+    names, derived = _split_names(info, spec, mode, split, first, name)
     missing = [n for n in names if n not in first]
     if missing:
         raise ValueError(f'dataset {name!r}: {len(missing)} video(s) of the {mode} split are not '
-                         f'in {first.path}, e.g. {missing[0]!r}')
+                         f'in {first.path}, e.g. {missing[0]!r}{holds_none(first)}')
 
     class_file = info['folder'] / 'ClassInd.txt'
     if class_file.exists():

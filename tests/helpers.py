@@ -106,8 +106,10 @@ def write_toy_dataset(root, name='toy', videos=None, *, height=40, width=48, flo
 
     ``videos``: ``{class/video: num_rgb_frames}``; frames are :func:`position_frames`. The flow
     LMDB (if ``flow``) holds the same content with one frame fewer per video. ``train``/``test``:
-    the split lists (default: every video in both); ``classes``: ClassInd.txt lines (default:
-    the sorted classes); ``sources``: video_source.json content (default: one group per video).
+    the split lists (default: every video in both; test mode refuses a test split that shares
+    videos with the train split, so give one of them there); ``classes``: ClassInd.txt lines
+    (default: the sorted classes); ``sources``: video_source.json content (default: one group
+    per video).
     """
     if videos is None:
         videos = {f'{c}/v_{c}_g0{g}_c01': 16 + 2 * g for c in ('Alpha', 'Beta') for g in (1, 2)}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import build_dataset, splits
+from dataset import DatasetName, build_dataset, splits
 from helpers import (jpeg_bytes, png_size, position_frames, write_raw_lmdb,
                      write_toy_dataset)
 
@@ -24,6 +24,8 @@ VIDEOS = {f'{c}/v_{c}_g0{g}_c01': 16 + 2 * g for c in ('Alpha', 'Beta') for g in
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp('data')
     write_toy_dataset(root, 'toy', VIDEOS, height=H, width=W)
+    # The same videos as a test split (a test split may share no video with its train split).
+    write_toy_dataset(root, 'toytest', VIDEOS, height=H, width=W, train=[])
     return root
 
 
@@ -152,7 +154,7 @@ def test_legacy_flow_flip(root):
 
 
 def test_test_mode_windows(root):
-    data = build(root, 'toy', mode='test')
+    data = build(root, 'toytest', mode='test')
     assert len(data) == 4
     size = round(IMG * 8 / 7)                           # 37: the short side for test crops
     w_expected = round(W * size / H)                    # 44
@@ -167,7 +169,7 @@ def test_test_mode_windows(root):
         ids = torch.stack([frame_ids(w) for w in item['rgb']])
         assert ids[:, 0].tolist() == starts
         assert torch.equal(ids, ids[:, :1] + torch.arange(SEQ))
-    data = build(root, 'toy-2stream-2clip', mode='test')
+    data = build(root, 'toytest-2stream-2clip', mode='test')
     item = data[3]                                      # 20 RGB, 19 flow frames: n = 19
     assert item['rgb'].shape == item['flow'].shape == (4, SEQ, 3, size, w_expected)
     assert torch.equal(torch.stack([frame_ids(w) for w in item['flow']])[:, 0],
@@ -193,10 +195,10 @@ def _batches(data, seed, workers=2):
 
 
 def test_workers_augment_differently(tmp_path):
-    # The same video four times: workers 0 and 1 get items 0 and 1 (and 2 and 3). The
+    # Four videos of the same frames: workers 0 and 1 get items 0 and 1 (and 2 and 3). The
     # reference seeded no per-worker randomness, so both made the same augmentation.
-    write_toy_dataset(tmp_path, 'same', {'A/v_A_g01_c01': 20}, flow=False,
-                      train=['A/v_A_g01_c01'] * 4)
+    write_toy_dataset(tmp_path, 'same', {f'A/v_A_g0{g}_c01': 20 for g in range(1, 5)},
+                      flow=False)
     data = build(tmp_path, 'same-2clip')
     items = list(DataLoader(data, batch_size=None, num_workers=2))
     assert [it['index'] for it in items] == [0, 1, 2, 3]
@@ -300,6 +302,8 @@ def test_ucf101_splits_derived_from_names(tmp_path):
     assert test.names == [n for n in names if '_g01_' in n or '_g07_' in n]
     assert train.names == [n for n in names if '_g08_' in n or '_g15_' in n]
     assert test2.names == [n for n in names if '_g08_' in n]
+    with pytest.raises(ValueError, match='UCF101 has splits 1, 2 and 3, not --which_split 4'):
+        build(tmp_path, 'ucf101', mode='test', split=4)
     assert train.classes == ['ApplyEyeMakeup', 'Archery']
     assert [train[i]['label'] for i in range(len(train))] == [0] * 4 + [1] * 4
     # Siblings (same class and group) share a source id, other videos do not.
@@ -332,6 +336,17 @@ def test_kinetics_layout(tmp_path, name, modalities):
     assert data.classes == ['bowling', 'skiing']
     test = build(tmp_path, name.replace('-2clip', ''), mode='test')
     assert test.names == ['skiing/d'] and test.labels == [1]
+
+
+def test_kinetics_split_csvs_from_split_dir(tmp_path):
+    # --split_dir names the folder of every split file, Kinetics' {train,val}_split.csv too.
+    train = {'bowling/a': 12, 'skiing/c': 12}
+    write_kinetics(tmp_path / 'k4', 'k4', {'train': train, 'val': {'skiing/d': 14}}, ('',))
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'train_split.csv').write_text('skiing/c,12\n')
+    (other / 'val_split.csv').write_text('skiing/d,14\n')
+    assert build(tmp_path, 'k4-2clip', split_dir=other).names == ['skiing/c']
 
 
 def test_split_rows_without_frames_are_skipped(tmp_path):
@@ -403,6 +418,91 @@ def test_missing_split_file(tmp_path):
     os.remove(tmp_path / 'toy' / 'test_split01.csv')
     with pytest.raises(FileNotFoundError, match='test_split01.csv'):
         build(tmp_path, 'toy', mode='test')
+
+
+def test_video_listed_twice_in_a_split(tmp_path):
+    # Counted twice, a video would bias the training sampling and the test accuracy.
+    names = list(VIDEOS)
+    write_toy_dataset(tmp_path, 'toy', VIDEOS, train=names + [names[1]])
+    with pytest.raises(ValueError, match=rf"train_split01.csv:5: video '{names[1]}' is listed "
+                                         rf"twice \(also on line 2\)"):
+        build(tmp_path, 'toy-2clip')
+
+
+def test_test_split_sharing_videos_with_train(tmp_path):
+    names = list(VIDEOS)
+    write_toy_dataset(tmp_path, 'toy', VIDEOS, train=names[:3], test=names[2:])
+    assert build(tmp_path, 'toy-2clip').names == names[:3]   # training does not look at test
+    with pytest.raises(ValueError, match=rf"1 video\(s\) are in both \S*train_split01.csv and "
+                                         rf"\S*test_split01.csv, e.g. '{names[2]}'"):
+        build(tmp_path, 'toy', mode='test')
+    # Kinetics-style: train_split.csv and val_split.csv.
+    write_kinetics(tmp_path / 'k4', 'k4', {'train': {'bowling/a': 12, 'skiing/c': 12},
+                                           'val': {'skiing/c': 12, 'skiing/d': 14}}, ('',))
+    with pytest.raises(ValueError, match=r"in both \S*train_split.csv and \S*val_split.csv, "
+                                         r"e.g. 'skiing/c'"):
+        build(tmp_path, 'k4', mode='test')
+
+
+def test_empty_split_file(tmp_path):
+    write_toy_dataset(tmp_path, 'toy', VIDEOS, train=[])
+    with pytest.raises(ValueError, match=r'split file \S*train_split01.csv lists no videos'):
+        build(tmp_path, 'toy-2clip')
+
+
+def test_empty_lmdb(tmp_path):
+    write_toy_dataset(tmp_path, 'toy', {}, train=list(VIDEOS), flow=False)
+    with pytest.raises(ValueError, match=r'4 video\(s\) of the train split are not in '
+                                         r'(\S*toy_frame.lmdb).*; \1 holds no videos'):
+        build(tmp_path, 'toy-2clip')
+    (tmp_path / 'ucf101').mkdir()
+    write_raw_lmdb(tmp_path / 'ucf101' / 'ucf101_frame.lmdb', [])
+    with pytest.raises(ValueError, match=r'ucf101_frame.lmdb holds no videos'):
+        build(tmp_path, 'ucf101-2clip')
+
+
+def test_derived_ucf101_split_without_videos(tmp_path):
+    (tmp_path / 'ucf101').mkdir()
+    write_raw_lmdb(tmp_path / 'ucf101' / 'ucf101_frame.lmdb',
+                   [(f'A/v_A_g{g:02d}_c01', jpeg_bytes(position_frames(10, H, W)))
+                    for g in (1, 7)])
+    with pytest.raises(ValueError, match=r'test split 2 .* is empty: \S*ucf101_frame.lmdb has no '
+                                         r'video of groups g08-g14'):
+        build(tmp_path, 'ucf101', mode='test', split=2)
+    with pytest.raises(ValueError, match=r'train split 1 .* is empty: every video of .* is of '
+                                         r'groups g01-g07'):
+        build(tmp_path, 'ucf101-2clip')
+
+
+@pytest.mark.parametrize('name,hint', [('okset-2clip-f', 'okset-f-2clip'),
+                                       ('okset-2clip-2stream', 'okset-2stream-2clip'),
+                                       ('okset-2clip-2clip', 'okset-2clip'),
+                                       ('okset-f-f', 'okset-f')])
+def test_misordered_suffixes_get_the_right_spelling(name, hint):
+    with pytest.raises(ValueError, match=rf"'{name}'.*<name>\[-f\]\[-2stream\]\[-2clip\].*"
+                                         rf"use '{hint}'$"):
+        DatasetName.parse(name)
+    assert DatasetName.parse(hint).base == 'okset'
+
+
+def test_dataset_name_grammar():
+    assert DatasetName.parse('ucf101-f-2clip') == DatasetName('ucf101', False, True, 2)
+    assert DatasetName.parse('ucf101-2stream-2clip') == DatasetName('ucf101', True, True, 2)
+    assert DatasetName.parse('my-set-f') == DatasetName('my-set', False, True, 1)
+    assert DatasetName.parse('hmdb51') == DatasetName('hmdb51', True, False, 1)
+    with pytest.raises(ValueError, match='exclude each other'):
+        DatasetName.parse('ucf101-f-2stream')
+
+
+def test_building_the_demo_says_where(tmp_path, monkeypatch, capsys):
+    # A mistyped --data_root would otherwise quietly get a new demo/ of its own.
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    root = tmp_path / 'typo'
+    assert len(build(root, 'demo', mode='test')) == 90
+    out = capsys.readouterr().out
+    assert out == f'building the demo dataset in {root / "demo"} (first use there)\n'
+    build(root, 'demo', mode='test')
+    assert capsys.readouterr().out == ''
 
 
 # ---------------------------------------------------------------------------------- preview

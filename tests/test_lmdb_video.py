@@ -5,6 +5,9 @@ reader is checked against the format, not against the project's own writer.
 """
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import lmdb
 import msgpack
@@ -17,6 +20,7 @@ from dataset import LMDBWriter, VideoLMDB, decode_frames, encode_frames
 from helpers import (ReadFrames, decode_with_pil, jpeg_bytes, position_frames,
                      textured_frames, write_raw_lmdb)
 
+REPO = Path(__file__).resolve().parents[1]
 # Three videos of different lengths (so a mix-up of __vlen__ shows), not in name order.
 LENGTHS = {'Run/v_Run_g02_c01': 7, 'Jump/v_Jump_g01_c01': 4, 'Run/v_Run_g01_c03': 11}
 # Records inserted in another order than __order__: __keys__/__vlen__ follow insertion.
@@ -199,6 +203,51 @@ def test_not_an_lmdb(tmp_path):
     path.write_bytes(b'this is not an LMDB' * 100)
     with pytest.raises(ValueError, match='junk.lmdb'):
         VideoLMDB(path)
+
+
+# Opens each LMDB and reads every frame, printing the error of a broken one. In a child
+# process: reading a truncated file past its end is a SIGBUS that would end the test run.
+READ_ALL = """import sys
+from dataset import VideoLMDB
+for path in sys.argv[1:]:
+    try:
+        db = VideoLMDB(path)
+        for name in db.names:
+            db.read_bytes(name, range(db.num_frames(name)))
+    except ValueError as e:
+        print(e, flush=True)
+"""
+
+
+def test_truncated_lmdb_is_an_error_not_a_crash(tmp_path):
+    # A broken copy or untar: the file ends before the pages its metadata says are in use.
+    # Checked on a single-file and a directory LMDB of the format and on the project's writer.
+    videos = [(f'A/v_A_g0{i}_c01', jpeg_bytes(textured_frames(12, 64, 64, seed=i), quality=95))
+              for i in range(1, 5)]
+    write_raw_lmdb(tmp_path / 'file.lmdb', videos)
+    write_raw_lmdb(tmp_path / 'dir.lmdb', videos, subdir=True)
+    with LMDBWriter(tmp_path / 'writer.lmdb') as w:
+        for name, jpegs in videos:
+            w.put(name, jpegs)
+    expected = []
+    for path, data in [(tmp_path / 'file.lmdb', tmp_path / 'file.lmdb'),
+                       (tmp_path / 'dir.lmdb', tmp_path / 'dir.lmdb' / 'data.mdb'),
+                       (tmp_path / 'writer.lmdb', tmp_path / 'writer.lmdb')]:
+        env = lmdb.open(str(path), subdir=path != data, readonly=True, lock=False)
+        need = (env.info()['last_pgno'] + 1) * env.stat()['psize']
+        env.close()
+        full = data.stat().st_size
+        assert full >= need > 16 * 4096       # whole: at least the pages in use; many of them
+        assert len(VideoLMDB(path)) == 4      # and a whole file passes the check
+        with open(data, 'r+b') as f:
+            f.truncate(full // 2)
+        expected.append(f'{data} is {full // 2} bytes but its LMDB metadata needs {need} '
+                        f'(truncated? re-extract it)')
+    res = subprocess.run([sys.executable, '-c', READ_ALL, str(tmp_path / 'file.lmdb'),
+                          str(tmp_path / 'dir.lmdb'), str(tmp_path / 'writer.lmdb')],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)  # -7: SIGBUS
+    assert res.stdout.splitlines() == expected
 
 
 @pytest.mark.parametrize('bad', [b'not a jpeg at all', b'\xff\xd8\xff\xe0' + b'\x00' * 40],

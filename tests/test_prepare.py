@@ -270,6 +270,64 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert not list(tmp_path.glob('*.csv'))
 
 
+def test_splits_refuse_a_split_without_videos(tmp_path, capsys):
+    out = tmp_path / 'out'
+    # Groups g01-g10 (as the demo's): test split 3 (g15-g21) would be empty.
+    names_lmdb(tmp_path / 'g10.lmdb', [f'A/v_A_g{g:02d}_c01' for g in range(1, 11)])
+    res = run_cli('splits', 'ucf101', '--lmdb', tmp_path / 'g10.lmdb', '--out', out)
+    assert res.returncode == 2 and 'Traceback' not in res.stderr
+    assert res.stderr == (f'error: --lmdb {tmp_path / "g10.lmdb"} (videos of groups g01-g10): '
+                          f'test_split03 would list no videos (no video of groups g15-g21); '
+                          f'no split file written\n')
+    assert not out.exists()
+    # Groups g01-g07 only: train split 1 and test splits 2 and 3 would be empty.
+    names_lmdb(tmp_path / 'g7.lmdb', [f'A/v_A_g{g:02d}_c01' for g in range(1, 8)])
+    assert main(['splits', 'ucf101', '--lmdb', str(tmp_path / 'g7.lmdb'), '--out', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert ('(videos of groups g01-g07): train_split01 would list no videos (every video is of '
+            'groups g01-g07, its test split); test_split02 would list no videos (no video of '
+            'groups g08-g14); test_split03') in err
+    # Groups with a gap: named as they are.
+    names_lmdb(tmp_path / 'gap.lmdb', [f'A/v_A_g{g:02d}_c01' for g in (1, 2, 3, 15, 16)])
+    assert main(['splits', 'ucf101', '--lmdb', str(tmp_path / 'gap.lmdb'), '--out', str(out)]) == 2
+    assert ('(videos of groups g01-g03, g15-g16): test_split02 would list no videos (no video '
+            'of groups g08-g14); no split file written') in capsys.readouterr().err
+    names_lmdb(tmp_path / 'none.lmdb', [])
+    assert main(['splits', 'ucf101', '--lmdb', str(tmp_path / 'none.lmdb'), '--out', str(out)]) == 2
+    assert f'--lmdb {tmp_path / "none.lmdb"} holds no videos' in capsys.readouterr().err
+
+    names_lmdb(tmp_path / 'tr.lmdb', ['abseiling/x1'])
+    assert main(['splits', 'kinetics', '--train_lmdb', str(tmp_path / 'tr.lmdb'), '--val_lmdb',
+                 str(tmp_path / 'none.lmdb'), '--out', str(out)]) == 2
+    assert (f'val_split would list no videos (--val_lmdb {tmp_path / "none.lmdb"} holds no '
+            f'videos)') in capsys.readouterr().err
+
+    # HMDB51: every test (2) video of split 1 is missing from the LMDB.
+    official = tmp_path / 'official'
+    official.mkdir()
+    (official / 'cartwheel_test_split1.txt').write_text('b1.avi 1 \nmissing.avi 2 \n')
+    names_lmdb(tmp_path / 'h.lmdb', ['cartwheel/b1'])
+    assert main(['splits', 'hmdb51', '--lmdb', str(tmp_path / 'h.lmdb'), '--official',
+                 str(official), '--out', str(out)]) == 2
+    assert ('test_split01 would list no videos (none of the videos the --official files mark '
+            '2 (test) for split 1 is in --lmdb') in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_frames_names_an_unreadable_frame_file(tmp_path, capsys):
+    src = tmp_path / 'frames'
+    for video in ('v_A_g01_c01', 'v_A_g02_c01'):
+        (src / 'A' / video).mkdir(parents=True)
+        for i in (1, 2):
+            Image.fromarray(moving_pattern(1)[0]).save(src / 'A' / video / f'img_{i}.jpg')
+    (src / 'A' / 'v_A_g02_c01' / 'img_2.jpg').write_bytes(b'\x00garbage, not an image' * 8)
+    assert main(['frames', '--src', str(src), '--out', str(tmp_path / 'o.lmdb'), '-j', '1']) == 0
+    out = capsys.readouterr().out
+    assert 'A/v_A_g02_c01: ValueError: img_2.jpg is not a readable image' in out
+    assert 'BytesIO' not in out
+    assert VideoLMDB(tmp_path / 'o.lmdb').names == ['A/v_A_g01_c01']
+
+
 def test_existing_output_needs_overwrite(tmp_path, capsys):
     src = tmp_path / 'src' / 'A' / 'v_A_g01_c01'
     src.mkdir(parents=True)
@@ -287,7 +345,9 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     split_out = tmp_path / 'splits'
     split_out.mkdir()
     (split_out / 'ClassInd.txt').write_text('mine\n')
-    assert main(['splits', 'ucf101', '--lmdb', str(out), '--out', str(split_out)]) == 2
+    names_lmdb(tmp_path / 'u.lmdb', [f'A/v_A_g{g:02d}_c01' for g in (1, 8, 15)])
+    assert main(['splits', 'ucf101', '--lmdb', str(tmp_path / 'u.lmdb'),
+                 '--out', str(split_out)]) == 2
     assert '--overwrite' in capsys.readouterr().err
     assert (split_out / 'ClassInd.txt').read_text() == 'mine\n'
 
@@ -313,8 +373,10 @@ def test_help_of_every_command(capsys):
 
 
 def test_split_files_are_json_and_csv(tmp_path):
-    names_lmdb(tmp_path / 'u.lmdb', ['A/v_A_g01_c01', 'A/v_A_g01_c02'])
+    names_lmdb(tmp_path / 'u.lmdb', ['A/v_A_g01_c01', 'A/v_A_g01_c02', 'A/v_A_g08_c01',
+                                     'A/v_A_g15_c01'])
     assert main(['splits', 'ucf101', '--lmdb', str(tmp_path / 'u.lmdb'),
                  '--out', str(tmp_path)]) == 0
-    assert json.loads((tmp_path / 'video_source.json').read_text()) == {'v_A_g01': 0}
+    assert json.loads((tmp_path / 'video_source.json').read_text()) == {
+        'v_A_g01': 0, 'v_A_g08': 1, 'v_A_g15': 2}
     assert not list(tmp_path.glob('*.tmp'))
