@@ -8,6 +8,8 @@ multi-positive loss, plus the inter and intra local temporal losses.
         --epochs 100 --schedule 80 --name_prefix Cycle1-FlowMining_ -j 8 \
         --pretrain {rgb_infoNCE_checkpoint.pth.tar} {flow_infoNCE_checkpoint.pth.tar}
 """
+import argparse
+
 from model.moco import LocalCoCLR
 from utils import engine
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
@@ -62,7 +64,7 @@ def get_parser():
     g.add_argument('--pretrain', nargs=2, metavar=('TRAINED', 'SAMPLER'),
                    help='checkpoints (or "random") initialising the trained network (query and '
                         'key encoder) and the frozen sampler of the other modality')
-    g.add_argument('--reverse', action='store_true',
+    g.add_argument('--reverse', action=argparse.BooleanOptionalAction, default=False,
                    help='train the flow network with RGB mining (default: RGB with flow mining)')
     g.add_argument('--topk', type=NON_NEGATIVE, default=5,
                    help='positives mined per sample by the sampler (0: siblings only)')

@@ -26,15 +26,15 @@ from eval import retrieval
 from eval import video_eval as ve
 from model.classifier import HEADS, LinearClassifier, checkpoint_kind, load_pretrained
 from utils import distributed as du
-from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, PROBABILITY,
                           parse_args)
 from utils.engine import (MIN_SEGMENT_FRAMES, EpochMeter, Prefetcher, begin_epoch,
-                          broadcast_state, check_epochs_left, check_fresh_run, check_modality,
-                          check_resume, data_location, make_loader, modality_of, open_run)
+                          broadcast_state, check_fresh_run, check_modality, check_resume,
+                          data_location, make_loader, modality_of, open_run, restore)
 from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision,
                         interrupted_message, learning_rate, plain_args, seed_everything,
-                        run_main, topk_accuracy, trim_log)
+                        run_main, topk_accuracy)
 
 
 def build_parser():
@@ -252,18 +252,9 @@ def train(args, rt, spec):
     optimizer = make_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type, enabled=rt.amp_dtype == torch.float16)
     if resume is not None:
-        load_exact(model, resume['state_dict'], f'--resume {args.resume}')
-        optimizer.load_state_dict(resume['optimizer'])
-        if 'scaler' in resume:
-            scaler.load_state_dict(resume['scaler'])
-        start_epoch, iteration = resume['epoch'] + 1, resume['iteration']
+        exp_dir, start_epoch, iteration = restore(resume, model, optimizer, scaler, args, info,
+                                                  say)
         best_acc, best_epoch = resume.get('best_acc', 0.0), resume.get('best_epoch', -1)
-        exp_dir = Path(args.resume).resolve().parent
-        check_epochs_left(args, resume['epoch'])
-        if info.is_main:
-            trim_log(exp_dir / 'log.jsonl', start_epoch)
-        say(f'=> resumed {args.resume} (epoch {resume["epoch"]}, iteration {iteration})'
-            + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
     broadcast_state(model)
     frozen = snapshot(model.backbone) if model.linear_probe else None
 

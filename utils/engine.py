@@ -100,7 +100,7 @@ def pretrain_parser(description, *, dataset, weights, lr, warmup, batch_size, ep
                    help='save every N epochs (and the last)')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     add_runtime_args(g)
-    g.add_argument('--compile', action='store_true',
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                    help='torch.compile the encoders (slow first steps, faster afterwards)')
     g.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=True,
                    help='replay each training step from a CUDA graph, with S3D\'s layers as 2D '
@@ -125,7 +125,7 @@ def add_data_args(parser, dataset_default, dataset_help):
                         'round(img_dim * 8 / 7) before cropping')
     g.add_argument('-j', '--workers', type=NON_NEGATIVE, default=8,
                    help='data-loader workers per process')
-    g.add_argument('--legacy_flow_flip', action='store_true',
+    g.add_argument('--legacy_flow_flip', action=argparse.BooleanOptionalAction, default=False,
                    help="flip flow frames without negating the horizontal component (the "
                         "reference's bug)")
     g.add_argument('--rgb_lmdb', default=None, metavar='PATH',
@@ -238,18 +238,8 @@ def train(args, task):
             raise SystemExit(f'error: --resume {args.resume} is not a pretraining checkpoint (no '
                              f'encoder_q.* weights)')
         check_resume(ckpt, args, info.world_size)
-        load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if 'scaler' in ckpt:
-            scaler.load_state_dict(ckpt['scaler'])
-        start_epoch, iteration = ckpt['epoch'] + 1, ckpt['iteration']
+        exp_dir, start_epoch, iteration = restore(ckpt, model, optimizer, scaler, args, info, say)
         best_acc = ckpt.get('best_acc', 0.0)
-        exp_dir = Path(args.resume).resolve().parent
-        check_epochs_left(args, ckpt['epoch'])
-        if info.is_main:
-            trim_log(exp_dir / 'log.jsonl', start_epoch)
-        say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {iteration})'
-            + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
     else:
         check_fresh_run(exp_dir)
         task.load_pretrained(model, args)
@@ -658,6 +648,23 @@ def _check_replicas(model):
     if not torch.all(every == every[0]):
         raise RuntimeError(f'processes diverged: checksums {every.tolist()}')
     return float(mine)
+
+
+def restore(ckpt, model, optimizer, scaler, args, info, say):
+    """Continue the run of ``ckpt`` (``--resume``): weights, optimizer and scaler state, and its
+    log cut back to the epochs before the one it resumes. Returns its folder, the first epoch
+    to train and the iteration count."""
+    load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
+    check_epochs_left(args, ckpt['epoch'])
+    exp_dir = Path(args.resume).resolve().parent
+    if info.is_main:
+        trim_log(exp_dir / 'log.jsonl', ckpt['epoch'] + 1)
+    say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {ckpt["iteration"]})'
+        + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
+    return exp_dir, ckpt['epoch'] + 1, ckpt['iteration']
 
 
 def check_fresh_run(exp_dir):
