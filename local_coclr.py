@@ -76,7 +76,7 @@ def get_parser():
 def main(argv=None):
     parser = get_parser()
     args = parse_args(parser, argv)
-    if not args.pretrain or len(args.pretrain) != 2:
+    if not args.resume and not args.pretrain:   # (nargs=2: given, it is two words)
         parser.error('--pretrain TRAINED SAMPLER is required (a path or "random" each)')
     if args.topk > args.moco_k:
         parser.error(f'--topk {args.topk} mines more positives than the queue holds '

@@ -64,17 +64,21 @@ def known_datasets(data_root):
     return sorted(found)
 
 
-def layout(data_root, base, mode):
-    """Paths of a dataset folder (SPEC §3) for ``mode`` ('train' or 'test')."""
-    folder = Path(data_root) / base
-    # Kinetics-style folders have one LMDB per part; a flow-only folder counts too.
-    kinetics = any((folder / f'{base}{kind}_frame_train.lmdb').exists() for kind in ('', '_tvl1'))
+def layout(data_root, base, mode, split_dir=None):
+    """Paths of a dataset folder (SPEC §3) for ``mode`` ('train' or 'test'); ``folder`` holds
+    the split files (``split_dir`` when given)."""
+    data = Path(data_root) / base
+    folder = Path(split_dir) if split_dir is not None else data
+    # Kinetics-style folders have one LMDB per part (a flow-only folder counts too), and the
+    # split files train_split.csv/val_split.csv.
+    kinetics = (any((data / f'{base}{kind}_frame_train.lmdb').exists() for kind in ('', '_tvl1'))
+                or (folder / 'train_split.csv').exists())
     part = ('train' if mode == 'train' else 'val') if kinetics else None
     suffix = f'_{part}' if part else ''
     return {
         'folder': folder,
-        'rgb': folder / f'{base}_frame{suffix}.lmdb',
-        'flow': folder / f'{base}_tvl1_frame{suffix}.lmdb',
+        'rgb': data / f'{base}_frame{suffix}.lmdb',
+        'flow': data / f'{base}_tvl1_frame{suffix}.lmdb',
         'kinetics': kinetics,
     }
 
@@ -326,9 +330,7 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     if spec.base == 'demo':
         from .demo import ensure_demo
         ensure_demo(data_root)
-    info = layout(data_root, spec.base, mode)
-    if split_dir is not None:
-        info['folder'] = Path(split_dir)
+    info = layout(data_root, spec.base, mode, split_dir)
     if rgb_lmdb is None and flow_lmdb is None and not info['folder'].is_dir():
         raise ValueError(f'unknown dataset {spec.base!r} (from {name!r}): no folder '
                          f'{info["folder"]}. Known under {data_root}: '
@@ -355,7 +357,7 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         # Kinetics-style folder keeps the other part's videos in another LMDB.
         names_of_all = set(first.names)
         if info['kinetics']:
-            other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train')
+            other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train', split_dir)
             other_db = other['rgb'] if spec.rgb else other['flow']
             if other_db.exists():
                 names_of_all.update(VideoLMDB(other_db).names)

@@ -8,7 +8,6 @@ source groups), then refit on the whole train split; reports test top-1/top-5.
 """
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -88,6 +87,8 @@ def run(args, rt):
     cache_dir = retrieval.cache_dir(args)
     rt.say(f'=> git {git_revision()}\n=> linear probe on the features of {what}\n=> args:\n'
            f'{format_args(args)}')
+    path = ve.result_path(args, retrieval.experiment_dir(args),
+                          f'feature_probe_{args.dataset}_split{args.which_split}')
     feats = {part: retrieval.extract_features(args, part, retrieval.split_videos(args, part),
                                               backbone, weights, rt, cache_dir)
              for part in ('train', 'test')}
@@ -105,11 +106,7 @@ def run(args, rt):
               f'C={C:g} is an arbitrary choice (too few videos? see --holdout_fraction)')
     probe = make_probe(C, args.max_iter, args.seed).fit(x_train, y_train)
     acc = top_k(probe, x_test, y_test)
-    out = Path(args.output_dir) if args.output_dir else retrieval.experiment_dir(args)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = ve.result_stem(args.test, args.output_dir)
-    path = out / f'{stem}_feature_probe_{args.dataset}_split{args.which_split}.json'
-    path.write_text(json.dumps({'checkpoint': args.test, 'weights': weights, 'C': C,
+    path.write_text(json.dumps({'checkpoint': ve.checkpoint_id(args.test), 'weights': weights, 'C': C,
                                 'holdout_accuracy': {str(c): a for c, a in scores.items()},
                                 'train_videos': len(y_train), 'test_videos': len(y_test), **acc,
                                 'git': git_revision(), 'args': plain_args(args)}, indent=1))

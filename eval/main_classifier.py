@@ -32,8 +32,8 @@ from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, P
 from utils.engine import (MIN_SEGMENT_FRAMES, EpochMeter, Prefetcher, begin_epoch,
                           broadcast_state, check_fresh_run, check_modality, check_resume,
                           data_location, make_loader, modality_of, open_run, restore)
-from utils.misc import (PROJECT_ROOT, append_jsonl, format_args, git_revision,
-                        interrupted_message, learning_rate, plain_args, seed_everything,
+from utils.misc import (PROJECT_ROOT, format_args, git_revision, interrupted_message,
+                        learning_rate, log_epoch, plain_args, seed_everything,
                         run_main, topk_accuracy)
 
 
@@ -293,7 +293,7 @@ def train(args, rt, spec):
                     for k, v in val.items():
                         writer.add_scalar(f'val_{args.val_set}/{k}', v, epoch)
             if info.is_main:
-                append_jsonl(exp_dir / 'log.jsonl', record)
+                log_epoch(exp_dir / 'log.jsonl', record)
                 say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in record.items()
                                                      if isinstance(v, float)))
                 state = {'state_dict': model.state_dict(), 'epoch': epoch,
@@ -367,12 +367,6 @@ def validate(model, videos, modality, args, rt, epoch):
 # ----------------------------------------------------------------------------------------------
 # Test with crops
 
-def results_dir(args, default):
-    out = Path(args.output_dir) if args.output_dir else Path(default)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def run_test(args, rt):
     crops = 'ten' if args.ten_crop else 'five' if args.five_crop else 'center'
     source = f'--test {args.test}'
@@ -396,6 +390,9 @@ def run_test(args, rt):
            f'{args.dataset} test split {args.which_split}: {len(videos)} videos, {crops} crop(s) '
            f'of every window\n=> args:\n{format_args(args)}')
 
+    result = ve.result_path(args, Path(args.test).resolve().parent,
+                            f'{args.dataset}_split{args.which_split}_{crops}')
+
     def probabilities(x):
         return model(x).float().softmax(1)
 
@@ -409,24 +406,21 @@ def run_test(args, rt):
     labels = torch.tensor(videos.labels, device=probs.device)
     summaries = ve.crop_summaries(probs, crops)
     results = {name: ve.video_accuracy(p, labels) for name, p in summaries.items()}
-    out = results_dir(args, Path(args.test).resolve().parent)
-    stem = ve.result_stem(args.test, args.output_dir)
-    tag = f'{stem}_{args.dataset}_split{args.which_split}_{crops}'
-    prob_file = out / f'{tag}_prob.pth'
+    prob_file = result.with_name(result.stem + '_prob.pth')
     ve.save_probabilities(prob_file, names=videos.names, labels=videos.labels,
                           probs=summaries[crops], classes=test_set.classes,
-                          meta={'checkpoint': str(Path(args.test).resolve()), 'crops': crops,
+                          meta={'checkpoint': ve.checkpoint_id(args.test), 'crops': crops,
                                 'dataset': args.dataset, 'split': args.which_split})
-    report = {'checkpoint': str(Path(args.test).resolve()), 'epoch': ckpt.get('epoch'),
+    report = {'checkpoint': ve.checkpoint_id(args.test), 'epoch': ckpt.get('epoch'),
               'dataset': args.dataset, 'split': args.which_split, 'videos': len(videos),
               'crops': crops, 'results': results, 'probabilities': str(prob_file),
               'git': git_revision(), 'args': plain_args(args)}
-    (out / f'{tag}.json').write_text(json.dumps(report, indent=1))
+    result.write_text(json.dumps(report, indent=1))
     lines = [f'test {args.dataset} split{args.which_split} ({len(videos)} videos)',
              f'{"crops":<8}{"top1":>8}{"top5":>8}']
     lines += [f'{name:<8}{r["top1"]:>8.2f}{r["top5"]:>8.2f}' for name, r in results.items()]
     print('\n'.join(lines))
-    print(f'=> results {out / f"{tag}.json"}; per-video probabilities {prob_file}')
+    print(f'=> results {result}; per-video probabilities {prob_file}')
     return report
 
 
@@ -441,6 +435,8 @@ def run_retrieval(args, rt):
     rt.say(f'=> git {git_revision()}\n=> retrieval with the backbone of {what} on {args.dataset} '
            f'split {args.which_split}: {len(videos["test"])} test videos query '
            f'{len(videos["train"])} train videos\n=> args:\n{format_args(args)}')
+    result = ve.result_path(args, retrieval.experiment_dir(args),
+                            f'retrieval_{args.dataset}_split{args.which_split}')
     feats = {part: retrieval.extract_features(args, part, v, backbone, weights, rt, cache_dir)
              for part, v in videos.items()}
     if not rt.is_main:
@@ -450,17 +446,15 @@ def run_retrieval(args, rt):
     if len(videos['train']) < max(retrieval.KS):
         print(f'=> note: only {len(videos["train"])} train videos; R@k with a larger k counts '
               f'all of them')
-    out = results_dir(args, retrieval.experiment_dir(args))
-    tag = f'{ve.result_stem(args.test, args.output_dir)}_retrieval_{args.dataset}_split{args.which_split}'
-    report = {'checkpoint': args.test if args.test == 'random' else str(Path(args.test).resolve()),
+    report = {'checkpoint': ve.checkpoint_id(args.test),
               'weights': weights, 'dataset': args.dataset, 'split': args.which_split,
               'queries': len(videos['test']), 'gallery': len(videos['train']),
               'recall': {f'R@{k}': v for k, v in recall.items()}, 'git': git_revision(),
               'args': plain_args(args)}
-    (out / f'{tag}.json').write_text(json.dumps(report, indent=1))
-    print(f'=> results {out / f"{tag}.json"}')
+    result.write_text(json.dumps(report, indent=1))
+    print(f'=> results {result}')
     if args.visualize:
-        png = retrieval.save_neighbour_picture(out / f'{tag}_top5.png', videos['test'],
+        png = retrieval.save_neighbour_picture(result.with_name(result.stem + '_top5.png'), videos['test'],
                                                videos['train'], feats['test'], feats['train'],
                                                args.visualize, args.img_dim)
         print(f'=> {args.visualize} queries and their top-5 neighbours: {png}')

@@ -8,6 +8,7 @@ is cropped to ``img_dim`` on the device: the center crop, five crops (center + 4
 video for each crop; callers average over crops (softmax probabilities for classification,
 features for retrieval).
 """
+import json
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,6 +366,29 @@ def result_stem(test, output_dir):
         return 'random'
     stem = checkpoint_stem(test)
     return f'{Path(test).resolve().parent.name}_{stem}' if output_dir else stem
+
+
+def checkpoint_id(test):
+    """How result files name the checkpoint of ``--test``: its real path, or 'random'."""
+    return 'random' if test == 'random' else str(Path(test).resolve())
+
+
+def result_path(args, default_dir, suffix):
+    """``<--output_dir or default_dir>/<result_stem>_<suffix>.json`` (the folder made). A file
+    there holding another checkpoint's result (two runs of one name sharing an --output_dir) is
+    an error before any work, not overwritten after it."""
+    out = Path(args.output_dir) if args.output_dir else Path(default_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f'{result_stem(args.test, args.output_dir)}_{suffix}.json'
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get('checkpoint')
+        except (ValueError, AttributeError):
+            old = None
+        if old not in (None, checkpoint_id(args.test)):
+            raise ValueError(f'{path} holds the result of another checkpoint ({old}); give '
+                             f'--test {args.test} another --output_dir')
+    return path
 
 
 def save_probabilities(path, *, names, labels, probs, classes, meta):

@@ -119,3 +119,12 @@ def test_every_shipped_config_parses_with_its_script(path):
         make_parser, extra = NCE, []
     args = parse_args(make_parser(), ['--config', str(path), *extra])
     assert isinstance(args.schedule, list)
+
+
+def test_command_line_crop_flag_replaces_the_files(tmp_path):
+    from eval import main_classifier
+    cfg = tmp_path / 'crop.toml'
+    cfg.write_text('ten_crop = true\n')
+    a = parse_args(main_classifier.build_parser(), ['--config', str(cfg), '--center_crop'])
+    assert (a.center_crop, a.ten_crop) == (True, False)
+    assert parse_args(main_classifier.build_parser(), ['--config', str(cfg)]).ten_crop

@@ -336,6 +336,16 @@ def test_kinetics_layout(tmp_path, name, modalities):
     assert data.classes == ['bowling', 'skiing']
     test = build(tmp_path, name.replace('-2clip', ''), mode='test')
     assert test.names == ['skiing/d'] and test.labels == [1]
+    # The split files elsewhere (--split_dir), and the train LMDB named explicitly (--rgb_lmdb).
+    splits_dir = tmp_path / 'k4_splits'
+    splits_dir.mkdir()
+    for f in ('train_split.csv', 'val_split.csv'):
+        (tmp_path / 'k4' / f).rename(splits_dir / f)
+    assert build(tmp_path, name, split_dir=splits_dir).names == ['bowling/b', 'skiing/c']
+    if '-f' not in name:
+        moved = build(tmp_path / 'nowhere', name, split_dir=splits_dir,
+                      rgb_lmdb=tmp_path / 'k4' / 'k4_frame_train.lmdb')
+        assert moved.names == ['bowling/b', 'skiing/c'] and moved.dropped == ['bowling/a']
 
 
 def test_kinetics_split_csvs_from_split_dir(tmp_path):

@@ -211,6 +211,7 @@ def test_ten_crop_test_writes_results_and_fusion(data_root, checkpoints, tmp_pat
                    '--ten_crop', '--output_dir', str(tmp_path), '--max_videos', '3')
     out = capsys.readouterr().out
     assert 'crops' in out and 'ten' in out
+    assert 'does not record what it was trained on' in out     # saved without its args
     assert set(report['results']) == {'center', 'five', 'ten'} and report['videos'] == 3
     saved = json.loads((tmp_path / 'cls_best_tiny_split1_ten.json').read_text())
     assert saved['results'] == report['results']
@@ -346,6 +347,13 @@ def test_bad_test_inputs(data_root, checkpoints, tmp_path):
                  ['--train_what', 'ft', '--pretrain', str(flow_pre)]):
         with pytest.raises(ValueError, match=r'trained on FLOW \(--dataset tiny-f'):
             _eval(data_root, *argv, '--output_dir', str(tmp_path))
+    # Another run's result of the same name in a shared --output_dir: refused before any work.
+    other = tmp_path / 'shared' / 'cls_best_tiny_split1_center.json'
+    other.parent.mkdir()
+    other.write_text(json.dumps({'checkpoint': '/elsewhere/cls/best.pth.tar'}))
+    with pytest.raises(ValueError, match=r'holds the result of another checkpoint'):
+        _eval(data_root, '--train_what', 'ft', '--test', str(checkpoints['cls']),
+              '--center_crop', '--output_dir', str(other.parent))
     with pytest.raises(SystemExit, match='is a pretraining checkpoint; start a classifier from it'):
         _eval(data_root, '--resume', str(checkpoints['pre0']), '--output_dir', str(tmp_path))
     for argv in (['--test', 'random', '--center_crop'],              # random: retrieval only

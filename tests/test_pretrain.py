@@ -323,7 +323,52 @@ def test_script_errors_and_interrupts_end_without_a_traceback(data_root, tmp_pat
              str(tmp_path / 'nope.pth.tar')])
     assert r.returncode == 2 and 'Traceback' not in r.stderr
     assert r.stderr.strip() == f'error: --pretrain: no checkpoint at {tmp_path / "nope.pth.tar"}'
+    r = run([sys.executable, 'local_nce.py', '--dataset', 'ucf101', '--data_root',
+             str(data_root), *TINY, '--output_dir', str(tmp_path)])
+    assert r.returncode == 2 and r.stderr.startswith('error: --dataset ucf101: pretraining needs')
     assert 'before the first checkpoint' in interrupted_message(tmp_path)
     (tmp_path / 'last.pth.tar').write_bytes(b'')
     assert f'the last good checkpoint is {tmp_path / "last.pth.tar"}' in \
         interrupted_message(tmp_path)
+
+
+def test_resume_rules():
+    from types import SimpleNamespace
+    from utils.engine import check_resume
+    now = SimpleNamespace(resume='r.pth.tar', lr=0.1, w_inter=1 / 3, epochs=9, workers=4)
+    # Checkpoints of earlier versions stored defaulted loss weights as None: not a change.
+    check_resume({'args': {'lr': 0.1, 'w_inter': None, 'epochs': 3, 'workers': 0}}, now, 1)
+    with pytest.raises(SystemExit, match=r"--lr 0\.2 -> 0\.1"):
+        check_resume({'args': {'lr': 0.2}, 'world_size': 1}, now, 1)
+    with pytest.raises(SystemExit, match='processes 2 -> 1'):
+        check_resume({'args': {'lr': 0.1}, 'world_size': 2}, now, 1)
+
+
+def test_log_keeps_one_record_per_epoch(tmp_path):
+    from utils.misc import log_epoch
+    log = tmp_path / 'log.jsonl'
+    for epoch in (0, 1, 2, 3):
+        log_epoch(log, {'epoch': epoch, 'loss': 1.0})
+    log_epoch(log, {'epoch': 2, 'loss': 0.5})       # a run resumed from epoch 1's checkpoint
+    assert [(r['epoch'], r['loss']) for r in last_log(tmp_path)] == [(0, 1.0), (1, 1.0), (2, 0.5)]
+
+
+def test_fresh_run_refuses_only_a_folder_with_checkpoints(tmp_path):
+    from utils.engine import check_fresh_run
+    (tmp_path / 'log.jsonl').write_text('{"epoch": 0}\n')   # stopped before its first save
+    check_fresh_run(tmp_path)
+    (tmp_path / 'epoch9.pth.tar').write_bytes(b'')
+    with pytest.raises(SystemExit, match='already holds a run'):
+        check_fresh_run(tmp_path)
+
+
+def test_odd_batch_in_one_process_trains_with_one_bn_group(data_root, tmp_path, capsys):
+    exp = local_nce.main(['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
+                          '--batch_size', '3', '--moco-k', '9', '--output_dir', str(tmp_path)])
+    assert torch.load(exp / 'last.pth.tar', weights_only=True)['args']['bn_splits'] == 1
+
+
+def test_coclr_resume_needs_no_pretrain(tmp_path):
+    with pytest.raises(FileNotFoundError, match='--resume: no checkpoint'):
+        local_coclr.main(['--resume', str(tmp_path / 'gone.pth.tar'), '--device', 'cpu',
+                          '--dataset', 'demo-2stream-2clip', '--data_root', str(tmp_path)])

@@ -1,6 +1,7 @@
 """Command-line flags with TOML config files as defaults (a flag given on the command line wins)."""
 import argparse
 import math
+import sys
 import tomllib
 from pathlib import Path
 
@@ -122,10 +123,14 @@ def parse_args(parser, argv=None):
                 parser.error(f'--config {path}: unknown key {key!r}')
             values[dest] = _config_value(parser, actions[dest], value, where)
             actions[dest].required = False   # the file gives it
+        given = set(argv if argv is not None else sys.argv[1:])
         for group in parser._mutually_exclusive_groups:   # as the command line refuses both
             both = [_flag(a) for a in group._group_actions
                     if a.dest in values and values[a.dest] != a.default]
             if len(both) > 1:
                 parser.error(f'{both[0]} and {both[1]} {where} exclude each other')
+            if any(opt in given for a in group._group_actions for opt in a.option_strings):
+                for a in group._group_actions:   # the command line chooses for the whole group
+                    values.pop(a.dest, None)
         parser.set_defaults(**values)
     return parser.parse_args(argv)

@@ -27,9 +27,8 @@ from . import distributed as du
 from .config import (AREA, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, POSITIVE_REAL,
                      PROBABILITY)
 from .checkpoint import load_checkpoint, load_exact, save_checkpoint, sub_state_dict
-from .misc import (PROJECT_ROOT, append_jsonl, epoch_seed, format_args, git_revision,
-                   interrupted_message, learning_rate, plain_args, seed_everything, topk_accuracy,
-                   trim_log)
+from .misc import (PROJECT_ROOT, epoch_seed, format_args, git_revision, interrupted_message,
+                   learning_rate, log_epoch, plain_args, seed_everything, topk_accuracy)
 
 # Shortest local segment each backbone can encode: S3D halves time three times.
 MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}
@@ -193,9 +192,16 @@ def train(args, task):
     say = print if info.is_main else (lambda *a, **k: None)
     spec = DatasetName.parse(args.dataset)
     global_batch = args.batch_size * info.world_size
-    if args.bn_splits is None:
-        args.bn_splits = 2 if info.world_size == 1 else 1
+    if args.bn_splits is None:   # two groups in one process, if the batch splits evenly
+        args.bn_splits = 2 if info.world_size == 1 and args.batch_size % 2 == 0 else 1
     _check_args(args, spec, global_batch, task)
+    ckpt = None
+    if args.resume:   # checked before anything is built: a changed flag is the likelier error
+        ckpt = load_checkpoint(args.resume, '--resume')
+        if not any(k.startswith('encoder_q.') for k in ckpt['state_dict']):
+            raise SystemExit(f'error: --resume {args.resume} is not a pretraining checkpoint (no '
+                             f'encoder_q.* weights)')
+        check_resume(ckpt, args, info.world_size)
 
     seed_everything(args.seed + info.rank)
     if args.decode == 'gpu' and device.type != 'cuda':
@@ -232,12 +238,7 @@ def train(args, task):
 
     exp_dir = Path(args.output_dir) / run_name(args, task)
     start_epoch, iteration, best_acc = 0, 0, 0.0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, '--resume')
-        if not any(k.startswith('encoder_q.') for k in ckpt['state_dict']):
-            raise SystemExit(f'error: --resume {args.resume} is not a pretraining checkpoint (no '
-                             f'encoder_q.* weights)')
-        check_resume(ckpt, args, info.world_size)
+    if ckpt is not None:
         exp_dir, start_epoch, iteration = restore(ckpt, model, optimizer, scaler, args, info, say)
         best_acc = ckpt.get('best_acc', 0.0)
     else:
@@ -265,7 +266,7 @@ def train(args, task):
             stats['replica_checksum'] = _check_replicas(model)
             if info.is_main:
                 record = {'epoch': epoch, 'iteration': iteration, 'lr': lr, **stats}
-                append_jsonl(exp_dir / 'log.jsonl', record)
+                log_epoch(exp_dir / 'log.jsonl', record)
                 say('=> epoch %d: ' % epoch + ' '.join(f'{k}={v:.4g}' for k, v in stats.items()))
                 if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
                     state = {'state_dict': model.state_dict(), 'epoch': epoch,
@@ -651,25 +652,24 @@ def _check_replicas(model):
 
 
 def restore(ckpt, model, optimizer, scaler, args, info, say):
-    """Continue the run of ``ckpt`` (``--resume``): weights, optimizer and scaler state, and its
-    log cut back to the epochs before the one it resumes. Returns its folder, the first epoch
-    to train and the iteration count."""
+    """Continue the run of ``ckpt`` (``--resume``): weights, optimizer and scaler state. Returns
+    its folder, the first epoch to train and the iteration count."""
     load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
     optimizer.load_state_dict(ckpt['optimizer'])
     if 'scaler' in ckpt:
         scaler.load_state_dict(ckpt['scaler'])
     check_epochs_left(args, ckpt['epoch'])
     exp_dir = Path(args.resume).resolve().parent
-    if info.is_main:
-        trim_log(exp_dir / 'log.jsonl', ckpt['epoch'] + 1)
     say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {ckpt["iteration"]})'
         + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
     return exp_dir, ckpt['epoch'] + 1, ckpt['iteration']
 
 
 def check_fresh_run(exp_dir):
-    """A new run never writes over the log and checkpoints of an earlier one."""
-    if (exp_dir / 'log.jsonl').exists() or any(exp_dir.glob('*.pth.tar')):
+    """A new run never writes over the checkpoints of an earlier one. (A folder with a log but
+    no checkpoint, from a run stopped before its first save, has nothing to resume: a new run
+    starts there and replaces the log's records epoch by epoch.)"""
+    if any(exp_dir.glob('*.pth.tar')):
         raise SystemExit(f'error: {exp_dir} already holds a run; continue it with --resume '
                          f'{exp_dir / "last.pth.tar"}, or start another with --name_prefix or '
                          f'--output_dir (or delete the folder)')
@@ -726,10 +726,17 @@ def trained_modality(ckpt):
 def check_modality(ckpt, modality, source):
     """An RGB network must not silently start or judge a flow run, or the other way round."""
     found = trained_modality(ckpt)
-    if found is not None and found != modality:
-        raise ValueError(f'{source} holds a network trained on {found.upper()} (--dataset '
-                         f'{ckpt["args"]["dataset"]}), but {modality.upper()} is needed here; '
-                         f'give a checkpoint of a {modality.upper()} run')
+    if found is None:
+        if du.get_rank() == 0:
+            print(f'=> note: {source} does not record what it was trained on (no --dataset in '
+                  f'its args); make sure it is a {modality.upper()} network')
+        return
+    if found != modality:
+        args = ckpt['args']
+        trained = f'--dataset {args["dataset"]}' + (' --reverse' if args.get('reverse') else '')
+        raise ValueError(f'{source} holds a network trained on {found.upper()} ({trained}), but '
+                         f'{modality.upper()} is needed here; give a checkpoint of a '
+                         f'{modality.upper()} run')
 
 
 # Flags a resumed run may change: where the data and results are, the hardware and speed
@@ -738,7 +745,8 @@ def check_modality(ckpt, modality, source):
 RESUME_MAY_CHANGE = {
     'resume', 'config', 'epochs', 'schedule', 'data_root', 'rgb_lmdb', 'flow_lmdb', 'split_dir',
     'output_dir', 'name_prefix', 'workers', 'device', 'decode', 'channels_last', 'compile',
-    'cuda_graph', 'local_rank', 'print_freq', 'save_freq', 'eval_freq', 'pretrain', 'dirname'}
+    'cuda_graph', 'amp', 'local_rank', 'print_freq', 'save_freq', 'eval_freq', 'pretrain',
+    'dirname'}
 
 
 def check_resume(ckpt, args, world_size):
@@ -746,8 +754,10 @@ def check_resume(ckpt, args, world_size):
     ``RESUME_MAY_CHANGE``; an error lists every other difference."""
     saved = ckpt.get('args') or {}
     now = plain_args(args)
+    # A saved None is a flag left to its default, as checkpoints of earlier versions stored the
+    # loss weights; it is not compared.
     changed = [f'--{k} {saved[k]!r} -> {now[k]!r}' for k in sorted(now)
-               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+               if saved.get(k) is not None and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if ckpt.get('world_size', world_size) != world_size:
         changed.append(f'processes {ckpt["world_size"]} -> {world_size} (the global batch and '
                        f'the data order depend on it)')

@@ -36,22 +36,17 @@ def plain_args(args):
             for k, v in vars(args).items()}
 
 
-def append_jsonl(path, record):
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
-def trim_log(path, start_epoch):
-    """Drop the records of epochs from ``start_epoch`` on from a ``log.jsonl``: a resumed run
-    trains them again (they may be newer than the checkpoint it resumes), so that the log reads
-    as one uninterrupted run. Written to a new file, then renamed."""
+def log_epoch(path, record):
+    """Append an epoch's record to a ``log.jsonl``, dropping any record of that epoch or a later
+    one first: those come from a run that was resumed from an earlier checkpoint, and this run
+    trains them again. The log then reads as one uninterrupted run; nothing is dropped before
+    the new record exists. Written to a new file, then renamed."""
     path = Path(path)
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines
+            if line.strip() and json.loads(line).get('epoch', -1) < record['epoch']]
     tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(''.join(line + '\n' for line in lines))
+    tmp.write_text(''.join(line + '\n' for line in kept + [json.dumps(record)]))
     os.replace(tmp, path)
 
 
@@ -103,6 +98,11 @@ def run_main(main):
     status 130 after the script's own message. ``CVTCL_TRACEBACK=1`` shows the traceback."""
     try:
         main()
+    except SystemExit as e:   # the scripts' own ``SystemExit('error: ...')``: status 2 as well
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
     except KeyboardInterrupt:
         if os.environ.get('CVTCL_TRACEBACK'):
             raise
