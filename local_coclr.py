@@ -27,7 +27,8 @@ def build_model(args):
 
 def load_pretrained(model, args):
     trained, sampler = args.pretrain
-    main, other = ('flow', 'rgb') if args.reverse else ('rgb', 'flow')
+    main = engine.modality_of(args.dataset, args.reverse)
+    other = 'rgb' if main == 'flow' else 'flow'
     for path, encoder, role, modality in ((trained, model.encoder_q, 'trained network', main),
                                           (sampler, model.sampler, 'sampler', other)):
         if path == 'random':

@@ -106,7 +106,8 @@ def run(args, rt):
               f'C={C:g} is an arbitrary choice (too few videos? see --holdout_fraction)')
     probe = make_probe(C, args.max_iter, args.seed).fit(x_train, y_train)
     acc = top_k(probe, x_test, y_test)
-    path.write_text(json.dumps({'checkpoint': ve.checkpoint_id(args.test), 'weights': weights, 'C': C,
+    path.write_text(json.dumps({'checkpoint': ve.checkpoint_id(args.test), 'weights': weights,
+                                'C': C,
                                 'holdout_accuracy': {str(c): a for c, a in scores.items()},
                                 'train_videos': len(y_train), 'test_videos': len(y_test), **acc,
                                 'git': git_revision(), 'args': plain_args(args)}, indent=1))

@@ -127,20 +127,19 @@ def check_args(args, parser):
                 'scratch, or --resume)')
     if args.visualize and not args.retrieval:
         bad('--visualize belongs to --retrieval')
-    return spec
 
 
 def main(argv=None):
     parser = build_parser()
     args = parse_args(parser, argv)
-    spec = check_args(args, parser)
+    check_args(args, parser)
     rt = ve.start(args)
     try:
         if args.test and args.retrieval:
             return run_retrieval(args, rt)
         if args.test:
             return run_test(args, rt)
-        return train(args, rt, spec)
+        return train(args, rt)
     finally:
         du.cleanup()
 
@@ -204,10 +203,11 @@ def validation_videos(args, train_set, positions):
             f'{len(set(videos.sources))} source groups, not trained on)')
 
 
-def train(args, rt, spec):
+def train(args, rt):
     info, device = rt.info, rt.device
     say = rt.say
     global_batch = args.batch_size * info.world_size
+    modality = modality_of(args.dataset)
     # Checkpoints are read first: a wrong path fails before any data is touched.
     resume = load_checkpoint(args.resume, '--resume') if args.resume else None
     pretrained = None
@@ -218,9 +218,8 @@ def train(args, rt, spec):
         check_resume(resume, args, info.world_size)
     elif args.pretrain != 'random':
         pretrained = load_checkpoint(args.pretrain, '--pretrain')
-        check_modality(pretrained, modality_of(args.dataset), f'--pretrain {args.pretrain}')
+        check_modality(pretrained, modality, f'--pretrain {args.pretrain}')
     seed_everything(args.seed + info.rank)
-    modality = 'flow' if spec.flow else 'rgb'
     train_set = build_dataset(args.dataset, 'train', **data_location(args),
                               seq_len=args.seq_len, ds=args.ds, img_dim=args.img_dim,
                               strong_prob=args.color_jitter_prob,
@@ -454,9 +453,9 @@ def run_retrieval(args, rt):
     result.write_text(json.dumps(report, indent=1))
     print(f'=> results {result}')
     if args.visualize:
-        png = retrieval.save_neighbour_picture(result.with_name(result.stem + '_top5.png'), videos['test'],
-                                               videos['train'], feats['test'], feats['train'],
-                                               args.visualize, args.img_dim)
+        png = retrieval.save_neighbour_picture(result.with_name(result.stem + '_top5.png'),
+                                               videos['test'], videos['train'], feats['test'],
+                                               feats['train'], args.visualize, args.img_dim)
         print(f'=> {args.visualize} queries and their top-5 neighbours: {png}')
     print(retrieval.recall_line(args.dataset, args.which_split, recall))
     return report

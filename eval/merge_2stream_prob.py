@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from eval.video_eval import load_probabilities, video_accuracy
-from utils.engine import modality_of
+from utils.engine import recorded_modality
 from utils.misc import run_main
 
 
@@ -52,21 +52,13 @@ def fuse(probs1, probs2):
     return (probs1.float() + probs2.float()) / 2
 
 
-def stream_modality(data):
-    """'rgb' or 'flow' from the file's ``meta['dataset']``; None when it does not say."""
-    try:
-        return modality_of(data['meta']['dataset'])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def merge(path1, path2):
     if Path(path1).resolve() == Path(path2).resolve():
         raise ValueError(f'--prob1 and --prob2 are the same file ({path1}); fusion needs the '
                          f'RGB and the flow stream')
     first = load_probabilities(path1, '--prob1')
     second = load_probabilities(path2, '--prob2')
-    modalities = stream_modality(first), stream_modality(second)
+    modalities = recorded_modality(first.get('meta')), recorded_modality(second.get('meta'))
     if modalities[0] is not None and modalities[0] == modalities[1]:
         raise ValueError(f'{path1} and {path2} are both {modalities[0].upper()} streams '
                          f'(--dataset {first["meta"]["dataset"]} and '

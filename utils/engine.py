@@ -703,29 +703,28 @@ def load_encoder(encoder, path, flag, modality):
     return ckpt.get('epoch')
 
 
-def modality_of(dataset):
+def modality_of(dataset, reverse=False):
     """'rgb' or 'flow': the modality a network trained with ``--dataset dataset`` sees (for
-    two-stream CVTCL: the trained one, RGB unless ``--reverse``)."""
+    two-stream CVTCL: the trained one, RGB unless ``reverse``)."""
     spec = DatasetName.parse(dataset)
-    return 'rgb' if spec.rgb else 'flow'
-
-
-def trained_modality(ckpt):
-    """The modality of a checkpoint's trained network, from the arguments it was saved with;
-    None when it holds none (e.g. a checkpoint of another code base)."""
-    args = ckpt.get('args')
-    try:
-        spec = DatasetName.parse(args['dataset'])
-    except (TypeError, KeyError, ValueError):
-        return None
     if spec.rgb and spec.flow:
-        return 'flow' if args.get('reverse') else 'rgb'
+        return 'flow' if reverse else 'rgb'
     return 'rgb' if spec.rgb else 'flow'
+
+
+def recorded_modality(record):
+    """The modality that saved arguments (a checkpoint's ``args``, a result file's ``meta``)
+    record through their ``dataset`` and ``reverse``; None when they record none (e.g. a
+    checkpoint of another code base)."""
+    try:
+        return modality_of(record['dataset'], record.get('reverse'))
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return None
 
 
 def check_modality(ckpt, modality, source):
     """An RGB network must not silently start or judge a flow run, or the other way round."""
-    found = trained_modality(ckpt)
+    found = recorded_modality(ckpt.get('args'))
     if found is None:
         if du.get_rank() == 0:
             print(f'=> note: {source} does not record what it was trained on (no --dataset in '
