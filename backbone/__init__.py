@@ -25,3 +25,7 @@ def build_backbone(name: str, in_channels: int = 3) -> nn.Module:
 
 
 __all__ = ["BACKBONES", "build_backbone", "S3D", "ResNet2d3d"]
+
+
+# Shortest local segment each backbone can encode: S3D halves time three times.
+MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}

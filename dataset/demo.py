@@ -56,8 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dataset.lmdb_video import LMDBWriter, encode_frames
-from dataset.prepare import quantize_flow
+from dataset.lmdb_video import LMDBWriter, encode_frames, quantize_flow
 from dataset.splits import group_splits, write_split_files
 
 NAME = 'demo'

@@ -102,3 +102,11 @@ class TrainLoader:
             if i + 1 == self.steps:
                 self._next = epoch + 1
             yield batch
+
+
+def make_loader(dataset, args, info):
+    """The training loader (``dataset.loader.TrainLoader``): this process's shard, shuffled per
+    epoch, one seed per sample, one stream of batches across epochs."""
+    return TrainLoader(dataset, args.batch_size, args.workers, args.seed, args.epochs,
+                       rank=info.rank, world_size=info.world_size,
+                       max_steps=args.iters_per_epoch, pin_memory=info.device.type == 'cuda')

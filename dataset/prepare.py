@@ -20,40 +20,18 @@ import re
 import sys
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from dataset import splits as split_files
-from dataset.lmdb_video import LMDBWriter, VideoLMDB, decode_frames, encode_frames
+from dataset.lmdb_video import (LMDBWriter, VideoLMDB, decode_frames, encode_frames,
+                                quantize_flow)
 from utils.config import NON_NEGATIVE, POSITIVE, Ranged
+from utils.misc import UserError
 
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov')
 FRAME_EXTS = ('.jpg', '.jpeg')
-FLOW_BOUND = 20.0  # SPEC §3: flow is clipped to [-20, 20] pixels before it becomes a byte
-
-
-class UserError(Exception):
-    """A wrong flag or input: reported as ``error: ...`` (exit status 2), without a traceback."""
-
-
-# ------------------------------------------------------------------------------ flow format
-
-def quantize_flow(flow):
-    """Flow in pixels, float array ``[..., 2, H, W]`` -> uint8 array ``[..., 3, H, W]`` (SPEC §3).
-
-    Channel 0 horizontal, 1 vertical flow, each clipped to [-20, 20] and mapped linearly to
-    [0, 255] (0 px -> 127.5, stored as 128); channel 2 is a constant 128. NumPy, not torch:
-    torch's thread pool costs more than it gains on frames this small."""
-    scale = 255 / (2 * FLOW_BOUND)
-    q = np.rint((np.clip(flow, -FLOW_BOUND, FLOW_BOUND) + FLOW_BOUND) * scale).astype(np.uint8)
-    return np.concatenate([q, np.full_like(q[..., :1, :, :], 128)], axis=-3)
-
-
-def dequantize_flow(frames):
-    """uint8 flow frames ``[..., 3, H, W]`` (tensor) -> flow in pixels, float ``[..., 2, H, W]``."""
-    return frames[..., :2, :, :].float() * (2 * FLOW_BOUND / 255) - FLOW_BOUND
 
 
 # ------------------------------------------------------------------------ finding the input

@@ -4,6 +4,7 @@ Names follow the seed: ``<name>[-f][-2stream][-2clip]`` (``ucf101-2clip``, ``ucf
 ``ucf101-2stream-2clip``, ``hmdb51``, ...): ``-f`` flow only, ``-2stream`` RGB and flow together,
 ``-2clip`` two views per video. Any ``<name>`` whose folder follows the layout of SPEC §3 works.
 """
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from utils.config import NON_NEGATIVE, POSITIVE
 from . import augment, sampler, splits
 from .lmdb_video import (VideoLMDB, check_same_size, decode_frames, decode_list, jpeg_size,
                          merge_packed, pack_jpegs, unpack_jpegs)
@@ -391,3 +393,59 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     ds_.num_classes = len(classes)
     ds_.classes = list(classes)
     return ds_
+
+
+def add_data_args(parser, dataset_default, dataset_help):
+    """The data flags every script shares (same names in pretraining and evaluation)."""
+    g = parser.add_argument_group('data')
+    g.add_argument('--dataset', default=dataset_default, help=dataset_help)
+    g.add_argument('--data_root', default=None,
+                   help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
+                        'data/ in the project folder')
+    g.add_argument('--which_split', type=POSITIVE, default=1,
+                   help='split k: train_split0k.csv / test_split0k.csv')
+    g.add_argument('--seq_len', type=POSITIVE, default=32, help='frames per clip')
+    g.add_argument('--ds', type=POSITIVE, default=1, help='frame stride of a clip')
+    g.add_argument('--img_dim', type=POSITIVE, default=128,
+                   help='crop size in pixels; test frames are resized to a short side of '
+                        'round(img_dim * 8 / 7) before cropping')
+    g.add_argument('-j', '--workers', type=NON_NEGATIVE, default=8,
+                   help='data-loader workers per process')
+    g.add_argument('--legacy_flow_flip', action=argparse.BooleanOptionalAction, default=False,
+                   help="flip flow frames without negating the horizontal component (the "
+                        "reference's bug)")
+    g.add_argument('--rgb_lmdb', default=None, metavar='PATH',
+                   help='RGB frame LMDB to read instead of the layout\'s '
+                        '<data_root>/<name>/<name>_frame.lmdb (for train and test alike)')
+    g.add_argument('--flow_lmdb', default=None, metavar='PATH',
+                   help='flow frame LMDB to read instead of <data_root>/<name>/'
+                        '<name>_tvl1_frame.lmdb (for train and test alike)')
+    g.add_argument('--split_dir', default=None, metavar='DIR',
+                   help='folder of the split CSVs, ClassInd.txt and video_source.json, instead '
+                        'of <data_root>/<name>/')
+    return g
+
+
+def data_location(args):
+    """``build_dataset`` keywords for where the data of ``args`` is (the data flags)."""
+    return {'data_root': args.data_root, 'split': args.which_split, 'rgb_lmdb': args.rgb_lmdb,
+            'flow_lmdb': args.flow_lmdb, 'split_dir': args.split_dir}
+
+
+def modality_of(dataset, reverse=False):
+    """'rgb' or 'flow': the modality a network trained with ``--dataset dataset`` sees (for
+    two-stream CVTCL: the trained one, RGB unless ``reverse``)."""
+    spec = DatasetName.parse(dataset)
+    if spec.rgb and spec.flow:
+        return 'flow' if reverse else 'rgb'
+    return 'rgb' if spec.rgb else 'flow'
+
+
+def recorded_modality(record):
+    """The modality that saved arguments (a checkpoint's ``args``, a result file's ``meta``)
+    record through their ``dataset`` and ``reverse``; None when they record none (e.g. a
+    checkpoint of another code base)."""
+    try:
+        return modality_of(record['dataset'], record.get('reverse'))
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return None

@@ -19,7 +19,7 @@ from eval import retrieval
 from eval import video_eval as ve
 from utils import distributed as du
 from utils.config import FRACTION, POSITIVE, POSITIVE_REAL, parse_args
-from utils.engine import MIN_SEGMENT_FRAMES
+from backbone import MIN_SEGMENT_FRAMES
 from utils.misc import format_args, git_revision, plain_args, run_main
 
 

@@ -29,9 +29,13 @@ from utils import distributed as du
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, PROBABILITY,
                           parse_args)
-from utils.engine import (MIN_SEGMENT_FRAMES, EpochMeter, Prefetcher, begin_epoch,
-                          broadcast_state, check_fresh_run, check_modality, check_resume,
-                          data_location, make_loader, modality_of, open_run, restore)
+from backbone import MIN_SEGMENT_FRAMES
+from dataset.loader import make_loader
+from dataset.video_dataset import data_location, modality_of
+from model.classifier import check_modality
+from utils.engine import Prefetcher
+from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_fresh_run, check_resume,
+                       open_run, restore)
 from utils.misc import (PROJECT_ROOT, format_args, git_revision, interrupted_message,
                         learning_rate, log_epoch, plain_args, seed_everything,
                         run_main, topk_accuracy)

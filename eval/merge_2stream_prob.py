@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from eval.video_eval import load_probabilities, video_accuracy
-from utils.engine import recorded_modality
+from dataset.video_dataset import recorded_modality
 from utils.misc import run_main
 
 

@@ -24,7 +24,8 @@ from dataset import build_dataset
 from dataset.augment import resize_short_side
 from model.classifier import backbone_weights
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
-from utils.engine import check_modality, data_location, modality_of
+from dataset.video_dataset import data_location, modality_of
+from model.classifier import check_modality
 from utils.misc import PROJECT_ROOT
 from . import video_eval as ve
 

@@ -22,7 +22,8 @@ from dataset.video_dataset import VideoDataset
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import NON_NEGATIVE, POSITIVE
-from utils.engine import add_data_args, add_runtime_args, amp_dtype_of
+from dataset.video_dataset import add_data_args
+from utils.run import add_runtime_args, amp_dtype_of
 
 # Crop sets: the first crop of every set is the center crop and the first five of 'ten' are
 # 'five', so one ten-crop pass also gives the center- and five-crop results.

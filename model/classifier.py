@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone import build_backbone
+from dataset.video_dataset import recorded_modality
+from utils import distributed as du
 from utils.checkpoint import load_exact, sub_state_dict
 
 HEADS = ('ft', 'last')
@@ -120,3 +122,19 @@ def load_pretrained(model, state_dict, source):
                          f'builds the {model.train_what!r} head: pass --train_what {layout}')
     load_exact(model, state_dict, source)
     return kind
+
+
+def check_modality(ckpt, modality, source):
+    """An RGB network must not silently start or judge a flow run, or the other way round."""
+    found = recorded_modality(ckpt.get('args'))
+    if found is None:
+        if du.get_rank() == 0:
+            print(f'=> note: {source} does not record what it was trained on (no --dataset in '
+                  f'its args); make sure it is a {modality.upper()} network')
+        return
+    if found != modality:
+        args = ckpt['args']
+        trained = f'--dataset {args["dataset"]}' + (' --reverse' if args.get('reverse') else '')
+        raise ValueError(f'{source} holds a network trained on {found.upper()} ({trained}), but '
+                         f'{modality.upper()} is needed here; give a checkpoint of a '
+                         f'{modality.upper()} run')

@@ -9,9 +9,11 @@ reader is tested against the file format of SPEC §3, including the quirks of th
 tars: names stored as raw bytes (msgpack 0.6) and records inserted in an order different from
 ``__order__`` (``__vlen__`` is aligned with ``__keys__``, i.e. with insertion order).
 """
+import gzip
 import io
 import json
 import os
+from pathlib import Path
 
 import lmdb
 import msgpack
@@ -167,3 +169,10 @@ def decode_with_pil(jpeg):
     import numpy as np
     img = Image.open(io.BytesIO(jpeg)).convert('RGB')
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def coclr_reference():
+    """CoCLR's checkpoint key names and shapes and the S3D/S3D-G/R50 numerical fingerprints
+    (docs/METHOD.md, checkpoints), stored with the tests."""
+    with gzip.open(Path(__file__).parent / 'data' / 'coclr_reference.json.gz', 'rt') as f:
+        return json.load(f)

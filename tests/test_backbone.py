@@ -5,33 +5,19 @@ a fixed input goes through the model in eval mode, and the spatio-temporally poo
 must equal the reference numbers recorded from the CoCLR code.
 """
 
-import json
 import math
-import os
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
 from backbone import BACKBONES, build_backbone
-
-
-def _reference_path() -> Path:
-    override = os.environ.get("CVTCL_REFERENCE")
-    if override:
-        return Path(override)
-    shared = Path(__file__).resolve().parents[1].parent / "shared"
-    return shared / "reference" / "coclr_reference.json"
+from helpers import coclr_reference
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    path = _reference_path()
-    if not path.is_file():
-        pytest.skip(f"CoCLR reference file not found: {path}")
-    with open(path) as f:
-        return json.load(f)
+    return coclr_reference()
 
 
 def fingerprint_state_dict(keys: dict, alias: dict, current: dict) -> dict:

@@ -5,13 +5,13 @@ Small settings throughout (S3D, 8-frame clips at stride 2, 32-pixel crops, one o
 iterations) so the file runs in well under a minute on two CPU cores.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from dataset import LMDBWriter, encode_frames
+from helpers import coclr_reference
 from dataset.splits import group_splits, write_split_files
 from eval import main_classifier
 from model.classifier import LinearClassifier, checkpoint_kind, head_layout, load_pretrained
@@ -72,12 +72,7 @@ def pretrain_ckpt(tmp_path_factory):
 
 
 def _reference():
-    override = os.environ.get('CVTCL_REFERENCE')
-    path = Path(override) if override else (Path(__file__).resolve().parents[1].parent / 'shared'
-                                            / 'reference' / 'coclr_reference.json')
-    if not path.is_file():
-        pytest.skip(f'CoCLR reference file not found: {path}')
-    return json.loads(path.read_text())
+    return coclr_reference()
 
 
 # ----------------------------------------------------------------------------------------------

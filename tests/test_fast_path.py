@@ -100,7 +100,7 @@ def test_prefetcher_raises_the_threads_error_and_stops_early():
 
 
 def test_epoch_meter_means_over_reporting_steps_and_first_non_finite_iteration():
-    from utils.engine import EpochMeter
+    from utils.run import EpochMeter
     cpu = torch.device('cpu')
     meter = EpochMeter(0, 2, cpu, show=False, writer=None, print_freq=10)
     meter.update(5, torch.tensor(1.0), 4, 0.1, {'top1': torch.tensor(0.5)})

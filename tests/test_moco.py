@@ -1,13 +1,10 @@
 """The MoCo core: momentum update, queue, shuffle-BN, batched local segments, CoCLR keys."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import coclr_reference
 from model.moco import LocalCoCLR, LocalInfoNCE, split_segments
-
-REFERENCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'coclr_reference.json'
 
 
 def small_input(b=4, t=8, s=32, seed=0):
@@ -125,10 +122,9 @@ def test_every_encoder_call_gets_dense_input_in_the_clips_memory_format(memory_f
     assert all(t.is_contiguous(memory_format=memory_format) for t in seen)
 
 
-@pytest.mark.skipif(not REFERENCE.exists(), reason='reference file not present')
 @pytest.mark.parametrize('cls,key', [(LocalInfoNCE, 'infonce_s3d_keys'), (LocalCoCLR, 'coclr_s3d_keys')])
 def test_state_dict_keys_equal_coclr(cls, key):
-    ref = json.loads(REFERENCE.read_text())[key]
+    ref = coclr_reference()[key]
     m = cls(net='s3d', K=2048)
     sd = m.state_dict()
     assert {k: list(v.shape) for k, v in sd.items()} == ref

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from dataset.lmdb_video import LMDBWriter, VideoLMDB, encode_frames
-from dataset.prepare import dequantize_flow, main, quantize_flow
+from dataset.lmdb_video import dequantize_flow, quantize_flow
+from dataset.prepare import main
 from dataset.splits import read_class_index, read_split, read_video_source, ucf101_splits
 
 av = pytest.importorskip('av')

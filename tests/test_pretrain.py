@@ -334,7 +334,7 @@ def test_script_errors_and_interrupts_end_without_a_traceback(data_root, tmp_pat
 
 def test_resume_rules():
     from types import SimpleNamespace
-    from utils.engine import check_resume
+    from utils.run import check_resume
     now = SimpleNamespace(resume='r.pth.tar', lr=0.1, w_inter=1 / 3, epochs=9, workers=4)
     # Checkpoints of earlier versions stored defaulted loss weights as None: not a change.
     check_resume({'args': {'lr': 0.1, 'w_inter': None, 'epochs': 3, 'workers': 0}}, now, 1)
@@ -354,7 +354,7 @@ def test_log_keeps_one_record_per_epoch(tmp_path):
 
 
 def test_fresh_run_refuses_only_a_folder_with_checkpoints(tmp_path):
-    from utils.engine import check_fresh_run
+    from utils.run import check_fresh_run
     (tmp_path / 'log.jsonl').write_text('{"epoch": 0}\n')   # stopped before its first save
     check_fresh_run(tmp_path)
     (tmp_path / 'epoch9.pth.tar').write_bytes(b'')

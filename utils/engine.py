@@ -5,34 +5,31 @@ mixed precision, logging (tqdm on rank 0, TensorBoard, one JSON line per epoch) 
 from atomic checkpoints.
 """
 import argparse
-import json
 import queue
 import threading
-import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from backbone import BACKBONES
 from backbone.layout import use_2d_kernels
+from backbone import MIN_SEGMENT_FRAMES
 from dataset import DatasetName, build_dataset
+from dataset.video_dataset import add_data_args, data_location, modality_of
+from dataset.loader import make_loader
+from model.classifier import check_modality
+from .run import (add_runtime_args, amp_dtype_of, begin_epoch, broadcast_state, check_fresh_run,
+                  check_resume, EpochMeter, open_run, restore)
 from dataset.augment import DeviceAugment
-from dataset.loader import TrainLoader
 from dataset.video_dataset import decode_on_device
 from . import distributed as du
 from .config import (AREA, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, POSITIVE_REAL,
                      PROBABILITY)
 from .checkpoint import load_checkpoint, load_exact, save_checkpoint, sub_state_dict
-from .misc import (PROJECT_ROOT, epoch_seed, format_args, git_revision, interrupted_message,
-                   learning_rate, log_epoch, plain_args, seed_everything, topk_accuracy)
-
-# Shortest local segment each backbone can encode: S3D halves time three times.
-MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}
-
+from .misc import (PROJECT_ROOT, interrupted_message, learning_rate, log_epoch, plain_args,
+                   seed_everything, topk_accuracy)
 
 def pretrain_parser(description, *, dataset, weights, lr, warmup, batch_size, epochs,
                     schedule):
@@ -108,56 +105,6 @@ def pretrain_parser(description, *, dataset, weights, lr, warmup, batch_size, ep
     return p
 
 
-def add_data_args(parser, dataset_default, dataset_help):
-    """The data flags every script shares (same names in pretraining and evaluation)."""
-    g = parser.add_argument_group('data')
-    g.add_argument('--dataset', default=dataset_default, help=dataset_help)
-    g.add_argument('--data_root', default=None,
-                   help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
-                        'data/ in the project folder')
-    g.add_argument('--which_split', type=POSITIVE, default=1,
-                   help='split k: train_split0k.csv / test_split0k.csv')
-    g.add_argument('--seq_len', type=POSITIVE, default=32, help='frames per clip')
-    g.add_argument('--ds', type=POSITIVE, default=1, help='frame stride of a clip')
-    g.add_argument('--img_dim', type=POSITIVE, default=128,
-                   help='crop size in pixels; test frames are resized to a short side of '
-                        'round(img_dim * 8 / 7) before cropping')
-    g.add_argument('-j', '--workers', type=NON_NEGATIVE, default=8,
-                   help='data-loader workers per process')
-    g.add_argument('--legacy_flow_flip', action=argparse.BooleanOptionalAction, default=False,
-                   help="flip flow frames without negating the horizontal component (the "
-                        "reference's bug)")
-    g.add_argument('--rgb_lmdb', default=None, metavar='PATH',
-                   help='RGB frame LMDB to read instead of the layout\'s '
-                        '<data_root>/<name>/<name>_frame.lmdb (for train and test alike)')
-    g.add_argument('--flow_lmdb', default=None, metavar='PATH',
-                   help='flow frame LMDB to read instead of <data_root>/<name>/'
-                        '<name>_tvl1_frame.lmdb (for train and test alike)')
-    g.add_argument('--split_dir', default=None, metavar='DIR',
-                   help='folder of the split CSVs, ClassInd.txt and video_source.json, instead '
-                        'of <data_root>/<name>/')
-    return g
-
-
-def data_location(args):
-    """``build_dataset`` keywords for where the data of ``args`` is (the data flags)."""
-    return {'data_root': args.data_root, 'split': args.which_split, 'rgb_lmdb': args.rgb_lmdb,
-            'flow_lmdb': args.flow_lmdb, 'split_dir': args.split_dir}
-
-
-def add_runtime_args(g):
-    """Device, precision and launcher flags every script shares."""
-    g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
-                   help='auto = cuda when available')
-    g.add_argument('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
-                   help='mixed precision; auto = bf16 on CUDA GPUs that support it, else off')
-    g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=True,
-                   help='channels-last 3D memory format (faster convolutions on GPUs and, '
-                        'measured with bench/train_step.py, ~1.7x on the CPU too)')
-    g.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
-                   help=argparse.SUPPRESS)  # set by torch.distributed.launch
-
-
 @dataclass
 class Task:
     """What differs between the two scripts."""
@@ -172,13 +119,6 @@ class Task:
 def loss_weights(args, terms):
     """The ``--w_<term>`` weight of each loss term in ``terms``."""
     return {term: getattr(args, f'w_{term}') for term in terms}
-
-
-def amp_dtype_of(args, device):
-    amp = args.amp
-    if amp == 'auto':
-        amp = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'off'
-    return {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
 
 
 def run_name(args, task):
@@ -294,28 +234,6 @@ def compile_encoders(model):
             getattr(model, name).compile(dynamic=True)
 
 
-def open_run(exp_dir, args, info, summary):
-    """Rank 0: create the experiment folder, print where the run came from (git revision,
-    ``summary``, sorted arguments), store the arguments, open TensorBoard. Others: None."""
-    if not info.is_main:
-        return None
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    print(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {summary}\n'
-          f'=> args:\n{format_args(args)}')
-    (exp_dir / 'args.json').write_text(json.dumps(plain_args(args), indent=1, sort_keys=True))
-    from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only
-    return SummaryWriter(str(exp_dir / 'tb'))
-
-
-def begin_epoch(seed, epoch, rank, augment):
-    """Every epoch's randomness is a function of (seed, epoch, rank), so a resumed run
-    continues exactly as the uninterrupted one would: the training process's generator and the
-    device-side augmenter's here, each sample's through ``dataset.loader``."""
-    root = epoch_seed(seed, epoch, rank)
-    torch.manual_seed(2 * root)     # two seeds of their own: no generator repeats another's
-    augment.reseed(2 * root + 1)
-
-
 class Prefetcher:
     """``fn(batch)`` for each batch of ``batches``, computed ahead in a background thread (on a
     CUDA stream of its own on a GPU): decoding and augmenting the next batches overlap the
@@ -408,14 +326,6 @@ def _tensors(x):
             yield from _tensors(v)
 
 
-def make_loader(dataset, args, info):
-    """The training loader (``dataset.loader.TrainLoader``): this process's shard, shuffled per
-    epoch, one seed per sample, one stream of batches across epochs."""
-    return TrainLoader(dataset, args.batch_size, args.workers, args.seed, args.epochs,
-                       rank=info.rank, world_size=info.world_size,
-                       max_steps=args.iters_per_epoch, pin_memory=info.device.type == 'cuda')
-
-
 def _check_args(args, spec, global_batch, task):
     def bad(msg):
         raise SystemExit(f'error: {msg}')
@@ -441,13 +351,6 @@ def _check_args(args, spec, global_batch, task):
         bad(f'--seq_len {args.seq_len} / --num_segments {args.num_segments} gives local segments '
             f'of {args.seq_len // args.num_segments} frames; --net {args.net} needs at least {need}')
     task.check_dataset(spec, args)
-
-
-@torch.no_grad()
-def broadcast_state(model):
-    if du.world_size() > 1:
-        for t in list(model.parameters()) + list(model.buffers()):
-            du.broadcast(t.data, 0)
 
 
 def batch_inputs(batch, task, augment, device, args):
@@ -568,55 +471,6 @@ def make_step(model, weights, optimizer, scaler, amp_dtype, device, cuda_graph):
     return lambda inputs: train_step(model, weights, inputs, optimizer, scaler, amp_dtype, device)
 
 
-class EpochMeter:
-    """One epoch's running metrics, kept on the device and read only every ``print_freq`` steps
-    (and at the end): sums, the first iteration whose loss is not finite, the progress bar (rank
-    0) and TensorBoard scalars. A metric's mean is over the steps that reported it."""
-
-    def __init__(self, epoch, steps, device, show, writer, print_freq):
-        self.sums = defaultdict(lambda: torch.zeros((), device=device))
-        self.counts = defaultdict(int)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.bar = tqdm(total=steps, desc=f'epoch {epoch}', disable=not show, dynamic_ncols=True)
-        self.steps, self.writer, self.print_freq = steps, writer, print_freq
-        self.tic, self.seen, self.n = time.time(), 0, 0
-
-    def update(self, iteration, loss, samples, lr, metrics, **postfix):
-        """After the step numbered ``iteration``: its loss, ``samples`` over all processes, its
-        other ``metrics`` (device scalars); ``postfix``: what the bar shows besides them."""
-        self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), iteration,
-                                     self.first_bad)
-        for k, v in {'loss': loss.detach(), **metrics}.items():
-            self.sums[k] += v
-            self.counts[k] += 1
-        self.n += 1
-        self.seen += samples
-        self.bar.update(1)
-        if self.n % self.print_freq == 0 or self.n == self.steps:
-            check_finite(self.first_bad)
-            means = self.means(torch.stack(list(self.sums.values())))
-            self.bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3g}',
-                                 **postfix)
-            if self.writer is not None:
-                for k, v in means.items():
-                    self.writer.add_scalar(f'train/{k}', v, iteration + 1)
-                self.writer.add_scalar('train/lr', lr, iteration + 1)
-
-    def means(self, totals):
-        """``totals``: the sums stacked in ``self.sums`` order, read from the device at once."""
-        out = {k: v / self.counts[k] for k, v in zip(self.sums, totals.tolist())}
-        out['samples_per_s'] = self.seen / max(time.time() - self.tic, 1e-9)
-        return out
-
-    def close(self):
-        """The epoch's means, averaged over every process (each ran the same steps)."""
-        self.bar.close()
-        check_finite(self.first_bad)
-        totals = torch.stack(list(self.sums.values()))
-        du.all_reduce_mean([totals])
-        return self.means(totals)
-
-
 def _train_one_epoch(model, step, task, loader, augment, lr, device, args, epoch, iteration,
                      writer, info):
     model.train()
@@ -651,46 +505,6 @@ def _check_replicas(model):
     return float(mine)
 
 
-def restore(ckpt, model, optimizer, scaler, args, info, say):
-    """Continue the run of ``ckpt`` (``--resume``): weights, optimizer and scaler state. Returns
-    its folder, the first epoch to train and the iteration count."""
-    load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if 'scaler' in ckpt:
-        scaler.load_state_dict(ckpt['scaler'])
-    check_epochs_left(args, ckpt['epoch'])
-    exp_dir = Path(args.resume).resolve().parent
-    say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {ckpt["iteration"]})'
-        + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
-    return exp_dir, ckpt['epoch'] + 1, ckpt['iteration']
-
-
-def check_fresh_run(exp_dir):
-    """A new run never writes over the checkpoints of an earlier one. (A folder with a log but
-    no checkpoint, from a run stopped before its first save, has nothing to resume: a new run
-    starts there and replaces the log's records epoch by epoch.)"""
-    if any(exp_dir.glob('*.pth.tar')):
-        raise SystemExit(f'error: {exp_dir} already holds a run; continue it with --resume '
-                         f'{exp_dir / "last.pth.tar"}, or start another with --name_prefix or '
-                         f'--output_dir (or delete the folder)')
-
-
-def check_epochs_left(args, last_epoch):
-    """A run resumed after its last epoch would train nothing: say so instead."""
-    if last_epoch + 1 >= args.epochs:
-        raise SystemExit(f'error: --resume {args.resume} ends at epoch {last_epoch}: '
-                         f'--epochs {args.epochs} leaves nothing to train; give more epochs')
-
-
-def check_finite(first_bad):
-    bad = first_bad.clone()
-    if du.world_size() > 1:  # stop every process together
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    if int(bad) >= 0:
-        raise FloatingPointError(f'non-finite loss at iteration {int(bad)}; the last good '
-                                 f'checkpoint is left as it was')
-
-
 def load_encoder(encoder, path, flag, modality):
     """Initialise an ``Encoder`` from the query encoder of a pretraining checkpoint at ``path``,
     which must have been trained on ``modality`` (when its arguments say)."""
@@ -702,64 +516,3 @@ def load_encoder(encoder, path, flag, modality):
     load_exact(encoder, weights, f'{flag} {path}')
     return ckpt.get('epoch')
 
-
-def modality_of(dataset, reverse=False):
-    """'rgb' or 'flow': the modality a network trained with ``--dataset dataset`` sees (for
-    two-stream CVTCL: the trained one, RGB unless ``reverse``)."""
-    spec = DatasetName.parse(dataset)
-    if spec.rgb and spec.flow:
-        return 'flow' if reverse else 'rgb'
-    return 'rgb' if spec.rgb else 'flow'
-
-
-def recorded_modality(record):
-    """The modality that saved arguments (a checkpoint's ``args``, a result file's ``meta``)
-    record through their ``dataset`` and ``reverse``; None when they record none (e.g. a
-    checkpoint of another code base)."""
-    try:
-        return modality_of(record['dataset'], record.get('reverse'))
-    except (TypeError, KeyError, AttributeError, ValueError):
-        return None
-
-
-def check_modality(ckpt, modality, source):
-    """An RGB network must not silently start or judge a flow run, or the other way round."""
-    found = recorded_modality(ckpt.get('args'))
-    if found is None:
-        if du.get_rank() == 0:
-            print(f'=> note: {source} does not record what it was trained on (no --dataset in '
-                  f'its args); make sure it is a {modality.upper()} network')
-        return
-    if found != modality:
-        args = ckpt['args']
-        trained = f'--dataset {args["dataset"]}' + (' --reverse' if args.get('reverse') else '')
-        raise ValueError(f'{source} holds a network trained on {found.upper()} ({trained}), but '
-                         f'{modality.upper()} is needed here; give a checkpoint of a '
-                         f'{modality.upper()} run')
-
-
-# Flags a resumed run may change: where the data and results are, the hardware and speed
-# settings, how long it trains and what it prints. Any other changed flag would make the resumed
-# run another experiment than the one its checkpoint began.
-RESUME_MAY_CHANGE = {
-    'resume', 'config', 'epochs', 'schedule', 'data_root', 'rgb_lmdb', 'flow_lmdb', 'split_dir',
-    'output_dir', 'name_prefix', 'workers', 'device', 'decode', 'channels_last', 'compile',
-    'cuda_graph', 'amp', 'local_rank', 'print_freq', 'save_freq', 'eval_freq', 'pretrain',
-    'dirname'}
-
-
-def check_resume(ckpt, args, world_size):
-    """The flags and process count of a resumed run must be the checkpoint's, except those of
-    ``RESUME_MAY_CHANGE``; an error lists every other difference."""
-    saved = ckpt.get('args') or {}
-    now = plain_args(args)
-    # A saved None is a flag left to its default, as checkpoints of earlier versions stored the
-    # loss weights; it is not compared.
-    changed = [f'--{k} {saved[k]!r} -> {now[k]!r}' for k in sorted(now)
-               if saved.get(k) is not None and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
-    if ckpt.get('world_size', world_size) != world_size:
-        changed.append(f'processes {ckpt["world_size"]} -> {world_size} (the global batch and '
-                       f'the data order depend on it)')
-    if changed:
-        raise SystemExit(f'error: --resume {args.resume} continues a run with other settings: '
-                         + '; '.join(changed) + '. Resume with the same flags, or start a new run')

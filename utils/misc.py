@@ -12,6 +12,12 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+class UserError(Exception):
+    """Bad input: a wrong flag, file, key or value, named in the message. Scripts print it as
+    ``error: <message>`` and exit with status 2; every other exception is a bug and keeps its
+    traceback."""
+
+
 def git_revision():
     """``<sha>`` or ``<sha>-dirty``; 'unknown' outside a git checkout."""
     try:
@@ -103,6 +109,9 @@ def run_main(main):
             print(e.code, file=sys.stderr)
             sys.exit(2)
         raise
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         if os.environ.get('CVTCL_TRACEBACK'):
             raise
