@@ -248,11 +248,14 @@ def normalize(x):
 class DeviceAugment:
     """The device side of a batch: uint8 views -> photometric (strong views) -> normalised float.
 
-    ``batch[modality]``: uint8 ``[B, V, T, 3, H, W]``; ``batch['strong']``: bool ``[B, V]``.
-    Returns ``{modality: float [B, V, 3, T, H, W]}``. One parameter draw per view is applied to
-    the RGB and the flow frames of that view (``photometric_on_flow``, the reference's behaviour),
-    or to RGB only. Parameters come from the augmenter's own generator (``reseed``), so the
-    draws do not depend on what else uses the global one, or on the thread this runs in.
+    ``batch[modality]``: uint8 ``[B, V, T, 3, H, W]`` with ``batch['strong']`` bool ``[B, V]``;
+    local clips ``batch[modality + '_local']`` ``[B, 2, L, T/L, 3, H, W]`` with
+    ``batch['local_strong']`` ``[B, 2, L]``. Returns float ``[B, V, 3, T, H, W]`` (and
+    ``[B, 2, L, 3, T/L, H, W]``) under the same keys, each clip in ``memory_format``. One
+    parameter draw per view (or local clip) is applied to its RGB and flow frames
+    (``photometric_on_flow``, the reference's behaviour), or to RGB only. Parameters come from the
+    augmenter's own generator (``reseed``), so the draws do not depend on what else uses the
+    global one, or on the thread this runs in.
     """
 
     def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format,
@@ -266,19 +269,21 @@ class DeviceAugment:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch, device):
-        # Parameters are drawn on the CPU (a few numbers per view): selecting the views of each
-        # step then needs no device-to-host read.
-        strong = batch['strong'].cpu().flatten()
-        params = self.photometric.sample(strong, self.generator)
         out = {}
-        for modality in ('rgb', 'flow'):
-            if modality not in batch:
+        for suffix, flags in (('', 'strong'), ('_local', 'local_strong')):
+            if flags not in batch:
                 continue
-            x = batch[modality].to(device, non_blocking=True)
-            b, v = x.shape[:2]
-            x = x.flatten(0, 1).float().div_(255)                     # N x T x 3 x H x W
-            if modality == 'rgb' or self.photometric_on_flow:
-                x = self.photometric.apply(x, params, inplace=True)
-            x = normalize(x).transpose(1, 2)                          # N x 3 x T x H x W
-            out[modality] = x.contiguous(memory_format=self.memory_format).view(b, v, *x.shape[1:])
+            # Parameters are drawn on the CPU (a few numbers per view): selecting the views of
+            # each step then needs no device-to-host read.
+            lead = batch[flags].shape
+            params = self.photometric.sample(batch[flags].cpu().flatten(), self.generator)
+            for key in ('rgb' + suffix, 'flow' + suffix):
+                if key not in batch:
+                    continue
+                x = batch[key].to(device, non_blocking=True)
+                x = x.flatten(0, len(lead) - 1).float().div_(255)         # N x T x 3 x H x W
+                if key.startswith('rgb') or self.photometric_on_flow:
+                    x = self.photometric.apply(x, params, inplace=True)
+                x = normalize(x).transpose(1, 2)                          # N x 3 x T x H x W
+                out[key] = x.contiguous(memory_format=self.memory_format).view(*lead, *x.shape[1:])
         return out

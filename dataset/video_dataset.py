@@ -5,6 +5,7 @@ Names follow the seed: ``<name>[-f][-2stream][-2clip]`` (``ucf101-2clip``, ``ucf
 ``-2clip`` two views per video. Any ``<name>`` whose folder follows the layout of SPEC §3 works.
 """
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from utils.config import NON_NEGATIVE, POSITIVE
+from utils.misc import UserError
 from . import augment, sampler, splits
 from .lmdb_video import (VideoLMDB, check_same_size, decode_frames, decode_list, jpeg_size,
                          merge_packed, pack_jpegs, unpack_jpegs)
@@ -110,7 +112,7 @@ class VideoDataset(Dataset):
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
                  views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
                  strong_prob=0.0, two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
-                 crop_scale=(0.2, 1.0), decode='cpu', description='dataset'):
+                 crop_scale=(0.2, 1.0), decode='cpu', local_segments=0, description='dataset'):
         if mode not in ('train', 'test'):
             raise ValueError(f'mode must be train or test, not {mode!r}')
         if rgb_lmdb is None and flow_lmdb is None:
@@ -124,6 +126,10 @@ class VideoDataset(Dataset):
         if decode not in ('cpu', 'device'):
             raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
         self.decode = decode
+        if local_segments and (mode != 'train' or views != 2 or seq_len % local_segments):
+            raise UserError(f'{description}: local clips need 2 views in train mode and '
+                            f'--seq_len {seq_len} divisible by --num_segments {local_segments}')
+        self.local_segments = local_segments
         self.lmdbs = {}
         if rgb_lmdb is not None:
             self.lmdbs['rgb'] = rgb_lmdb if isinstance(rgb_lmdb, VideoLMDB) else VideoLMDB(rgb_lmdb)
@@ -154,17 +160,30 @@ class VideoDataset(Dataset):
     def __len__(self):
         return len(self.names)
 
+    def _pair_strong(self):
+        """Strong flags ``[2]`` of a 2-view sample, and whether its views are two clips: a share
+        ``two_clip_prob`` are, each strong with probability ``two_clip_strong_prob``; the others
+        are one clip seen twice, one view strong and one weak."""
+        if bool(torch.rand(()) < self.two_clip_prob):
+            return True, torch.rand(2) < self.two_clip_strong_prob
+        strong_first = bool(torch.rand(()) < 0.5)
+        return False, torch.tensor([strong_first, not strong_first])
+
     def _plan_views(self, n):
         """Frame indices ``[V, T]`` and the strong flags ``[V]`` of one item's views."""
         T, ds = self.seq_len, self.ds
         if self.views == 1:
             return sampler.train_indices(n, T, ds)[None], torch.rand(1) < self.strong_prob
-        if torch.rand(()) < self.two_clip_prob:   # two clips, each strong with probability 0.3
-            idx = torch.stack([sampler.train_indices(n, T, ds) for _ in range(2)])
-            return idx, torch.rand(2) < self.two_clip_strong_prob
-        clip = sampler.train_indices(n, T, ds)  # one clip twice: one strong, one weak
-        strong_first = bool(torch.rand(()) < 0.5)
-        return torch.stack([clip, clip]), torch.tensor([strong_first, not strong_first])
+        two, strong = self._pair_strong()
+        clips = [sampler.train_indices(n, T, ds) for _ in range(1 + two)]
+        return torch.stack([clips[0], clips[-1]]), strong
+
+    def _plan_geometry(self, item, h, w, lead, prefix=''):
+        """Crop boxes and flips of ``lead`` clips, e.g. ``[V]`` views or ``[2, L]`` local clips."""
+        n = math.prod(lead)
+        boxes = [augment.sample_crop(h, w, scale=self.crop_scale) for _ in range(n)]
+        item[prefix + 'boxes'] = torch.tensor(boxes).view(*lead, 4)
+        item[prefix + 'flips'] = (torch.rand(n) < 0.5).view(lead)
 
     def __getitem__(self, index):
         name = self.names[index]
@@ -185,9 +204,14 @@ class VideoDataset(Dataset):
         first = next(iter(self.lmdbs))
         h, w = jpeg_size(jpegs[first][0])
         self._check_size(h, w, name, self.lmdbs[first].path)
-        item.update(strong=strong, frame_index=inverse, flips=torch.rand(self.views) < 0.5,
-                    boxes=torch.tensor([augment.sample_crop(h, w, scale=self.crop_scale)
-                                        for _ in range(self.views)]))
+        item.update(strong=strong, frame_index=inverse)
+        self._plan_geometry(item, h, w, (self.views,))
+        if self.local_segments:
+            # Local clip j of a view: its j-th run of T/L frames, with its own crop, flip and
+            # strong/weak draw, as a 2-view sample of its own (docs/METHOD.md, Local clips).
+            L = self.local_segments
+            item['local_strong'] = torch.stack([self._pair_strong()[1] for _ in range(L)], 1)
+            self._plan_geometry(item, h, w, (2, L), 'local_')
         if self.decode == 'device':
             # Workers only read bytes; decoding and geometry happen batched on the GPU.
             item['jpeg'] = {m: pack_jpegs(b) for m, b in jpegs.items()}
@@ -196,6 +220,9 @@ class VideoDataset(Dataset):
             frames = decode_list(b, name=name, indices=unique.tolist(), source=self.lmdbs[m].path)
             check_same_size(frames, name, unique.tolist(), self.lmdbs[m].path)
             item[m] = apply_views(frames, item, m, self.img_dim, self.negate_flow_flip)
+            if self.local_segments:
+                item[m + '_local'] = apply_views(frames, local_plan(item), m, self.img_dim,
+                                                 self.negate_flow_flip).unflatten(0, (2, -1))
         return item
 
     def _check_size(self, h, w, name, source):
@@ -232,14 +259,21 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
     return out
 
 
+def local_plan(plan):
+    """The plan of an item's (or sample's) ``[2, L]`` local clips as one of ``2L`` views of
+    ``T/L`` frames each, for :func:`apply_views`."""
+    lead = plan['local_strong'].shape
+    return {'frame_index': plan['frame_index'].reshape(math.prod(lead), -1),
+            'boxes': plan['local_boxes'].flatten(0, 1), 'flips': plan['local_flips'].flatten()}
+
+
 def collate(items):
     """Default collation, except that the uint8 views keep their channels-last memory (no
     transposing copy of the batch) and the packed JPEG bytes of ``decode='device'`` are merged
     per modality (``merge_packed``)."""
-    special = ('jpeg', 'rgb', 'flow')
+    special = ('jpeg', 'rgb', 'flow', 'rgb_local', 'flow_local')
     jpegs = [item['jpeg'] for item in items] if 'jpeg' in items[0] else None
-    frames = {m: [item[m].movedim(-3, -1) for item in items]
-              for m in ('rgb', 'flow') if m in items[0]}
+    frames = {m: [item[m].movedim(-3, -1) for item in items] for m in special[1:] if m in items[0]}
     batch = default_collate([{k: v for k, v in item.items() if k not in special}
                              for item in items])
     for m, hwc in frames.items():

@@ -307,3 +307,31 @@ def test_normalize():
     assert torch.allclose(out, (x - mean) / std)
     assert torch.allclose(out[0, 0], TF.normalize(x[0, 0], augment.IMAGENET_MEAN,
                                                   augment.IMAGENET_STD), atol=1e-6)
+
+
+def test_device_augment_local_clips_one_draw_each():
+    # Local clips [B, 2, L, T/L, 3, H, W]: weak clips come out only normalised; strong ones get
+    # one draw each (all frames of a clip alike, clips unlike), RGB and flow the same draw.
+    B, L, t = 2, 3, 2
+    frame = torch.randint(0, 256, (3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    clips = frame.expand(B, 2, L, t, 3, 6, 6).contiguous()
+    strong = torch.tensor([[True, False, True], [False, True, True]]).expand(B, 2, L)
+    batch = {'rgb_local': clips, 'flow_local': clips.clone(), 'local_strong': strong}
+    aug = augment.DeviceAugment(photometric=Photometric(jitter_prob=1.0, blur_prob=0.0),
+                                memory_format=torch.channels_last_3d)
+    out = aug(batch, torch.device('cpu'))
+    rgb = out['rgb_local']
+    assert rgb.shape == (B, 2, L, 3, t, 6, 6) and 'rgb' not in out
+    assert rgb.flatten(0, 2).is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(out['flow_local'], rgb)
+    plain = normalize(frame.float() / 255)
+    strong_clips = [rgb[b, v, j] for b in range(B) for v in range(2) for j in range(L)
+                    if strong[b, v, j]]
+    for b in range(B):
+        for v in range(2):
+            for j in range(L):
+                clip = rgb[b, v, j].transpose(0, 1)                     # t x 3 x H x W
+                assert torch.allclose(clip[0], clip[1])                 # one draw per clip
+                assert torch.allclose(clip[0], plain, atol=1e-5) != bool(strong[b, v, j])
+    assert all((a - c).abs().max() > 1e-3 for k, a in enumerate(strong_clips)
+               for c in strong_clips[k + 1:])

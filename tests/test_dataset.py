@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import DatasetName, build_dataset, splits
+from utils.misc import UserError
 from helpers import (jpeg_bytes, png_size, position_frames, write_raw_lmdb,
                      write_toy_dataset)
 
@@ -123,6 +124,84 @@ def test_two_stream_alignment(root):
                 expected_x = 255 - rgb[:, 0] if flipped else rgb[:, 0]
                 assert (flow[:, 0] - expected_x).abs().mean() < 3
     assert flips == {False, True}
+
+
+def geometry_steps(frames):
+    """Mean change of the position ramps (channels 0 and 1) between consecutive frames of
+    ``[T, 3, h, w]``: about 0 where two frames share a crop and flip, large where not."""
+    ramps = frames[:, :2].float()
+    return (ramps[1:] - ramps[:-1]).abs().mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize('segments', [2, 4])
+def test_local_clips_have_their_own_geometry(root, segments):
+    data = build(root, 'toy-2clip', local_segments=segments)
+    shared = build(root, 'toy-2clip')
+    t = SEQ // segments
+    inside, across, shared_steps = [], [], []
+    for _ in range(5):
+        for i in range(len(data)):
+            item = data[i]
+            assert item['rgb_local'].shape == (2, segments, t, 3, IMG, IMG)
+            assert item['rgb_local'].dtype == torch.uint8
+            assert item['rgb_local'].movedim(-3, -1).is_contiguous()   # as the global views
+            assert item['local_strong'].shape == (2, segments)
+            for v in range(2):
+                # Local clip j holds the view's frames jT/L .. (j+1)T/L - 1.
+                local = item['rgb_local'][v].flatten(0, 1)              # the L clips in a row
+                assert torch.equal(frame_ids(local), frame_ids(item['rgb'][v]))
+                steps = geometry_steps(local).view(-1)
+                boundary = torch.arange(1, SEQ) % t == 0
+                inside.append(steps[~boundary])
+                across.append(steps[boundary])
+                shared_steps.append(geometry_steps(shared[i]['rgb'][v]))
+    inside, across, shared_steps = (torch.cat(x) for x in (inside, across, shared_steps))
+    # Inside a local clip, and anywhere in a view (the shared segments): JPEG noise only.
+    assert inside.max() < 3 and shared_steps.max() < 3
+    # Across a boundary between local clips: another crop (and often another flip).
+    assert across.mean() > 10 * max(inside.mean(), shared_steps.mean(), 0.1)
+    assert (across > 3).float().mean() > 0.9
+
+
+def test_local_clips_of_two_stream_stay_aligned(root):
+    data = build(root, 'toy-2stream-2clip', local_segments=2)
+    flips, strong = set(), []
+    for _ in range(6):
+        for i in range(len(data)):
+            item = data[i]
+            strong.append(item['local_strong'])
+            for v in range(2):
+                for j in range(2):
+                    rgb, flow = item['rgb_local'][v, j], item['flow_local'][v, j]
+                    assert torch.equal(frame_ids(rgb), frame_ids(flow))
+                    assert (rgb[:, 1].float() - flow[:, 1].float()).abs().mean() < 3
+                    flipped = is_flipped(rgb)
+                    assert bool(item['local_flips'][v, j]) == flipped
+                    flips.add(flipped)
+                    # A flipped flow clip has its horizontal channel negated.
+                    x = rgb[:, 0].float()
+                    expected = 255 - x if flipped else x
+                    assert (flow[:, 0].float() - expected).abs().mean() < 3
+    assert flips == {False, True}
+    # Per local clip: one clip twice (one view strong) or two clips (each strong with 0.3):
+    # 0.5 * 0.5 + 0.5 * 0.3 = 0.4 of the local views are strong.
+    rate = torch.stack(strong).float().mean()
+    assert 0.25 < rate < 0.55
+
+
+def test_local_clips_collate_and_shared_default(root):
+    from dataset.video_dataset import collate
+    assert not {'rgb_local', 'local_strong'} & set(build(root, 'toy-2clip')[0])
+    data = build(root, 'toy-2stream-2clip', local_segments=4)
+    items = [data[i] for i in range(3)]
+    batch = collate(items)
+    for m in ('rgb_local', 'flow_local'):
+        assert batch[m].shape == (3, 2, 4, SEQ // 4, 3, IMG, IMG)
+        assert batch[m].movedim(-3, -1).is_contiguous()
+        assert torch.equal(batch[m], torch.stack([it[m] for it in items]))
+    assert batch['local_strong'].shape == (3, 2, 4)
+    with pytest.raises(UserError, match='divisible'):
+        build(root, 'toy-2clip', local_segments=3)
 
 
 def test_device_decode_gives_the_same_views(root):
