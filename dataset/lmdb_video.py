@@ -1,4 +1,4 @@
-"""Video LMDB in the format of the published CoCLR/CVTCL tars (SPEC §3).
+"""Video LMDB in the format of the published CoCLR/CVTCL tars (docs/METHOD.md, Data format).
 
 One record per video: key ``b'%09d' % i`` -> msgpack array of JPEG byte strings (frames in
 temporal order). Metadata: ``__keys__`` (keys in insertion order), ``__len__``, ``__order__``
@@ -12,7 +12,20 @@ import lmdb
 import numpy as np
 import msgpack
 import torch
-from torchvision.io import decode_jpeg, encode_jpeg, ImageReadMode
+
+from utils.misc import UserError
+
+try:  # TorchCodec's JPEG codec; torchvision's (deprecated there since 0.29) without it
+    from torchcodec.decoders import decode_jpeg as _decode_jpeg
+    from torchcodec.encoders import JpegEncoder
+
+    def _encode_jpeg(frame, quality):
+        return JpegEncoder(frame).to_tensor(quality=quality)
+except (ImportError, RuntimeError, OSError):   # not installed, or built for another PyTorch
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg as _encode_jpeg
+
+    def _decode_jpeg(data, device='cpu'):
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 META_KEYS = (b'__keys__', b'__len__', b'__order__', b'__vlen__')
 
@@ -35,66 +48,52 @@ def _open_env(path):
     if key not in _ENVS:
         env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
                         readahead=False, meminit=False, max_readers=1024)
-        try:
-            _check_size(env, path)
-        except ValueError:
+        # A file shorter than its pages (a broken copy or untar) is memory-mapped all the same,
+        # and reading past its end kills the process with SIGBUS: compare with the meta page.
+        data = os.path.join(path, 'data.mdb') if os.path.isdir(path) else path
+        size, need = os.path.getsize(data), (env.info()['last_pgno'] + 1) * env.stat()['psize']
+        if size < need:
             env.close()
-            raise
+            raise UserError(f'{data} is {size} bytes but its LMDB metadata needs {need} '
+                            f'(truncated? re-extract it)')
         _ENVS[key] = env
     return _ENVS[key]
 
 
-def _check_size(env, path):
-    """A file shorter than its pages (a broken copy or untar) is memory-mapped all the same, and
-    reading a record past its end kills the process with SIGBUS, printing nothing. The meta page
-    names the last page in use, so compare before any record is read."""
-    data = os.path.join(path, 'data.mdb') if os.path.isdir(path) else path
-    size = os.path.getsize(data)
-    need = (env.info()['last_pgno'] + 1) * env.stat()['psize']
-    if size < need:
-        raise ValueError(f'{data} is {size} bytes but its LMDB metadata needs {need} '
-                         f'(truncated? re-extract it)')
-
-
 class VideoLMDB:
-    """Read-only access to one video LMDB (a directory or a single file).
-
-    The metadata is read once here; the environment itself is opened lazily and once per
-    process, so the object can be pickled into spawned or forked data-loader workers.
-    """
+    """Read-only access to one video LMDB (a directory or a single file). The metadata is read
+    once here; the environment is opened lazily, once per process, so the object can be pickled
+    into data-loader workers."""
 
     def __init__(self, path):
         self.path = str(path)
         if not os.path.exists(self.path):
-            raise FileNotFoundError(f'video LMDB not found: {self.path}')
+            raise UserError(f'video LMDB not found: {self.path}')
         try:
             env = _open_env(self.path)
         except lmdb.Error as e:
-            raise ValueError(f'{self.path} is not a readable LMDB ({e})') from None
+            raise UserError(f'{self.path} is not a readable LMDB ({e})') from None
         with env.begin() as txn:
             meta = {k: txn.get(k) for k in META_KEYS}
         missing = [k.decode() for k in (b'__keys__', b'__order__', b'__vlen__') if meta[k] is None]
         if missing:
-            raise ValueError(f'{self.path}: LMDB has no {", ".join(missing)} record; it is not a '
-                             f'video LMDB of the CoCLR format (see SPEC §3), or was written '
-                             f'by an interrupted run')
+            raise UserError(f'{self.path}: LMDB has no {", ".join(missing)} record; it is not a '
+                            f'video LMDB of the CoCLR format (docs/METHOD.md, Data), or was '
+                            f'written by an interrupted run')
         keys = [_to_str(k) for k in msgpack.loads(meta[b'__keys__'])]
         vlen = [int(v) for v in msgpack.loads(meta[b'__vlen__'])]
         self.names = [_to_str(n) for n in msgpack.loads(meta[b'__order__'])]
         if len(keys) != len(vlen):
-            raise ValueError(f'{self.path}: __keys__ has {len(keys)} entries but __vlen__ '
-                             f'has {len(vlen)}')
+            raise UserError(f'{self.path}: __keys__ has {len(keys)} entries but __vlen__ '
+                            f'has {len(vlen)}')
         frames_of_key = dict(zip(keys, vlen))
         self._index = {n: i for i, n in enumerate(self.names)}
-        self._num_frames = []
-        for i, n in enumerate(self.names):
-            k = '%09d' % i
-            if k not in frames_of_key:
-                raise ValueError(f'{self.path}: video {n!r} (position {i} of __order__) has no '
-                                 f'key {k} in __keys__')
-            self._num_frames.append(frames_of_key[k])
-        self._env = None
-        self._pid = None
+        lost = next((i for i in range(len(self.names)) if '%09d' % i not in frames_of_key), None)
+        if lost is not None:
+            raise UserError(f'{self.path}: video {self.names[lost]!r} (position {lost} of '
+                            f'__order__) has no key {lost:09d} in __keys__')
+        self._num_frames = [frames_of_key['%09d' % i] for i in range(len(self.names))]
+        self._env = self._pid = None
 
     def __len__(self):
         return len(self.names)
@@ -103,9 +102,7 @@ class VideoLMDB:
         return name in self._index
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state['_env'] = state['_pid'] = None  # an LMDB handle must not cross processes
-        return state
+        return {**self.__dict__, '_env': None, '_pid': None}  # no LMDB handle crosses processes
 
     def close(self):
         """Close this file's environment in this process."""
@@ -115,35 +112,23 @@ class VideoLMDB:
         self._env = None
 
     def num_frames(self, name):
-        return self._num_frames[self._position(name)]
-
-    def _position(self, name):
-        try:
-            return self._index[name]
-        except KeyError:
-            raise KeyError(f'video {name!r} is not in {self.path}') from None
-
-    def _txn(self):
-        if self._env is None or self._pid != os.getpid():
-            self._env, self._pid = _open_env(self.path), os.getpid()
-        return self._env.begin(buffers=False)
+        return self._num_frames[self._index[name]]
 
     def read_bytes(self, name, indices):
         """JPEG bytes of frames ``indices`` (any order, repeats allowed) of video ``name``."""
-        key = b'%09d' % self._position(name)
-        with self._txn() as txn:
+        key = b'%09d' % self._index[name]
+        if self._env is None or self._pid != os.getpid():
+            self._env, self._pid = _open_env(self.path), os.getpid()
+        with self._env.begin(buffers=False) as txn:
             raw = txn.get(key)
         if raw is None:
-            raise KeyError(f'{self.path}: record {key.decode()} of video {name!r} is missing')
+            raise UserError(f'{self.path}: record {key.decode()} of video {name!r} is missing')
         frames = msgpack.loads(raw, raw=True)  # msgpack 0.6 stored JPEGs as raw, not bin
-        n = len(frames)
-        out = []
-        for i in indices:
-            i = int(i)
-            if not 0 <= i < n:
-                raise IndexError(f'{self.path}: video {name!r} has {n} frames, frame {i} asked')
-            out.append(frames[i])
-        return out
+        bad = [int(i) for i in indices if not 0 <= int(i) < len(frames)]
+        if bad:
+            raise IndexError(f'{self.path}: video {name!r} has {len(frames)} frames, frame '
+                             f'{bad[0]} asked')
+        return [frames[int(i)] for i in indices]
 
     def read(self, name, indices):
         """Decoded RGB frames: uint8 tensor ``[len(indices), 3, H, W]``."""
@@ -152,11 +137,11 @@ class VideoLMDB:
 
 
 def decode_frames(jpegs, name='?', indices=None, source='?', device='cpu'):
-    """Batched libjpeg-turbo (or nvJPEG on CUDA) decode of JPEG byte strings -> [N, 3, H, W]."""
+    """Batched decode of JPEG byte strings -> ``[N, 3, H, W]`` (channels last in memory)."""
     imgs = decode_list(jpegs, name, indices, source, device)
     check_same_size(imgs, name, indices, source)
-    # The decoder hands out channels-last images; stacking them as such saves a copy here and
-    # lets the resize run on channels-last data directly.
+    # The decoder hands out channels-last images: stacked as such, no copy (and the resize
+    # reads channels-last data directly).
     return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
 
 
@@ -166,27 +151,28 @@ def check_same_size(imgs, name='?', indices=None, source='?'):
         shapes = [tuple(im.shape[1:]) for im in imgs]
         j = next(i for i, s in enumerate(shapes) if s != shapes[0])
         frame = indices[j] if indices is not None else j
-        raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is {shapes[j]}, '
-                         f'earlier frames {shapes[0]}')
+        raise UserError(f'{source}: frame {int(frame)} of video {name!r} is {shapes[j]}, '
+                        f'earlier frames {shapes[0]}')
 
 
 def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):
-    """Decode JPEGs (bytes or uint8 tensors) in one batched call -> list of ``[3, H, W]``."""
+    """Decode JPEGs (bytes or uint8 tensors) in one batched call (libjpeg-turbo, or nvJPEG on
+    CUDA) -> list of ``[3, H, W]``."""
     if not len(jpegs):
         raise ValueError(f'{source}: no frames asked of video {name!r}')
     data = [b if isinstance(b, torch.Tensor) else torch.frombuffer(bytearray(b), dtype=torch.uint8)
             for b in jpegs]
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return _decode_jpeg(data, device=device)
     except RuntimeError:
         pass
     for j, d in enumerate(data):  # find which frame is broken and say so
         frame = indices[j] if indices is not None else j
         try:
-            decode_jpeg(d, mode=ImageReadMode.RGB)
+            _decode_jpeg(d)
         except RuntimeError as e:
-            raise ValueError(f'{source}: frame {int(frame)} of video {name!r} is not a valid '
-                             f'JPEG ({str(e).splitlines()[0]})') from None
+            raise UserError(f'{source}: frame {int(frame)} of video {name!r} is not a valid '
+                            f'JPEG ({str(e).splitlines()[0]})') from None
     raise RuntimeError(f'{source}: decoding video {name!r} failed on {device}')
 
 
@@ -200,7 +186,7 @@ def jpeg_size(jpeg):
         if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
             return int.from_bytes(data[i + 5:i + 7], 'big'), int.from_bytes(data[i + 7:i + 9], 'big')
         i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
-    raise ValueError('not a JPEG with a readable frame header')
+    raise UserError('not a JPEG with a readable frame header')
 
 
 def pack_jpegs(jpegs):
@@ -230,41 +216,32 @@ def merge_packed(packed):
 def encode_frames(frames, quality=90):
     """uint8 ``[N, 3, H, W]`` -> list of JPEG byte strings."""
     frames = frames.contiguous()
-    return [encode_jpeg(f, quality=quality).numpy().tobytes() for f in frames]
+    return [_encode_jpeg(f, quality).numpy().tobytes() for f in frames]
 
 
 class LMDBWriter:
-    """Writes a video LMDB (single file, as the published tars) atomically.
-
-    Records go to ``<path>.tmp``; only :meth:`close` after the last video writes the metadata and
-    renames it to ``path``, so an interrupted run never leaves a finished-looking LMDB.
-    """
+    """Writes a video LMDB (single file, as the published tars) atomically: records go to
+    ``<path>.tmp``, and only :meth:`close` after the last video writes the metadata and renames
+    it to ``path``, so an interrupted run never leaves a finished-looking LMDB."""
 
     def __init__(self, path, overwrite=False):
-        self.path = str(path)
+        self.path, self.tmp = str(path), str(path) + '.tmp'
         if os.path.exists(self.path) and not overwrite:
-            raise FileExistsError(f'{self.path} exists; remove it or pass overwrite')
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = self.path + '.tmp'
-        for p in (self.tmp, self.tmp + '-lock'):
-            if os.path.exists(p):
-                os.remove(p)
+            raise UserError(f'{self.path} exists; remove it or pass overwrite')
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._remove_tmp()
         self._map_size = 1 << 30
         # No fsync per video: close() syncs once before the rename that publishes the file.
         self._env = lmdb.open(self.tmp, subdir=False, map_size=self._map_size, meminit=False,
                               map_async=True, sync=False)
-        self.names, self.keys, self.vlen = [], [], []
+        self.names, self.vlen = [], []
 
     def put(self, name, frames):
         """Append one video: ``frames`` is a list of JPEG byte strings in temporal order."""
         if not frames:
-            raise ValueError(f'video {name!r} has no frames')
-        key = '%09d' % len(self.names)
-        value = msgpack.dumps([bytes(f) for f in frames])
-        self._put(key.encode(), value)
+            raise UserError(f'video {name!r} has no frames')
+        self._put(b'%09d' % len(self.names), msgpack.dumps([bytes(f) for f in frames]))
         self.names.append(name)
-        self.keys.append(key)
         self.vlen.append(len(frames))
 
     def _put(self, key, value):
@@ -277,9 +254,14 @@ class LMDBWriter:
                 self._map_size *= 2
                 self._env.set_mapsize(self._map_size)
 
+    def _remove_tmp(self):
+        for p in (self.tmp, self.tmp + '-lock'):
+            if os.path.exists(p):
+                os.remove(p)
+
     def close(self):
-        self._put(b'__keys__', msgpack.dumps([k.encode() for k in self.keys]))
-        self._put(b'__len__', msgpack.dumps(len(self.keys)))
+        self._put(b'__keys__', msgpack.dumps([b'%09d' % i for i in range(len(self.names))]))
+        self._put(b'__len__', msgpack.dumps(len(self.names)))
         self._put(b'__order__', msgpack.dumps(self.names))
         self._put(b'__vlen__', msgpack.dumps(self.vlen))
         self._env.sync(True)
@@ -287,30 +269,24 @@ class LMDBWriter:
         if os.path.isdir(self.path):
             shutil.rmtree(self.path)
         os.replace(self.tmp, self.path)
-        if os.path.exists(self.tmp + '-lock'):
-            os.remove(self.tmp + '-lock')
+        self._remove_tmp()
 
     def abort(self):
         self._env.close()
-        for p in (self.tmp, self.tmp + '-lock'):
-            if os.path.exists(p):
-                os.remove(p)
+        self._remove_tmp()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        self.close() if exc_type is None else self.abort()
 
 
-FLOW_BOUND = 20.0  # SPEC §3: flow is clipped to [-20, 20] pixels before it becomes a byte
+FLOW_BOUND = 20.0  # docs/METHOD.md, Data: flow is clipped to [-20, 20] pixels before it becomes a byte
 
 
 def quantize_flow(flow):
-    """Flow in pixels, float array ``[..., 2, H, W]`` -> uint8 array ``[..., 3, H, W]`` (SPEC §3).
+    """Flow in pixels, float array ``[..., 2, H, W]`` -> uint8 array ``[..., 3, H, W]``.
 
     Channel 0 horizontal, 1 vertical flow, each clipped to [-20, 20] and mapped linearly to
     [0, 255] (0 px -> 127.5, stored as 128); channel 2 is a constant 128. NumPy, not torch:

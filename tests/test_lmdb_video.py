@@ -1,4 +1,4 @@
-"""The video LMDB reader and writer (SPEC §3) on real LMDBs of real JPEGs.
+"""The video LMDB reader and writer (docs/METHOD.md, Data) on real LMDBs of real JPEGs.
 
 The LMDBs read here are written by a minimal, independent writer (``tests/helpers.py``), so the
 reader is checked against the format, not against the project's own writer.
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg, ImageReadMode
 
 from dataset import LMDBWriter, VideoLMDB, decode_frames, encode_frames
+from utils.misc import UserError
 from helpers import (ReadFrames, decode_with_pil, jpeg_bytes, position_frames,
                      textured_frames, write_raw_lmdb)
 
@@ -165,7 +166,7 @@ def test_writer_is_atomic(tmp_path):
     w.close()
     assert path.exists() and VideoLMDB(path).num_frames('A/a') == 2
     assert sorted(os.listdir(tmp_path)) == ['w.lmdb']
-    with pytest.raises(FileExistsError, match='w.lmdb'):
+    with pytest.raises(UserError, match='w.lmdb'):
         LMDBWriter(path)
 
 
@@ -187,21 +188,21 @@ def test_rewritten_file_is_read_anew(tmp_path):
 
 def test_missing_path(tmp_path):
     missing = tmp_path / 'nowhere' / 'x_frame.lmdb'
-    with pytest.raises(FileNotFoundError, match='x_frame.lmdb'):
+    with pytest.raises(UserError, match='x_frame.lmdb'):
         VideoLMDB(missing)
 
 
 @pytest.mark.parametrize('key', ['__order__', '__vlen__', '__keys__'])
 def test_missing_metadata(tmp_path, videos, key):
     path = write_raw_lmdb(tmp_path / 'v.lmdb', videos, omit=(key,))
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(UserError, match=key):
         VideoLMDB(path)
 
 
 def test_not_an_lmdb(tmp_path):
     path = tmp_path / 'junk.lmdb'
     path.write_bytes(b'this is not an LMDB' * 100)
-    with pytest.raises(ValueError, match='junk.lmdb'):
+    with pytest.raises(UserError, match='junk.lmdb'):
         VideoLMDB(path)
 
 
@@ -209,12 +210,13 @@ def test_not_an_lmdb(tmp_path):
 # process: reading a truncated file past its end is a SIGBUS that would end the test run.
 READ_ALL = """import sys
 from dataset import VideoLMDB
+from utils.misc import UserError
 for path in sys.argv[1:]:
     try:
         db = VideoLMDB(path)
         for name in db.names:
             db.read_bytes(name, range(db.num_frames(name)))
-    except ValueError as e:
+    except UserError as e:
         print(e, flush=True)
 """
 
@@ -257,14 +259,14 @@ def test_corrupt_frame_names_video_and_frame(tmp_path, bad):
     jpegs[2] = bad
     db = VideoLMDB(write_raw_lmdb(tmp_path / 'v.lmdb', [('Cls/v_bad', jpegs)]))
     assert db.read('Cls/v_bad', [0, 1, 3]).shape == (3, 3, 16, 16)
-    with pytest.raises(ValueError, match=r"frame 2 of video 'Cls/v_bad'"):
+    with pytest.raises(UserError, match=r"frame 2 of video 'Cls/v_bad'"):
         db.read('Cls/v_bad', [0, 1, 2, 3])
 
 
 def test_frames_of_different_sizes(tmp_path):
     jpegs = jpeg_bytes(position_frames(2, 16, 16)) + jpeg_bytes(position_frames(1, 16, 24))
     db = VideoLMDB(write_raw_lmdb(tmp_path / 'v.lmdb', [('Cls/v_mixed', jpegs)]))
-    with pytest.raises(ValueError, match=r"frame 2 of video 'Cls/v_mixed'"):
+    with pytest.raises(UserError, match=r"frame 2 of video 'Cls/v_mixed'"):
         db.read('Cls/v_mixed', [0, 1, 2])
 
 
@@ -287,3 +289,41 @@ def test_merged_packs_unpack_to_every_jpeg_in_order():
     assert counts.tolist() == [2, 1, 3]
     flat = [bytes(t.tolist()) for t in unpack_jpegs(data, offsets)]
     assert flat == [j for s in samples for j in s]
+
+
+# The project's codec where TorchCodec is not importable (as where it is not installed): decodes
+# the JPEGs of a file, re-encodes the pixels and saves both.
+WITHOUT_TORCHCODEC = """import sys
+import torch
+sys.modules['torchcodec'] = None            # import torchcodec now raises ImportError
+from dataset.lmdb_video import decode_list, encode_frames
+jpegs = torch.load(sys.argv[1])
+frames = torch.stack(decode_list(jpegs))
+assert 'torchcodec' not in str(decode_list.__globals__['_decode_jpeg'].__module__)
+torch.save({'frames': frames, 'jpegs': encode_frames(frames, 90)}, sys.argv[2])
+"""
+
+
+def test_torchcodec_and_torchvision_decode_identical_pixels(tmp_path):
+    # TorchCodec is what the project decodes with when it is installed (the requirements install
+    # it), torchvision's codec otherwise: both give the same pixels on our JPEGs, RGB and flow,
+    # and encode to the same bytes.
+    from torchcodec.decoders import decode_jpeg as torchcodec_decode
+    from dataset.lmdb_video import decode_list, quantize_flow
+    g = torch.Generator().manual_seed(0)
+    flow = quantize_flow((torch.randn(6, 2, 48, 64, generator=g) * 8).numpy())
+    frames = [textured_frames(6, 48, 64, seed=1), torch.from_numpy(flow)]
+    jpegs = [j for f in frames for q in (75, 95) for j in encode_frames(f, q)]
+    ours = decode_list(jpegs)
+    assert 'torchcodec' in decode_list.__globals__['_decode_jpeg'].__module__
+    for mine, theirs, jpeg in zip(ours, torchcodec_decode(jpegs), jpegs):
+        assert torch.equal(mine, theirs)
+        assert torch.equal(mine, _torchvision_decode(jpeg))
+    torch.save(jpegs, tmp_path / 'in.pt')
+    res = subprocess.run([sys.executable, '-c', WITHOUT_TORCHCODEC, str(tmp_path / 'in.pt'),
+                          str(tmp_path / 'out.pt')], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, 'PYTHONPATH': str(REPO)})
+    assert res.returncode == 0, res.stderr
+    fallback = torch.load(tmp_path / 'out.pt')
+    assert torch.equal(fallback['frames'], torch.stack(ours))
+    assert fallback['jpegs'] == encode_frames(torch.stack(ours), 90)
