@@ -1,12 +1,11 @@
-"""Augmentation (SPEC §4), split where each part is cheapest.
+"""Augmentation (docs/METHOD.md, Data), split where each part is cheapest.
 
-Geometry (random resized crop, resize, horizontal flip) runs on uint8 frames wherever the frames
-are decoded: in the data-loader worker, or on the GPU for ``--decode gpu``; one parameter set per
-view, shared by all its frames and by its RGB and flow frames, with boxes in *relative*
-coordinates so RGB and flow of different resolutions stay aligned.
-
-Photometric steps (colour jitter in random order, grayscale, Gaussian blur) and normalisation run
-batched on the training device for the views marked "strong"; "weak" views get geometry only.
+Geometry (random resized crop, resize, horizontal flip) runs on uint8 frames where they are
+decoded (data-loader worker, or the GPU for ``--decode gpu``): one parameter set per view, shared
+by all its frames and by its RGB and flow frames, boxes in *relative* coordinates so that RGB and
+flow of different resolutions stay aligned. Photometric steps (colour jitter in random order,
+grayscale, Gaussian blur) and normalisation run batched on the training device for the views
+marked "strong"; "weak" views get geometry only.
 """
 import math
 
@@ -17,27 +16,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# ----------------------------------------------------------------------------------------------
-# Geometry (per view)
-
 def sample_crop(height, width, generator=None, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
                 swap_prob=0.5, tries=10):
-    """Random resized crop box ``(top, left, h, w)`` as fractions of the frame.
-
-    Area 20–100% of the frame, aspect ratio in ``ratio`` (log-uniform), width and height
-    swapped with probability ``swap_prob``; after ``tries`` failures, the centred square of the
-    short side (i.e. resize and centre crop).
-    """
+    """Random resized crop box ``(top, left, h, w)`` as fractions of the frame, as the reference
+    draws it: area ``scale`` of the frame, aspect ratio uniform in ``ratio``, width and height
+    swapped with probability ``swap_prob``; after ``tries`` misses the centred square of the
+    short side (i.e. resize and centre crop)."""
     def rand():
         return float(torch.rand((), generator=generator))
 
-    area = height * width
     for _ in range(tries):
-        target = area * (scale[0] + (scale[1] - scale[0]) * rand())
-        log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand()
-        aspect = math.exp(log_r)
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
+        target = height * width * (scale[0] + (scale[1] - scale[0]) * rand())
+        aspect = ratio[0] + (ratio[1] - ratio[0]) * rand()
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if rand() < swap_prob:
             w, h = h, w
         if 0 < w <= width and 0 < h <= height:
@@ -67,16 +58,16 @@ def channels_last_empty(*lead, size, dtype=torch.uint8, device='cpu'):
 
 
 def resize(frames, size):
-    """uint8 ``[N, 3, H, W]`` -> uint8 ``[N, 3, *size]``, bilinear with antialiasing (as PIL).
-    The result is channels-last in memory."""
+    """uint8 ``[N, 3, H, W]`` -> uint8 ``[N, 3, *size]``, bicubic with antialiasing (as the
+    reference's PIL resize), channels-last in memory."""
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
     if frames.device.type == 'cpu':
         # PyTorch's CPU kernel resizes uint8 channels-last images directly (a crop of decoded
         # frames already is one: no copy), several times cheaper than through float.
         x = frames if frames.stride(-3) == 1 else frames.contiguous(memory_format=torch.channels_last)
-        return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
-    x = F.interpolate(frames.float(), size=size, mode='bilinear', align_corners=False,
+        return F.interpolate(x, size=size, mode='bicubic', align_corners=False, antialias=True)
+    x = F.interpolate(frames.float(), size=size, mode='bicubic', align_corners=False,
                       antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -103,11 +94,8 @@ def resize_flip(crops, size, flip, is_flow=False, negate_flow=True):
     return flip_frames(out, is_flow, negate_flow) if flip else out
 
 
-# ----------------------------------------------------------------------------------------------
-# Photometric (batched, on the training device)
-
 def _gray(x):
-    # ITU-R 601 luma with PIL's weights (the reference converted with PIL).
+    # ITU-R 601 luma with PIL's weights (contrast and saturation, as PIL computes them).
     return (0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :])
 
 
@@ -170,12 +158,13 @@ def _gaussian_blur(x, sigma, radius):
 
 
 class Photometric:
-    """Strong-view photometric augmentation, batched over views (SPEC §4).
+    """Strong-view photometric augmentation, batched over views (docs/METHOD.md, Data).
 
     With probability ``jitter_prob`` (0.8) colour jitter (brightness, contrast, saturation
-    ``jitter``=0.4, hue ``hue``=0.1) in a random order, grayscale with probability 0.2, Gaussian blur
-    σ ∈ [0.1, 2] with probability 0.5. Parameters are drawn once per view (``sample``) and applied
-    to any number of modalities of that view (``apply``), so RGB and flow stay consistent.
+    ``jitter``=0.4, hue ``hue``=0.1) in a random order; with probability ``gray_prob`` (0.2)
+    "grayscale" as the reference does it: every frame becomes one of its channels, drawn per
+    frame; Gaussian blur σ ∈ [0.1, 2] with probability 0.5. Parameters are drawn once per view
+    (``sample``) and applied to any number of modalities of that view (``apply``).
     """
 
     def __init__(self, jitter=0.4, hue=0.1, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5,
@@ -185,22 +174,23 @@ class Photometric:
         self.sigma = sigma
         self.radius = int(math.ceil(3 * sigma[1]))
 
-    def sample(self, strong, generator=None):
-        """Parameters for views whose ``strong`` flag ``[N]`` (bool) is set, drawn where
-        ``strong`` lives (the loader's batches: the CPU, so ``apply`` never waits for a GPU)."""
+    def sample(self, strong, generator=None, frames=1):
+        """Parameters for views of ``frames`` frames whose ``strong`` flag ``[N]`` is set, drawn
+        where ``strong`` lives (the CPU for the loader's batches: ``apply`` never waits)."""
         n, dev = strong.shape[0], strong.device
 
-        def u(lo, hi):
-            return lo + (hi - lo) * torch.rand(n, generator=generator, device=dev)
+        def u(lo, hi, *shape):
+            return lo + (hi - lo) * torch.rand(n, *shape, generator=generator, device=dev)
 
         j = self.jitter
         return {
-            'jitter': strong & (torch.rand(n, generator=generator, device=dev) < self.jitter_prob),
+            'jitter': strong & (u(0, 1) < self.jitter_prob),
             'factors': torch.stack([u(1 - j, 1 + j), u(1 - j, 1 + j), u(1 - j, 1 + j),
                                     u(-self.hue, self.hue)], 1),
-            'order': torch.argsort(torch.rand(n, 4, generator=generator, device=dev), dim=1),
-            'gray': strong & (torch.rand(n, generator=generator, device=dev) < self.gray_prob),
-            'blur': strong & (torch.rand(n, generator=generator, device=dev) < self.blur_prob),
+            'order': torch.argsort(u(0, 1, 4), dim=1),
+            'gray': strong & (u(0, 1) < self.gray_prob),
+            'channel': torch.randint(0, 3, (n, frames), generator=generator, device=dev),
+            'blur': strong & (u(0, 1) < self.blur_prob),
             'sigma': u(*self.sigma),
         }
 
@@ -210,27 +200,23 @@ class Photometric:
         if not inplace:
             x = x.clone()
         factors, sigma = p['factors'].to(x.device), p['sigma'].to(x.device)
+        channel = p['channel'].to(x.device)
         ops = (_brightness, _contrast, _saturation, _hue)
         for pos in range(4):
             for k, op in enumerate(ops):
                 m = p['jitter'] & (p['order'][:, pos] == k)
-                _on_views(x, m, lambda v, i, k=k, op=op: op(v, _per_view(factors[i, k])))
-        _on_views(x, p['gray'], lambda v, i: _gray(v).expand_as(v))
+                _on_views(x, m, lambda v, i, k=k, op=op: op(v, factors[i, k].view(-1, 1, 1, 1, 1)))
+        _on_views(x, p['gray'], lambda v, i: v.gather(2, channel[i].view(len(i), -1, 1, 1, 1)
+                                                      .expand(-1, v.shape[1], 1, *v.shape[3:]))
+                  .expand_as(v))
         _on_views(x, p['blur'], lambda v, i: _gaussian_blur(v, sigma[i], self.radius))
         return x
 
 
-def _per_view(v):
-    return v.view(-1, 1, 1, 1, 1)
-
-
 def _on_views(x, mask, fn):
-    """``x[i] = fn(x[index], index)[j]`` for the views ``index`` where ``mask`` [N] is set.
-
-    The mask is read on the host (no wait when it lives there, as the sampled parameters do), and
-    only the selected views are computed: computing every view and selecting with
-    ``torch.where`` costs about 4x the work for the colour jitter alone (each of its four steps
-    taken at each of the four positions of the random order)."""
+    """``x[i] = fn(x[index], index)[j]`` for the views ``index`` where ``mask`` [N] is set. The
+    mask is read on the host (no wait: the parameters live there), and only the selected views
+    are computed (selecting with ``torch.where`` costs ~4x the jitter's work)."""
     index = mask.nonzero().squeeze(1)
     if index.numel() == 0:
         return x
@@ -276,10 +262,10 @@ class DeviceAugment:
             # Parameters are drawn on the CPU (a few numbers per view): selecting the views of
             # each step then needs no device-to-host read.
             lead = batch[flags].shape
-            params = self.photometric.sample(batch[flags].cpu().flatten(), self.generator)
-            for key in ('rgb' + suffix, 'flow' + suffix):
-                if key not in batch:
-                    continue
+            keys = [m + suffix for m in ('rgb', 'flow') if m + suffix in batch]
+            params = self.photometric.sample(batch[flags].cpu().flatten(), self.generator,
+                                             frames=batch[keys[0]].shape[len(lead)])
+            for key in keys:
                 x = batch[key].to(device, non_blocking=True)
                 x = x.flatten(0, len(lead) - 1).float().div_(255)         # N x T x 3 x H x W
                 if key.startswith('rgb') or self.photometric_on_flow:

@@ -1,4 +1,4 @@
-"""Augmentation (SPEC §4): crop sampling, per-view geometry, flow flips and the photometric step."""
+"""Augmentation (docs/METHOD.md, Data): crop sampling, per-view geometry, flow flips and the photometric step."""
 
 import pytest
 import torch
@@ -36,6 +36,28 @@ def test_sample_crop_bounds_over_many_draws():
     # The range is used: small and large crops, portrait and landscape (the swap).
     assert areas.min() < 0.25 and areas.max() > 0.9
     assert (aspects < 0.9).float().mean() > 0.2 and (aspects > 1.1).float().mean() > 0.2
+
+
+def test_sample_crop_aspect_uniform_as_the_reference():
+    # The reference draws the aspect ratio uniformly in [3/4, 4/3] (mean 1.042), not
+    # log-uniformly (mean 1.014).
+    g = torch.Generator().manual_seed(1)
+    aspects = torch.tensor([w * 1000 / (h * 1000) for _, _, h, w in
+                            (sample_crop(1000, 1000, g, scale=(0.2, 0.3), swap_prob=0.0)
+                             for _ in range(4000))])
+    assert abs(aspects.mean() - (3 / 4 + 4 / 3) / 2) < 0.01
+
+
+def test_resize_is_antialiased_bicubic_as_pil():
+    # The reference resized its crops with PIL's bicubic filter.
+    import numpy as np
+    from PIL import Image
+    frames = position_frames(2, 60, 80)
+    frames[:, :, ::3] = 255 - frames[:, :, ::3]          # detail that aliasing would show
+    out = augment.resize(frames, (24, 24))
+    for f, o in zip(frames, out):
+        pil = Image.fromarray(f.permute(1, 2, 0).numpy()).resize((24, 24), Image.BICUBIC)
+        assert (o.permute(1, 2, 0).int() - torch.from_numpy(np.array(pil)).int()).abs().max() <= 1
 
 
 def test_sample_crop_reproducible():
@@ -146,10 +168,11 @@ def _video(n=2, T=3, H=12, W=14, seed=0):
 
 
 def _params(n, jitter=False, factors=(1.0, 1.0, 1.0, 0.0), order=(0, 1, 2, 3), gray=False,
-            blur=False, sigma=1.0):
+            blur=False, sigma=1.0, channel=(0,)):
     return {'jitter': torch.full((n,), jitter), 'factors': torch.tensor([factors] * n),
             'order': torch.tensor([order] * n), 'gray': torch.full((n,), gray),
-            'blur': torch.full((n,), blur), 'sigma': torch.full((n,), sigma)}
+            'channel': torch.tensor([channel] * n), 'blur': torch.full((n,), blur),
+            'sigma': torch.full((n,), sigma)}
 
 
 def test_weak_views_unchanged_strong_views_changed():
@@ -227,13 +250,15 @@ def test_hue_zero_is_identity():
     assert (Photometric().apply(x, p) - x).abs().max() < 1e-5
 
 
-def test_grayscale_gives_equal_channels():
-    x = _video(2)
-    out = Photometric().apply(x, _params(2, gray=True))
-    assert torch.allclose(out[:, :, 0], out[:, :, 1]) and torch.allclose(out[:, :, 1], out[:, :, 2])
-    # PIL's / ITU-R 601 luma.
-    expected = 0.299 * x[:, :, 0] + 0.587 * x[:, :, 1] + 0.114 * x[:, :, 2]
-    assert torch.allclose(out[:, :, 0], expected, atol=1e-6)
+def test_grayscale_copies_the_drawn_channel_of_each_frame():
+    # As the reference's RandomGray: each frame becomes three copies of one of its channels.
+    x = _video(2, T=3)
+    out = Photometric().apply(x, _params(2, gray=True, channel=(2, 0, 1)))
+    for t, c in enumerate((2, 0, 1)):
+        assert torch.equal(out[:, t], x[:, t, c:c + 1].expand(-1, 3, -1, -1))
+    p = Photometric(gray_prob=1.0).sample(torch.ones(400, dtype=torch.bool), frames=5)
+    assert p['channel'].shape == (400, 5)
+    assert sorted(p['channel'].unique().tolist()) == [0, 1, 2]
 
 
 def test_blur_of_constant_image_is_constant():
