@@ -1,9 +1,6 @@
-"""One dataset class for every dataset, modality (RGB, flow, both) and number of views.
-
-Names follow the seed: ``<name>[-f][-2stream][-2clip]`` (``ucf101-2clip``, ``ucf101-f-2clip``,
-``ucf101-2stream-2clip``, ``hmdb51``, ...): ``-f`` flow only, ``-2stream`` RGB and flow together,
-``-2clip`` two views per video. Any ``<name>`` whose folder follows the layout of SPEC §3 works.
-"""
+"""One dataset class for every dataset, modality and number of views. Names follow the seed:
+``<name>[-f][-2stream][-2clip]`` (``-f`` flow only, ``-2stream`` RGB and flow, ``-2clip`` two views
+per video); any ``<name>`` whose folder has the layout of docs/METHOD.md, Data, works."""
 import argparse
 import math
 import os
@@ -14,14 +11,12 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from utils.config import NON_NEGATIVE, POSITIVE
-from utils.misc import UserError
+from utils.misc import PROJECT_ROOT, UserError
 from . import augment, sampler, splits
 from .lmdb_video import (VideoLMDB, check_same_size, decode_frames, decode_list, jpeg_size,
                          merge_packed, pack_jpegs, unpack_jpegs)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT_ENV = 'CVTCL_DATA_ROOT'
-BUILTIN = ('demo',)
 
 
 def default_data_root():
@@ -40,56 +35,45 @@ class DatasetName:
 
     @classmethod
     def parse(cls, name):
-        # Strip every trailing suffix, in any order, then rebuild the name in the grammar's
+        # Strip the trailing suffixes in any order, then rebuild the name in the grammar's
         # order: a name that differs (misordered or repeated suffixes) gets the right spelling.
         base, found = name, set()
         while suffix := next((s for s in cls.SUFFIXES if base.endswith(s)), None):
             base = base[: -len(suffix)]
             found.add(suffix)
         if not base:
-            raise ValueError(f'dataset {name!r}: no name before the suffixes')
+            raise UserError(f'dataset {name!r}: no name before the suffixes')
         if '-f' in found and '-2stream' in found:
-            raise ValueError(f'dataset {name!r}: -f (flow only) and -2stream exclude each other')
+            raise UserError(f'dataset {name!r}: -f (flow only) and -2stream exclude each other')
         canonical = base + ''.join(s for s in cls.SUFFIXES if s in found)
         if canonical != name:
-            raise ValueError(f'dataset {name!r}: the suffixes go in the order '
-                             f'<name>[-f][-2stream][-2clip], each once; use {canonical!r}')
+            raise UserError(f'dataset {name!r}: the suffixes go in the order '
+                            f'<name>[-f][-2stream][-2clip], each once; use {canonical!r}')
         return cls(base, rgb='-f' not in found, flow=bool(found & {'-f', '-2stream'}),
                    views=2 if '-2clip' in found else 1)
 
 
 def known_datasets(data_root):
     root = Path(data_root)
-    found = set(BUILTIN)
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.is_dir() and any(d.glob(f'{d.name}_*frame*.lmdb')):
-                found.add(d.name)
-    return sorted(found)
+    return sorted({'demo'} | {d.name for d in (root.iterdir() if root.is_dir() else ())
+                              if d.is_dir() and any(d.glob(f'{d.name}_*frame*.lmdb'))})
 
 
 def layout(data_root, base, mode, split_dir=None):
-    """Paths of a dataset folder (SPEC §3) for ``mode`` ('train' or 'test'); ``folder`` holds
-    the split files (``split_dir`` when given)."""
+    """Paths of a dataset folder for ``mode`` ('train' or 'test'); ``folder`` holds the split
+    files (``split_dir`` when given). Kinetics-style folders have one LMDB per part and the
+    split files {train,val}_split.csv, val being the test part."""
     data = Path(data_root) / base
     folder = Path(split_dir) if split_dir is not None else data
-    # Kinetics-style folders have one LMDB per part (a flow-only folder counts too), and the
-    # split files train_split.csv/val_split.csv.
     kinetics = (any((data / f'{base}{kind}_frame_train.lmdb').exists() for kind in ('', '_tvl1'))
                 or (folder / 'train_split.csv').exists())
-    part = ('train' if mode == 'train' else 'val') if kinetics else None
-    suffix = f'_{part}' if part else ''
-    return {
-        'folder': folder,
-        'rgb': data / f'{base}_frame{suffix}.lmdb',
-        'flow': data / f'{base}_tvl1_frame{suffix}.lmdb',
-        'kinetics': kinetics,
-    }
+    suffix = ('_train' if mode == 'train' else '_val') if kinetics else ''
+    return {'folder': folder, 'rgb': data / f'{base}_frame{suffix}.lmdb',
+            'flow': data / f'{base}_tvl1_frame{suffix}.lmdb', 'kinetics': kinetics}
 
 
 def split_csv(info, mode, split):
-    """The split CSV of ``mode`` in ``info['folder']``: ``{train,test}_split0k.csv``, or for
-    Kinetics ``{train,val}_split.csv``."""
+    """The split CSV of ``mode``: ``{train,test}_split0k.csv``, for Kinetics ``{train,val}_split.csv``."""
     if info['kinetics']:
         return info['folder'] / f'{"train" if mode == "train" else "val"}_split.csv'
     return info['folder'] / f'{"train" if mode == "train" else "test"}_split{split:02d}.csv'
@@ -100,55 +84,43 @@ class VideoDataset(Dataset):
 
     Train mode: an item is a dict with ``'rgb'`` and/or ``'flow'`` uint8 ``[V, T, 3, img_dim,
     img_dim]`` (V views, geometry applied), ``'strong'`` bool ``[V]`` (which views get the
-    photometric augmentation on the device), ``'label'``, ``'source'`` (sibling group),
-    ``'index'``. Test mode: every window of the video, resized so the short side is
-    ``test_size`` (crops are taken on the device): ``[W, T, 3, h, w]``.
-
-    Views (``views=2``): a share ``two_clip_prob`` (0.5) of the pairs are two independent clips,
-    each strong with probability ``two_clip_strong_prob`` (0.3); the others one clip seen twice,
-    one view strong and one weak (which one at random). With one view, the view is strong with ``strong_prob``.
+    photometric step on the device; one view: with ``strong_prob``), ``'label'``, ``'source'``
+    (sibling group), ``'index'`` and the views' plan; with ``local_segments`` L also the local
+    clips ``'rgb_local'``/``'flow_local'`` ``[2, L, T/L, 3, img_dim, img_dim]`` and
+    ``'local_strong'`` ``[2, L]``. Test mode: every window of the video, resized so the short
+    side is ``test_size`` (crops are taken on the device): ``[W, T, 3, h, w]``.
     """
 
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
                  views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
                  strong_prob=0.0, two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
                  crop_scale=(0.2, 1.0), decode='cpu', local_segments=0, description='dataset'):
-        if mode not in ('train', 'test'):
-            raise ValueError(f'mode must be train or test, not {mode!r}')
-        if rgb_lmdb is None and flow_lmdb is None:
-            raise ValueError('at least one of rgb_lmdb and flow_lmdb is needed')
         self.mode, self.views, self.seq_len, self.ds = mode, views, seq_len, ds
         self.img_dim = img_dim
         self.test_size = test_size or round(img_dim * 8 / 7)
         self.strong_prob, self.two_clip_prob = strong_prob, two_clip_prob
         self.two_clip_strong_prob = two_clip_strong_prob
-        self.negate_flow_flip, self.crop_scale = negate_flow_flip, crop_scale
-        if decode not in ('cpu', 'device'):
-            raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
-        self.decode = decode
+        self.negate_flow_flip, self.crop_scale, self.decode = negate_flow_flip, crop_scale, decode
         if local_segments and (mode != 'train' or views != 2 or seq_len % local_segments):
             raise UserError(f'{description}: local clips need 2 views in train mode and '
                             f'--seq_len {seq_len} divisible by --num_segments {local_segments}')
         self.local_segments = local_segments
-        self.lmdbs = {}
-        if rgb_lmdb is not None:
-            self.lmdbs['rgb'] = rgb_lmdb if isinstance(rgb_lmdb, VideoLMDB) else VideoLMDB(rgb_lmdb)
-        if flow_lmdb is not None:
-            self.lmdbs['flow'] = flow_lmdb if isinstance(flow_lmdb, VideoLMDB) else VideoLMDB(flow_lmdb)
+        self.lmdbs = {m: db if isinstance(db, VideoLMDB) else VideoLMDB(db)
+                      for m, db in (('rgb', rgb_lmdb), ('flow', flow_lmdb)) if db is not None}
         if not names:
-            raise ValueError(f'{description}: the split lists no videos')
-        for modality, db in self.lmdbs.items():
+            raise UserError(f'{description}: the split lists no videos')
+        for db in self.lmdbs.values():
             missing = [n for n in names if n not in db]
             if missing:
-                raise ValueError(f'{description}: {len(missing)} video(s) of the split are not in '
-                                 f'{db.path}, e.g. {missing[0]!r}{holds_none(db)}')
+                raise UserError(f'{description}: {len(missing)} video(s) of the split are not in '
+                                f'{db.path}, e.g. {missing[0]!r}{holds_none(db)}')
         need = sampler.min_frames(seq_len, ds, strict_min_frames)
         keep = [i for i, n in enumerate(names) if self._length(n) >= need]
         self.dropped = sorted(set(names) - {names[i] for i in keep})
         if not keep:
-            raise ValueError(f'{description}: no video has the {need} frames a clip of --seq_len '
-                             f'{seq_len} at --ds {ds} needs (longest: '
-                             f'{max(self._length(n) for n in names) if names else 0})')
+            raise UserError(f'{description}: no video has the {need} frames a clip of --seq_len '
+                            f'{seq_len} at --ds {ds} needs (longest: '
+                            f'{max(self._length(n) for n in names)})')
         self.names = [names[i] for i in keep]
         self.labels = [int(labels[i]) for i in keep]
         self.sources = [int(sources[i]) for i in keep]
@@ -161,9 +133,8 @@ class VideoDataset(Dataset):
         return len(self.names)
 
     def _pair_strong(self):
-        """Strong flags ``[2]`` of a 2-view sample, and whether its views are two clips: a share
-        ``two_clip_prob`` are, each strong with probability ``two_clip_strong_prob``; the others
-        are one clip seen twice, one view strong and one weak."""
+        """Whether a 2-view sample is two clips (share ``two_clip_prob``; each view strong with
+        ``two_clip_strong_prob``) or one clip seen twice (one view strong), and its flags ``[2]``."""
         if bool(torch.rand(()) < self.two_clip_prob):
             return True, torch.rand(2) < self.two_clip_strong_prob
         strong_first = bool(torch.rand(()) < 0.5)
@@ -227,16 +198,16 @@ class VideoDataset(Dataset):
 
     def _check_size(self, h, w, name, source):
         if min(h, w) < self.img_dim:
-            raise ValueError(f'{source}: frames of {name!r} are {h}x{w}, smaller than --img_dim '
-                             f'{self.img_dim}; cropping would have to upsample. Use --img_dim '
-                             f'{min(h, w)} or rebuild the LMDB with larger frames')
+            raise UserError(f'{source}: frames of {name!r} are {h}x{w}, smaller than --img_dim '
+                            f'{self.img_dim}; cropping would have to upsample. Use --img_dim '
+                            f'{min(h, w)} or rebuild the LMDB with larger frames')
 
 
 def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None):
-    """Decoded unique frames (a sequence of ``[3, H, W]``, as the decoder returns them, or one
-    ``[N, H, W, 3]`` tensor) -> the item's views ``[V, T, 3, img_dim, img_dim]`` (channels last
-    in memory) by its plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``); on any
-    device. Written into ``out`` when given (e.g. the sample's slot of a batch)."""
+    """Decoded unique frames (a sequence of ``[3, H, W]`` as the decoder returns them, or one
+    ``[N, H, W, 3]`` tensor) -> views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory)
+    by a plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``), on any device; written
+    into ``out`` when given (e.g. the sample's slot of a batch)."""
     index = plan['frame_index']
     stacked = isinstance(frames, torch.Tensor)   # [N, H, W, 3]: frames stacked on the device
     height, width = frames.shape[1:3] if stacked else frames[0].shape[-2:]
@@ -246,9 +217,8 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
     if stacked:
         index_on_device = index.to(device, non_blocking=True)
     for v, idx in enumerate(index.tolist()):
-        # Only the crop of each frame is copied, straight into one channels-last batch that the
-        # resize kernel reads as it is. On the device, where launches cost more than bytes, the
-        # sample's frames come stacked and a view's crops are gathered in one indexing call.
+        # Only each frame's crop is copied, into one channels-last batch the resize reads as it
+        # is; on the device (launches cost more than bytes) in one indexing call per view.
         t, l, h, w = augment.box_pixels(plan['boxes'][v].tolist(), height, width)
         if stacked:
             crops = frames[:, t:t + h, l:l + w][index_on_device[v]]
@@ -268,9 +238,8 @@ def local_plan(plan):
 
 
 def collate(items):
-    """Default collation, except that the uint8 views keep their channels-last memory (no
-    transposing copy of the batch) and the packed JPEG bytes of ``decode='device'`` are merged
-    per modality (``merge_packed``)."""
+    """Default collation, except that the uint8 views keep their channels-last memory and the
+    packed JPEG bytes of ``decode='device'`` are merged per modality (``merge_packed``)."""
     special = ('jpeg', 'rgb', 'flow', 'rgb_local', 'flow_local')
     jpegs = [item['jpeg'] for item in items] if 'jpeg' in items[0] else None
     frames = {m: [item[m].movedim(-3, -1) for item in items] for m in special[1:] if m in items[0]}
@@ -313,54 +282,51 @@ def holds_none(db):
 
 def _split_names(info, spec, mode, split, first, dataset):
     """Names of the split's videos and the derived UCF101 splits (None unless derived): from the
-    split CSV; for UCF101 without one, derived from the names in ``first`` (SPEC §3); for
-    Kinetics without one, every video of ``first`` (its LMDB is one part)."""
+    split CSV; for UCF101 without one, derived from the names in ``first``; for Kinetics without
+    one, every video of ``first`` (its LMDB is one part)."""
     csv = split_csv(info, mode, split)
     if csv.exists():
         names = splits.read_split(csv)
         if not names:
-            raise ValueError(f'dataset {dataset!r}: split file {csv} lists no videos (rows of 0 '
-                             f'frames do not count)')
+            raise UserError(f'dataset {dataset!r}: split file {csv} lists no videos (rows of 0 '
+                            f'frames do not count)')
         train_csv = split_csv(info, 'train', split)
         if mode == 'test' and train_csv.exists():
             # A video in both would be trained on and then scored as unseen.
             both = set(names).intersection(splits.read_split(train_csv))
             if both:
                 example = next(n for n in names if n in both)
-                raise ValueError(f'dataset {dataset!r}: {len(both)} video(s) are in both '
-                                 f'{train_csv} and {csv}, e.g. {example!r}; a test video must '
-                                 f'not be a training video')
+                raise UserError(f'dataset {dataset!r}: {len(both)} video(s) are in both '
+                                f'{train_csv} and {csv}, e.g. {example!r}; a test video must '
+                                f'not be a training video')
         return names, None
     if spec.base.startswith('ucf101'):
-        # The published UCF101 tars hold no split files; they follow from the names (SPEC §3).
+        # The published UCF101 tars hold no split files; they follow from the names.
         derived = splits.ucf101_splits(first.names)
         if f'{mode}_split{split:02d}' not in derived['splits']:
-            raise ValueError(f'dataset {dataset!r}: UCF101 has splits 1, 2 and 3, not '
-                             f'--which_split {split}')
+            raise UserError(f'dataset {dataset!r}: UCF101 has splits 1, 2 and 3, not '
+                            f'--which_split {split}')
         names = derived['splits'][f'{mode}_split{split:02d}']
         if not names:
             block = splits.groups_text(splits.group_block(split))
             why = (f'{first.path} holds no videos' if not len(first)
                    else f'{first.path} has no video of groups {block}' if mode == 'test'
                    else f'every video of {first.path} is of groups {block}, its test split')
-            raise ValueError(f'dataset {dataset!r}: the {mode} split {split} derived from the '
-                             f'video names is empty: {why}')
+            raise UserError(f'dataset {dataset!r}: the {mode} split {split} derived from the '
+                            f'video names is empty: {why}')
         return names, derived
     if info['kinetics']:
         if not len(first):
-            raise ValueError(f'dataset {dataset!r}: {first.path} holds no videos')
+            raise UserError(f'dataset {dataset!r}: {first.path} holds no videos')
         return first.names, None
-    raise FileNotFoundError(f'split file {csv} not found; build it with '
-                            f'`python -m dataset.prepare splits ...` (see README, Data)')
+    raise UserError(f'split file {csv} not found; build it with '
+                    f'`python -m dataset.prepare splits ...` (see README, Data)')
 
 
 def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, split=1,
                   rgb_lmdb=None, flow_lmdb=None, split_dir=None, **options):
-    """The dataset named ``name`` (SPEC §3 grammar) in ``mode`` ('train' or 'test').
-
-    ``rgb_lmdb``/``flow_lmdb``/``split_dir`` override the layout under ``data_root``. Further
-    keyword options go to :class:`VideoDataset`.
-    """
+    """The dataset named ``name`` in ``mode`` ('train' or 'test'). ``rgb_lmdb``/``flow_lmdb``/
+    ``split_dir`` override the layout under ``data_root``; other options go to VideoDataset."""
     data_root = Path(data_root) if data_root is not None else default_data_root()
     spec = DatasetName.parse(name)
     if spec.base == 'demo':
@@ -368,20 +334,20 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         ensure_demo(data_root)
     info = layout(data_root, spec.base, mode, split_dir)
     if rgb_lmdb is None and flow_lmdb is None and not info['folder'].is_dir():
-        raise ValueError(f'unknown dataset {spec.base!r} (from {name!r}): no folder '
-                         f'{info["folder"]}. Known under {data_root}: '
-                         f'{", ".join(known_datasets(data_root))}')
+        raise UserError(f'unknown dataset {spec.base!r} (from {name!r}): no folder '
+                        f'{info["folder"]}. Known under {data_root}: '
+                        f'{", ".join(known_datasets(data_root))}')
     paths = {'rgb': rgb_lmdb or info['rgb'], 'flow': flow_lmdb or info['flow']}
     for modality in ('rgb', 'flow'):
         if getattr(spec, modality) and not Path(paths[modality]).exists():
-            raise FileNotFoundError(f'dataset {name!r} needs the {modality} LMDB '
-                                    f'{paths[modality]}, which does not exist')
+            raise UserError(f'dataset {name!r} needs the {modality} LMDB '
+                            f'{paths[modality]}, which does not exist')
     first = VideoLMDB(paths['rgb'] if spec.rgb else paths['flow'])
     names, derived = _split_names(info, spec, mode, split, first, name)
     missing = [n for n in names if n not in first]
     if missing:
-        raise ValueError(f'dataset {name!r}: {len(missing)} video(s) of the {mode} split are not '
-                         f'in {first.path}, e.g. {missing[0]!r}{holds_none(first)}')
+        raise UserError(f'dataset {name!r}: {len(missing)} video(s) of the {mode} split are not '
+                        f'in {first.path}, e.g. {missing[0]!r}{holds_none(first)}')
 
     class_file = info['folder'] / 'ClassInd.txt'
     if class_file.exists():
@@ -398,12 +364,10 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
             if other_db.exists():
                 names_of_all.update(VideoLMDB(other_db).names)
         classes = {c: i for i, c in enumerate(sorted({n.split('/')[0] for n in names_of_all}))}
-    labels = []
-    for n in names:
-        c = n.split('/')[0]
-        if c not in classes:
-            raise ValueError(f'class {c!r} of video {n!r} is not in {class_file}')
-        labels.append(classes[c])
+    unknown = next((n for n in names if n.split('/')[0] not in classes), None)
+    if unknown:
+        raise UserError(f'class {unknown.split("/")[0]!r} of video {unknown!r} is not in {class_file}')
+    labels = [classes[n.split('/')[0]] for n in names]
 
     source_file = info['folder'] / 'video_source.json'
     source_of = (splits.read_video_source(source_file) if source_file.exists()
@@ -412,7 +376,7 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         try:
             sources = [int(source_of[splits.source_key(n)]) for n in names]
         except KeyError as e:
-            raise ValueError(f'{source_file} has no entry {e.args[0]!r}') from None
+            raise UserError(f'{source_file} has no entry {e.args[0]!r}') from None
     else:
         index_of = {n: i for i, n in enumerate(first.names)}
         sources = [index_of[n] for n in names]
@@ -481,5 +445,5 @@ def recorded_modality(record):
     checkpoint of another code base)."""
     try:
         return modality_of(record['dataset'], record.get('reverse'))
-    except (TypeError, KeyError, AttributeError, ValueError):
+    except (TypeError, KeyError, AttributeError, UserError):
         return None

@@ -1,4 +1,4 @@
-"""The one dataset class on a tiny dataset folder in the layout of SPEC §3.
+"""The one dataset class on a tiny dataset folder in the layout of docs/METHOD.md, Data.
 
 Frames encode position and time (``position_frames`` of ``tests/helpers.py``): channel 0 is an x ramp,
 channel 1 a y ramp, channel 2 the frame index times 8, in RGB and flow alike, so the tests can
@@ -381,7 +381,7 @@ def test_ucf101_splits_derived_from_names(tmp_path):
     assert test.names == [n for n in names if '_g01_' in n or '_g07_' in n]
     assert train.names == [n for n in names if '_g08_' in n or '_g15_' in n]
     assert test2.names == [n for n in names if '_g08_' in n]
-    with pytest.raises(ValueError, match='UCF101 has splits 1, 2 and 3, not --which_split 4'):
+    with pytest.raises(UserError, match='UCF101 has splits 1, 2 and 3, not --which_split 4'):
         build(tmp_path, 'ucf101', mode='test', split=4)
     assert train.classes == ['ApplyEyeMakeup', 'Archery']
     assert [train[i]['label'] for i in range(len(train))] == [0] * 4 + [1] * 4
@@ -406,7 +406,7 @@ def write_kinetics(folder, base, lengths, modalities=('', '_tvl1')):
 @pytest.mark.parametrize('name,modalities', [('k4-2clip', ('', '_tvl1')),
                                              ('k4-f-2clip', ('_tvl1',))])
 def test_kinetics_layout(tmp_path, name, modalities):
-    # SPEC §3: <name>_frame_{train,val}.lmdb, {train,val}_split.csv, val as the test set, and
+    # Kinetics layout: <name>_frame_{train,val}.lmdb, {train,val}_split.csv, val as the test set, and
     # the stricter drop rule n <= seq_len * ds + 1 (9 frames dropped, 10 kept at seq_len 8).
     train = {'bowling/a': 9, 'bowling/b': 10, 'skiing/c': 12}
     write_kinetics(tmp_path / 'k4', 'k4', {'train': train, 'val': {'skiing/d': 14}}, modalities)
@@ -458,7 +458,7 @@ def test_data_root_from_environment(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------- bad input
 
 def test_unknown_dataset_lists_known_ones(root):
-    with pytest.raises(ValueError, match=r'nosuch.*toy'):
+    with pytest.raises(UserError, match=r'nosuch.*toy'):
         build(root, 'nosuch-2clip')
 
 
@@ -466,46 +466,46 @@ def test_split_names_absent_video(tmp_path):
     sources = {n.split('/')[1][:-4]: i for i, n in enumerate(list(VIDEOS) + ['B/v_Beta_g09_c01'])}
     write_toy_dataset(tmp_path, 'toy', VIDEOS, train=list(VIDEOS) + ['Beta/v_Beta_g09_c01'],
                       sources=sources)
-    with pytest.raises(ValueError, match='Beta/v_Beta_g09_c01'):
+    with pytest.raises(UserError, match='Beta/v_Beta_g09_c01'):
         build(tmp_path, 'toy-2clip')
 
 
 def test_class_missing_from_class_index(tmp_path):
     write_toy_dataset(tmp_path, 'toy', VIDEOS, classes=['Alpha'])
-    with pytest.raises(ValueError, match=r"'Beta'.*ClassInd.txt"):
+    with pytest.raises(UserError, match=r"'Beta'.*ClassInd.txt"):
         build(tmp_path, 'toy-2clip')
 
 
 def test_missing_video_source_entry(tmp_path):
     write_toy_dataset(tmp_path, 'toy', VIDEOS, sources={'v_Alpha_g01': 0})
-    with pytest.raises(ValueError, match=r'video_source.json.*v_Alpha_g02'):
+    with pytest.raises(UserError, match=r'video_source.json.*v_Alpha_g02'):
         build(tmp_path, 'toy-2clip')
 
 
 def test_every_video_too_short(root):
-    with pytest.raises(ValueError, match=r'--seq_len 32.*--ds 2'):
+    with pytest.raises(UserError, match=r'--seq_len 32.*--ds 2'):
         build(root, 'toy-2clip', seq_len=32, ds=2)
 
 
 def test_img_dim_larger_than_frames(root):
     data = build(root, 'toy-2clip', img_dim=64)
-    with pytest.raises(ValueError, match=r'--img_dim 64'):
+    with pytest.raises(UserError, match=r'--img_dim 64'):
         data[0]
 
 
 def test_missing_lmdb(tmp_path):
     write_toy_dataset(tmp_path, 'toy', VIDEOS, flow=False)
     build(tmp_path, 'toy-2clip')
-    with pytest.raises(FileNotFoundError, match='toy_tvl1_frame.lmdb'):
+    with pytest.raises(UserError, match='toy_tvl1_frame.lmdb'):
         build(tmp_path, 'toy-2stream-2clip')
-    with pytest.raises(FileNotFoundError, match='elsewhere.lmdb'):
+    with pytest.raises(UserError, match='elsewhere.lmdb'):
         build(tmp_path, 'toy', rgb_lmdb=tmp_path / 'elsewhere.lmdb')
 
 
 def test_missing_split_file(tmp_path):
     write_toy_dataset(tmp_path, 'toy', VIDEOS)
     os.remove(tmp_path / 'toy' / 'test_split01.csv')
-    with pytest.raises(FileNotFoundError, match='test_split01.csv'):
+    with pytest.raises(UserError, match='test_split01.csv'):
         build(tmp_path, 'toy', mode='test')
 
 
@@ -522,31 +522,31 @@ def test_test_split_sharing_videos_with_train(tmp_path):
     names = list(VIDEOS)
     write_toy_dataset(tmp_path, 'toy', VIDEOS, train=names[:3], test=names[2:])
     assert build(tmp_path, 'toy-2clip').names == names[:3]   # training does not look at test
-    with pytest.raises(ValueError, match=rf"1 video\(s\) are in both \S*train_split01.csv and "
+    with pytest.raises(UserError, match=rf"1 video\(s\) are in both \S*train_split01.csv and "
                                          rf"\S*test_split01.csv, e.g. '{names[2]}'"):
         build(tmp_path, 'toy', mode='test')
     # Kinetics-style: train_split.csv and val_split.csv.
     write_kinetics(tmp_path / 'k4', 'k4', {'train': {'bowling/a': 12, 'skiing/c': 12},
                                            'val': {'skiing/c': 12, 'skiing/d': 14}}, ('',))
-    with pytest.raises(ValueError, match=r"in both \S*train_split.csv and \S*val_split.csv, "
+    with pytest.raises(UserError, match=r"in both \S*train_split.csv and \S*val_split.csv, "
                                          r"e.g. 'skiing/c'"):
         build(tmp_path, 'k4', mode='test')
 
 
 def test_empty_split_file(tmp_path):
     write_toy_dataset(tmp_path, 'toy', VIDEOS, train=[])
-    with pytest.raises(ValueError, match=r'split file \S*train_split01.csv lists no videos'):
+    with pytest.raises(UserError, match=r'split file \S*train_split01.csv lists no videos'):
         build(tmp_path, 'toy-2clip')
 
 
 def test_empty_lmdb(tmp_path):
     write_toy_dataset(tmp_path, 'toy', {}, train=list(VIDEOS), flow=False)
-    with pytest.raises(ValueError, match=r'4 video\(s\) of the train split are not in '
+    with pytest.raises(UserError, match=r'4 video\(s\) of the train split are not in '
                                          r'(\S*toy_frame.lmdb).*; \1 holds no videos'):
         build(tmp_path, 'toy-2clip')
     (tmp_path / 'ucf101').mkdir()
     write_raw_lmdb(tmp_path / 'ucf101' / 'ucf101_frame.lmdb', [])
-    with pytest.raises(ValueError, match=r'ucf101_frame.lmdb holds no videos'):
+    with pytest.raises(UserError, match=r'ucf101_frame.lmdb holds no videos'):
         build(tmp_path, 'ucf101-2clip')
 
 
@@ -555,10 +555,10 @@ def test_derived_ucf101_split_without_videos(tmp_path):
     write_raw_lmdb(tmp_path / 'ucf101' / 'ucf101_frame.lmdb',
                    [(f'A/v_A_g{g:02d}_c01', jpeg_bytes(position_frames(10, H, W)))
                     for g in (1, 7)])
-    with pytest.raises(ValueError, match=r'test split 2 .* is empty: \S*ucf101_frame.lmdb has no '
+    with pytest.raises(UserError, match=r'test split 2 .* is empty: \S*ucf101_frame.lmdb has no '
                                          r'video of groups g08-g14'):
         build(tmp_path, 'ucf101', mode='test', split=2)
-    with pytest.raises(ValueError, match=r'train split 1 .* is empty: every video of .* is of '
+    with pytest.raises(UserError, match=r'train split 1 .* is empty: every video of .* is of '
                                          r'groups g01-g07'):
         build(tmp_path, 'ucf101-2clip')
 
@@ -568,7 +568,7 @@ def test_derived_ucf101_split_without_videos(tmp_path):
                                        ('okset-2clip-2clip', 'okset-2clip'),
                                        ('okset-f-f', 'okset-f')])
 def test_misordered_suffixes_get_the_right_spelling(name, hint):
-    with pytest.raises(ValueError, match=rf"'{name}'.*<name>\[-f\]\[-2stream\]\[-2clip\].*"
+    with pytest.raises(UserError, match=rf"'{name}'.*<name>\[-f\]\[-2stream\]\[-2clip\].*"
                                          rf"use '{hint}'$"):
         DatasetName.parse(name)
     assert DatasetName.parse(hint).base == 'okset'
@@ -579,7 +579,7 @@ def test_dataset_name_grammar():
     assert DatasetName.parse('ucf101-2stream-2clip') == DatasetName('ucf101', True, True, 2)
     assert DatasetName.parse('my-set-f') == DatasetName('my-set', False, True, 1)
     assert DatasetName.parse('hmdb51') == DatasetName('hmdb51', True, False, 1)
-    with pytest.raises(ValueError, match='exclude each other'):
+    with pytest.raises(UserError, match='exclude each other'):
         DatasetName.parse('ucf101-f-2stream')
 
 
