@@ -51,9 +51,8 @@ def box_pixels(box, height, width):
 
 
 def channels_last_empty(*lead, size, dtype=torch.uint8, device='cpu'):
-    """An empty ``[*lead, 3, size, size]`` tensor whose memory is laid out ``[*lead, size, size, 3]``
-    (channels last). Views built in this layout reach the model as channels-last-3D clips
-    ``[N, 3, T, H, W]`` by a transpose, with no copy anywhere on the way."""
+    """An empty ``[*lead, 3, size, size]`` laid out ``[*lead, size, size, 3]`` in memory: views
+    built so reach the model as channels-last-3D clips by a transpose, with no copy."""
     return torch.empty(*lead, size, size, 3, dtype=dtype, device=device).movedim(-1, -3)
 
 
@@ -63,8 +62,8 @@ def resize(frames, size):
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
     if frames.device.type == 'cpu':
-        # PyTorch's CPU kernel resizes uint8 channels-last images directly (a crop of decoded
-        # frames already is one: no copy), several times cheaper than through float.
+        # uint8 channels-last images (a crop of decoded frames is one) are resized directly,
+        # several times cheaper than through float.
         x = frames if frames.stride(-3) == 1 else frames.contiguous(memory_format=torch.channels_last)
         return F.interpolate(x, size=size, mode='bicubic', align_corners=False, antialias=True)
     x = F.interpolate(frames.float(), size=size, mode='bicubic', align_corners=False,
@@ -104,7 +103,7 @@ def _blend(a, b, f):
 
 
 def _brightness(x, f):
-    return (x * f).clamp_(0, 1)
+    return _blend(x, 0, f)
 
 
 def _contrast(x, f):
@@ -116,30 +115,16 @@ def _saturation(x, f):
 
 
 def _hue(x, shift):
-    # RGB -> HSV, rotate hue, -> RGB (all element-wise, so it batches freely).
+    # RGB -> HSV, rotate the hue, -> RGB (element-wise, so it batches freely).
     r, g, b = x.unbind(-3)
-    maxc, _ = x.max(-3)
-    minc, _ = x.min(-3)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(maxc == r, (g - b) / safe,
-                    torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
-                    torch.zeros_like(maxc))
-    h = (h + shift.squeeze(-3)) % 1.0
-    v = maxc
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    i = i.long() % 6
-    rgb_of = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out = [torch.zeros_like(v) for _ in range(3)]
-    for k, channels in enumerate(rgb_of):
-        m = i == k
-        for c in range(3):
-            out[c] = torch.where(m, channels[c], out[c])
-    return torch.stack(out, -3)
+    v, lo = x.max(-3)[0], x.min(-3)[0]
+    delta = (v - lo).clamp(min=1e-12)
+    h = torch.where(v == r, (g - b) / delta, torch.where(v == g, 2 + (b - r) / delta,
+                                                         4 + (r - g) / delta))
+    h = torch.where(v > lo, h / 6 % 1, 0) + shift.squeeze(-3)
+    s = torch.where(v > 0, (v - lo) / v.clamp(min=1e-12), 0)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(3, 1, 1) + 6 * h.unsqueeze(-3)) % 6
+    return v.unsqueeze(-3) * (1 - s.unsqueeze(-3) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def _gaussian_blur(x, sigma, radius):
@@ -234,14 +219,12 @@ def normalize(x):
 class DeviceAugment:
     """The device side of a batch: uint8 views -> photometric (strong views) -> normalised float.
 
-    ``batch[modality]``: uint8 ``[B, V, T, 3, H, W]`` with ``batch['strong']`` bool ``[B, V]``;
-    local clips ``batch[modality + '_local']`` ``[B, 2, L, T/L, 3, H, W]`` with
-    ``batch['local_strong']`` ``[B, 2, L]``. Returns float ``[B, V, 3, T, H, W]`` (and
-    ``[B, 2, L, 3, T/L, H, W]``) under the same keys, each clip in ``memory_format``. One
-    parameter draw per view (or local clip) is applied to its RGB and flow frames
-    (``photometric_on_flow``, the reference's behaviour), or to RGB only. Parameters come from the
-    augmenter's own generator (``reseed``), so the draws do not depend on what else uses the
-    global one, or on the thread this runs in.
+    ``batch[m]`` uint8 ``[B, V, T, 3, H, W]`` with ``batch['strong']`` ``[B, V]``, local clips
+    ``batch[m + '_local']`` ``[B, 2, L, T/L, 3, H, W]`` with ``batch['local_strong']`` ``[B, 2, L]``
+    -> float ``[B, V, 3, T, H, W]`` / ``[B, 2, L, 3, T/L, H, W]`` under the same keys, each clip in
+    ``memory_format``. One draw per view (or local clip) serves its RGB and flow frames
+    (``photometric_on_flow``, the reference's behaviour) or RGB only; draws come from the
+    augmenter's own generator (``reseed``), whatever else uses the global one.
     """
 
     def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format,

@@ -1,10 +1,8 @@
-"""Video LMDB in the format of the published CoCLR/CVTCL tars (docs/METHOD.md, Data format).
-
-One record per video: key ``b'%09d' % i`` -> msgpack array of JPEG byte strings (frames in
-temporal order). Metadata: ``__keys__`` (keys in insertion order), ``__len__``, ``__order__``
-(video names ``class/video``; name i is stored under key ``%09d % i``) and ``__vlen__`` (frame
-counts aligned with ``__keys__``, *not* with ``__order__``).
-"""
+"""Video LMDB in the format of the published CoCLR/CVTCL tars (docs/METHOD.md, Data): key
+``b'%09d' % i`` -> msgpack array of the JPEG frames of video i; metadata ``__keys__`` (insertion
+order), ``__len__``, ``__order__`` (names ``class/video``, name i under key i) and ``__vlen__``
+(frame counts aligned with ``__keys__``, *not* with ``__order__``)."""
+import io
 import os
 import shutil
 
@@ -12,6 +10,7 @@ import lmdb
 import numpy as np
 import msgpack
 import torch
+from PIL import Image
 
 from utils.misc import UserError
 
@@ -27,11 +26,8 @@ except (ImportError, RuntimeError, OSError):   # not installed, or built for ano
     def _decode_jpeg(data, device='cpu'):
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
-META_KEYS = (b'__keys__', b'__len__', b'__order__', b'__vlen__')
 
-
-def _to_str(x):
-    # msgpack 0.6 wrote names as raw bytes, newer versions as str.
+def _to_str(x):  # msgpack 0.6 wrote names as raw bytes, newer versions as str
     return x.decode('utf-8') if isinstance(x, bytes) else str(x)
 
 
@@ -74,8 +70,8 @@ class VideoLMDB:
         except lmdb.Error as e:
             raise UserError(f'{self.path} is not a readable LMDB ({e})') from None
         with env.begin() as txn:
-            meta = {k: txn.get(k) for k in META_KEYS}
-        missing = [k.decode() for k in (b'__keys__', b'__order__', b'__vlen__') if meta[k] is None]
+            meta = {k: txn.get(k) for k in (b'__keys__', b'__order__', b'__vlen__')}
+        missing = [k.decode() for k, v in meta.items() if v is None]
         if missing:
             raise UserError(f'{self.path}: LMDB has no {", ".join(missing)} record; it is not a '
                             f'video LMDB of the CoCLR format (docs/METHOD.md, Data), or was '
@@ -103,13 +99,6 @@ class VideoLMDB:
 
     def __getstate__(self):
         return {**self.__dict__, '_env': None, '_pid': None}  # no LMDB handle crosses processes
-
-    def close(self):
-        """Close this file's environment in this process."""
-        real = os.path.realpath(self.path)
-        for k in [k for k in _ENVS if k[:2] == (os.getpid(), real)]:
-            _ENVS.pop(k).close()
-        self._env = None
 
     def num_frames(self, name):
         return self._num_frames[self._index[name]]
@@ -158,8 +147,6 @@ def check_same_size(imgs, name='?', indices=None, source='?'):
 def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):
     """Decode JPEGs (bytes or uint8 tensors) in one batched call (libjpeg-turbo, or nvJPEG on
     CUDA) -> list of ``[3, H, W]``."""
-    if not len(jpegs):
-        raise ValueError(f'{source}: no frames asked of video {name!r}')
     data = [b if isinstance(b, torch.Tensor) else torch.frombuffer(bytearray(b), dtype=torch.uint8)
             for b in jpegs]
     try:
@@ -176,25 +163,19 @@ def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):
     raise RuntimeError(f'{source}: decoding video {name!r} failed on {device}')
 
 
-def jpeg_size(jpeg):
-    """``(height, width)`` from a JPEG's frame header, without decoding it."""
-    data, i = bytes(jpeg[:65536]), 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            break
-        marker = data[i + 1]
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            return int.from_bytes(data[i + 5:i + 7], 'big'), int.from_bytes(data[i + 7:i + 9], 'big')
-        i += 2 + int.from_bytes(data[i + 2:i + 4], 'big')
-    raise UserError('not a JPEG with a readable frame header')
+def jpeg_size(jpeg, name='?', source='?'):
+    """``(height, width)`` from a JPEG's header, without decoding it."""
+    try:
+        w, h = Image.open(io.BytesIO(jpeg), formats=('JPEG',)).size
+    except OSError as e:
+        raise UserError(f'{source}: a frame of video {name!r} is not a valid JPEG ({e})') from None
+    return h, w
 
 
 def pack_jpegs(jpegs):
-    """List of JPEG byte strings -> (one uint8 tensor, offsets ``[N+1]``): cheap to pass
-    between processes (one shared-memory block instead of one per frame)."""
+    """JPEG byte strings -> (one uint8 tensor, offsets ``[N+1]``): one shared-memory block."""
     sizes = torch.tensor([0] + [len(b) for b in jpegs], dtype=torch.long)
-    data = torch.frombuffer(bytearray(b''.join(jpegs)), dtype=torch.uint8)
-    return data, sizes.cumsum(0)
+    return torch.frombuffer(bytearray(b''.join(jpegs)), dtype=torch.uint8), sizes.cumsum(0)
 
 
 def unpack_jpegs(data, offsets):
@@ -202,10 +183,8 @@ def unpack_jpegs(data, offsets):
 
 
 def merge_packed(packed):
-    """Several ``pack_jpegs`` results -> one ``(data, offsets, counts)`` (``counts``: JPEGs of
-    each). A batch then leaves a data-loader worker as three tensors, not two per sample: the
-    training process receives each tensor through a file-descriptor handshake (~0.5 ms), which
-    otherwise capped the GPU-decode loader at a few hundred samples/s whatever the workers."""
+    """Several ``pack_jpegs`` results -> one ``(data, offsets, counts)``: a batch leaves a worker
+    as three tensors, not two per sample (each costs a ~0.5 ms file-descriptor handshake)."""
     data = torch.cat([d for d, _ in packed])
     starts = torch.tensor([0] + [len(d) for d, _ in packed[:-1]]).cumsum(0)
     offsets = torch.cat([o[:-1] + s for (_, o), s in zip(packed, starts)]
@@ -215,8 +194,7 @@ def merge_packed(packed):
 
 def encode_frames(frames, quality=90):
     """uint8 ``[N, 3, H, W]`` -> list of JPEG byte strings."""
-    frames = frames.contiguous()
-    return [_encode_jpeg(f, quality).numpy().tobytes() for f in frames]
+    return [_encode_jpeg(f, quality).numpy().tobytes() for f in frames.contiguous()]
 
 
 class LMDBWriter:
@@ -286,11 +264,9 @@ FLOW_BOUND = 20.0  # docs/METHOD.md, Data: flow is clipped to [-20, 20] pixels b
 
 
 def quantize_flow(flow):
-    """Flow in pixels, float array ``[..., 2, H, W]`` -> uint8 array ``[..., 3, H, W]``.
-
-    Channel 0 horizontal, 1 vertical flow, each clipped to [-20, 20] and mapped linearly to
-    [0, 255] (0 px -> 127.5, stored as 128); channel 2 is a constant 128. NumPy, not torch:
-    torch's thread pool costs more than it gains on frames this small."""
+    """Flow in pixels, float array ``[..., 2, H, W]`` -> uint8 array ``[..., 3, H, W]``: channel 0
+    horizontal, 1 vertical flow, clipped to [-20, 20] and mapped linearly to [0, 255] (0 px ->
+    128); channel 2 a constant 128. NumPy: torch's thread pool costs more on frames this small."""
     scale = 255 / (2 * FLOW_BOUND)
     q = np.rint((np.clip(flow, -FLOW_BOUND, FLOW_BOUND) + FLOW_BOUND) * scale).astype(np.uint8)
     return np.concatenate([q, np.full_like(q[..., :1, :, :], 128)], axis=-3)

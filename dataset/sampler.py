@@ -1,17 +1,12 @@
-"""The one frame sampler (SPEC §4): which frame indices a clip of a video is made of.
-
-A clip is ``seq_len`` frames at stride ``ds``, spanning ``window = seq_len * ds`` frames.
-A video of at most ``window`` frames is padded on the left with its first frame.
-"""
+"""The one frame sampler (docs/METHOD.md, Data): the frame indices of a clip, ``seq_len`` frames
+at stride ``ds`` spanning ``window = seq_len * ds`` frames; a video of at most ``window`` frames
+is padded on the left with its first frame."""
 import torch
 
 
 def min_frames(seq_len, ds, strict=False):
-    """Smallest frame count a video needs to be kept.
-
-    The reference drops videos with ``n <= window/2 + 1`` frames, Kinetics ones (``strict``)
-    with ``n <= window + 1``.
-    """
+    """Frames a video needs to be kept: the reference drops videos of ``n <= window/2 + 1``
+    frames, Kinetics ones (``strict``) of ``n <= window + 1``."""
     window = seq_len * ds
     return window + 2 if strict else window // 2 + 2
 
@@ -39,6 +34,5 @@ def test_windows(num_frames, seq_len, ds):
     window = seq_len * ds
     if num_frames <= window:
         return _padded(num_frames, seq_len, ds)[None]
-    step = max(window // 2 - 1, 1)
-    starts = torch.arange(0, num_frames - window + 1, step)
+    starts = torch.arange(0, num_frames - window + 1, max(window // 2 - 1, 1))
     return starts[:, None] + torch.arange(seq_len)[None] * ds

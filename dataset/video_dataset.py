@@ -173,7 +173,7 @@ class VideoDataset(Dataset):
         unique, inverse = torch.unique(indices, return_inverse=True)   # decode each frame once
         jpegs = {m: db.read_bytes(name, unique.tolist()) for m, db in self.lmdbs.items()}
         first = next(iter(self.lmdbs))
-        h, w = jpeg_size(jpegs[first][0])
+        h, w = jpeg_size(jpegs[first][0], name, self.lmdbs[first].path)
         self._check_size(h, w, name, self.lmdbs[first].path)
         item.update(strong=strong, frame_index=inverse)
         self._plan_geometry(item, h, w, (self.views,))
@@ -352,18 +352,15 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     class_file = info['folder'] / 'ClassInd.txt'
     if class_file.exists():
         classes = splits.read_class_index(class_file)
-    elif derived:
-        classes = {c: i for i, c in enumerate(derived['classes'])}
     else:
-        # Sorted class names of every video, so that train and test number them alike: a
-        # Kinetics-style folder keeps the other part's videos in another LMDB.
-        names_of_all = set(first.names)
-        if info['kinetics']:
-            other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train', split_dir)
-            other_db = other['rgb'] if spec.rgb else other['flow']
-            if other_db.exists():
-                names_of_all.update(VideoLMDB(other_db).names)
-        classes = {c: i for i, c in enumerate(sorted({n.split('/')[0] for n in names_of_all}))}
+        # Without ClassInd.txt: the sorted class names of every video, so that train and test
+        # number them alike (a Kinetics-style folder keeps the other part in another LMDB).
+        every = set(first.names)
+        other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train', split_dir)
+        if info['kinetics'] and other['rgb' if spec.rgb else 'flow'].exists():
+            every.update(VideoLMDB(other['rgb' if spec.rgb else 'flow']).names)
+        classes = {c: i for i, c in enumerate(derived['classes'] if derived else
+                                              sorted({n.split('/')[0] for n in every}))}
     unknown = next((n for n in names if n.split('/')[0] not in classes), None)
     if unknown:
         raise UserError(f'class {unknown.split("/")[0]!r} of video {unknown!r} is not in {class_file}')
@@ -381,23 +378,21 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         index_of = {n: i for i, n in enumerate(first.names)}
         sources = [index_of[n] for n in names]
 
-    ds_ = VideoDataset(
-        names=names, labels=labels, sources=sources,
-        rgb_lmdb=first if spec.rgb else None,
+    data = VideoDataset(
+        names=names, labels=labels, sources=sources, rgb_lmdb=first if spec.rgb else None,
         flow_lmdb=(first if not spec.rgb else paths['flow']) if spec.flow else None,
         mode=mode, views=spec.views if mode == 'train' else 1, seq_len=seq_len, ds=ds,
         img_dim=img_dim, strict_min_frames=info['kinetics'], description=f'dataset {name!r}',
         **options)
-    ds_.num_classes = len(classes)
-    ds_.classes = list(classes)
-    return ds_
+    data.num_classes, data.classes = len(classes), list(classes)
+    return data
 
 
 def add_data_args(parser, dataset_default, dataset_help):
     """The data flags every script shares (same names in pretraining and evaluation)."""
     g = parser.add_argument_group('data')
     g.add_argument('--dataset', default=dataset_default, help=dataset_help)
-    g.add_argument('--data_root', default=None,
+    g.add_argument('--data_root',
                    help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
                         'data/ in the project folder')
     g.add_argument('--which_split', type=POSITIVE, default=1,
@@ -412,15 +407,12 @@ def add_data_args(parser, dataset_default, dataset_help):
     g.add_argument('--legacy_flow_flip', action=argparse.BooleanOptionalAction, default=False,
                    help="flip flow frames without negating the horizontal component (the "
                         "reference's bug)")
-    g.add_argument('--rgb_lmdb', default=None, metavar='PATH',
-                   help='RGB frame LMDB to read instead of the layout\'s '
-                        '<data_root>/<name>/<name>_frame.lmdb (for train and test alike)')
-    g.add_argument('--flow_lmdb', default=None, metavar='PATH',
-                   help='flow frame LMDB to read instead of <data_root>/<name>/'
-                        '<name>_tvl1_frame.lmdb (for train and test alike)')
-    g.add_argument('--split_dir', default=None, metavar='DIR',
-                   help='folder of the split CSVs, ClassInd.txt and video_source.json, instead '
-                        'of <data_root>/<name>/')
+    g.add_argument('--rgb_lmdb', metavar='PATH', help='RGB frame LMDB to read instead of '
+                   '<data_root>/<name>/<name>_frame.lmdb (for train and test alike)')
+    g.add_argument('--flow_lmdb', metavar='PATH', help='flow frame LMDB to read instead of '
+                   '<data_root>/<name>/<name>_tvl1_frame.lmdb (for train and test alike)')
+    g.add_argument('--split_dir', metavar='DIR', help='folder of the split CSVs, ClassInd.txt '
+                   'and video_source.json, instead of <data_root>/<name>/')
     return g
 
 
@@ -441,8 +433,7 @@ def modality_of(dataset, reverse=False):
 
 def recorded_modality(record):
     """The modality that saved arguments (a checkpoint's ``args``, a result file's ``meta``)
-    record through their ``dataset`` and ``reverse``; None when they record none (e.g. a
-    checkpoint of another code base)."""
+    record through ``dataset`` and ``reverse``; None when they record none."""
     try:
         return modality_of(record['dataset'], record.get('reverse'))
     except (TypeError, KeyError, AttributeError, UserError):

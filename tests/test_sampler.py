@@ -1,4 +1,4 @@
-"""Exact frame indices of the one frame sampler (SPEC §4, "Frame sampling")."""
+"""Exact frame indices of the one frame sampler (docs/METHOD.md, Data)."""
 import pytest
 import torch
 
