@@ -2,20 +2,23 @@
 
     python bench/data_pipeline.py [--videos 8] [--iters 24] [--warmup 3] [--device cuda]
 
-One sample of ``<name>-2stream-2clip``: 2 views x 32 frames x (RGB + flow), from 320x240 JPEG
+One sample of ``<name>-2stream-2clip`` as pretraining reads it: 2 views x 32 frames x (RGB +
+flow) and the 4 local clips of each view (8 frames, augmented on their own), from 320x240 JPEG
 frames (quality 90, textured content), cropped to 128 px. Everything runs in this process with
 ``torch.set_num_threads(1)``, as in one data-loader worker. Measured side by side:
 
-(a) the project: ``build_dataset(...)[i]`` (LMDB read, one batched libjpeg-turbo decode of each
-    needed frame, per-view crop + resize + flip on uint8 tensors). Its photometric step and
+(a) the project: ``build_dataset(..., local_segments=4)[i]`` (LMDB read, one batched decode of
+    each needed frame, per-clip crop + resize + flip on uint8 tensors). Its photometric step and
     normalisation normally run batched on the GPU; on a CPU-only machine they are CPU work too,
     so ``DeviceAugment`` on the CPU is timed as a separate line.
-(b) the reference style, written here as the original CoCLR code did it: PIL decode of every
-    frame of each view separately, then per frame a consistent RandomResizedCrop, ColorJitter
-    (brightness/contrast/saturation/hue in random order, p=0.8), RandomGrayscale (0.2),
-    GaussianBlur (0.5) for strong views, horizontal flip, ToTensor and Normalize. RGB and flow
-    frames of a view travel together through the same transform (as in the reference). The
-    strong/weak mix is that of SPEC §4.
+(b) the reference style, written here as the original CoCLR/CVTCL code did it: PIL decode of
+    every frame of each view separately, then per frame a consistent random sized crop (aspect
+    uniform in [3/4, 4/3], PIL bicubic resize), ColorJitter (brightness/contrast/saturation/hue
+    in random order, p=0.8), RandomGray (0.2: one random channel per frame), GaussianBlur (0.5)
+    for strong views, horizontal flip, ToTensor and Normalize; then the same transform for each
+    local clip of each view (its own one-clip/two-clip draw) on the view's decoded frames. RGB
+    and flow frames of a clip travel together through the same transform (as in the
+    reference). The strong/weak mix is that of docs/METHOD.md, Data.
 
 Also shown: (c) the worker with ``decode='device'`` (it only reads bytes; decoding moves to the
 device), a breakdown of the project's worker CPU time by stage, and with ``--device cuda`` the
@@ -33,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
@@ -41,6 +45,9 @@ import torchvision.transforms.functional as TF
 from dataset import augment, build_dataset
 from dataset.augment import DeviceAugment
 from dataset.lmdb_video import LMDBWriter, encode_frames
+from dataset.video_dataset import local_plan
+
+SEGMENTS = 4
 
 H, W = 240, 320
 
@@ -103,12 +110,12 @@ class ReferencePipeline:
         self.data, self.img_dim, self.rng = data, img_dim, rng
 
     def _crop_params(self, width, height):
-        # torchvision RandomResizedCrop.get_params with scale (0.2, 1), ratio (3/4, 4/3); the
-        # reference also swaps width and height with probability 0.5.
+        # The reference's random sized crop: area 20-100 %, aspect uniform in [3/4, 4/3],
+        # width and height swapped with probability 0.5.
         area = width * height
         for _ in range(10):
             target = area * self.rng.uniform(0.2, 1.0)
-            aspect = math.exp(self.rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            aspect = self.rng.uniform(3 / 4, 4 / 3)
             w = int(round(math.sqrt(target * aspect)))
             h = int(round(math.sqrt(target / aspect)))
             if self.rng.random() < 0.5:
@@ -121,7 +128,8 @@ class ReferencePipeline:
     def _transform(self, frames, strong):
         rng, size = self.rng, self.img_dim
         top, left, h, w = self._crop_params(*frames[0].size)
-        frames = [TF.resized_crop(f, top, left, h, w, [size, size]) for f in frames]
+        frames = [f.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+                  for f in frames]
         if strong:
             if rng.random() < 0.8:          # ColorJitter(0.4, 0.4, 0.4, 0.1), random order
                 ops = [('b', rng.uniform(0.6, 1.4)), ('c', rng.uniform(0.6, 1.4)),
@@ -136,8 +144,9 @@ class ReferencePipeline:
                         frames = [ImageEnhance.Color(im).enhance(f) for im in frames]
                     else:
                         frames = [TF.adjust_hue(im, f) for im in frames]
-            if rng.random() < 0.2:
-                frames = [im.convert('L').convert('RGB') for im in frames]
+            if rng.random() < 0.2:          # one random channel per frame, as the reference
+                frames = [Image.fromarray(np.repeat(np.asarray(im)[:, :, rng.randrange(3), None],
+                                                    3, axis=2)) for im in frames]
             if rng.random() < 0.5:
                 sigma = rng.uniform(0.1, 2.0)
                 frames = [im.filter(ImageFilter.GaussianBlur(radius=sigma)) for im in frames]
@@ -155,22 +164,37 @@ class ReferencePipeline:
             start = rng.randrange(0, n - T * ds)
             return [start + k * ds for k in range(T)]
 
-        if rng.random() < 0.5:
-            clips, strong = [clip(), clip()], [rng.random() < 0.3, rng.random() < 0.3]
-        else:
-            c = clip()
+        def strong_pair():      # two-clip: each strong with p 0.3; one-clip: one strong
+            if rng.random() < 0.5:
+                return True, [rng.random() < 0.3, rng.random() < 0.3]
             s = rng.random() < 0.5
-            clips, strong = [c, c], [s, not s]
+            return False, [s, not s]
+
+        two, strong = strong_pair()
+        c = clip()
+        clips = [c, clip() if two else c]
         rgb_db, flow_db = data.lmdbs['rgb'], data.lmdbs['flow']
-        views = []
+        views, decoded = [], []
         for idx, st in zip(clips, strong):
             # Every frame of each view decoded on its own, RGB and flow transformed together.
             frames = [Image.open(io.BytesIO(b)).convert('RGB')
                       for b in rgb_db.read_bytes(name, idx) + flow_db.read_bytes(name, idx)]
+            decoded.append(frames)
             out = self._transform(frames, st)
             views.append((torch.stack(out[:T]), torch.stack(out[T:])))
+        # Local clips: segment j of each view, through its own transform draw.
+        t = T // SEGMENTS
+        local = [[None] * SEGMENTS for _ in range(2)]
+        for j in range(SEGMENTS):
+            _, st = strong_pair()
+            for v in range(2):
+                seg = slice(j * t, (j + 1) * t)
+                out = self._transform(decoded[v][:T][seg] + decoded[v][T:][seg], st[v])
+                local[v][j] = (torch.stack(out[:t]), torch.stack(out[t:]))
         return {'rgb': torch.stack([v[0] for v in views]),
-                'flow': torch.stack([v[1] for v in views]), 'label': data.labels[index]}
+                'flow': torch.stack([v[1] for v in views]), 'label': data.labels[index],
+                'rgb_local': torch.stack([torch.stack([c[0] for c in v]) for v in local]),
+                'flow_local': torch.stack([torch.stack([c[1] for c in v]) for v in local])}
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -199,22 +223,23 @@ def profile_project(data_bytes, iters):
             t = time.process_time()
             frames = decode_list(unpack_jpegs(*packed))
             stages['JPEG decode'] += time.process_time() - t
-            out = augment.channels_last_empty(*item['frame_index'].shape, size=size)
-            for v, idx in enumerate(item['frame_index'].tolist()):   # as apply_views does
-                t = time.process_time()
-                top, left, h, w = augment.box_pixels(item['boxes'][v].tolist(),
-                                                     *frames[0].shape[-2:])
-                crops = torch.stack([frames[j].permute(1, 2, 0)[top:top + h, left:left + w]
-                                     for j in idx]).permute(0, 3, 1, 2)
-                stages['crop'] += time.process_time() - t
-                t = time.process_time()
-                views = augment.resize(crops, (size, size))
-                stages['resize'] += time.process_time() - t
-                t = time.process_time()
-                if item['flips'][v]:
-                    views = augment.flip_frames(views, modality == 'flow')
-                out[v] = views
-                stages['flip'] += time.process_time() - t
+            for plan in (item, local_plan(item)):          # the views, then the local clips
+                out = augment.channels_last_empty(*plan['frame_index'].shape, size=size)
+                for v, idx in enumerate(plan['frame_index'].tolist()):   # as apply_views does
+                    t = time.process_time()
+                    top, left, h, w = augment.box_pixels(plan['boxes'][v].tolist(),
+                                                         *frames[0].shape[-2:])
+                    crops = torch.stack([frames[j].permute(1, 2, 0)[top:top + h, left:left + w]
+                                         for j in idx]).permute(0, 3, 1, 2)
+                    stages['crop'] += time.process_time() - t
+                    t = time.process_time()
+                    views = augment.resize(crops, (size, size))
+                    stages['resize'] += time.process_time() - t
+                    t = time.process_time()
+                    if plan['flips'][v]:
+                        views = augment.flip_frames(views, modality == 'flow')
+                    out[v] = views
+                    stages['flip'] += time.process_time() - t
     return {k: v / iters for k, v in stages.items()}
 
 
@@ -242,9 +267,10 @@ def main(argv=None):
               f'{kb["rgb"]:.1f} KB (RGB), {kb["flow"]:.1f} KB (flow); built in '
               f'{time.perf_counter() - t:.1f} s')
         data = build_dataset('bench-2stream-2clip', 'train', data_root=root,
-                             seq_len=args.seq_len, ds=1, img_dim=args.img_dim)
-        print(f'sample: 2 views x {args.seq_len} frames x (RGB + flow) -> {args.img_dim} px; '
-              f'torch threads: {torch.get_num_threads()}')
+                             seq_len=args.seq_len, ds=1, img_dim=args.img_dim,
+                             local_segments=SEGMENTS)
+        print(f'sample: 2 views x {args.seq_len} frames x (RGB + flow), and {SEGMENTS} local '
+              f'clips of each view -> {args.img_dim} px; torch threads: {torch.get_num_threads()}')
         n = len(data)
 
         torch.manual_seed(0)
@@ -255,7 +281,8 @@ def main(argv=None):
         # The device-side step (photometric for the strong views, normalisation) on the CPU,
         # on a batch of the samples just made, with their own strong flags.
         chunk = items[:args.batch]
-        batch = {m: torch.stack([it[m] for it in chunk]) for m in ('rgb', 'flow', 'strong')}
+        batch = {m: torch.stack([it[m] for it in chunk])
+                 for m in ('rgb', 'flow', 'strong', 'rgb_local', 'flow_local', 'local_strong')}
         device_step = DeviceAugment(photometric_on_flow=True)
         cpu = torch.device('cpu')
         dev_wall, dev_cpu = timed(lambda i: device_step(batch, cpu), 2, 1)
@@ -272,13 +299,14 @@ def main(argv=None):
 
         data_bytes = build_dataset('bench-2stream-2clip', 'train', data_root=root,
                                    seq_len=args.seq_len, ds=1, img_dim=args.img_dim,
-                                   decode='device')
+                                   decode='device', local_segments=SEGMENTS)
         for i in range(3):      # the byte-only items carry the same plan as the decoded ones
             torch.manual_seed(i)
             a = data[i % n]
             torch.manual_seed(i)
             b = data_bytes[i % n]
-            assert all(torch.equal(a[k], b[k]) for k in ('strong', 'frame_index', 'boxes', 'flips'))
+            assert all(torch.equal(a[k], b[k]) for k in ('strong', 'frame_index', 'boxes', 'flips',
+                                                          'local_boxes', 'local_flips'))
         torch.manual_seed(0)
         bytes_wall, bytes_cpu = timed(lambda i: data_bytes[i % n], args.iters, args.warmup)
 
