@@ -18,10 +18,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def sample_crop(height, width, generator=None, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
                 swap_prob=0.5, tries=10):
-    """Random resized crop box ``(top, left, h, w)`` as fractions of the frame, as the reference
-    draws it: area ``scale`` of the frame, aspect ratio uniform in ``ratio``, width and height
-    swapped with probability ``swap_prob``; after ``tries`` misses the centred square of the
-    short side (i.e. resize and centre crop)."""
+    """Random resized crop box ``(top, left, h, w)`` in fractions of the frame, as the reference
+    draws it (area in ``scale``, aspect uniform in ``ratio``, w/h swapped with ``swap_prob``);
+    after ``tries`` misses the centred square of the short side."""
     def rand():
         return float(torch.rand((), generator=generator))
 
@@ -39,7 +38,7 @@ def sample_crop(height, width, generator=None, scale=(0.2, 1.0), ratio=(3 / 4, 4
 
 
 def center_box(height, width, size=None):
-    """Centred box of ``size`` pixels (default: the short side) as fractions of the frame."""
+    """The centred square of ``size`` pixels (default: the short side), in fractions."""
     s = min(height, width) if size is None else size
     return (height - s) // 2 / height, (width - s) // 2 / width, s / height, s / width
 
@@ -160,8 +159,7 @@ class Photometric:
         self.radius = int(math.ceil(3 * sigma[1]))
 
     def sample(self, strong, generator=None, frames=1):
-        """Parameters for views of ``frames`` frames whose ``strong`` flag ``[N]`` is set, drawn
-        where ``strong`` lives (the CPU for the loader's batches: ``apply`` never waits)."""
+        """Parameters for ``[N]`` views of ``frames`` frames, drawn where ``strong`` lives."""
         n, dev = strong.shape[0], strong.device
 
         def u(lo, hi, *shape):
@@ -180,8 +178,7 @@ class Photometric:
         }
 
     def apply(self, x, p, inplace=False):
-        """``x``: float ``[N, T, 3, H, W]`` in [0, 1] -> same, augmented per view (written into
-        ``x`` itself with ``inplace``). Each step is computed for the views that take it only."""
+        """float ``[N, T, 3, H, W]`` in [0, 1] -> same, augmented per view (in ``x`` if ``inplace``)."""
         if not inplace:
             x = x.clone()
         factors, sigma = p['factors'].to(x.device), p['sigma'].to(x.device)
@@ -199,9 +196,8 @@ class Photometric:
 
 
 def _on_views(x, mask, fn):
-    """``x[i] = fn(x[index], index)[j]`` for the views ``index`` where ``mask`` [N] is set. The
-    mask is read on the host (no wait: the parameters live there), and only the selected views
-    are computed (selecting with ``torch.where`` costs ~4x the jitter's work)."""
+    """``x[index] = fn(x[index], index)`` for the views where ``mask`` (on the host) is set: only
+    those are computed (``torch.where`` over all would cost ~4x the jitter's work)."""
     index = mask.nonzero().squeeze(1)
     if index.numel() == 0:
         return x

@@ -57,9 +57,7 @@ def _open_env(path):
 
 
 class VideoLMDB:
-    """Read-only access to one video LMDB (a directory or a single file). The metadata is read
-    once here; the environment is opened lazily, once per process, so the object can be pickled
-    into data-loader workers."""
+    """One video LMDB (a directory or a file), read-only; picklable into data-loader workers."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -129,24 +127,22 @@ def decode_frames(jpegs, name='?', indices=None, source='?', device='cpu'):
     """Batched decode of JPEG byte strings -> ``[N, 3, H, W]`` (channels last in memory)."""
     imgs = decode_list(jpegs, name, indices, source, device)
     check_same_size(imgs, name, indices, source)
-    # The decoder hands out channels-last images: stacked as such, no copy (and the resize
-    # reads channels-last data directly).
+    # The decoder hands out channels-last images: stacked as such, with no copy.
     return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
 
 
 def check_same_size(imgs, name='?', indices=None, source='?'):
     """Every decoded frame of a video must have the first frame's size."""
-    if len({tuple(im.shape) for im in imgs}) != 1:
-        shapes = [tuple(im.shape[1:]) for im in imgs]
-        j = next(i for i, s in enumerate(shapes) if s != shapes[0])
+    shapes = [tuple(im.shape[1:]) for im in imgs]
+    j = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
+    if j is not None:
         frame = indices[j] if indices is not None else j
         raise UserError(f'{source}: frame {int(frame)} of video {name!r} is {shapes[j]}, '
                         f'earlier frames {shapes[0]}')
 
 
 def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):
-    """Decode JPEGs (bytes or uint8 tensors) in one batched call (libjpeg-turbo, or nvJPEG on
-    CUDA) -> list of ``[3, H, W]``."""
+    """JPEGs (bytes or uint8 tensors) -> list of ``[3, H, W]``, decoded in one batched call."""
     data = [b if isinstance(b, torch.Tensor) else torch.frombuffer(bytearray(b), dtype=torch.uint8)
             for b in jpegs]
     try:
@@ -198,9 +194,8 @@ def encode_frames(frames, quality=90):
 
 
 class LMDBWriter:
-    """Writes a video LMDB (single file, as the published tars) atomically: records go to
-    ``<path>.tmp``, and only :meth:`close` after the last video writes the metadata and renames
-    it to ``path``, so an interrupted run never leaves a finished-looking LMDB."""
+    """Writes a video LMDB (one file, as the published tars) to ``<path>.tmp``; only ``close``
+    writes the metadata and renames it: an interrupted run leaves no finished-looking LMDB."""
 
     def __init__(self, path, overwrite=False):
         self.path, self.tmp = str(path), str(path) + '.tmp'
