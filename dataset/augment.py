@@ -97,20 +97,12 @@ def _gray(x):
     return (0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :])
 
 
-def _blend(a, b, f):
-    return (f * a + (1 - f) * b).clamp_(0, 1)
-
-
-def _brightness(x, f):
-    return _blend(x, 0, f)
-
-
-def _contrast(x, f):
-    return _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), f)
-
-
-def _saturation(x, f):
-    return _blend(x, _gray(x), f)
+def _jitter(x, k, f):
+    """Colour-jitter step ``k`` (brightness, contrast, saturation, hue) with factor ``f``."""
+    if k == 3:
+        return _hue(x, f)
+    target = 0 if k == 0 else _gray(x).mean(dim=(-3, -2, -1), keepdim=True) if k == 1 else _gray(x)
+    return (f * x + (1 - f) * target).clamp_(0, 1)
 
 
 def _hue(x, shift):
@@ -183,11 +175,10 @@ class Photometric:
             x = x.clone()
         factors, sigma = p['factors'].to(x.device), p['sigma'].to(x.device)
         channel = p['channel'].to(x.device)
-        ops = (_brightness, _contrast, _saturation, _hue)
         for pos in range(4):
-            for k, op in enumerate(ops):
+            for k in range(4):
                 m = p['jitter'] & (p['order'][:, pos] == k)
-                _on_views(x, m, lambda v, i, k=k, op=op: op(v, factors[i, k].view(-1, 1, 1, 1, 1)))
+                _on_views(x, m, lambda v, i, k=k: _jitter(v, k, factors[i, k].view(-1, 1, 1, 1, 1)))
         _on_views(x, p['gray'], lambda v, i: v.gather(2, channel[i].view(len(i), -1, 1, 1, 1)
                                                       .expand(-1, v.shape[1], 1, *v.shape[3:]))
                   .expand_as(v))

@@ -291,13 +291,12 @@ def _split_names(info, spec, mode, split, first, dataset):
             raise UserError(f'dataset {dataset!r}: split file {csv} lists no videos (rows of 0 '
                             f'frames do not count)')
         train_csv = split_csv(info, 'train', split)
-        if mode == 'test' and train_csv.exists():
-            # A video in both would be trained on and then scored as unseen.
-            both = set(names).intersection(splits.read_split(train_csv))
+        if mode == 'test' and train_csv.exists():   # trained on, then scored as unseen?
+            trained = set(splits.read_split(train_csv))
+            both = [n for n in names if n in trained]
             if both:
-                example = next(n for n in names if n in both)
                 raise UserError(f'dataset {dataset!r}: {len(both)} video(s) are in both '
-                                f'{train_csv} and {csv}, e.g. {example!r}; a test video must '
+                                f'{train_csv} and {csv}, e.g. {both[0]!r}; a test video must '
                                 f'not be a training video')
         return names, None
     if spec.base.startswith('ucf101'):
