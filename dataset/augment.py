@@ -1,12 +1,7 @@
-"""Augmentation (docs/METHOD.md, Data), split where each part is cheapest.
-
-Geometry (random resized crop, resize, horizontal flip) runs on uint8 frames where they are
-decoded (data-loader worker, or the GPU for ``--decode gpu``): one parameter set per view, shared
-by all its frames and by its RGB and flow frames, boxes in *relative* coordinates so that RGB and
-flow of different resolutions stay aligned. Photometric steps (colour jitter in random order,
-grayscale, Gaussian blur) and normalisation run batched on the training device for the views
-marked "strong"; "weak" views get geometry only.
-"""
+"""Augmentation (docs/METHOD.md, Data). Geometry (crop, resize, flip) runs on uint8 frames where
+they are decoded, one draw per view for all its frames, RGB and flow (boxes are relative, so
+modalities of different sizes stay aligned); the photometric steps of "strong" views and the
+normalisation run batched on the training device."""
 import math
 
 import torch
@@ -134,14 +129,10 @@ def _gaussian_blur(x, sigma, radius):
 
 
 class Photometric:
-    """Strong-view photometric augmentation, batched over views (docs/METHOD.md, Data).
-
-    With probability ``jitter_prob`` (0.8) colour jitter (brightness, contrast, saturation
-    ``jitter``=0.4, hue ``hue``=0.1) in a random order; with probability ``gray_prob`` (0.2)
-    "grayscale" as the reference does it: every frame becomes one of its channels, drawn per
-    frame; Gaussian blur σ ∈ [0.1, 2] with probability 0.5. Parameters are drawn once per view
-    (``sample``) and applied to any number of modalities of that view (``apply``).
-    """
+    """Strong views' photometric steps, batched: colour jitter (p ``jitter_prob``) in a random
+    order, "grayscale" as the reference's (p ``gray_prob``: each frame becomes one of its
+    channels, drawn per frame), Gaussian blur (p ``blur_prob``); one draw per view (``sample``)
+    for any number of its modalities (``apply``)."""
 
     def __init__(self, jitter=0.4, hue=0.1, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5,
                  sigma=(0.1, 2.0)):

@@ -80,16 +80,11 @@ def split_csv(info, mode, split):
 
 
 class VideoDataset(Dataset):
-    """Videos of one split as clips of ``seq_len`` frames at stride ``ds``.
-
-    Train mode: an item is a dict with ``'rgb'`` and/or ``'flow'`` uint8 ``[V, T, 3, img_dim,
-    img_dim]`` (V views, geometry applied), ``'strong'`` bool ``[V]`` (which views get the
-    photometric step on the device; one view: with ``strong_prob``), ``'label'``, ``'source'``
-    (sibling group), ``'index'`` and the views' plan; with ``local_segments`` L also the local
-    clips ``'rgb_local'``/``'flow_local'`` ``[2, L, T/L, 3, img_dim, img_dim]`` and
-    ``'local_strong'`` ``[2, L]``. Test mode: every window of the video, resized so the short
-    side is ``test_size`` (crops are taken on the device): ``[W, T, 3, h, w]``.
-    """
+    """Videos of one split as clips of ``seq_len`` frames at stride ``ds``. Train items: ``'rgb'``
+    and/or ``'flow'`` uint8 ``[V, T, 3, S, S]``, ``'strong'`` ``[V]``, ``'label'``, ``'source'``,
+    ``'index'``, the plan, and with ``local_segments`` L ``'rgb_local'``/``'flow_local'``
+    ``[2, L, T/L, 3, S, S]`` and ``'local_strong'`` ``[2, L]``. Test items: every window, short
+    side resized to ``test_size``, ``[W, T, 3, h, w]``."""
 
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
                  views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
