@@ -66,3 +66,20 @@ def test_readme_command_parses(script, argv, tmp_path):
         assert args.pretrain and len(args.pretrain) == 2
     if '--moco-k' in argv:
         assert args.moco_k == int(argv[argv.index('--moco-k') + 1])
+
+
+def test_every_released_checkpoint_has_a_command_of_its_modality():
+    text = README.read_text()
+    section = text[text.index("## Starting from CoCLR's released weights"):]
+    section = section[:section.index('\n## ', 1)]
+    released = re.findall(r'\[([\w.-]+\.tar)\]\(http', section)
+    assert len(released) == 6
+    used = {}
+    for script, argv in COMMANDS:
+        for flag in ('--test', '--pretrain'):
+            if flag in argv and argv[argv.index(flag) + 1].startswith('pretrained/'):
+                used[Path(argv[argv.index(flag) + 1]).name] = argv[argv.index('--dataset') + 1]
+    assert set(released) <= set(used)
+    for name, dataset in used.items():
+        is_flow = '-f-' in name or '-flow-' in name
+        assert dataset.endswith('-f') == is_flow, (name, dataset)
