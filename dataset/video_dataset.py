@@ -110,7 +110,8 @@ class VideoDataset(Dataset):
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
                  views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
                  strong_prob=0.0, two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
-                 crop_scale=(0.2, 1.0), decode='cpu', description='dataset'):
+                 crop_scale=(0.2, 1.0), decode='cpu', description='dataset', test_windows='all',
+                 stored_size=False):
         if mode not in ('train', 'test'):
             raise ValueError(f'mode must be train or test, not {mode!r}')
         if rgb_lmdb is None and flow_lmdb is None:
@@ -124,6 +125,7 @@ class VideoDataset(Dataset):
         if decode not in ('cpu', 'device'):
             raise ValueError(f"decode must be 'cpu' or 'device', not {decode!r}")
         self.decode = decode
+        self.test_windows, self.stored_size = test_windows, stored_size
         self.lmdbs = {}
         if rgb_lmdb is not None:
             self.lmdbs['rgb'] = rgb_lmdb if isinstance(rgb_lmdb, VideoLMDB) else VideoLMDB(rgb_lmdb)
@@ -171,13 +173,19 @@ class VideoDataset(Dataset):
         item = {'label': self.labels[index], 'source': self.sources[index], 'index': index}
         n = self._length(name)
         if self.mode == 'test':
-            windows = sampler.test_windows(n, self.seq_len, self.ds)           # W x T
+            # test_windows 'all': every window; 'random': one, drawn as training draws a clip.
+            # stored_size: frames as stored, else resized to a short side of test_size.
+            windows = (sampler.train_indices(n, self.seq_len, self.ds)[None]
+                       if self.test_windows == 'random'
+                       else sampler.test_windows(n, self.seq_len, self.ds))       # W x T
             unique, inverse = torch.unique(windows, return_inverse=True)
             for m, db in self.lmdbs.items():
                 frames = decode_frames(db.read_bytes(name, unique.tolist()), name=name,
                                        indices=unique.tolist(), source=db.path)
                 self._check_size(*frames.shape[-2:], name, db.path)
-                item[m] = augment.resize_short_side(frames, self.test_size)[inverse]  # W x T x 3 x h x w
+                if not self.stored_size:
+                    frames = augment.resize_short_side(frames, self.test_size)
+                item[m] = frames[inverse]                         # W x T x 3 x h x w
             return item
         indices, strong = self._plan_views(n)
         unique, inverse = torch.unique(indices, return_inverse=True)   # decode each frame once

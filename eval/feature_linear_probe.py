@@ -14,19 +14,17 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dataset import DatasetName
-from eval import retrieval
-from eval import video_eval as ve
+from backbone import MIN_SEGMENT_FRAMES
+from eval import clips, retrieval
 from utils import distributed as du
 from utils.config import FRACTION, POSITIVE, POSITIVE_REAL, parse_args
-from backbone import MIN_SEGMENT_FRAMES
 from utils.misc import format_args, git_revision, plain_args, run_main
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ve.add_common_flags(p, batch_size=32)
+    clips.add_common_flags(p)
     g = p.add_argument_group('linear probe')
     g.add_argument('--test', required=True,
                    help='checkpoint whose backbone gives the features (pretraining or '
@@ -53,7 +51,7 @@ def make_probe(C, max_iter, seed):
 
 def choose_c(x, y, sources, Cs, fraction, max_iter, seed):
     """The C of ``Cs`` with the best accuracy on held-out source groups; {C: accuracy}."""
-    kept, held = ve.holdout_split(list(sources), fraction, seed)
+    kept, held = clips.holdout_split(list(sources), fraction, seed)
     scores = {}
     for C in Cs:
         probe = make_probe(C, max_iter, seed).fit(x[kept], y[kept])
@@ -71,10 +69,10 @@ def top_k(probe, x, y, ks=(1, 5)):
 def main(argv=None):
     parser = build_parser()
     args = parse_args(parser, argv)
-    ve.check_single_view(DatasetName.parse(args.dataset), args.dataset)
     if args.seq_len < MIN_SEGMENT_FRAMES.get(args.net, 1):
         parser.error(f'--seq_len {args.seq_len} is too short for --net {args.net}')
-    rt = ve.start(args)
+    clips.check_single_view(args.dataset)
+    rt = clips.start(args)
     try:
         return run(args, rt)
     finally:
@@ -82,16 +80,10 @@ def main(argv=None):
 
 
 def run(args, rt):
-    backbone, what = retrieval.load_backbone(args)
-    weights = retrieval.weights_id(args.test, args.seed)
-    cache_dir = retrieval.cache_dir(args)
-    rt.say(f'=> git {git_revision()}\n=> linear probe on the features of {what}\n=> args:\n'
-           f'{format_args(args)}')
-    path = ve.result_path(args, retrieval.experiment_dir(args),
-                          f'feature_probe_{args.dataset}_split{args.which_split}')
-    feats = {part: retrieval.extract_features(args, part, retrieval.split_videos(args, part),
-                                              backbone, weights, rt, cache_dir)
-             for part in ('train', 'test')}
+    path = clips.result_path(args, retrieval.experiment_dir(args),
+                             f'feature_probe_{args.dataset}_split{args.which_split}')
+    rt.say(f'=> git {git_revision()}\n=> args:\n{format_args(args)}')
+    what, weights, _, feats = retrieval.features(args, rt)
     if not rt.is_main:
         return None
     x_train = feats['train']['features'].double().numpy()
@@ -106,14 +98,14 @@ def run(args, rt):
               f'C={C:g} is an arbitrary choice (too few videos? see --holdout_fraction)')
     probe = make_probe(C, args.max_iter, args.seed).fit(x_train, y_train)
     acc = top_k(probe, x_test, y_test)
-    path.write_text(json.dumps({'checkpoint': ve.checkpoint_id(args.test), 'weights': weights,
-                                'C': C,
+    path.write_text(json.dumps({'checkpoint': clips.checkpoint_id(args.test), 'weights': weights,
+                                'backbone': what, 'protocol': args.protocol, 'C': C,
                                 'holdout_accuracy': {str(c): a for c, a in scores.items()},
                                 'train_videos': len(y_train), 'test_videos': len(y_test), **acc,
                                 'git': git_revision(), 'args': plain_args(args)}, indent=1))
     print(f'=> results {path}')
     print(f'feature linear probe {args.dataset} split{args.which_split}: top1={acc["top1"]:.1f} '
-          f'top5={acc["top5"]:.1f} (C={C:g})')
+          f'top5={acc["top5"]:.1f} (C={C:g}, protocol {args.protocol})')
     return {'C': C, **acc}
 
 

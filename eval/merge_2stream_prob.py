@@ -13,9 +13,20 @@ from pathlib import Path
 
 import torch
 
-from eval.video_eval import load_probabilities, video_accuracy
 from dataset.video_dataset import recorded_modality
-from utils.misc import run_main
+from eval.clips import video_accuracy
+from utils.checkpoint import load_checkpoint
+from utils.misc import UserError, run_main
+
+
+def load_probabilities(path, flag):
+    data = load_checkpoint(path, flag, required=('names', 'labels', 'probs', 'classes'),
+                           what='probability file of main_classifier.py --test')
+    n = len(data['names'])
+    if data['probs'].shape[0] != n or data['labels'].shape[0] != n:
+        raise UserError(f'{flag}: {path} is inconsistent: {n} names, probabilities '
+                        f'{tuple(data["probs"].shape)}, {data["labels"].shape[0]} labels')
+    return data
 
 
 def align(first, second):
@@ -24,26 +35,26 @@ def align(first, second):
     names1, names2 = list(first['names']), list(second['names'])
     for which, names in (('first', names1), ('second', names2)):
         if len(set(names)) != len(names):
-            raise ValueError(f'the {which} file lists a video twice')
+            raise UserError(f'the {which} file lists a video twice')
     only1, only2 = sorted(set(names1) - set(names2)), sorted(set(names2) - set(names1))
     if only1 or only2:
         def head(names):
             return ', '.join(names[:3]) + (f' ... ({len(names)} in all)' if len(names) > 3 else '')
         parts = [f'{len(only1)} only in the first ({head(only1)})' if only1 else '',
                  f'{len(only2)} only in the second ({head(only2)})' if only2 else '']
-        raise ValueError('the two probability files hold different videos: '
-                         + '; '.join(p for p in parts if p))
+        raise UserError('the two probability files hold different videos: '
+                        + '; '.join(p for p in parts if p))
     if list(first['classes']) != list(second['classes']):
-        raise ValueError(f'the two files have different classes ({len(first["classes"])} vs '
-                         f'{len(second["classes"])}, e.g. {list(first["classes"])[:2]} vs '
-                         f'{list(second["classes"])[:2]})')
+        raise UserError(f'the two files have different classes ({len(first["classes"])} vs '
+                        f'{len(second["classes"])}, e.g. {list(first["classes"])[:2]} vs '
+                        f'{list(second["classes"])[:2]})')
     position = {n: i for i, n in enumerate(names2)}
     order = torch.tensor([position[n] for n in names1], dtype=torch.long)
     labels2 = second['labels'][order]
     differ = (labels2 != first['labels']).nonzero().flatten().tolist()
     if differ:
-        raise ValueError(f'{len(differ)} video(s) have different labels in the two files, e.g. '
-                         f'{names1[differ[0]]}')
+        raise UserError(f'{len(differ)} video(s) have different labels in the two files, e.g. '
+                        f'{names1[differ[0]]}')
     return second['probs'][order]
 
 
@@ -54,19 +65,19 @@ def fuse(probs1, probs2):
 
 def merge(path1, path2):
     if Path(path1).resolve() == Path(path2).resolve():
-        raise ValueError(f'--prob1 and --prob2 are the same file ({path1}); fusion needs the '
-                         f'RGB and the flow stream')
+        raise UserError(f'--prob1 and --prob2 are the same file ({path1}); fusion needs the '
+                        f'RGB and the flow stream')
     first = load_probabilities(path1, '--prob1')
     second = load_probabilities(path2, '--prob2')
     modalities = recorded_modality(first.get('meta')), recorded_modality(second.get('meta'))
     if modalities[0] is not None and modalities[0] == modalities[1]:
-        raise ValueError(f'{path1} and {path2} are both {modalities[0].upper()} streams '
-                         f'(--dataset {first["meta"]["dataset"]} and '
-                         f'{second["meta"]["dataset"]}); fusion needs the RGB and the flow stream')
+        raise UserError(f'{path1} and {path2} are both {modalities[0].upper()} streams '
+                        f'(--dataset {first["meta"]["dataset"]} and '
+                        f'{second["meta"]["dataset"]}); fusion needs the RGB and the flow stream')
     try:
         probs2 = align(first, second)
-    except ValueError as e:
-        raise ValueError(f'{path1} vs {path2}: {e}') from None
+    except UserError as e:
+        raise UserError(f'{path1} vs {path2}: {e}') from None
     labels = first['labels']
     return {'first': video_accuracy(first['probs'], labels),
             'second': video_accuracy(probs2, labels),
@@ -75,15 +86,13 @@ def merge(path1, path2):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--prob1', required=True, help='probability file of the first stream (RGB)')
     p.add_argument('--prob2', required=True, help='probability file of the second stream (flow)')
     p.add_argument('--output', default=None, help='also write the numbers to this JSON file')
     args = p.parse_args(argv)
-    try:
-        result = merge(args.prob1, args.prob2)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f'error: {e}')
+    result = merge(args.prob1, args.prob2)
     print(f'{result["videos"]} videos\n{"stream":<8}{"top1":>8}{"top5":>8}')
     for name, label in (('first', 'prob1'), ('second', 'prob2'), ('fusion', 'fusion')):
         r = result[name]

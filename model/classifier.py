@@ -1,17 +1,9 @@
-"""The action classifier of the evaluation (SPEC §4) and how pretrained weights enter it.
+"""The action classifier (docs/METHOD.md, Evaluation) and how pretrained weights enter it.
 
-backbone -> global average pool -> head -> logits. Two heads, as CoCLR's ``LinearClassifier``
-so its released classifiers load with ``strict=True``:
-
-- ``ft`` (finetune the whole network): ``final_fc = Sequential(Dropout(p), Linear)``, keys
-  ``final_fc.1.weight/bias``;
-- ``last`` (linear probe of a frozen backbone): L2 norm of the pooled feature, then
-  ``final_bn = BatchNorm1d``, then ``final_fc = Sequential(Linear)``, keys ``final_bn.*`` and
-  ``final_fc.0.weight/bias``. The backbone stays in eval mode (its BatchNorm statistics frozen).
-
-Pretrained weights come from a pretraining checkpoint of this project or CoCLR
-(``encoder_q.0.<backbone key>`` -> ``backbone.<backbone key>``) or from a classifier checkpoint
-(``backbone.*``, ``final_bn.*``, ``final_fc.*``).
+backbone -> global average pool -> head, with CoCLR's keys (its classifiers load strictly):
+``ft``: ``final_fc = Sequential(Dropout(p), Linear)``; ``last`` (linear probe of the frozen
+backbone, kept in eval mode): L2 norm, ``final_bn = BatchNorm1d``, ``final_fc = Sequential(Linear)``.
+Weights come from a pretraining checkpoint (``encoder_q.0.*`` -> ``backbone.*``) or a classifier.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +12,7 @@ from backbone import build_backbone
 from dataset.video_dataset import recorded_modality
 from utils import distributed as du
 from utils.checkpoint import load_exact, sub_state_dict
+from utils.misc import UserError
 
 HEADS = ('ft', 'last')
 PRETRAIN_PREFIX = 'encoder_q.0.'    # the query encoder's backbone in a pretraining checkpoint
@@ -32,8 +25,6 @@ class LinearClassifier(nn.Module):
 
     def __init__(self, net='s3d', num_classes=101, train_what='ft', dropout=0.9, in_channels=3):
         super().__init__()
-        if train_what not in HEADS:
-            raise ValueError(f'train_what must be one of {HEADS}, not {train_what!r}')
         self.train_what = train_what
         self.backbone = build_backbone(net, in_channels=in_channels)
         f = self.backbone.feature_dim
@@ -83,8 +74,8 @@ def checkpoint_kind(state_dict, source):
     if any(k.startswith(BACKBONE_PREFIX) for k in state_dict):
         return 'classifier'
     example = next(iter(state_dict), 'none')
-    raise ValueError(f'{source}: neither a pretraining checkpoint (encoder_q.0.* keys) nor a '
-                     f'classifier (backbone.* keys); first key: {example!r}')
+    raise UserError(f'{source}: neither a pretraining checkpoint (encoder_q.0.* keys) nor a '
+                    f'classifier (backbone.* keys); first key: {example!r}')
 
 
 def head_layout(state_dict):
@@ -118,8 +109,8 @@ def load_pretrained(model, state_dict, source):
     layout = head_layout(state_dict)
     if layout is not None and layout != model.train_what:
         keys = 'final_bn + final_fc.0' if layout == 'last' else 'dropout + final_fc.1'
-        raise ValueError(f'{source} is a classifier with the {layout!r} head ({keys}); this run '
-                         f'builds the {model.train_what!r} head: pass --train_what {layout}')
+        raise UserError(f'{source} is a classifier with the {layout!r} head ({keys}); this run '
+                        f'builds the {model.train_what!r} head: pass --train_what {layout}')
     load_exact(model, state_dict, source)
     return kind
 
@@ -135,6 +126,6 @@ def check_modality(ckpt, modality, source):
     if found != modality:
         args = ckpt['args']
         trained = f'--dataset {args["dataset"]}' + (' --reverse' if args.get('reverse') else '')
-        raise ValueError(f'{source} holds a network trained on {found.upper()} ({trained}), but '
-                         f'{modality.upper()} is needed here; give a checkpoint of a '
-                         f'{modality.upper()} run')
+        raise UserError(f'{source} holds a network trained on {found.upper()} ({trained}), but '
+                        f'{modality.upper()} is needed here; give a checkpoint of a '
+                        f'{modality.upper()} run')
