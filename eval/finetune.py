@@ -167,13 +167,18 @@ def train(args, rt):
     finally:
         if writer is not None:
             writer.close()
-    if frozen is not None:   # once, at the end: a linear probe left its backbone untouched
-        changed = [k for k, v in model.backbone.state_dict().items() if not torch.equal(v, frozen[k])]
-        if changed:
-            raise RuntimeError(f'linear probe: the frozen backbone changed ({len(changed)} '
-                               f'tensors, e.g. {changed[0]})')
+    if frozen is not None:   # once, at the end, as MoCo's sanity check
+        check_frozen(model.backbone, frozen)
     say(f'=> finished; checkpoints in {exp_dir}')
     return exp_dir
+
+
+def check_frozen(backbone, frozen):
+    """A linear probe leaves its backbone (weights and BatchNorm statistics) bit-identical."""
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, frozen[k])]
+    if changed:
+        raise RuntimeError(f'linear probe: the frozen backbone changed ({len(changed)} tensors, '
+                           f'e.g. {changed[0]})')
 
 
 def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, rt, epoch,
