@@ -18,10 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from dataset.augment import Photometric, box_pixels, flip_frames, normalize, resize, sample_crop
+from dataset.augment import Photometric, flip_frames, normalize, resize
 from dataset.video_dataset import DatasetName, VideoDataset, add_data_args
 from utils import distributed as du
-from utils.checkpoint import save_checkpoint
 from utils.config import NON_NEGATIVE, POSITIVE
 from utils.misc import UserError
 from utils.run import add_runtime_args, amp_dtype_of
@@ -32,8 +31,7 @@ NUM_CROPS = {'center': 1, 'five': 5, 'ten': 10}
 
 def add_common_flags(parser):
     """Data, model and run flags of every evaluation script (the names of pretraining)."""
-    parser.add_argument('--config', help='TOML file of flag defaults (configs/); flags given '
-                                         'here win')
+    parser.add_argument('--config', help='TOML file of flag defaults (configs/); flags win')
     g = add_data_args(parser, 'ucf101', '<name> (RGB) or <name>-f (flow): ucf101, ucf101-f, '
                       'hmdb51, hmdb51-f, demo, demo-f, or any folder under --data_root laid out '
                       'as docs/METHOD.md, Data describes')
@@ -76,9 +74,8 @@ def start(args):
 
 def spread_indices(n, max_videos=0):
     """All of range(n), or max_videos indices spread evenly (splits are sorted by class)."""
-    if not max_videos or max_videos >= n:
-        return list(range(n))
-    return torch.linspace(0, n - 1, max_videos).round().long().unique().tolist()
+    return (torch.linspace(0, n - 1, max_videos).round().long().unique().tolist()
+            if 0 < max_videos < n else list(range(n)))
 
 
 def holdout_split(sources, fraction, seed=0):
@@ -134,15 +131,14 @@ def video_loader(videos, workers, batch_size=1, collate_fn=first):
     """In order, sharded over processes (the shards padded to equal length)."""
     sampler = (DistributedSampler(videos, du.world_size(), du.get_rank(), shuffle=False)
                if du.world_size() > 1 else None)
-    return DataLoader(videos, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    return DataLoader(videos, batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_fn)
 
 
 def gather_rows(positions, values, total):
     """Every process's rows placed by position into ``[total, ...]``."""
-    positions, values = du.all_gather(positions), du.all_gather(values)
     out = values.new_zeros((total, *values.shape[1:]))
-    out[positions] = values
+    out[du.all_gather(positions)] = du.all_gather(values)
     return out
 
 
@@ -159,7 +155,7 @@ def crop_offsets(height, width, size):
 
 
 def to_input(clips, memory_format=torch.contiguous_format):
-    """float [N, T, 3, s, s] in [0, 1] -> normalised network input [N, 3, T, s, s]."""
+    """float [N, T, 3, s, s] in [0, 1] -> network input [N, 3, T, s, s]."""
     return normalize(clips).transpose(1, 2).contiguous(memory_format=memory_format)
 
 
@@ -174,8 +170,7 @@ class TestViews:
                                        blur_prob=0.0)
         self.generator = torch.Generator().manual_seed(args.seed + du.get_rank())
 
-    def draw(self, n_crops):
-        """The jitter of one video: a parameter set per crop."""
+    def draw(self, n_crops):   # the jitter of one video: a parameter set per crop
         return self.photometric.sample(torch.ones(n_crops, dtype=torch.bool), self.generator)
 
     def __call__(self, windows, i, params, memory_format=torch.contiguous_format):
@@ -195,31 +190,6 @@ class TestViews:
         return to_input(x, memory_format)
 
 
-class ValidationClips:
-    """Collate of validation during finetuning: one clip per video. coclr: the dataset's one
-    random window, a random crop of 20-100% of the frame area scaled to --img_dim (CoCLR's val
-    mode); clean: the middle window's centre crop."""
-
-    def __init__(self, protocol, img_dim, modality):
-        self.coclr, self.img_dim, self.modality = protocol == 'coclr', img_dim, modality
-
-    def __call__(self, batch):
-        clips, s = [], self.img_dim
-        for item in batch:
-            windows = item[self.modality]                              # W x T x 3 x h x w
-            frames = windows[len(windows) // 2]
-            h, w = frames.shape[-2:]
-            if self.coclr:
-                top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)
-                clips.append(resize(frames[..., top:top + hh, left:left + ww], (s, s)))
-            else:
-                top, left = crop_offsets(h, w, s)[0]
-                clips.append(frames[..., top:top + s, left:left + s])
-        return {'clips': torch.stack(clips),
-                'label': torch.tensor([item['label'] for item in batch]),
-                'position': torch.tensor([item['position'] for item in batch])}
-
-
 @torch.no_grad()
 def video_outputs(fn, videos, views, crops, rt, args, desc='test'):
     """``fn`` (input ``[N, 3, T, s, s]`` -> ``[N, D]``) over every window and crop of every video;
@@ -228,16 +198,19 @@ def video_outputs(fn, videos, views, crops, rt, args, desc='test'):
     positions, rows = [], []
     for item in tqdm(video_loader(videos, args.workers), desc=desc, disable=not rt.is_main,
                      dynamic_ncols=True):
-        windows = item[videos.modality].to(rt.device, non_blocking=True)
-        params, per_crop = views.draw(n), []
-        for i in range(n):
-            x = views(windows, i, params, rt.memory_format)
-            with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32,
-                                enabled=rt.amp_dtype is not None):
-                per_crop.append(torch.cat([fn(b).float() for b in x.split(args.batch_size)]).mean(0))
+        windows = item[videos.modality].to(rt.device, non_blocking=True)   # W x T x 3 x H x W
+        params = views.draw(n)
+        x = torch.cat([views(windows, i, params, rt.memory_format) for i in range(n)])
+        with autocast(rt):
+            out = torch.cat([fn(batch).float() for batch in x.split(args.batch_size)])
         positions.append(item['position'])
-        rows.append(torch.stack(per_crop))
+        rows.append(out.view(n, len(windows), -1).mean(1))                  # n x D
     return gather_rows(torch.tensor(positions, device=rt.device), torch.stack(rows), len(videos))
+
+
+def autocast(rt):
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32,
+                          enabled=rt.amp_dtype is not None)
 
 
 def video_accuracy(probs, labels, ks=(1, 5)):
@@ -272,9 +245,3 @@ def result_path(args, default_dir, suffix):
                             f'--test {args.test} another --output_dir')
     out.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def save_probabilities(path, *, names, labels, probs, classes, meta):
-    save_checkpoint({'names': list(names), 'labels': torch.as_tensor(labels, dtype=torch.long),
-                     'probs': probs.detach().float().cpu(), 'classes': list(classes),
-                     'meta': dict(meta)}, path)

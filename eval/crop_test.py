@@ -10,7 +10,7 @@ import torch
 from dataset import build_dataset
 from dataset.video_dataset import data_location, modality_of
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.misc import UserError, format_args, git_revision, plain_args
 from . import clips
 
@@ -51,8 +51,9 @@ def run(args, rt):
     prob_file = result.with_name(result.stem + '_prob.pth')
     meta = {'checkpoint': clips.checkpoint_id(args.test), 'crops': crops, 'dataset': args.dataset,
             'split': args.which_split, 'protocol': args.protocol}
-    clips.save_probabilities(prob_file, names=videos.names, labels=videos.labels,
-                             probs=summaries[crops], classes=test_set.classes, meta=meta)
+    save_checkpoint({'names': videos.names, 'labels': torch.tensor(videos.labels),
+                     'probs': summaries[crops].cpu(), 'classes': test_set.classes, 'meta': meta},
+                    prob_file)
     report = {**meta, 'epoch': ckpt.get('epoch'), 'videos': len(videos), 'results': results,
               'probabilities': str(prob_file), 'git': git_revision(), 'args': plain_args(args)}
     result.write_text(json.dumps(report, indent=1))

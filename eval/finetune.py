@@ -9,7 +9,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from dataset import build_dataset
-from dataset.augment import DeviceAugment, Photometric
+from dataset.augment import DeviceAugment, Photometric, box_pixels, resize, sample_crop
 from dataset.loader import make_loader
 from dataset.video_dataset import data_location, modality_of
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
@@ -43,24 +43,21 @@ def validation_videos(args, train_set, positions):
         if coclr:
             order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(VAL_SEED))
             chosen = sorted(chosen[i] for i in order[:max(1, round(VAL_SHARE * len(chosen)))])
-        videos = clips.Videos(test, chosen)
-        return positions, videos, (f'TEST split {k} ({len(videos)} videos; the reference '
-                                   f'validates on the test split, so the best checkpoint is '
-                                   f'selected on test data)')
+        return positions, clips.Videos(test, chosen), (
+            f'TEST split {k} ({len(chosen)} videos; the reference validates on the test split, '
+            f'so the best checkpoint is selected on test data)')
     kept, held = clips.holdout_split([train_set.sources[i] for i in positions], args.val_fraction,
                                      args.seed)
-    videos = clips.Videos(clips.test_mode(train_set, f'dataset {args.dataset!r} (held-out train '
-                                                     f'videos)', **options),
+    videos = clips.Videos(clips.test_mode(train_set, 'held-out train videos', **options),
                           [positions[i] for i in held])
-    return ([positions[i] for i in kept], videos,
-            f'held-out part of train split {k} ({len(held)} videos in '
-            f'{len(set(videos.sources))} source groups, not trained on)')
+    return [positions[i] for i in kept], videos, (
+        f'held-out part of train split {k} ({len(held)} videos in {len(set(videos.sources))} '
+        f'source groups, not trained on)')
 
 
 def train(args, rt):
     info, device, say = rt.info, rt.device, rt.say
-    global_batch = args.batch_size * info.world_size
-    modality = modality_of(args.dataset)
+    global_batch, modality = args.batch_size * info.world_size, modality_of(args.dataset)
     # Checkpoints are read first: a wrong path fails before any data is touched.
     resume = load_checkpoint(args.resume, '--resume') if args.resume else None
     pretrained = None
@@ -73,12 +70,11 @@ def train(args, rt):
         pretrained = load_checkpoint(args.pretrain, '--pretrain')
         check_modality(pretrained, modality, f'--pretrain {args.pretrain}')
     seed_everything(args.seed + info.rank)
-    train_set = build_dataset(args.dataset, 'train', **data_location(args),
-                              seq_len=args.seq_len, ds=args.ds, img_dim=args.img_dim,
-                              strong_prob=args.color_jitter_prob,
+    train_set = build_dataset(args.dataset, 'train', **data_location(args), seq_len=args.seq_len,
+                              ds=args.ds, img_dim=args.img_dim, strong_prob=args.color_jitter_prob,
                               negate_flow_flip=not args.legacy_flow_flip)
-    positions = clips.spread_indices(len(train_set), args.max_videos)
-    positions, val_videos, val_desc = validation_videos(args, train_set, positions)
+    positions, val_videos, val_desc = validation_videos(
+        args, train_set, clips.spread_indices(len(train_set), args.max_videos))
     train_data = Subset(train_set, positions)
     if len(train_data) < global_batch:
         raise UserError(f'{len(train_data)} training videos, fewer than the global batch '
@@ -88,38 +84,32 @@ def train(args, rt):
     torch.manual_seed(args.seed)   # the same initial head on every process
     model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
     exp_dir = Path(args.output_dir or PROJECT_ROOT / 'experiments') / run_name(args)
-    start_epoch, iteration, best_acc, best_epoch = 0, 0, 0.0, -1
+    start_epoch, iteration, best_acc, best_epoch, previous = 0, 0, 0.0, -1, None
+    if pretrained is not None:
+        kind = load_pretrained(model, pretrained['state_dict'], f'--pretrain {args.pretrain}')
+        say(f'=> initialised from {args.pretrain} ({kind} checkpoint, epoch '
+            f'{pretrained.get("epoch")}); newly initialised: '
+            + (', '.join(model.head_keys()) if kind == 'pretrain' else 'nothing'))
     if resume is None:
-        if pretrained is None:
-            say('=> --pretrain random: the network starts from a random initialisation')
-        else:
-            kind = load_pretrained(model, pretrained['state_dict'], f'--pretrain {args.pretrain}')
-            say(f'=> initialised from {args.pretrain} ({kind} checkpoint, epoch '
-                f'{pretrained.get("epoch")}); newly initialised: '
-                + (', '.join(model.head_keys()) if kind == 'pretrain' else 'nothing'))
         check_fresh_run(exp_dir)
     model.to(device, memory_format=rt.memory_format)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = True
     groups = [{'params': model.head_parameters(), 'lr_mult': 1.0, 'name': 'head'}]
     if not model.linear_probe:
         groups.insert(0, {'params': list(model.backbone.parameters()),
                           'lr_mult': args.backbone_lr_mult, 'name': 'backbone'})
-    optimizer = (torch.optim.Adam(groups, lr=args.lr, weight_decay=args.wd)
-                 if args.optim == 'adam' else
-                 torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9))
+    optimizer = (torch.optim.Adam(groups, lr=args.lr, weight_decay=args.wd) if args.optim == 'adam'
+                 else torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9))
     scaler = torch.amp.GradScaler(device.type, enabled=rt.amp_dtype == torch.float16)
-    previous = None
     if resume is not None:
-        exp_dir, start_epoch, iteration = restore(resume, model, optimizer, scaler, args, info,
-                                                  say)
+        exp_dir, start_epoch, iteration = restore(resume, model, optimizer, scaler, args, info, say)
         best_acc, best_epoch = resume.get('best_acc', 0.0), resume.get('best_epoch', -1)
         previous = exp_dir / f'epoch{start_epoch - 1}.pth.tar'
     broadcast_state(model)
     frozen = ({k: v.clone() for k, v in model.backbone.state_dict().items()}
               if model.linear_probe else None)
-    # Finetuning's photometric augmentation is colour jitter alone, on the flagged share of
-    # clips (--color_jitter_prob), as the reference.
+    # Finetuning's photometric augmentation is colour jitter alone, on --color_jitter_prob of
+    # the clips, as the reference.
     augment = DeviceAugment(args.photometric_on_flow, rt.memory_format,
                             Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
     writer = open_run(exp_dir, args, info,
@@ -145,22 +135,20 @@ def train(args, rt):
                 val = validate(model, val_videos, args, rt, epoch)
                 record.update({f'val_{k}': v for k, v in val.items()}, val_set=args.val_set)
                 is_best = val['top1'] > best_acc or best_epoch < 0
-                if is_best:
-                    best_acc, best_epoch = val['top1'], epoch
+                best_acc, best_epoch = (val['top1'], epoch) if is_best else (best_acc, best_epoch)
                 for k, v in val.items() if writer is not None else ():
                     writer.add_scalar(f'val_{args.val_set}/{k}', v, epoch)
             if info.is_main:
                 log_epoch(exp_dir / 'log.jsonl', record)
                 say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in record.items()
-                                                     if isinstance(v, float)))
+                                                     if isinstance(v, float))
+                    + (f' (best so far, {args.val_set} top1 {best_acc:.2f})' if is_best else ''))
                 state = {'state_dict': model.state_dict(), 'epoch': epoch,
                          'optimizer': optimizer.state_dict(), 'iteration': iteration,
                          'best_acc': best_acc, 'best_epoch': best_epoch, 'val_set': val_desc,
                          'scaler': scaler.state_dict(), 'classes': list(train_set.classes),
                          'args': plain_args(args), 'world_size': info.world_size}
                 previous = save_epoch(state, exp_dir, epoch, args.keep_every, previous, is_best)
-                if is_best:
-                    say(f'=> best so far ({args.val_set} top1 {best_acc:.2f})')
     except KeyboardInterrupt:
         say(interrupted_message(exp_dir))
         raise
@@ -183,15 +171,14 @@ def check_frozen(backbone, frozen):
 
 def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, rt, epoch,
                     iteration, writer):
-    device, amp_dtype = rt.device, rt.amp_dtype
+    device = rt.device
     model.train()              # a linear probe's backbone stays in eval mode (LinearClassifier)
     params = [p for g in optimizer.param_groups for p in g['params']]
     meter = EpochMeter(epoch, loader.steps, device, rt.is_main, writer, args.print_freq)
     for batch in loader.epoch(epoch):
         x = augment(batch, device)[modality][:, 0]                       # B x 3 x T x H x W
         target = batch['label'].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with clips.autocast(rt):
             logits = model(x).float()                                    # B x classes
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
@@ -206,19 +193,43 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     return meter.close(), iteration
 
 
+class ValidationClips:
+    """Collate of validation during finetuning: one clip per video. coclr: the dataset's one
+    random window, a random crop of 20-100% of the frame area scaled to --img_dim (CoCLR's val
+    mode); clean: the middle window's centre crop."""
+
+    def __init__(self, protocol, img_dim, modality):
+        self.coclr, self.img_dim, self.modality = protocol == 'coclr', img_dim, modality
+
+    def __call__(self, batch):
+        out, s = [], self.img_dim
+        for item in batch:
+            windows = item[self.modality]                              # W x T x 3 x h x w
+            frames = windows[len(windows) // 2]
+            h, w = frames.shape[-2:]
+            if self.coclr:
+                top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)
+                out.append(resize(frames[..., top:top + hh, left:left + ww], (s, s)))
+            else:
+                top, left = clips.crop_offsets(h, w, s)[0]
+                out.append(frames[..., top:top + s, left:left + s])
+        return {'clips': torch.stack(out),
+                'label': torch.tensor([item['label'] for item in batch]),
+                'position': torch.tensor([item['position'] for item in batch])}
+
+
 @torch.no_grad()
 def validate(model, videos, args, rt, epoch):
-    """Loss and top-1/top-5 (percent) of one clip per validation video (clips.ValidationClips)."""
+    """Loss and top-1/top-5 (percent) of one clip per validation video (ValidationClips)."""
     model.eval()
     loader = clips.video_loader(videos, args.workers, args.batch_size,
-                                clips.ValidationClips(args.protocol, args.img_dim,
+                                ValidationClips(args.protocol, args.img_dim,
                                                       videos.modality))
     positions, logits = [], []
     for batch in tqdm(loader, desc=f'validate {epoch}', disable=not rt.is_main,
                       dynamic_ncols=True):
         x = clips.to_input(batch['clips'].to(rt.device).float().div_(255), rt.memory_format)
-        with torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32,
-                            enabled=rt.amp_dtype is not None):
+        with clips.autocast(rt):
             logits.append(model(x).float())
         positions.append(batch['position'].to(rt.device))
     logits = clips.gather_rows(torch.cat(positions), torch.cat(logits), len(videos))

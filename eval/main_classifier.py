@@ -27,45 +27,39 @@ def build_parser():
     g = p.add_argument_group('classifier training')
     g.add_argument('--train_what', choices=HEADS, default='last',
                    help='ft: finetune the whole network (dropout + linear head); last: linear '
-                        'probe (frozen backbone in eval mode, L2 norm + BatchNorm1d + linear head)')
+                        'probe (frozen backbone, L2 norm + BatchNorm1d + linear head)')
     g.add_argument('--pretrain', default=None,
-                   help='initial weights: a pretraining checkpoint (its query encoder, '
-                        'encoder_q.0.*), a classifier checkpoint (same head and classes), or '
-                        '"random" to train from scratch. Required unless --resume')
+                   help='initial weights: a pretraining checkpoint (its query encoder), a '
+                        'classifier (same head and classes) or "random"; needed unless --resume')
     g.add_argument('--dropout', type=PROBABILITY, default=0.9, help='dropout before the ft head')
     g.add_argument('--optim', choices=['adam', 'sgd'], default='adam',
                    help='adam, or sgd with momentum 0.9')
     g.add_argument('--lr', type=NON_NEGATIVE_REAL, default=1e-3, help='learning rate of the head')
     g.add_argument('--backbone_lr_mult', type=NON_NEGATIVE_REAL, default=0.1,
                    help='ft: the backbone learns at lr x this (the reference: lr/10)')
-    g.add_argument('--wd', type=NON_NEGATIVE_REAL, default=1e-3,
-                   help='weight decay (all parameters)')
+    g.add_argument('--wd', type=NON_NEGATIVE_REAL, default=1e-3, help='weight decay')
     g.add_argument('--epochs', type=POSITIVE, default=10, help='training epochs')
     g.add_argument('--schedule', type=NON_NEGATIVE, nargs='*', default=[60, 80],
                    help='epochs at which the learning rate drops x0.1')
     g.add_argument('--color_jitter_prob', type=PROBABILITY, default=0.3,
                    help='share of training clips given colour jitter (brightness, contrast, '
                         'saturation 0.4, hue 0.1, random order) on the device, as the reference')
-    g.add_argument('--eval_freq', type=POSITIVE, default=1,
-                   help='validate every N epochs (and after the last)')
+    g.add_argument('--eval_freq', type=POSITIVE, default=1, help='validate every N epochs')
     g.add_argument('--val_set', choices=['test', 'holdout', 'none'], default='test',
-                   help='what validation (and so best.pth.tar) uses: test = the test split (as '
-                        'the reference; then no independent validation), holdout = '
-                        '--val_fraction of the train split by source group (not trained on), '
-                        'none. One clip a video: --protocol coclr a random one with a random '
-                        'crop, on a fixed random 30%% of the test split; clean the middle '
-                        "window's centre crop")
+                   help='what picks best.pth.tar: test = the test split (as the reference; no '
+                        'independent validation), holdout = --val_fraction of the train split '
+                        '(whole source groups, not trained on), none. One clip a video: coclr '
+                        "protocol a random clip and crop (test: a fixed random 30%%), clean the "
+                        "middle window's centre crop")
     g.add_argument('--val_fraction', type=FRACTION, default=0.1,
                    help='--val_set holdout: share of the train videos held out')
     g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0,
-                   help='stop each epoch after this many iterations (0: whole epoch); for '
-                        'smoke tests')
+                   help='stop each epoch after this many iterations (0: whole epoch)')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     g = p.add_argument_group('output')
     g.add_argument('--output_dir', default=None,
-                   help='training: experiments go to <output_dir>/<name_prefix><run name>/ '
-                        '(default experiments/ in the project folder); --test: results go here '
-                        "(default: the checkpoint's folder)")
+                   help='training: runs go to <output_dir>/<name_prefix><run name>/ (default '
+                        "experiments/); --test: results go here (default: the checkpoint's folder)")
     g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
     g.add_argument('--resume', default='', help='classifier checkpoint to continue from (exactly)')
     g.add_argument('--keep_every', type=NON_NEGATIVE, default=50,
@@ -73,18 +67,14 @@ def build_parser():
                         'and the latest epoch file')
     g = p.add_argument_group('test (with --test)')
     g.add_argument('--test', default='',
-                   help='checkpoint to test: a classifier with a crop flag; with --retrieval any '
-                        'pretraining or classifier checkpoint, or "random" (random init baseline)')
+                   help='a classifier to test with a crop flag; with --retrieval any checkpoint, '
+                        'or "random" (the random-init baseline)')
     crops = g.add_mutually_exclusive_group()
     crops.add_argument('--center_crop', action='store_true', help='test with the center crop')
-    crops.add_argument('--five_crop', action='store_true',
-                       help='test with 4 corners + center (also reports center)')
-    crops.add_argument('--ten_crop', action='store_true',
-                       help='test with five crops and their flips (also reports center, five)')
+    crops.add_argument('--five_crop', action='store_true', help='center + 4 corners')
+    crops.add_argument('--ten_crop', action='store_true', help='five crops and their flips')
     g.add_argument('--retrieval', action='store_true',
                    help='nearest-neighbour retrieval: test videos query train videos')
-    g.add_argument('--visualize', type=NON_NEGATIVE, default=0, metavar='N',
-                   help='--retrieval: write a PNG of N queries and their top-5 neighbours')
     retrieval.add_feature_flags(p)
     return p
 
@@ -96,8 +86,6 @@ def check_args(args, parser):
         parser.error(f'--seq_len {args.seq_len}: --net {args.net} needs clips of at least '
                      f'{need} frames')
     crop = args.center_crop or args.five_crop or args.ten_crop
-    if args.visualize and not args.retrieval:
-        parser.error('--visualize belongs to --retrieval')
     if not args.test:
         if crop or args.retrieval:
             parser.error('--center_crop/--five_crop/--ten_crop/--retrieval need --test CKPT')

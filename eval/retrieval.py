@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import write_png
 
 from backbone import build_backbone
 from dataset import build_dataset
-from dataset.augment import resize
 from dataset.video_dataset import data_location, modality_of
 from model.classifier import backbone_weights, check_modality
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
@@ -61,17 +59,11 @@ def recall_line(dataset, split, recall, protocol):
             + ' '.join(f'R@{k}={v:.1f}' for k, v in recall.items()))
 
 
-# ----------------------------------------------------------------------------------------------
-# Features and their cache
-
 def weights_id(test, seed):
     if test == 'random':
         return f'random-seed{seed}'
-    h = hashlib.sha256()
     with open(test, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 22), b''):
-            h.update(block)
-    return 'sha256:' + h.hexdigest()
+        return 'sha256:' + hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def lmdb_identity(path):
@@ -82,18 +74,17 @@ def lmdb_identity(path):
 
 
 def cache_key(args, part, weights, videos):
-    return {'version': CACHE_VERSION, 'weights': weights, 'net': args.net, 'dataset': args.dataset,
-            'split': args.which_split, 'part': part, 'seq_len': args.seq_len, 'ds': args.ds,
-            'img_dim': args.img_dim, 'feature_l2norm': args.feature_l2norm,
-            'protocol': args.protocol, 'seed': args.seed if args.protocol == 'coclr' else None,
-            'photometric_on_flow': args.photometric_on_flow,
+    flags = ('net', 'dataset', 'which_split', 'seq_len', 'ds', 'img_dim', 'feature_l2norm',
+             'protocol', 'seed', 'photometric_on_flow', 'legacy_flow_flip')
+    return {'version': CACHE_VERSION, 'weights': weights, 'part': part,
+            **{k: getattr(args, k) for k in flags},
             'videos': hashlib.sha256('\n'.join(videos.names).encode()).hexdigest(),
             'lmdbs': {m: lmdb_identity(db.path) for m, db in videos.dataset.lmdbs.items()}}
 
 
 def cache_file(folder, key):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(folder) / f'{key["dataset"]}_split{key["split"]}_{key["part"]}_{digest}.pth'
+    return Path(folder) / f'{key["dataset"]}_split{key["which_split"]}_{key["part"]}_{digest}.pth'
 
 
 def experiment_dir(args):
@@ -126,46 +117,39 @@ def split_videos(args, part):
     return clips.Videos(ds, clips.spread_indices(len(ds), args.max_videos))
 
 
-def extract_features(args, part, videos, backbone, weights, rt):
-    """``{'features': [N, F], 'labels', 'sources', 'names', 'classes', 'key'}``, from the cache
-    when it holds this exact key."""
-    key = cache_key(args, part, weights, videos)
-    path = cache_file(experiment_dir(args) / args.dirname, key)
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-        if data.get('key') == key:
-            rt.say(f'=> {part} features: cached {path}')
-            return data
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError):
-        pass   # none, unreadable (a run killed while writing it) or another key: computed
-    rt.say(f'=> {part} features: computing {len(videos)} videos into {path}')
-    backbone.to(rt.device, memory_format=rt.memory_format).eval()
-    torch.manual_seed(args.seed + rt.info.rank)   # the gallery's random clips
-
-    def feature(x):
-        f = F.adaptive_avg_pool3d(backbone(x), 1).flatten(1)
-        return F.normalize(f, dim=1) if args.feature_l2norm else f
-
-    out = clips.video_outputs(feature, videos, clips.TestViews(args, videos.modality), 'center',
-                              rt, args, desc=f'{part} features')
-    data = {'key': key, 'features': out[:, 0].cpu(), 'names': videos.names,
-            'labels': torch.tensor(videos.labels), 'sources': torch.tensor(videos.sources),
-            'classes': list(videos.dataset.classes)}
-    if rt.is_main:
-        save_checkpoint(data, path)
-    return data
-
-
 def features(args, rt):
+    """(backbone description, weights id, {part: clips.Videos}, {part: {'features': [N, F],
+    'labels', 'sources', 'key'}}) of the train and test splits, from the cache when it holds
+    the exact key."""
     backbone, what = load_backbone(args)
     weights = weights_id(args.test, args.seed)
-    videos = {part: split_videos(args, part) for part in ('train', 'test')}
-    return what, weights, videos, {part: extract_features(args, part, v, backbone, weights, rt)
-                                   for part, v in videos.items()}
+    videos, feats = {part: split_videos(args, part) for part in ('train', 'test')}, {}
+    for part, v in videos.items():
+        key = cache_key(args, part, weights, v)
+        path = cache_file(experiment_dir(args) / args.dirname, key)
+        try:
+            feats[part] = torch.load(path, map_location='cpu', weights_only=True)
+            if feats[part].get('key') == key:
+                rt.say(f'=> {part} features: cached {path}')
+                continue
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError):
+            pass   # none, unreadable (a run killed while writing it) or another key: computed
+        rt.say(f'=> {part} features: computing {len(v)} videos into {path}')
+        backbone.to(rt.device, memory_format=rt.memory_format).eval()
+        torch.manual_seed(args.seed + rt.info.rank)   # the gallery's random clips
 
+        def feature(x):
+            f = F.adaptive_avg_pool3d(backbone(x), 1).flatten(1)
+            return F.normalize(f, dim=1) if args.feature_l2norm else f
 
-# ----------------------------------------------------------------------------------------------
-# The job
+        out = clips.video_outputs(feature, v, clips.TestViews(args, v.modality), 'center', rt,
+                                  args, desc=f'{part} features')
+        feats[part] = {'key': key, 'features': out[:, 0].cpu(), 'labels': torch.tensor(v.labels),
+                       'sources': torch.tensor(v.sources)}
+        if rt.is_main:
+            save_checkpoint(feats[part], path)
+    return what, weights, videos, feats
+
 
 def run(args, rt):
     result = clips.result_path(args, experiment_dir(args),
@@ -178,56 +162,12 @@ def run(args, rt):
     test, train = feats['test'], feats['train']
     recall = recall_at_k(center_normalize(test['features'].float()), test['labels'],
                          center_normalize(train['features'].float()), train['labels'])
-    report = {'checkpoint': clips.checkpoint_id(args.test), 'weights': weights,
-              'backbone': what, 'protocol': args.protocol, 'dataset': args.dataset,
-              'split': args.which_split, 'queries': len(videos['test']),
-              'gallery': len(videos['train']), 'recall': {f'R@{k}': v for k, v in recall.items()},
-              'git': git_revision(), 'args': plain_args(args)}
+    report = {'checkpoint': clips.checkpoint_id(args.test), 'weights': weights, 'backbone': what,
+              'protocol': args.protocol, 'dataset': args.dataset, 'split': args.which_split,
+              'queries': len(videos['test']), 'gallery': len(videos['train']),
+              'recall': {f'R@{k}': v for k, v in recall.items()}, 'git': git_revision(),
+              'args': plain_args(args)}
     result.write_text(json.dumps(report, indent=1))
-    print(f'=> results {result}')
-    if args.visualize:
-        png = result.with_name(result.stem + '_top5.png')
-        save_neighbours(png, videos, feats, args.visualize, args.img_dim)
-        print(f'=> {args.visualize} queries and their top-5 neighbours: {png}')
-    print(recall_line(args.dataset, args.which_split, recall, args.protocol))
+    print(f'=> results {result}\n' + recall_line(args.dataset, args.which_split, recall,
+                                                  args.protocol))
     return report
-
-
-# ----------------------------------------------------------------------------------------------
-# Picture of queries and their nearest neighbours
-
-GREEN, RED, WHITE, GREY = (0, 200, 0), (220, 0, 0), (255, 255, 255), (40, 40, 40)
-
-
-def neighbour_grid(queries, neighbours, correct, border=3, gap=4):
-    """A row per query: the query (white border), its neighbours with a green (same class) or
-    red border. uint8 ``[Q, 3, s, s]``, ``[Q, k, 3, s, s]``, bool ``[Q, k]`` -> ``[3, H, W]``."""
-    q, k, _, s, _ = neighbours.shape
-    tile = s + 2 * border
-    img = torch.tensor(GREY, dtype=torch.uint8).view(3, 1, 1).repeat(
-        1, q * tile + (q + 1) * gap, (k + 1) * tile + (k + 3) * gap)
-    for i in range(q):
-        for j, (image, colour) in enumerate([(queries[i], WHITE)] + [
-                (neighbours[i, j], GREEN if correct[i, j] else RED) for j in range(k)]):
-            top, left = gap + i * (tile + gap), gap + j * (tile + gap) + (gap if j else 0)
-            img[:, top:top + tile, left:left + tile] = torch.tensor(colour).view(3, 1, 1)
-            img[:, top + border:top + border + s, left + border:left + border + s] = image
-    return img
-
-
-def save_neighbours(path, videos, feats, num_queries, size, k=5):
-    def tile(part, position):   # middle frame of the first window, centre square
-        frames = videos[part][position][videos[part].modality][0]
-        f = frames[len(frames) // 2]
-        s = min(f.shape[-2:])
-        top, left = clips.crop_offsets(*f.shape[-2:], s)[0]
-        return resize(f[None, :, top:top + s, left:left + s], (size, size))[0]
-
-    queries = clips.spread_indices(len(videos['test']), num_queries)
-    idx = nearest(center_normalize(feats['test']['features'].float()),
-                  center_normalize(feats['train']['features'].float()), k)[queries]
-    correct = feats['train']['labels'][idx] == feats['test']['labels'][queries][:, None]
-    grid = neighbour_grid(torch.stack([tile('test', q) for q in queries]),
-                          torch.stack([torch.stack([tile('train', int(j)) for j in row])
-                                       for row in idx]), correct)
-    write_png(grid, str(path))

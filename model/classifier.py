@@ -1,10 +1,5 @@
-"""The action classifier (docs/METHOD.md, Evaluation) and how pretrained weights enter it.
-
-backbone -> global average pool -> head, with CoCLR's keys (its classifiers load strictly):
-``ft``: ``final_fc = Sequential(Dropout(p), Linear)``; ``last`` (linear probe of the frozen
-backbone, kept in eval mode): L2 norm, ``final_bn = BatchNorm1d``, ``final_fc = Sequential(Linear)``.
-Weights come from a pretraining checkpoint (``encoder_q.0.*`` -> ``backbone.*``) or a classifier.
-"""
+"""The action classifier (docs/METHOD.md, Evaluation) and how pretrained weights enter it:
+from a pretraining checkpoint (``encoder_q.0.*`` -> ``backbone.*``) or a classifier."""
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -20,8 +15,10 @@ BACKBONE_PREFIX = 'backbone.'
 
 
 class LinearClassifier(nn.Module):
-    """net: backbone name (s3d, s3dg, r50); num_classes; train_what: 'ft' or 'last' (the head,
-    above); dropout: dropout before the linear layer of the 'ft' head (CoCLR: 0.9)."""
+    """backbone -> global average pool -> head, with CoCLR's keys (its classifiers load
+    strictly). ``ft``: ``final_fc = Sequential(Dropout(dropout), Linear)``; ``last`` (linear
+    probe of the frozen backbone, kept in eval mode): L2 norm, ``final_bn = BatchNorm1d``,
+    ``final_fc = Sequential(Linear)``."""
 
     def __init__(self, net='s3d', num_classes=101, train_what='ft', dropout=0.9, in_channels=3):
         super().__init__()
@@ -43,19 +40,17 @@ class LinearClassifier(nn.Module):
     def linear_probe(self):
         return self.train_what == 'last'
 
-    def head_keys(self):
-        """State-dict keys of the head: the only keys a pretraining checkpoint may lack."""
+    def head_keys(self):   # the only keys a pretraining checkpoint may lack
         return [k for k in self.state_dict() if not k.startswith(BACKBONE_PREFIX)]
 
     def head_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith(BACKBONE_PREFIX)]
 
-    def features(self, x):
-        """x: B x C x T x H x W -> pooled backbone feature B x F."""
-        return F.adaptive_avg_pool3d(self.backbone(x), 1).flatten(1)
+    def features(self, x):                                      # x: B x C x T x H x W
+        return F.adaptive_avg_pool3d(self.backbone(x), 1).flatten(1)   # B x F
 
-    def forward(self, x):                                       # x: B x C x T x H x W
-        feat = self.features(x)                                 # B x F
+    def forward(self, x):
+        feat = self.features(x)
         if self.linear_probe:
             feat = self.final_bn(F.normalize(feat, dim=1))      # CoCLR: L2 norm, then BN
         return self.final_fc(feat)                              # B x num_classes
@@ -82,9 +77,7 @@ def head_layout(state_dict):
     """Which head a classifier state dict has: 'last', 'ft' or None (no head)."""
     if 'final_bn.weight' in state_dict or 'final_fc.0.weight' in state_dict:
         return 'last'
-    if 'final_fc.1.weight' in state_dict:
-        return 'ft'
-    return None
+    return 'ft' if 'final_fc.1.weight' in state_dict else None
 
 
 def backbone_weights(state_dict, source):
@@ -94,16 +87,11 @@ def backbone_weights(state_dict, source):
 
 
 def load_pretrained(model, state_dict, source):
-    """Initialise ``model`` (a :class:`LinearClassifier`) from ``state_dict``; return its kind.
-
-    A pretraining checkpoint gives the backbone (its query encoder's); only the new head may be
-    missing. A classifier checkpoint must match the model completely: same head and the same
-    number of classes (a mismatch is an error naming the shapes).
-    """
+    """Initialise ``model`` from ``state_dict``; return its kind. A pretraining checkpoint gives
+    the backbone (only the new head may be missing); a classifier must match completely."""
     kind = checkpoint_kind(state_dict, source)
     if kind == 'pretrain':
-        encoder = sub_state_dict(state_dict, PRETRAIN_PREFIX)
-        weights = {BACKBONE_PREFIX + k: v for k, v in encoder.items()}
+        weights = {BACKBONE_PREFIX + k: v for k, v in backbone_weights(state_dict, source).items()}
         load_exact(model, weights, source, allowed_missing=model.head_keys())
         return kind
     layout = head_layout(state_dict)

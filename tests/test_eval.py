@@ -210,7 +210,7 @@ def test_coclr_gallery_and_validation_subset(data_root):
     _, videos, desc = finetune.validation_videos(args, None, [0, 1])
     _, again, _ = finetune.validation_videos(args, None, [0, 1])
     assert len(videos) == 2 and videos.names == again.names and 'TEST split 1' in desc
-    batch = clips.ValidationClips('coclr', 32, 'rgb')([videos[0], videos[1]])
+    batch = finetune.ValidationClips('coclr', 32, 'rgb')([videos[0], videos[1]])
     assert batch['clips'].shape == (2, 8, 3, 32, 32) and batch['position'].tolist() == [0, 1]
 
 
@@ -243,20 +243,6 @@ def test_each_set_is_centred_by_its_own_mean():
     assert base == shifted and list(base) == [1, 5, 10, 20, 50]
     assert retrieval.recall_line('ucf101', 1, {1: 12.345, 5: 50.0}, 'coclr') == \
         'retrieval ucf101 split1 (protocol coclr): R@1=12.3 R@5=50.0'
-
-
-def test_neighbour_grid_borders():
-    q = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    n = torch.full((2, 5, 3, 4, 4), 100, dtype=torch.uint8)
-    correct = torch.tensor([[True, False, True, True, True], [False] * 5])
-    img = retrieval.neighbour_grid(q, n, correct, border=1, gap=2)
-    tile = 6
-    assert img.shape == (3, 2 * tile + 3 * 2, 6 * tile + 8 * 2)
-    first = 2 + tile + 2 * 2               # left of the first neighbour (after a double gap)
-    assert img[:, 2, first].tolist() == list(retrieval.GREEN)
-    assert img[:, 2, first + tile + 2].tolist() == list(retrieval.RED)
-    assert img[:, 2, 2].tolist() == list(retrieval.WHITE)
-    assert img[:, 3, first + 1].tolist() == [100, 100, 100]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,33 +303,37 @@ def test_ten_crop_test_writes_results_and_fusion(data_root, checkpoints, tmp_pat
     assert json.loads((tmp_path / 'f.json').read_text())['fusion'] == result['fusion']
 
 
+def save_probabilities(path, *, names, labels, probs, classes, meta):
+    save_checkpoint({'names': names, 'labels': torch.tensor(labels), 'probs': probs,
+                     'classes': classes, 'meta': meta}, path)
+
+
 def test_fusion_aligns_and_refuses_mismatches(tmp_path):
     names = ['A/a1', 'A/a2', 'B/b1']
     p1 = torch.tensor([[.6, .4], [.45, .55], [.3, .7]])        # a2 wrong
     p2 = torch.tensor([[.6, .4], [.9, .1], [.7, .3]])           # order b1, a1, a2; b1 wrong
-    clips.save_probabilities(tmp_path / 'rgb.pth', names=names, labels=[0, 0, 1], probs=p1,
+    save_probabilities(tmp_path / 'rgb.pth', names=names, labels=[0, 0, 1], probs=p1,
                           classes=['A', 'B'], meta={})
-    clips.save_probabilities(tmp_path / 'flow.pth', names=['B/b1', 'A/a1', 'A/a2'],
+    save_probabilities(tmp_path / 'flow.pth', names=['B/b1', 'A/a1', 'A/a2'],
                           labels=[1, 0, 0], probs=p2, classes=['A', 'B'], meta={})
     result = merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'flow.pth')
     # Fused: a1 [.75, .25], a2 [.575, .425], b1 [.45, .55]: all right.
     assert result['first']['top1'] == pytest.approx(200 / 3)
     assert result['second']['top1'] == pytest.approx(200 / 3)
     assert result['fusion']['top1'] == pytest.approx(100.0)
-    assert torch.allclose(merge_2stream_prob.fuse(p1, p1), p1)
-    clips.save_probabilities(tmp_path / 'other.pth', names=['A/a1', 'A/a2', 'B/b9'],
+    save_probabilities(tmp_path / 'other.pth', names=['A/a1', 'A/a2', 'B/b9'],
                           labels=[0, 0, 1], probs=p1, classes=['A', 'B'], meta={})
     with pytest.raises(UserError, match=r"1 only in the first \(B/b1\); 1 only in the second "
                                          r"\(B/b9\)"):
         merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'other.pth')
-    clips.save_probabilities(tmp_path / 'relabel.pth', names=names, labels=[0, 1, 1], probs=p1,
+    save_probabilities(tmp_path / 'relabel.pth', names=names, labels=[0, 1, 1], probs=p1,
                           classes=['A', 'B'], meta={})
     with pytest.raises(UserError, match='different labels.*A/a2'):
         merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'relabel.pth')
     with pytest.raises(UserError, match='the same file'):
         merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'rgb.pth')
     for name, dataset in (('rgb2.pth', 'tiny'), ('rgb3.pth', 'tiny-2clip')):
-        clips.save_probabilities(tmp_path / name, names=names, labels=[0, 0, 1], probs=p1,
+        save_probabilities(tmp_path / name, names=names, labels=[0, 0, 1], probs=p1,
                               classes=['A', 'B'], meta={'dataset': dataset})
     with pytest.raises(UserError, match='both RGB streams'):
         merge_2stream_prob.merge(tmp_path / 'rgb2.pth', tmp_path / 'rgb3.pth')
@@ -356,12 +346,11 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
     cache = tmp_path / 'cache'
     common = ('--retrieval', '--dirname', str(cache), '--output_dir', str(tmp_path),
               '--max_videos', '4')
-    first = _eval(data_root, '--test', str(checkpoints['pre0']), *common, '--visualize', '2')
+    first = _eval(data_root, '--test', str(checkpoints['pre0']), *common)
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith('retrieval tiny split1 (protocol coclr): R@1=')
     assert first['protocol'] == 'coclr'
     assert first['queries'] == 4 and first['gallery'] == 4
-    assert (tmp_path / 'pre0_infonce_retrieval_tiny_split1_top5.png').is_file()
     files = sorted(cache.iterdir())
     assert len(files) == 2                     # train and test features of checkpoint 0
     # The same checkpoint again: features come from the cache.
