@@ -9,10 +9,10 @@ import torch
 
 from dataset import build_dataset
 from dataset.video_dataset import data_location, modality_of
+from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.misc import UserError, format_args, git_revision, plain_args
-from . import clips
 
 
 def run(args, rt):

@@ -12,6 +12,7 @@ from dataset import build_dataset
 from dataset.augment import DeviceAugment, Photometric, box_pixels, resize, sample_crop
 from dataset.loader import make_loader
 from dataset.video_dataset import data_location, modality_of
+from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint
@@ -19,7 +20,6 @@ from utils.misc import (PROJECT_ROOT, UserError, interrupted_message, learning_r
                         plain_args, seed_everything, topk_accuracy)
 from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_fresh_run, check_resume,
                        disk_use, open_run, restore, save_epoch)
-from . import clips
 
 VAL_SEED, VAL_SHARE = 666, 0.3   # CoCLR validates on this random share of the test split
 

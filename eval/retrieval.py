@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from backbone import build_backbone
 from dataset import build_dataset
 from dataset.video_dataset import data_location, modality_of
+from eval import clips
 from model.classifier import backbone_weights, check_modality
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from utils.misc import PROJECT_ROOT, format_args, git_revision, plain_args
-from . import clips
 
 KS = (1, 5, 10, 20, 50)
 CACHE_VERSION = 2   # bump when the extraction changes

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from utils.misc import UserError, run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = {   # pretraining and finetuning lengths (0 iterations: whole epochs), sizes
     'cpu': dict(pre_epochs=1, pre_iters=15, save_freq=1, coclr_k=64, ft_epochs=1, ft_iters=15,
@@ -47,7 +49,7 @@ def main():
     prof['pre_epochs'] = args.pre_epochs or prof['pre_epochs']
     out = Path(args.output_dir).resolve()
     if out.exists():
-        sys.exit(f'error: --output_dir {out} exists; remove it or choose another')
+        raise UserError(f'--output_dir {out} exists; remove it or choose another')
     out.mkdir(parents=True)
     log, commands, t0 = open(out / 'pipeline.log', 'w'), [], time.time()
     common = ['--device', args.device, '-j', prof['workers']] + (
@@ -132,4 +134,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)
