@@ -1,6 +1,8 @@
-"""Action recognition and retrieval on top of a pretrained network (docs/METHOD.md, Evaluation).
-One command line, three jobs, each in its own module:
+"""Action recognition and retrieval on top of a pretrained network (docs/METHOD.md,
+Evaluation): train a classifier (--pretrain or --resume), test it (--test with a crop flag), or
+nearest-neighbour retrieval (--test --retrieval).
 
+One command line, three jobs, each in its own module:
 - train (eval/finetune.py): --pretrain CKPT|random (or --resume), --train_what ft|last;
 - test (eval/crop_test.py): --test CKPT --center_crop|--five_crop|--ten_crop;
 - retrieval (eval/retrieval.py): --test CKPT|random --retrieval.
