@@ -45,8 +45,11 @@ def run(args, rt):
     if not rt.is_main:
         return None
     labels = torch.tensor(videos.labels, device=probs.device)
-    summaries = {'center': probs[:, 0], 'five': probs[:, :5].mean(1), 'ten': probs.mean(1)}
-    summaries = dict(list(summaries.items())[:list(clips.NUM_CROPS).index(crops) + 1])
+    summaries = {'center': probs[:, 0]}            # ten crops contain five, five the centre
+    if crops != 'center':
+        summaries['five'] = probs[:, :5].mean(1)
+    if crops == 'ten':
+        summaries['ten'] = probs.mean(1)
     results = {name: clips.video_accuracy(p, labels) for name, p in summaries.items()}
     prob_file = result.with_name(result.stem + '_prob.pth')
     meta = {'checkpoint': clips.checkpoint_id(args.test), 'crops': crops, 'dataset': args.dataset,

@@ -135,7 +135,8 @@ def train(args, rt):
                 val = validate(model, val_videos, args, rt, epoch)
                 record.update({f'val_{k}': v for k, v in val.items()}, val_set=args.val_set)
                 is_best = val['top1'] > best_acc or best_epoch < 0
-                best_acc, best_epoch = (val['top1'], epoch) if is_best else (best_acc, best_epoch)
+                if is_best:
+                    best_acc, best_epoch = val['top1'], epoch
                 for k, v in val.items() if writer is not None else ():
                     writer.add_scalar(f'val_{args.val_set}/{k}', v, epoch)
             if info.is_main:
