@@ -1,5 +1,6 @@
-"""The classifier (model/classifier.py) and the training modes of eval/main_classifier.py, on a
-tiny real dataset built here: LMDBs of JPEG frames, split CSVs, ClassInd.txt (SPEC §3).
+"""The classifier (model/classifier.py) and the training job of eval/main_classifier.py, on a
+tiny real dataset built here: LMDBs of JPEG frames, split CSVs, ClassInd.txt (docs/METHOD.md,
+Data).
 
 Small settings throughout (S3D, 8-frame clips at stride 2, 32-pixel crops, one or two
 iterations) so the file runs in well under a minute on two CPU cores.
