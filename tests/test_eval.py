@@ -27,7 +27,8 @@ from utils.config import parse_args
 from utils.misc import UserError
 
 PROJECT = Path(__file__).resolve().parents[1]
-MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
 # Errors raised by utils/ (checkpoint loading): bad input, of the project's type once utils uses it.
 LOAD_ERRORS = (FileNotFoundError, ValueError, UserError)
 
@@ -297,7 +298,8 @@ def test_ten_crop_test_writes_results_and_fusion(data_root, checkpoints, tmp_pat
           str(checkpoints['cls']), '--center_crop', '--output_dir', str(tmp_path),
           '--max_videos', '3')
     flow = tmp_path / 'cls_best_tiny-f_split1_center_prob.pth'
-    result = merge_2stream_prob.main(['--prob1', str(tmp_path / 'cls_best_tiny_split1_ten_prob.pth'),
+    rgb_file = tmp_path / 'cls_best_tiny_split1_ten_prob.pth'
+    result = merge_2stream_prob.main(['--prob1', str(rgb_file),
                                       '--prob2', str(flow), '--output', str(tmp_path / 'f.json')])
     assert result['videos'] == 3 and set(result) == {'first', 'second', 'fusion', 'videos'}
     assert json.loads((tmp_path / 'f.json').read_text())['fusion'] == result['fusion']
@@ -499,7 +501,8 @@ def test_seed_commands_parse(checkpoints):
             'selected_rgb_finetuned_checkpoint.pth.tar': checkpoints['cls']})
         args = parser.parse_args(argv)
         assert main_classifier.check_args(args, parser) == job
-        assert args.protocol == 'coclr' and args.net == 's3d' and args.dataset == 'ucf101' and args.seq_len == 32
+        assert args.protocol == 'coclr' and args.net == 's3d' and args.dataset == 'ucf101'
+        assert args.seq_len == 32
     # torch.distributed.launch passes --local-rank=K (older: --local_rank=K).
     for flag in ('--local-rank=1', '--local_rank=1'):
         assert parser.parse_args(argv + [flag]).local_rank == 1
