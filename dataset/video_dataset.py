@@ -89,7 +89,8 @@ class VideoDataset(Dataset):
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
                  views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
                  strong_prob=0.0, two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
-                 crop_scale=(0.2, 1.0), decode='cpu', local_segments=0, description='dataset'):
+                 crop_scale=(0.2, 1.0), decode='cpu', local_segments=0, description='dataset',
+                 test_windows='all', stored_size=False):
         self.mode, self.views, self.seq_len, self.ds = mode, views, seq_len, ds
         self.img_dim = img_dim
         self.test_size = test_size or round(img_dim * 8 / 7)
@@ -102,6 +103,7 @@ class VideoDataset(Dataset):
         self.local_segments = local_segments
         self.lmdbs = {m: db if isinstance(db, VideoLMDB) else VideoLMDB(db)
                       for m, db in (('rgb', rgb_lmdb), ('flow', flow_lmdb)) if db is not None}
+        self.test_windows, self.stored_size = test_windows, stored_size
         if not names:
             raise UserError(f'{description}: the split lists no videos')
         for db in self.lmdbs.values():
@@ -156,13 +158,19 @@ class VideoDataset(Dataset):
         item = {'label': self.labels[index], 'source': self.sources[index], 'index': index}
         n = self._length(name)
         if self.mode == 'test':
-            windows = sampler.test_windows(n, self.seq_len, self.ds)           # W x T
+            # test_windows 'all': every window; 'random': one, drawn as training draws a clip.
+            # stored_size: frames as stored, else resized to a short side of test_size.
+            windows = (sampler.train_indices(n, self.seq_len, self.ds)[None]
+                       if self.test_windows == 'random'
+                       else sampler.test_windows(n, self.seq_len, self.ds))       # W x T
             unique, inverse = torch.unique(windows, return_inverse=True)
             for m, db in self.lmdbs.items():
                 frames = decode_frames(db.read_bytes(name, unique.tolist()), name=name,
                                        indices=unique.tolist(), source=db.path)
                 self._check_size(*frames.shape[-2:], name, db.path)
-                item[m] = augment.resize_short_side(frames, self.test_size)[inverse]  # W x T x 3 x h x w
+                if not self.stored_size:
+                    frames = augment.resize_short_side(frames, self.test_size)
+                item[m] = frames[inverse]                         # W x T x 3 x h x w
             return item
         indices, strong = self._plan_views(n)
         unique, inverse = torch.unique(indices, return_inverse=True)   # decode each frame once

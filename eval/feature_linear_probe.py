@@ -14,19 +14,17 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dataset import DatasetName
-from eval import retrieval
-from eval import video_eval as ve
+from backbone import MIN_SEGMENT_FRAMES
+from eval import clips, retrieval
 from utils import distributed as du
 from utils.config import FRACTION, POSITIVE, POSITIVE_REAL, parse_args
-from backbone import MIN_SEGMENT_FRAMES
 from utils.misc import format_args, git_revision, plain_args, run_main
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ve.add_common_flags(p, batch_size=32)
+    clips.add_common_flags(p)
     g = p.add_argument_group('linear probe')
     g.add_argument('--test', required=True,
                    help='checkpoint whose backbone gives the features (pretraining or '
@@ -44,76 +42,52 @@ def build_parser():
     return p
 
 
-def make_probe(C, max_iter, seed):
-    # Standardised with the train statistics only (unlike retrieval, which centres each set by
-    # its own mean: here test features must not inform the preprocessing).
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter,
-                                                              random_state=seed))
-
-
-def choose_c(x, y, sources, Cs, fraction, max_iter, seed):
-    """The C of ``Cs`` with the best accuracy on held-out source groups; {C: accuracy}."""
-    kept, held = ve.holdout_split(list(sources), fraction, seed)
-    scores = {}
-    for C in Cs:
-        probe = make_probe(C, max_iter, seed).fit(x[kept], y[kept])
-        scores[C] = 100.0 * float((probe.predict(x[held]) == y[held]).mean())
-    return max(scores, key=lambda c: (scores[c], -c)), scores   # ties: the stronger regulariser
-
-
-def top_k(probe, x, y, ks=(1, 5)):
-    """Percent of rows whose label is among the k most probable classes, for each k."""
-    proba = probe.predict_proba(x)
-    order = probe.classes_[np.argsort(-proba, axis=1)]
-    return {f'top{k}': 100.0 * float((order[:, :k] == y[:, None]).any(1).mean()) for k in ks}
-
-
 def main(argv=None):
     parser = build_parser()
     args = parse_args(parser, argv)
-    ve.check_single_view(DatasetName.parse(args.dataset), args.dataset)
     if args.seq_len < MIN_SEGMENT_FRAMES.get(args.net, 1):
         parser.error(f'--seq_len {args.seq_len} is too short for --net {args.net}')
-    rt = ve.start(args)
+    clips.check_single_view(args.dataset)
+    rt = clips.start(args)
     try:
-        return run(args, rt)
+        path = clips.result_path(args, retrieval.experiment_dir(args),
+                                 f'feature_probe_{args.dataset}_split{args.which_split}')
+        rt.say(f'=> git {git_revision()}\n=> args:\n{format_args(args)}')
+        what, weights, _, feats = retrieval.features(args, rt)
     finally:
         du.cleanup()
-
-
-def run(args, rt):
-    backbone, what = retrieval.load_backbone(args)
-    weights = retrieval.weights_id(args.test, args.seed)
-    cache_dir = retrieval.cache_dir(args)
-    rt.say(f'=> git {git_revision()}\n=> linear probe on the features of {what}\n=> args:\n'
-           f'{format_args(args)}')
-    path = ve.result_path(args, retrieval.experiment_dir(args),
-                          f'feature_probe_{args.dataset}_split{args.which_split}')
-    feats = {part: retrieval.extract_features(args, part, retrieval.split_videos(args, part),
-                                              backbone, weights, rt, cache_dir)
-             for part in ('train', 'test')}
     if not rt.is_main:
         return None
-    x_train = feats['train']['features'].double().numpy()
-    y_train = feats['train']['labels'].numpy()
-    x_test = feats['test']['features'].double().numpy()
-    y_test = feats['test']['labels'].numpy()
-    C, scores = choose_c(x_train, y_train, feats['train']['sources'].tolist(), args.Cs,
-                         args.holdout_fraction, args.max_iter, args.seed)
+    x = {part: f['features'].double().numpy() for part, f in feats.items()}
+    y = {part: f['labels'].numpy() for part, f in feats.items()}
+
+    def probe(C, rows=slice(None)):
+        # Standardised with the train statistics only (test features inform nothing).
+        return make_pipeline(StandardScaler(), LogisticRegression(
+            C=C, max_iter=args.max_iter, random_state=args.seed)).fit(x['train'][rows],
+                                                                      y['train'][rows])
+
+    # C: the best on held-out source groups of the train split (ties: the stronger regulariser).
+    kept, held = clips.holdout_split(feats['train']['sources'].tolist(), args.holdout_fraction,
+                                     args.seed)
+    scores = {C: 100.0 * float((probe(C, kept).predict(x['train'][held]) == y['train'][held])
+                               .mean()) for C in args.Cs}
+    C = max(scores, key=lambda c: (scores[c], -c))
     print('=> held-out accuracy by C: ' + ', '.join(f'C={c:g}: {a:.1f}' for c, a in scores.items()))
     if len(scores) > 1 and len(set(scores.values())) == 1:
-        print(f'=> warning: every C scored {next(iter(scores.values())):.1f} on the held-out part; '
-              f'C={C:g} is an arbitrary choice (too few videos? see --holdout_fraction)')
-    probe = make_probe(C, args.max_iter, args.seed).fit(x_train, y_train)
-    acc = top_k(probe, x_test, y_test)
-    path.write_text(json.dumps({'checkpoint': ve.checkpoint_id(args.test), 'weights': weights,
-                                'C': C,
+        print(f'=> warning: every C scored the same on the held-out part; C={C:g} is an arbitrary '
+              f'choice (too few videos? see --holdout_fraction)')
+    final = probe(C)
+    order = final.classes_[np.argsort(-final.predict_proba(x['test']), axis=1)]
+    acc = {f'top{k}': 100.0 * float((order[:, :k] == y['test'][:, None]).any(1).mean())
+           for k in (1, 5)}
+    path.write_text(json.dumps({'checkpoint': clips.checkpoint_id(args.test), 'weights': weights,
+                                'backbone': what, 'protocol': args.protocol, 'C': C,
                                 'holdout_accuracy': {str(c): a for c, a in scores.items()},
-                                'train_videos': len(y_train), 'test_videos': len(y_test), **acc,
-                                'git': git_revision(), 'args': plain_args(args)}, indent=1))
-    print(f'=> results {path}')
-    print(f'feature linear probe {args.dataset} split{args.which_split}: top1={acc["top1"]:.1f} '
-          f'top5={acc["top5"]:.1f} (C={C:g})')
+                                'train_videos': len(y['train']), 'test_videos': len(y['test']),
+                                **acc, 'git': git_revision(), 'args': plain_args(args)}, indent=1))
+    print(f'=> results {path}\nfeature linear probe {args.dataset} split{args.which_split}: '
+          f'top1={acc["top1"]:.1f} top5={acc["top5"]:.1f} (C={C:g}, protocol {args.protocol})')
     return {'C': C, **acc}
 
 

@@ -1,11 +1,9 @@
 """Two-stream late fusion: average the per-video probabilities of an RGB and a flow test run
 (``main_classifier.py --test ... --ten_crop`` writes them as ``*_prob.pth``) and report
-top-1/top-5 of each stream and of the fusion.
+top-1/top-5 of each stream and of the fusion. The two files must hold the same videos (in any
+order), labels and classes; otherwise the script stops and names the difference.
 
     python eval/merge_2stream_prob.py --prob1 RGB_prob.pth --prob2 FLOW_prob.pth
-
-The two files must hold the same videos (in any order) with the same labels and classes;
-otherwise the script stops and names the difference.
 """
 import argparse
 import json
@@ -13,81 +11,65 @@ from pathlib import Path
 
 import torch
 
-from eval.video_eval import load_probabilities, video_accuracy
 from dataset.video_dataset import recorded_modality
-from utils.misc import run_main
+from eval.clips import video_accuracy
+from utils.checkpoint import load_checkpoint
+from utils.misc import UserError, run_main
 
 
-def align(first, second):
-    """Reorder ``second`` to ``first``'s video order; refuse files that disagree on videos,
-    labels or classes (naming the difference)."""
-    names1, names2 = list(first['names']), list(second['names'])
-    for which, names in (('first', names1), ('second', names2)):
-        if len(set(names)) != len(names):
-            raise ValueError(f'the {which} file lists a video twice')
-    only1, only2 = sorted(set(names1) - set(names2)), sorted(set(names2) - set(names1))
-    if only1 or only2:
-        def head(names):
-            return ', '.join(names[:3]) + (f' ... ({len(names)} in all)' if len(names) > 3 else '')
-        parts = [f'{len(only1)} only in the first ({head(only1)})' if only1 else '',
-                 f'{len(only2)} only in the second ({head(only2)})' if only2 else '']
-        raise ValueError('the two probability files hold different videos: '
-                         + '; '.join(p for p in parts if p))
-    if list(first['classes']) != list(second['classes']):
-        raise ValueError(f'the two files have different classes ({len(first["classes"])} vs '
-                         f'{len(second["classes"])}, e.g. {list(first["classes"])[:2]} vs '
-                         f'{list(second["classes"])[:2]})')
-    position = {n: i for i, n in enumerate(names2)}
-    order = torch.tensor([position[n] for n in names1], dtype=torch.long)
-    labels2 = second['labels'][order]
-    differ = (labels2 != first['labels']).nonzero().flatten().tolist()
-    if differ:
-        raise ValueError(f'{len(differ)} video(s) have different labels in the two files, e.g. '
-                         f'{names1[differ[0]]}')
-    return second['probs'][order]
-
-
-def fuse(probs1, probs2):
-    """Late fusion: the mean of the two streams' probabilities ``[V, C]``."""
-    return (probs1.float() + probs2.float()) / 2
+def load_probabilities(path, flag):
+    data = load_checkpoint(path, flag, required=('names', 'labels', 'probs', 'classes'),
+                           what='probability file of main_classifier.py --test')
+    if not len(data['names']) == len(data['probs']) == len(data['labels']):
+        raise UserError(f'{flag}: {path} is inconsistent: {len(data["names"])} names, '
+                        f'{len(data["probs"])} probabilities, {len(data["labels"])} labels')
+    return data
 
 
 def merge(path1, path2):
+    """Top-1/top-5 of each stream and of the mean of their probabilities."""
     if Path(path1).resolve() == Path(path2).resolve():
-        raise ValueError(f'--prob1 and --prob2 are the same file ({path1}); fusion needs the '
-                         f'RGB and the flow stream')
-    first = load_probabilities(path1, '--prob1')
-    second = load_probabilities(path2, '--prob2')
-    modalities = recorded_modality(first.get('meta')), recorded_modality(second.get('meta'))
-    if modalities[0] is not None and modalities[0] == modalities[1]:
-        raise ValueError(f'{path1} and {path2} are both {modalities[0].upper()} streams '
-                         f'(--dataset {first["meta"]["dataset"]} and '
-                         f'{second["meta"]["dataset"]}); fusion needs the RGB and the flow stream')
-    try:
-        probs2 = align(first, second)
-    except ValueError as e:
-        raise ValueError(f'{path1} vs {path2}: {e}') from None
-    labels = first['labels']
-    return {'first': video_accuracy(first['probs'], labels),
+        raise UserError(f'--prob1 and --prob2 are the same file ({path1}); fusion needs the '
+                        f'RGB and the flow stream')
+    first, second = load_probabilities(path1, '--prob1'), load_probabilities(path2, '--prob2')
+    modality = [recorded_modality(f.get('meta')) for f in (first, second)]
+    if modality[0] is not None and modality[0] == modality[1]:
+        raise UserError(f'{path1} and {path2} are both {modality[0].upper()} streams; fusion '
+                        f'needs the RGB and the flow stream')
+    names1, names2 = list(first['names']), list(second['names'])
+    if len(set(names1)) < len(names1) or len(set(names2)) < len(names2):
+        raise UserError(f'{path1} or {path2} lists a video twice')
+    only = [sorted(set(a) - set(b)) for a, b in ((names1, names2), (names2, names1))]
+    if any(only):
+        raise UserError(f'{path1} vs {path2}: the files hold different videos: ' + '; '.join(
+            f'{len(o)} only in the {which} ({", ".join(o[:3])})'
+            for o, which in zip(only, ('first', 'second')) if o))
+    if list(first['classes']) != list(second['classes']):
+        raise UserError(f'{path1} vs {path2}: different classes ({len(first["classes"])} vs '
+                        f'{len(second["classes"])})')
+    order = torch.tensor([names2.index(n) for n in names1])
+    labels, probs2 = first['labels'], second['probs'][order].float()
+    differ = (second['labels'][order] != labels).nonzero().flatten().tolist()
+    if differ:
+        raise UserError(f'{path1} vs {path2}: {len(differ)} video(s) have different labels, '
+                        f'e.g. {names1[differ[0]]}')
+    return {'first': video_accuracy(first['probs'].float(), labels),
             'second': video_accuracy(probs2, labels),
-            'fusion': video_accuracy(fuse(first['probs'], probs2), labels),
+            'fusion': video_accuracy((first['probs'].float() + probs2) / 2, labels),
             'videos': len(labels)}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--prob1', required=True, help='probability file of the first stream (RGB)')
     p.add_argument('--prob2', required=True, help='probability file of the second stream (flow)')
     p.add_argument('--output', default=None, help='also write the numbers to this JSON file')
     args = p.parse_args(argv)
-    try:
-        result = merge(args.prob1, args.prob2)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f'error: {e}')
+    result = merge(args.prob1, args.prob2)
     print(f'{result["videos"]} videos\n{"stream":<8}{"top1":>8}{"top5":>8}')
     for name, label in (('first', 'prob1'), ('second', 'prob2'), ('fusion', 'fusion')):
-        r = result[name]
-        print(f'{label:<8}{r["top1"]:>8.2f}{r["top5"]:>8.2f}')
+        print(f'{label:<8}{result[name]["top1"]:>8.2f}{result[name]["top5"]:>8.2f}')
     if args.output:
         Path(args.output).write_text(json.dumps({'prob1': args.prob1, 'prob2': args.prob2,
                                                  **result}, indent=1))

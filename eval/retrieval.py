@@ -1,13 +1,13 @@
-"""Video features of a checkpoint (cached by checkpoint content), nearest-neighbour retrieval
-and its picture. Used by ``main_classifier.py --retrieval`` and ``feature_linear_probe.py``.
+"""Nearest-neighbour retrieval (main_classifier.py --test CKPT|random --retrieval) and the video
+features it shares with feature_linear_probe.py (docs/METHOD.md, Evaluation).
 
-Feature of a video (SPEC §4): the backbone's globally pooled output for the center crop of each
-test window, averaged over the video's windows. By default each clip's feature is L2-normalised
-before the average (``--feature_l2norm``): the reference computed retrieval features with its
-linear-probe classifier (its default ``--train_what last``), whose features are normalised.
-Retrieval: each set (train, test) centred by its own mean and L2-normalised; every test video
-queries the train videos by cosine similarity; R@k = percent of queries with a video of the same
-class among their k nearest train videos.
+A video's feature: the backbone's pooled output of its centre-crop views (L2-normalised per clip
+with --feature_l2norm, as the reference's linear-probe features are), averaged over its windows.
+Queries: every window of each test video. Gallery, --protocol coclr: the train split read as in
+training, one clip per video at a random start; --protocol clean: every window of each train
+video. Seeded: a run repeats. Each set is centred by its own mean and L2-normalised; R@k is the
+percent of queries with a gallery video of their class among the k most cosine-similar.
+Features are cached by the checkpoint's content and everything else they depend on.
 """
 import argparse
 import hashlib
@@ -17,239 +17,157 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import write_png
 
 from backbone import build_backbone
 from dataset import build_dataset
-from dataset.augment import resize_short_side
-from model.classifier import backbone_weights
-from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from dataset.video_dataset import data_location, modality_of
-from model.classifier import check_modality
-from utils.misc import PROJECT_ROOT
-from . import video_eval as ve
+from eval import clips
+from model.classifier import backbone_weights, check_modality
+from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
+from utils.misc import PROJECT_ROOT, format_args, git_revision, plain_args
 
 KS = (1, 5, 10, 20, 50)
-CACHE_VERSION = 1   # bump when the extraction changes, so old caches are not taken for new
+CACHE_VERSION = 2   # bump when the extraction changes
 
 
 def add_feature_flags(parser):
     g = parser.add_argument_group('features (retrieval, feature linear probe)')
     g.add_argument('--dirname', default='features',
-                   help='folder of the feature cache; a relative path is taken inside the '
-                        "checkpoint's folder (as the reference), or inside "
-                        '<output_dir>/random_<net>/ for --test random')
+                   help="feature cache folder; a relative path is taken in the checkpoint's "
+                        'folder, or in <output_dir>/random_<net>/ for --test random')
     g.add_argument('--feature_l2norm', action=argparse.BooleanOptionalAction, default=True,
-                   help="L2-normalise each clip's feature before the mean over windows (the "
-                        "reference's retrieval features are)")
-    return parser
+                   help="L2-normalise each clip's feature before the mean over windows")
 
-
-# ----------------------------------------------------------------------------------------------
-# Retrieval (pure)
 
 def center_normalize(x):
-    """Centre a set of features ``[N, F]`` by its own mean, then L2-normalise each row."""
     return F.normalize(x - x.mean(0, keepdim=True), dim=1)
 
 
 def nearest(query, gallery, k):
-    """Indices ``[Q, k]`` of the ``k`` most cosine-similar gallery rows of each (normalised)
-    query row, most similar first."""
+    """Indices [Q, k] of each query row's k most similar gallery rows, best first."""
     return (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1).indices
 
 
 def recall_at_k(query, query_labels, gallery, gallery_labels, ks=KS):
-    """Percent of queries with a gallery item of their class among the k nearest, for each k
-    (features already normalised; a k beyond the gallery size counts the whole gallery)."""
-    idx = nearest(query, gallery, max(ks))
-    hit = gallery_labels[idx] == query_labels[:, None]                 # Q x k_max
+    """R@k of normalised features (a k beyond the gallery counts all of it)."""
+    hit = gallery_labels[nearest(query, gallery, max(ks))] == query_labels[:, None]
     return {k: 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
 
-def retrieval_recall(test_features, test_labels, train_features, train_labels, ks=KS):
-    """SPEC §4: each set centred by its own mean and normalised; the test set queries train."""
-    return recall_at_k(center_normalize(test_features.float()), test_labels,
-                       center_normalize(train_features.float()), train_labels, ks)
-
-
-def recall_line(dataset, split, recall):
-    return f'retrieval {dataset} split{split}: ' + ' '.join(
-        f'R@{k}={v:.1f}' for k, v in recall.items())
-
-
-# ----------------------------------------------------------------------------------------------
-# The feature cache: keyed by the checkpoint's content and everything the features depend on
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 22), b''):
-            h.update(block)
-    return h.hexdigest()
+def recall_line(dataset, split, recall, protocol):
+    return (f'retrieval {dataset} split{split} (protocol {protocol}): '
+            + ' '.join(f'R@{k}={v:.1f}' for k, v in recall.items()))
 
 
 def weights_id(test, seed):
-    """What the weights are: the sha256 of the checkpoint file, or the seed of a random init."""
-    return f'random-seed{seed}' if test == 'random' else 'sha256:' + file_sha256(test)
+    if test == 'random':
+        return f'random-seed{seed}'
+    with open(test, 'rb') as f:
+        return 'sha256:' + hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def lmdb_identity(path):
-    """Where an LMDB is and which version of it: real path, size and modification time of its
-    data file (a rewritten LMDB under the same path is another one)."""
+    """Real path, size and modification time of an LMDB's data file."""
     path = Path(path).resolve()
     st = (path / 'data.mdb' if path.is_dir() else path).stat()
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def cache_key(args, part, weights, videos):
-    """Everything the features of one set depend on: the weights, the settings, and the frames
-    of ``videos`` (a :class:`video_eval.Videos`: which videos in which order, from which LMDBs)."""
-    return {'version': CACHE_VERSION, 'weights': weights, 'net': args.net, 'dataset': args.dataset,
-            'split': args.which_split, 'part': part, 'seq_len': args.seq_len, 'ds': args.ds,
-            'img_dim': args.img_dim, 'feature_l2norm': args.feature_l2norm,
+    flags = ('net', 'dataset', 'which_split', 'seq_len', 'ds', 'img_dim', 'feature_l2norm',
+             'protocol', 'seed', 'photometric_on_flow', 'legacy_flow_flip')
+    return {'version': CACHE_VERSION, 'weights': weights, 'part': part,
+            **{k: getattr(args, k) for k in flags},
             'videos': hashlib.sha256('\n'.join(videos.names).encode()).hexdigest(),
-            'lmdbs': {m: lmdb_identity(db.path) for m, db in sorted(videos.dataset.lmdbs.items())}}
+            'lmdbs': {m: lmdb_identity(db.path) for m, db in videos.dataset.lmdbs.items()}}
 
 
 def cache_file(folder, key):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(folder) / f'{key["dataset"]}_split{key["split"]}_{key["part"]}_{digest}.pth'
+    return Path(folder) / f'{key["dataset"]}_split{key["which_split"]}_{key["part"]}_{digest}.pth'
 
 
 def experiment_dir(args):
-    """The folder a checkpoint's evaluation belongs to: the checkpoint's own, or for
-    ``--test random`` <output_dir (default experiments/)>/random_<net>."""
+    """The checkpoint's folder, or <output_dir or experiments/>/random_<net> for random."""
     if args.test == 'random':
-        root = Path(args.output_dir) if args.output_dir else PROJECT_ROOT / 'experiments'
-        return root / f'random_{args.net}'
+        return Path(args.output_dir or PROJECT_ROOT / 'experiments') / f'random_{args.net}'
     return Path(args.test).resolve().parent
 
 
-def cache_dir(args):
-    return experiment_dir(args) / args.dirname       # an absolute --dirname stays as it is
-
-
-def read_cache(path, key):
-    """Cached features for ``key``, or None (no file, or a file made for another key)."""
-    if not path.is_file():
-        return None
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-        return None   # unreadable (e.g. a run killed while writing it): computed again
-    return data if isinstance(data, dict) and data.get('key') == key else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Extraction
-
-def load_backbone(args, flag='--test'):
-    """The backbone of ``args.test`` (a pretraining or classifier checkpoint), or a random one
-    (seeded) for ``--test random``. Returns (backbone, description)."""
+def load_backbone(args):
+    """The backbone of --test (pretraining or classifier checkpoint), or a seeded random one."""
     torch.manual_seed(args.seed)
     backbone = build_backbone(args.net)
     if args.test == 'random':
         return backbone, f'random initialisation (seed {args.seed})'
-    ckpt = load_checkpoint(args.test, flag)
-    source = f'{flag} {args.test}'
+    ckpt, source = load_checkpoint(args.test, '--test'), f'--test {args.test}'
     check_modality(ckpt, modality_of(args.dataset), source)
     load_exact(backbone, backbone_weights(ckpt['state_dict'], source), source)
     return backbone, f'{args.test} (epoch {ckpt.get("epoch")})'
 
 
-def feature_fn(backbone, l2norm):
-    def fn(x):                                                     # N x 3 x T x s x s
-        f = F.adaptive_avg_pool3d(backbone(x), 1).flatten(1)       # N x F
-        return F.normalize(f, dim=1) if l2norm else f
-    return fn
-
-
 def split_videos(args, part):
-    """The videos of ``part`` ('train' or 'test') of ``--which_split``, each item holding every
-    test window (limited by ``--max_videos``), as :class:`video_eval.Videos`."""
+    """Queries ('test') or gallery ('train') as clips.Videos, read as --protocol says."""
+    coclr = args.protocol == 'coclr'
     ds = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
-                       ds=args.ds, img_dim=args.img_dim)
+                       ds=args.ds, img_dim=args.img_dim, stored_size=coclr)
     if part == 'train':
-        ds = ve.with_test_windows(ds, f'dataset {args.dataset!r} (train split)')
-    return ve.Videos(ds, ve.spread_indices(len(ds), args.max_videos))
+        ds = clips.test_mode(ds, f'dataset {args.dataset!r} (train split)', stored_size=coclr,
+                             test_windows='random' if coclr else 'all')
+    return clips.Videos(ds, clips.spread_indices(len(ds), args.max_videos))
 
 
-def extract_features(args, part, videos, backbone, weights, rt, folder):
-    """Features of every video of ``videos`` (from the cache when it holds this exact key):
-    ``{'features': [N, F], 'labels', 'sources', 'names', 'classes', 'key'}``."""
-    key = cache_key(args, part, weights, videos)
-    path = cache_file(folder, key)
-    cached = read_cache(path, key)
-    if cached is not None:
-        rt.say(f'=> {part} features: cached {path}')
-        return cached
-    rt.say(f'=> {part} features: computing {len(videos)} videos into {path}')
-    backbone.to(rt.device, memory_format=rt.memory_format).eval()
-    modality = ve.modality_of(videos)
-    out = ve.video_outputs(feature_fn(backbone, args.feature_l2norm), videos, modality=modality,
-                           img_dim=args.img_dim, crops='center', device=rt.device,
-                           batch_size=args.batch_size, workers=args.workers,
-                           amp_dtype=rt.amp_dtype, memory_format=rt.memory_format,
-                           desc=f'{part} features', show_progress=rt.is_main)
-    data = {'key': key, 'features': out[:, 0].cpu(), 'names': videos.names,
-            'labels': torch.tensor(videos.labels), 'sources': torch.tensor(videos.sources),
-            'classes': list(videos.dataset.classes)}
-    if rt.is_main:
-        save_checkpoint(data, path)
-    return data
+def features(args, rt):
+    """(backbone description, weights id, {part: clips.Videos}, {part: {'features': [N, F],
+    'labels', 'sources', 'key'}}) of the train and test splits, from the cache when it holds
+    the exact key."""
+    backbone, what = load_backbone(args)
+    weights = weights_id(args.test, args.seed)
+    videos, feats = {part: split_videos(args, part) for part in ('train', 'test')}, {}
+    for part, v in videos.items():
+        key = cache_key(args, part, weights, v)
+        path = cache_file(experiment_dir(args) / args.dirname, key)
+        try:
+            feats[part] = torch.load(path, map_location='cpu', weights_only=True)
+            if feats[part].get('key') == key:
+                rt.say(f'=> {part} features: cached {path}')
+                continue
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError):
+            pass   # none, unreadable (a run killed while writing it) or another key: computed
+        rt.say(f'=> {part} features: computing {len(v)} videos into {path}')
+        backbone.to(rt.device, memory_format=rt.memory_format).eval()
+        torch.manual_seed(args.seed + rt.info.rank)   # the gallery's random clips
+
+        def feature(x):
+            f = F.adaptive_avg_pool3d(backbone(x), 1).flatten(1)
+            return F.normalize(f, dim=1) if args.feature_l2norm else f
+
+        out = clips.video_outputs(feature, v, clips.TestViews(args, v.modality), 'center', rt,
+                                  args, desc=f'{part} features')
+        feats[part] = {'key': key, 'features': out[:, 0].cpu(), 'labels': torch.tensor(v.labels),
+                       'sources': torch.tensor(v.sources)}
+        if rt.is_main:
+            save_checkpoint(feats[part], path)
+    return what, weights, videos, feats
 
 
-# ----------------------------------------------------------------------------------------------
-# Picture of queries and their nearest neighbours (no matplotlib)
-
-GREEN, RED, WHITE, GREY = (0, 200, 0), (220, 0, 0), (255, 255, 255), (40, 40, 40)
-
-
-def neighbour_grid(queries, neighbours, correct, border=3, gap=4):
-    """One row per query: the query (white border), then its neighbours, each with a green
-    (same class) or red border. ``queries`` uint8 ``[Q, 3, s, s]``, ``neighbours`` ``[Q, k, 3, s,
-    s]``, ``correct`` bool ``[Q, k]`` -> uint8 image ``[3, H, W]``."""
-    q, k, _, s, _ = neighbours.shape
-    tile = s + 2 * border
-    height = q * tile + (q + 1) * gap
-    width = (k + 1) * tile + (k + 3) * gap            # a double gap after the query
-    img = torch.tensor(GREY, dtype=torch.uint8).view(3, 1, 1).repeat(1, height, width)
-
-    def put(image, colour, row, col):
-        top = gap + row * (tile + gap)
-        left = gap + col * (tile + gap) + (gap if col > 0 else 0)
-        img[:, top:top + tile, left:left + tile] = torch.tensor(colour).view(3, 1, 1)
-        img[:, top + border:top + border + s, left + border:left + border + s] = image
-
-    for i in range(q):
-        put(queries[i], WHITE, i, 0)
-        for j in range(k):
-            put(neighbours[i, j], GREEN if correct[i, j] else RED, i, j + 1)
-    return img
-
-
-def middle_frame(videos, position, size):
-    """A video's middle frame, resized as a test window and center-cropped: uint8 [3, s, s]."""
-    ds = videos.dataset
-    name = videos.names[position]
-    db = ds.lmdbs[ve.modality_of(videos)]
-    frame = db.read(name, [db.num_frames(name) // 2])                    # 1 x 3 x H x W
-    frame = resize_short_side(frame, ds.test_size)
-    return ve.take_crops(frame, size, 'center')[0, 0]
-
-
-def save_neighbour_picture(path, test_videos, train_videos, test, train, num_queries, size, k=5):
-    """PNG of ``num_queries`` test videos (spread over the test set) and their k nearest train
-    videos."""
-    queries = ve.spread_indices(len(test_videos), num_queries)
-    idx = nearest(center_normalize(test['features'].float()),
-                  center_normalize(train['features'].float()), k)[queries]
-    correct = train['labels'][idx] == test['labels'][queries][:, None]
-    grid = neighbour_grid(
-        torch.stack([middle_frame(test_videos, q, size) for q in queries]),
-        torch.stack([torch.stack([middle_frame(train_videos, int(j), size) for j in row])
-                     for row in idx]), correct)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(grid, str(path))
-    return path
+def run(args, rt):
+    result = clips.result_path(args, experiment_dir(args),
+                               f'retrieval_{args.dataset}_split{args.which_split}')
+    rt.say(f'=> git {git_revision()}\n=> retrieval on {args.dataset} split {args.which_split}, '
+           f'protocol {args.protocol}\n=> args:\n{format_args(args)}')
+    what, weights, videos, feats = features(args, rt)
+    if not rt.is_main:
+        return None
+    test, train = feats['test'], feats['train']
+    recall = recall_at_k(center_normalize(test['features'].float()), test['labels'],
+                         center_normalize(train['features'].float()), train['labels'])
+    report = {'checkpoint': clips.checkpoint_id(args.test), 'weights': weights, 'backbone': what,
+              'protocol': args.protocol, 'dataset': args.dataset, 'split': args.which_split,
+              'queries': len(videos['test']), 'gallery': len(videos['train']),
+              'recall': {f'R@{k}': v for k, v in recall.items()}, 'git': git_revision(),
+              'args': plain_args(args)}
+    result.write_text(json.dumps(report, indent=1))
+    print(f'=> results {result}\n' + recall_line(args.dataset, args.which_split, recall,
+                                                  args.protocol))
+    return report

@@ -1,18 +1,5 @@
-"""The action classifier of the evaluation (SPEC §4) and how pretrained weights enter it.
-
-backbone -> global average pool -> head -> logits. Two heads, as CoCLR's ``LinearClassifier``
-so its released classifiers load with ``strict=True``:
-
-- ``ft`` (finetune the whole network): ``final_fc = Sequential(Dropout(p), Linear)``, keys
-  ``final_fc.1.weight/bias``;
-- ``last`` (linear probe of a frozen backbone): L2 norm of the pooled feature, then
-  ``final_bn = BatchNorm1d``, then ``final_fc = Sequential(Linear)``, keys ``final_bn.*`` and
-  ``final_fc.0.weight/bias``. The backbone stays in eval mode (its BatchNorm statistics frozen).
-
-Pretrained weights come from a pretraining checkpoint of this project or CoCLR
-(``encoder_q.0.<backbone key>`` -> ``backbone.<backbone key>``) or from a classifier checkpoint
-(``backbone.*``, ``final_bn.*``, ``final_fc.*``).
-"""
+"""The action classifier (docs/METHOD.md, Evaluation) and how pretrained weights enter it:
+from a pretraining checkpoint (``encoder_q.0.*`` -> ``backbone.*``) or a classifier."""
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -20,6 +7,7 @@ from backbone import build_backbone
 from dataset.video_dataset import recorded_modality
 from utils import distributed as du
 from utils.checkpoint import load_exact, sub_state_dict
+from utils.misc import UserError
 
 HEADS = ('ft', 'last')
 PRETRAIN_PREFIX = 'encoder_q.0.'    # the query encoder's backbone in a pretraining checkpoint
@@ -27,13 +15,13 @@ BACKBONE_PREFIX = 'backbone.'
 
 
 class LinearClassifier(nn.Module):
-    """net: backbone name (s3d, s3dg, r50); num_classes; train_what: 'ft' or 'last' (the head,
-    above); dropout: dropout before the linear layer of the 'ft' head (CoCLR: 0.9)."""
+    """backbone -> global average pool -> head, with CoCLR's keys (its classifiers load
+    strictly). ``ft``: ``final_fc = Sequential(Dropout(dropout), Linear)``; ``last`` (linear
+    probe of the frozen backbone, kept in eval mode): L2 norm, ``final_bn = BatchNorm1d``,
+    ``final_fc = Sequential(Linear)``."""
 
     def __init__(self, net='s3d', num_classes=101, train_what='ft', dropout=0.9, in_channels=3):
         super().__init__()
-        if train_what not in HEADS:
-            raise ValueError(f'train_what must be one of {HEADS}, not {train_what!r}')
         self.train_what = train_what
         self.backbone = build_backbone(net, in_channels=in_channels)
         f = self.backbone.feature_dim
@@ -52,19 +40,17 @@ class LinearClassifier(nn.Module):
     def linear_probe(self):
         return self.train_what == 'last'
 
-    def head_keys(self):
-        """State-dict keys of the head: the only keys a pretraining checkpoint may lack."""
+    def head_keys(self):   # the only keys a pretraining checkpoint may lack
         return [k for k in self.state_dict() if not k.startswith(BACKBONE_PREFIX)]
 
     def head_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith(BACKBONE_PREFIX)]
 
-    def features(self, x):
-        """x: B x C x T x H x W -> pooled backbone feature B x F."""
-        return F.adaptive_avg_pool3d(self.backbone(x), 1).flatten(1)
+    def features(self, x):                                      # x: B x C x T x H x W
+        return F.adaptive_avg_pool3d(self.backbone(x), 1).flatten(1)   # B x F
 
-    def forward(self, x):                                       # x: B x C x T x H x W
-        feat = self.features(x)                                 # B x F
+    def forward(self, x):
+        feat = self.features(x)
         if self.linear_probe:
             feat = self.final_bn(F.normalize(feat, dim=1))      # CoCLR: L2 norm, then BN
         return self.final_fc(feat)                              # B x num_classes
@@ -83,17 +69,15 @@ def checkpoint_kind(state_dict, source):
     if any(k.startswith(BACKBONE_PREFIX) for k in state_dict):
         return 'classifier'
     example = next(iter(state_dict), 'none')
-    raise ValueError(f'{source}: neither a pretraining checkpoint (encoder_q.0.* keys) nor a '
-                     f'classifier (backbone.* keys); first key: {example!r}')
+    raise UserError(f'{source}: neither a pretraining checkpoint (encoder_q.0.* keys) nor a '
+                    f'classifier (backbone.* keys); first key: {example!r}')
 
 
 def head_layout(state_dict):
     """Which head a classifier state dict has: 'last', 'ft' or None (no head)."""
     if 'final_bn.weight' in state_dict or 'final_fc.0.weight' in state_dict:
         return 'last'
-    if 'final_fc.1.weight' in state_dict:
-        return 'ft'
-    return None
+    return 'ft' if 'final_fc.1.weight' in state_dict else None
 
 
 def backbone_weights(state_dict, source):
@@ -103,23 +87,18 @@ def backbone_weights(state_dict, source):
 
 
 def load_pretrained(model, state_dict, source):
-    """Initialise ``model`` (a :class:`LinearClassifier`) from ``state_dict``; return its kind.
-
-    A pretraining checkpoint gives the backbone (its query encoder's); only the new head may be
-    missing. A classifier checkpoint must match the model completely: same head and the same
-    number of classes (a mismatch is an error naming the shapes).
-    """
+    """Initialise ``model`` from ``state_dict``; return its kind. A pretraining checkpoint gives
+    the backbone (only the new head may be missing); a classifier must match completely."""
     kind = checkpoint_kind(state_dict, source)
     if kind == 'pretrain':
-        encoder = sub_state_dict(state_dict, PRETRAIN_PREFIX)
-        weights = {BACKBONE_PREFIX + k: v for k, v in encoder.items()}
+        weights = {BACKBONE_PREFIX + k: v for k, v in backbone_weights(state_dict, source).items()}
         load_exact(model, weights, source, allowed_missing=model.head_keys())
         return kind
     layout = head_layout(state_dict)
     if layout is not None and layout != model.train_what:
         keys = 'final_bn + final_fc.0' if layout == 'last' else 'dropout + final_fc.1'
-        raise ValueError(f'{source} is a classifier with the {layout!r} head ({keys}); this run '
-                         f'builds the {model.train_what!r} head: pass --train_what {layout}')
+        raise UserError(f'{source} is a classifier with the {layout!r} head ({keys}); this run '
+                        f'builds the {model.train_what!r} head: pass --train_what {layout}')
     load_exact(model, state_dict, source)
     return kind
 
@@ -135,6 +114,6 @@ def check_modality(ckpt, modality, source):
     if found != modality:
         args = ckpt['args']
         trained = f'--dataset {args["dataset"]}' + (' --reverse' if args.get('reverse') else '')
-        raise ValueError(f'{source} holds a network trained on {found.upper()} ({trained}), but '
-                         f'{modality.upper()} is needed here; give a checkpoint of a '
-                         f'{modality.upper()} run')
+        raise UserError(f'{source} holds a network trained on {found.upper()} ({trained}), but '
+                        f'{modality.upper()} is needed here; give a checkpoint of a '
+                        f'{modality.upper()} run')

@@ -1,5 +1,6 @@
-"""The classifier (model/classifier.py) and the training modes of eval/main_classifier.py, on a
-tiny real dataset built here: LMDBs of JPEG frames, split CSVs, ClassInd.txt (SPEC §3).
+"""The classifier (model/classifier.py) and the training job of eval/main_classifier.py, on a
+tiny real dataset built here: LMDBs of JPEG frames, split CSVs, ClassInd.txt (docs/METHOD.md,
+Data).
 
 Small settings throughout (S3D, 8-frame clips at stride 2, 32-pixel crops, one or two
 iterations) so the file runs in well under a minute on two CPU cores.
@@ -13,10 +14,15 @@ import torch
 from dataset import LMDBWriter, encode_frames
 from helpers import coclr_reference
 from dataset.splits import group_splits, write_split_files
-from eval import main_classifier
+from eval import finetune, main_classifier
 from model.classifier import LinearClassifier, checkpoint_kind, head_layout, load_pretrained
 from model.moco import LocalInfoNCE
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.misc import UserError
+
+# Errors raised by utils/ (checkpoints, resume checks): bad input, of the project's type once
+# utils uses it.
+UTILS_ERRORS = (FileNotFoundError, SystemExit, UserError)
 
 CLASSES = ('Jump', 'Run', 'Swim')
 GROUPS, CLIPS, FRAMES, HEIGHT, WIDTH = 3, 2, 24, 36, 44
@@ -125,24 +131,25 @@ def test_load_errors(pretrain_ckpt):
     sd = load_checkpoint(pretrain_ckpt)['state_dict']
     # A pretraining checkpoint missing a backbone key: only the head may be missing.
     broken = {k: v for k, v in sd.items() if k != 'encoder_q.0.Conv_1a.conv1.weight'}
-    with pytest.raises(ValueError, match=r'missing: backbone\.Conv_1a\.conv1\.weight'):
+    with pytest.raises((ValueError, UserError), match=r'missing: backbone\.Conv_1a\.conv1\.weight'):
         load_pretrained(LinearClassifier('s3d', 3, 'ft'), broken, 'broken')
     # A classifier of another class count: the error names the shapes.
     five = LinearClassifier('s3d', 5, 'ft').state_dict()
-    with pytest.raises(ValueError, match=r'final_fc\.1\.weight: \(5, 1024\) vs \(3, 1024\)'):
+    with pytest.raises((ValueError, UserError),
+                       match=r'final_fc\.1\.weight: \(5, 1024\) vs \(3, 1024\)'):
         load_pretrained(LinearClassifier('s3d', 3, 'ft'), five, 'five classes')
     # A classifier with the other head.
     last = LinearClassifier('s3d', 3, 'last').state_dict()
     assert head_layout(last) == 'last'
-    with pytest.raises(ValueError, match='--train_what last'):
+    with pytest.raises(UserError, match='--train_what last'):
         load_pretrained(LinearClassifier('s3d', 3, 'ft'), last, 'probe')
-    with pytest.raises(ValueError, match='neither a pretraining checkpoint'):
+    with pytest.raises(UserError, match='neither a pretraining checkpoint'):
         checkpoint_kind({'fc.weight': torch.zeros(1)}, 'other')
 
 
 def test_missing_pretrain_path_is_an_error(data_root, tmp_path):
     missing = tmp_path / 'nowhere.pth.tar'
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(UTILS_ERRORS, match=str(missing)):
         main_classifier.main(['--dataset', 'tiny', '--data_root', str(data_root), *TINY,
                               '--batch_size', '2', '--pretrain', str(missing),
                               '--output_dir', str(tmp_path)])
@@ -176,12 +183,26 @@ def test_linear_probe_keeps_backbone_bit_identical(data_root, pretrain_ckpt, tmp
 
 def test_frozen_check_catches_a_change():
     model = LinearClassifier('s3d', 3, 'last')
-    reference = main_classifier.snapshot(model.backbone)
-    main_classifier.check_unchanged(model.backbone, reference, 0)
+    reference = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    finetune.check_frozen(model.backbone, reference)
     with torch.no_grad():
         model.backbone.Conv_1a.bn1.running_mean += 1
-    with pytest.raises(RuntimeError, match='frozen backbone changed in epoch 0'):
-        main_classifier.check_unchanged(model.backbone, reference, 0)
+    with pytest.raises(RuntimeError, match='the frozen backbone changed'):
+        finetune.check_frozen(model.backbone, reference)
+
+
+def test_checkpoint_retention(data_root, tmp_path, capsys):
+    """last, best, the latest epoch file and every --keep_every-th (0-based names)."""
+    common = ('--train_what', 'ft', '--iters_per_epoch', '1', '--pretrain', 'random',
+              '--max_videos', '8', '--epochs', '4')
+    exp = _train(data_root, tmp_path / 'a', *common, '--keep_every', '2')
+    assert 'checkpoints ~' in capsys.readouterr().out            # the expected disk use
+    assert sorted(p.name for p in exp.glob('*.pth.tar')) == [
+        'best.pth.tar', 'epoch1.pth.tar', 'epoch3.pth.tar', 'last.pth.tar']
+    exp = _train(data_root, tmp_path / 'b', *common)              # default: every 50th
+    assert sorted(p.name for p in exp.glob('*.pth.tar')) == [
+        'best.pth.tar', 'epoch3.pth.tar', 'last.pth.tar']
+    assert load_checkpoint(exp / 'last.pth.tar')['epoch'] == 3
 
 
 def test_finetune_resumes_exactly(data_root, pretrain_ckpt, tmp_path):
@@ -201,11 +222,11 @@ def test_finetune_resumes_exactly(data_root, pretrain_ckpt, tmp_path):
     groups = {g['name']: g['lr'] for g in b['optimizer']['param_groups']}
     assert groups == pytest.approx({'backbone': 1e-5, 'head': 1e-4})
     assert len(Path(straight / 'log.jsonl').read_text().splitlines()) == 2
-    with pytest.raises(SystemExit, match='leaves nothing to train'):   # resumed once too often
+    with pytest.raises(UTILS_ERRORS, match='leaves nothing to train'):   # resumed once too often
         _train(data_root, tmp_path / 'c', '--epochs', '2', *common,
                '--resume', str(resumed / 'last.pth.tar'))
     # Starting again in a folder that holds a run is refused (no silent overwrite).
-    with pytest.raises(SystemExit, match='already holds a run'):
+    with pytest.raises(UTILS_ERRORS, match='already holds a run'):
         _train(data_root, tmp_path / 'a', '--epochs', '2', *common)
 
 

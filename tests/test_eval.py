@@ -1,7 +1,8 @@
-"""Evaluation: test-time crops, the window/crop averaging, retrieval recall and its feature cache,
-two-stream fusion, the --test and --retrieval modes end to end on a tiny real dataset, and the
-seed README's evaluation commands (run verbatim from eval/ and from the project root, with
---data_root pointing at the test data and small-run overrides appended).
+"""Evaluation: the views of both protocols (CoCLR's 224-pixel crops and jitter, the clean
+crops), the window/crop averaging, one random train clip per gallery video, CoCLR's validation
+subset, retrieval recall and its feature cache, two-stream fusion, the --test and --retrieval
+jobs end to end on a tiny real dataset, and the seed README's evaluation commands (run verbatim
+from eval/ and from the project root, with --data_root and small-run overrides appended).
 """
 import json
 import os
@@ -10,65 +11,128 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dataset import LMDBWriter, VideoDataset, encode_frames
 from dataset.augment import IMAGENET_MEAN, IMAGENET_STD
-from eval import main_classifier, merge_2stream_prob, retrieval
-from eval import video_eval as ve
-from eval import feature_linear_probe
+from eval import clips, feature_linear_probe, finetune, main_classifier, merge_2stream_prob
+from eval import retrieval
 from model.classifier import LinearClassifier
 from tests.test_classifier import TINY, make_tiny_dataset
 from utils.checkpoint import save_checkpoint
 from utils.config import parse_args
+from utils.misc import UserError
 
 PROJECT = Path(__file__).resolve().parents[1]
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+# Errors raised by utils/ (checkpoint loading): bad input, of the project's type once utils uses it.
+LOAD_ERRORS = (FileNotFoundError, ValueError, UserError)
 
 
-def position_frames(n, h, w):
-    """uint8 [n, 3, h, w]: channel 0 = x, channel 1 = y, channel 2 = frame index."""
-    out = torch.empty(n, 3, h, w, dtype=torch.uint8)
-    out[:, 0] = torch.arange(w, dtype=torch.uint8)[None, None, :]
-    out[:, 1] = torch.arange(h, dtype=torch.uint8)[None, :, None]
-    out[:, 2] = torch.arange(n, dtype=torch.uint8)[:, None, None]
+def position_windows(windows, frames, h, w):
+    """uint8 [W, T, 3, h, w]: channel 0 = x, channel 1 = y, channel 2 = 10 * window + frame."""
+    out = torch.empty(windows, frames, 3, h, w, dtype=torch.uint8)
+    out[:, :, 0] = torch.arange(w, dtype=torch.uint8)
+    out[:, :, 1] = torch.arange(h, dtype=torch.uint8)[:, None]
+    out[:, :, 2] = (10 * torch.arange(windows)[:, None] + torch.arange(frames)).to(
+        torch.uint8)[:, :, None, None]
     return out
 
 
+def pixels(x):
+    """Network input [W, 3, T, s, s] -> the uint8-scale pixels [W, T, 3, s, s] it came from."""
+    return (x * STD + MEAN).mul(255).transpose(1, 2)
+
+
+def views_of(protocol, img_dim=224, modality='rgb', legacy_flow_flip=False, seed=0):
+    return clips.TestViews(SimpleNamespace(protocol=protocol, img_dim=img_dim, seed=seed,
+                                           legacy_flow_flip=legacy_flow_flip,
+                                           photometric_on_flow=True), modality)
+
+
+def no_jitter(params):
+    return {**params, 'jitter': torch.zeros_like(params['jitter'])}
+
+
 # ----------------------------------------------------------------------------------------------
-# Crops
+# Views
 
-def test_crop_offsets_and_shapes():
-    assert ve.crop_offsets(10, 14, 6) == [(2, 4), (0, 0), (0, 8), (4, 0), (4, 8)]
-    frames = position_frames(4, 10, 14)[None].repeat(3, 1, 1, 1, 1)    # W=3 x T=4 x 3 x 10 x 14
-    for crops, n in (('center', 1), ('five', 5), ('ten', 10)):
-        out = ve.take_crops(frames, 6, crops)
-        assert out.shape == (n, 3, 4, 3, 6, 6) and out.dtype == torch.uint8
-    ten = ve.take_crops(frames, 6, 'ten')
-    for i, (top, left) in enumerate(ve.crop_offsets(10, 14, 6)):
-        assert int(ten[i, 0, 0, 0, 0, 0]) == left and int(ten[i, 0, 0, 1, 0, 0]) == top
-        # The flipped copy: the same crop mirrored (x runs right to left).
-        assert torch.equal(ten[5 + i], ten[i].flip(-1))
-        assert int(ten[5 + i, 0, 0, 0, 0, 0]) == left + 5
-    assert torch.equal(ten[:, :, :, 2], frames[:, :, 2, :6, :6].expand(10, -1, -1, -1, -1))
-    with pytest.raises(ValueError, match='crop of 12 pixels'):
-        ve.take_crops(frames, 12, 'center')
+def test_coclr_crops_are_224_pixels_of_the_stored_frame():
+    windows = position_windows(2, 3, 230, 250)          # stored frames of 230 x 250
+    views = views_of('coclr')
+    params = no_jitter(views.draw(10))
+    # centre (3, 13), then corners: top-left, top-right, bottom-left, bottom-right
+    expected = [(3, 13), (0, 0), (0, 26), (6, 0), (6, 26)]
+    for i in range(10):
+        top, left = expected[i % 5]
+        out = pixels(views(windows, i, params))
+        assert out.shape == (2, 3, 3, 224, 224)
+        x = torch.arange(left, left + 224, dtype=torch.float)
+        assert torch.allclose(out[:, :, 0], (x.flip(0) if i >= 5 else x).expand_as(out[:, :, 0]),
+                              atol=1e-3), i
+        assert torch.allclose(out[0, 0, 1, :, 0], torch.arange(top, top + 224.), atol=1e-3)
+        assert torch.allclose(out[:, :, 2, 5, 5], torch.tensor([[0., 1, 2], [10, 11, 12]]),
+                              atol=1e-3)
+    # Then scaled to --img_dim: the same 224-pixel square, half the pixels each way.
+    half = pixels(views_of('coclr', img_dim=112)(windows, 0, params))
+    assert half.shape == (2, 3, 3, 112, 112)
+    assert (half[0, 0, 0, 0] - (13.5 + 2 * torch.arange(112.))).abs().max() < 0.6
+    # Frames under 224 pixels: crops of their short side.
+    small = pixels(views_of('coclr', img_dim=32)(position_windows(1, 1, 36, 44), 2, params))
+    assert small.shape == (1, 1, 3, 32, 32) and small[0, 0, 0, 0, 0] > 7   # right corner
 
 
-def test_flow_crops_negate_horizontal_flow_when_flipped():
-    frames = position_frames(2, 8, 8)[None]
-    flow = ve.take_crops(frames, 8, 'ten', is_flow=True)
-    assert torch.equal(flow[5, :, :, 0], 255 - frames.flip(-1)[:, :, 0])
-    assert torch.equal(flow[5, :, :, 1:], frames.flip(-1)[:, :, 1:])
-    legacy = ve.take_crops(frames, 8, 'ten', is_flow=True, negate_flow=False)
-    assert torch.equal(legacy[5], frames.flip(-1))
+def test_clean_crops_are_img_dim_of_the_resized_frame_and_flow_flips_negate():
+    windows = position_windows(1, 2, 10, 14)
+    views = views_of('clean', img_dim=6)
+    assert clips.crop_offsets(10, 14, 6) == [(2, 4), (0, 0), (0, 8), (4, 0), (4, 8)]
+    for i, (top, left) in enumerate(clips.crop_offsets(10, 14, 6) * 2):
+        out = pixels(views(windows, i, views.draw(10)))          # clean: never jittered
+        assert out.shape == (1, 2, 3, 6, 6)
+        assert round(float(out[0, 0, 0, 0, 5 if i >= 5 else 0])) == left
+        assert round(float(out[0, 0, 1, 0, 0])) == top
+    flow = pixels(views_of('clean', 6, 'flow')(windows, 5, None))
+    assert torch.allclose(flow[0, 0, 0, 0], 255 - torch.arange(9., 3, -1), atol=1e-3)
+    legacy = pixels(views_of('clean', 6, 'flow', legacy_flow_flip=True)(windows, 5, None))
+    assert torch.allclose(legacy[0, 0, 0, 0], torch.arange(9., 3, -1), atol=1e-3)
+    with pytest.raises(UserError, match='crop of 12 pixels'):
+        views_of('clean', 12)(windows, 0, None)
+
+
+def test_coclr_jitter_one_draw_per_video_and_crop_with_probability_0_3():
+    views = views_of('coclr', seed=3)
+    draws = torch.stack([views.draw(10)['jitter'] for _ in range(400)])   # 4000 video crops
+    assert abs(draws.float().mean().item() - 0.3) < 0.03
+    params = views.draw(10)
+    params['jitter'][:] = torch.arange(10) % 2 == 0                       # even crops jittered
+    colour = torch.tensor([200, 100, 50], dtype=torch.uint8).view(1, 1, 3, 1, 1)
+    flat = colour.expand(2, 2, 3, 224, 224).contiguous()
+    for i in range(10):
+        out = pixels(views(flat, i, params))
+        changed = (out - colour).abs().amax() > 0.5
+        assert bool(changed) == (i % 2 == 0), i
+        # One draw for all windows and frames of the video's crop.
+        assert torch.allclose(out, out[:1, :1].expand_as(out), atol=1e-4)
+    f = params['factors']
+    assert (f[:, :3] >= 0.8).all() and (f[:, :3] <= 1.2).all() and f[:, 3].abs().max() <= 0.1
+    assert not params['gray'].any() and not params['blur'].any()
+    # Seeded: the same seed draws the same jitter.
+    assert torch.equal(views_of('coclr', seed=3).draw(10)['factors'],
+                       views_of('coclr', seed=3).draw(10)['factors'])
 
 
 class _Windows(torch.utils.data.Dataset):
     """Videos whose windows are constant images of given grey values."""
+    lmdbs = {'rgb': None}
 
     def __init__(self, values):
         self.values = values
+        self.names = [f'v{i}' for i in range(len(values))]
+        self.labels = self.sources = [0] * len(values)
 
     def __len__(self):
         return len(self.values)
@@ -80,52 +144,75 @@ class _Windows(torch.utils.data.Dataset):
 
 def test_video_outputs_average_windows_per_crop():
     values = [[10, 20, 60], [200]]                        # video 0: 3 windows, video 1: one
-    videos = ve.Videos(_Windows(values), [1, 0])          # positions: video 1 first
-    out = ve.video_outputs(lambda x: x[:, :, 0, 0, 0], videos, modality='rgb', img_dim=8,
-                           crops='five', device=torch.device('cpu'), batch_size=4, workers=0,
-                           show_progress=False)
+    videos = clips.Videos(_Windows(values), [1, 0])       # positions: video 1 first
+    rt = SimpleNamespace(device=torch.device('cpu'), memory_format=torch.contiguous_format,
+                         amp_dtype=None, is_main=False)
+    out = clips.video_outputs(lambda x: x[:, :, 0, 0, 0], videos, views_of('clean', 8), 'five',
+                              rt, SimpleNamespace(workers=0, batch_size=2))
     assert out.shape == (2, 5, 3)
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     for row, vals in zip(out, ([200], [10, 20, 60])):
         expected = (sum(vals) / len(vals) / 255 - mean) / std
         assert torch.allclose(row, expected.expand(5, 3), atol=1e-5)
-
-
-def test_clip_batcher_fills_batches_across_videos():
-    sizes = []
-
-    def fn(x):
-        sizes.append(len(x))
-        return x * 10
-
-    batcher = ve.ClipBatcher(fn, 4)
-    done = []
-    for key, n in (('a', 3), ('b', 1), ('c', 6), ('d', 2)):
-        done += batcher.add(key, torch.full((n, 1), float(ord(key))))
-    done += batcher.finish()
-    assert sizes == [4, 4, 4]
-    assert [(k, v.flatten().tolist()) for k, v in done] == [
-        ('a', [970.0] * 3), ('b', [980.0]), ('c', [990.0] * 6), ('d', [1000.0] * 2)]
-
-def test_crop_summaries():
-    probs = torch.rand(4, 10, 6)
-    s = ve.crop_summaries(probs, 'ten')
-    assert torch.equal(s['center'], probs[:, 0])
-    assert torch.allclose(s['five'], probs[:, :5].mean(1))
-    assert torch.allclose(s['ten'], probs.mean(1))
-    assert set(ve.crop_summaries(probs[:, :5], 'five')) == {'center', 'five'}
-    acc = ve.video_accuracy(torch.tensor([[.1, .9, 0], [.8, .1, .1]]), torch.tensor([1, 2]),
-                            ks=(1, 2))
+    acc = clips.video_accuracy(torch.tensor([[.1, .9, 0], [.8, .1, .1]]), torch.tensor([1, 2]),
+                               ks=(1, 2))
     assert acc == {'top1': 50.0, 'top2': 50.0}
 
 
 def test_holdout_split_keeps_groups_together():
     sources = [0, 0, 1, 1, 1, 2, 3, 3, 4, 5]
-    kept, held = ve.holdout_split(sources, 0.3, seed=1)
+    kept, held = clips.holdout_split(sources, 0.3, seed=1)
     assert sorted(kept + held) == list(range(10)) and held
     assert not {sources[i] for i in kept} & {sources[i] for i in held}
-    assert ve.holdout_split(sources, 0.3, seed=1) == (kept, held)
-    assert ve.spread_indices(10, 4) == [0, 3, 6, 9] and ve.spread_indices(3, 0) == [0, 1, 2]
+    assert clips.holdout_split(sources, 0.3, seed=1) == (kept, held)
+    assert clips.spread_indices(10, 4) == [0, 3, 6, 9] and clips.spread_indices(3, 0) == [0, 1, 2]
+
+
+def test_one_random_clip_per_video_at_stored_size(tmp_path):
+    """The test-mode read of CoCLR's gallery and validation: one window at a random start, as
+    training draws a clip, frames as stored; every window otherwise."""
+    lmdb = tmp_path / 'frames.lmdb'
+    with LMDBWriter(lmdb) as out:
+        for v in range(4):                                    # 30 frames, grey level 8 * t
+            frames = (8 * torch.arange(30)).to(torch.uint8).view(-1, 1, 1, 1).expand(30, 3, 36, 44)
+            out.put(f'A/v{v}', encode_frames(frames.contiguous(), quality=95))
+    common = dict(names=[f'A/v{v}' for v in range(4)], labels=[0] * 4, sources=list(range(4)),
+                  rgb_lmdb=lmdb, mode='test', seq_len=4, ds=2, img_dim=16)
+    one = VideoDataset(**common, test_windows='random', stored_size=True)
+    starts = []
+    for _ in range(10):
+        for v in range(4):
+            clip = one[v]['rgb']
+            assert clip.shape == (1, 4, 3, 36, 44)           # one window, stored size
+            t = (clip[0, :, 0, 18, 22].float() / 8).round().long()
+            assert torch.equal(t - t[0], torch.arange(4) * 2)
+            starts.append(int(t[0]))
+    assert min(starts) >= 0 and max(starts) < 30 - 8 and len(set(starts)) > 5
+    every = VideoDataset(**common)[0]['rgb']
+    assert every.shape == (8, 4, 3, 18, 22)                  # windows at step 3, short side 18
+
+
+def test_coclr_gallery_and_validation_subset(data_root):
+    args = parse_args(main_classifier.build_parser(),
+                      ['--test', 'x', '--retrieval', '--dataset', 'tiny', '--data_root',
+                       str(data_root), *TINY])
+    gallery = retrieval.split_videos(args, 'train')
+    assert len(gallery) == 12 and all(gallery[i]['rgb'].shape == (1, 8, 3, 36, 44)
+                                      for i in range(12))
+    queries = retrieval.split_videos(args, 'test')
+    assert len(queries) == 6 and queries[0]['rgb'].shape[0] > 1     # every window
+    args.protocol = 'clean'
+    clean = retrieval.split_videos(args, 'train')[0]['rgb']      # every window, resized
+    assert clean.shape[0] > 1 and clean.shape[-2:] == (37, 45)
+    # Validation during finetuning: a fixed random 30% of the test split, one clip each.
+    args = parse_args(main_classifier.build_parser(),
+                      ['--pretrain', 'random', '--dataset', 'tiny', '--data_root',
+                       str(data_root), *TINY])
+    _, videos, desc = finetune.validation_videos(args, None, [0, 1])
+    _, again, _ = finetune.validation_videos(args, None, [0, 1])
+    assert len(videos) == 2 and videos.names == again.names and 'TEST split 1' in desc
+    batch = finetune.ValidationClips('coclr', 32, 'rgb')([videos[0], videos[1]])
+    assert batch['clips'].shape == (2, 8, 3, 32, 32) and batch['position'].tolist() == [0, 1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,25 +237,13 @@ def test_each_set_is_centred_by_its_own_mean():
     c = retrieval.center_normalize(train)
     assert torch.allclose(c.norm(dim=1), torch.ones(20)) and torch.allclose(
         retrieval.center_normalize(train + 5.0), c, atol=1e-5)
-    base = retrieval.retrieval_recall(test, test_labels, train, train_labels)
-    shifted = retrieval.retrieval_recall(test - 3.0, test_labels, train + 7.0, train_labels)
+    def recall(test, train):
+        return retrieval.recall_at_k(retrieval.center_normalize(test), test_labels,
+                                     retrieval.center_normalize(train), train_labels)
+    base, shifted = recall(test, train), recall(test - 3.0, train + 7.0)
     assert base == shifted and list(base) == [1, 5, 10, 20, 50]
-    assert retrieval.recall_line('ucf101', 1, {1: 12.345, 5: 50.0}) == \
-        'retrieval ucf101 split1: R@1=12.3 R@5=50.0'
-
-
-def test_neighbour_grid_borders():
-    q = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    n = torch.full((2, 5, 3, 4, 4), 100, dtype=torch.uint8)
-    correct = torch.tensor([[True, False, True, True, True], [False] * 5])
-    img = retrieval.neighbour_grid(q, n, correct, border=1, gap=2)
-    tile = 6
-    assert img.shape == (3, 2 * tile + 3 * 2, 6 * tile + 8 * 2)
-    first = 2 + tile + 2 * 2               # left of the first neighbour (after a double gap)
-    assert img[:, 2, first].tolist() == list(retrieval.GREEN)
-    assert img[:, 2, first + tile + 2].tolist() == list(retrieval.RED)
-    assert img[:, 2, 2].tolist() == list(retrieval.WHITE)
-    assert img[:, 3, first + 1].tolist() == [100, 100, 100]
+    assert retrieval.recall_line('ucf101', 1, {1: 12.345, 5: 50.0}, 'coclr') == \
+        'retrieval ucf101 split1 (protocol coclr): R@1=12.3 R@5=50.0'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +290,7 @@ def test_ten_crop_test_writes_results_and_fusion(data_root, checkpoints, tmp_pat
     assert set(report['results']) == {'center', 'five', 'ten'} and report['videos'] == 3
     saved = json.loads((tmp_path / 'cls_best_tiny_split1_ten.json').read_text())
     assert saved['results'] == report['results']
-    rgb = ve.load_probabilities(tmp_path / 'cls_best_tiny_split1_ten_prob.pth')
+    rgb = merge_2stream_prob.load_probabilities(tmp_path / 'cls_best_tiny_split1_ten_prob.pth', 'x')
     assert rgb['probs'].shape == (3, 3) and torch.allclose(rgb['probs'].sum(1), torch.ones(3))
     assert rgb['names'][0].startswith('Jump/') and rgb['labels'].tolist() == [0, 1, 2]
     # The flow stream of the same classifier shape, center crop; then late fusion.
@@ -223,43 +298,48 @@ def test_ten_crop_test_writes_results_and_fusion(data_root, checkpoints, tmp_pat
           str(checkpoints['cls']), '--center_crop', '--output_dir', str(tmp_path),
           '--max_videos', '3')
     flow = tmp_path / 'cls_best_tiny-f_split1_center_prob.pth'
-    result = merge_2stream_prob.main(['--prob1', str(tmp_path / 'cls_best_tiny_split1_ten_prob.pth'),
+    rgb_file = tmp_path / 'cls_best_tiny_split1_ten_prob.pth'
+    result = merge_2stream_prob.main(['--prob1', str(rgb_file),
                                       '--prob2', str(flow), '--output', str(tmp_path / 'f.json')])
     assert result['videos'] == 3 and set(result) == {'first', 'second', 'fusion', 'videos'}
     assert json.loads((tmp_path / 'f.json').read_text())['fusion'] == result['fusion']
+
+
+def save_probabilities(path, *, names, labels, probs, classes, meta):
+    save_checkpoint({'names': names, 'labels': torch.tensor(labels), 'probs': probs,
+                     'classes': classes, 'meta': meta}, path)
 
 
 def test_fusion_aligns_and_refuses_mismatches(tmp_path):
     names = ['A/a1', 'A/a2', 'B/b1']
     p1 = torch.tensor([[.6, .4], [.45, .55], [.3, .7]])        # a2 wrong
     p2 = torch.tensor([[.6, .4], [.9, .1], [.7, .3]])           # order b1, a1, a2; b1 wrong
-    ve.save_probabilities(tmp_path / 'rgb.pth', names=names, labels=[0, 0, 1], probs=p1,
+    save_probabilities(tmp_path / 'rgb.pth', names=names, labels=[0, 0, 1], probs=p1,
                           classes=['A', 'B'], meta={})
-    ve.save_probabilities(tmp_path / 'flow.pth', names=['B/b1', 'A/a1', 'A/a2'],
+    save_probabilities(tmp_path / 'flow.pth', names=['B/b1', 'A/a1', 'A/a2'],
                           labels=[1, 0, 0], probs=p2, classes=['A', 'B'], meta={})
     result = merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'flow.pth')
     # Fused: a1 [.75, .25], a2 [.575, .425], b1 [.45, .55]: all right.
     assert result['first']['top1'] == pytest.approx(200 / 3)
     assert result['second']['top1'] == pytest.approx(200 / 3)
     assert result['fusion']['top1'] == pytest.approx(100.0)
-    assert torch.allclose(merge_2stream_prob.fuse(p1, p1), p1)
-    ve.save_probabilities(tmp_path / 'other.pth', names=['A/a1', 'A/a2', 'B/b9'],
+    save_probabilities(tmp_path / 'other.pth', names=['A/a1', 'A/a2', 'B/b9'],
                           labels=[0, 0, 1], probs=p1, classes=['A', 'B'], meta={})
-    with pytest.raises(ValueError, match=r"1 only in the first \(B/b1\); 1 only in the second "
+    with pytest.raises(UserError, match=r"1 only in the first \(B/b1\); 1 only in the second "
                                          r"\(B/b9\)"):
         merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'other.pth')
-    ve.save_probabilities(tmp_path / 'relabel.pth', names=names, labels=[0, 1, 1], probs=p1,
+    save_probabilities(tmp_path / 'relabel.pth', names=names, labels=[0, 1, 1], probs=p1,
                           classes=['A', 'B'], meta={})
-    with pytest.raises(ValueError, match='different labels.*A/a2'):
+    with pytest.raises(UserError, match='different labels.*A/a2'):
         merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'relabel.pth')
-    with pytest.raises(ValueError, match='the same file'):
+    with pytest.raises(UserError, match='the same file'):
         merge_2stream_prob.merge(tmp_path / 'rgb.pth', tmp_path / 'rgb.pth')
     for name, dataset in (('rgb2.pth', 'tiny'), ('rgb3.pth', 'tiny-2clip')):
-        ve.save_probabilities(tmp_path / name, names=names, labels=[0, 0, 1], probs=p1,
+        save_probabilities(tmp_path / name, names=names, labels=[0, 0, 1], probs=p1,
                               classes=['A', 'B'], meta={'dataset': dataset})
-    with pytest.raises(ValueError, match='both RGB streams'):
+    with pytest.raises(UserError, match='both RGB streams'):
         merge_2stream_prob.merge(tmp_path / 'rgb2.pth', tmp_path / 'rgb3.pth')
-    with pytest.raises(SystemExit, match='no probability file .*missing.pth'):
+    with pytest.raises(LOAD_ERRORS, match='no probability file .*missing.pth'):
         merge_2stream_prob.main(['--prob1', str(tmp_path / 'rgb.pth'),
                                  '--prob2', str(tmp_path / 'missing.pth')])
 
@@ -268,11 +348,11 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
     cache = tmp_path / 'cache'
     common = ('--retrieval', '--dirname', str(cache), '--output_dir', str(tmp_path),
               '--max_videos', '4')
-    first = _eval(data_root, '--test', str(checkpoints['pre0']), *common, '--visualize', '2')
+    first = _eval(data_root, '--test', str(checkpoints['pre0']), *common)
     out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1].startswith('retrieval tiny split1: R@1=')
+    assert out.strip().splitlines()[-1].startswith('retrieval tiny split1 (protocol coclr): R@1=')
+    assert first['protocol'] == 'coclr'
     assert first['queries'] == 4 and first['gallery'] == 4
-    assert (tmp_path / 'pre0_infonce_retrieval_tiny_split1_top5.png').is_file()
     files = sorted(cache.iterdir())
     assert len(files) == 2                     # train and test features of checkpoint 0
     # The same checkpoint again: features come from the cache.
@@ -307,6 +387,21 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
         cache, {**key, 'weights': 'sha256:1'})
 
 
+def test_retrieval_features_are_seeded(data_root, checkpoints, tmp_path):
+    """coclr: the gallery's random clips and the jitter come from --seed: a run repeats."""
+    args = parse_args(main_classifier.build_parser(),
+                      ['--test', str(checkpoints['pre0']), '--retrieval', '--dataset', 'tiny',
+                       '--data_root', str(data_root), *TINY, '--max_videos', '4'])
+    rt = clips.start(args)
+    runs = []
+    for seed, folder in ((0, 'a'), (0, 'b'), (1, 'c')):
+        args.seed, args.dirname = seed, str(tmp_path / folder)
+        runs.append(retrieval.features(args, rt)[3])
+    for part in ('train', 'test'):
+        assert torch.equal(runs[0][part]['features'], runs[1][part]['features'])
+        assert not torch.allclose(runs[0][part]['features'], runs[2][part]['features'])
+
+
 def test_feature_linear_probe_reuses_features(data_root, checkpoints, tmp_path, capsys):
     result = feature_linear_probe.main(
         ['--dataset', 'tiny', '--data_root', str(data_root), *TINY, '--test', 'random',
@@ -323,17 +418,17 @@ def test_feature_linear_probe_reuses_features(data_root, checkpoints, tmp_path, 
 
 def test_bad_test_inputs(data_root, checkpoints, tmp_path):
     missing = tmp_path / 'gone.pth.tar'
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(LOAD_ERRORS, match=str(missing)):
         _eval(data_root, '--test', str(missing), '--center_crop')
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(LOAD_ERRORS, match=str(missing)):
         _eval(data_root, '--test', str(missing), '--retrieval')
-    with pytest.raises(SystemExit, match='pretraining checkpoint'):
+    with pytest.raises(UserError, match='pretraining checkpoint'):
         _eval(data_root, '--train_what', 'ft', '--test', str(checkpoints['pre0']),
               '--center_crop')
     five = tmp_path / 'five.pth.tar'
     save_checkpoint({'state_dict': LinearClassifier('s3d', 5, 'ft').state_dict(), 'epoch': 0},
                     five)
-    with pytest.raises(ValueError, match=r'final_fc\.1\.weight: \(5, 1024\) vs \(3, 1024\)'):
+    with pytest.raises(LOAD_ERRORS, match=r'final_fc\.1\.weight: \(5, 1024\) vs \(3, 1024\)'):
         _eval(data_root, '--train_what', 'ft', '--test', str(five), '--center_crop')
     # Checkpoints of flow runs judged or started on RGB (their saved --dataset says flow).
     flow_cls = tmp_path / 'flow_cls.pth.tar'
@@ -345,24 +440,25 @@ def test_bad_test_inputs(data_root, checkpoints, tmp_path):
     for argv in (['--train_what', 'ft', '--test', str(flow_cls), '--center_crop'],
                  ['--test', str(flow_pre), '--retrieval'],
                  ['--train_what', 'ft', '--pretrain', str(flow_pre)]):
-        with pytest.raises(ValueError, match=r'trained on FLOW \(--dataset tiny-f'):
+        with pytest.raises(UserError, match=r'trained on FLOW \(--dataset tiny-f'):
             _eval(data_root, *argv, '--output_dir', str(tmp_path))
     # Another run's result of the same name in a shared --output_dir: refused before any work.
     other = tmp_path / 'shared' / 'cls_best_tiny_split1_center.json'
     other.parent.mkdir()
     other.write_text(json.dumps({'checkpoint': '/elsewhere/cls/best.pth.tar'}))
-    with pytest.raises(ValueError, match=r'holds the result of another checkpoint'):
+    with pytest.raises(UserError, match=r'holds the result of another checkpoint'):
         _eval(data_root, '--train_what', 'ft', '--test', str(checkpoints['cls']),
               '--center_crop', '--output_dir', str(other.parent))
-    with pytest.raises(SystemExit, match='is a pretraining checkpoint; start a classifier from it'):
+    with pytest.raises(UserError, match='is a pretraining checkpoint; start a classifier from it'):
         _eval(data_root, '--resume', str(checkpoints['pre0']), '--output_dir', str(tmp_path))
     for argv in (['--test', 'random', '--center_crop'],              # random: retrieval only
                  ['--test', str(five)],                              # no crop flag
                  ['--test', str(five), '--center_crop', '--ten_crop'],
-                 ['--retrieval', '--pretrain', 'random'],            # --retrieval needs --test
-                 ['--dataset', 'tiny-2clip', '--pretrain', 'random']):
+                 ['--retrieval', '--pretrain', 'random']):           # --retrieval needs --test
         with pytest.raises(SystemExit):
             _eval(data_root, *argv)
+    with pytest.raises(UserError, match='one modality and one clip'):
+        _eval(data_root, '--dataset', 'tiny-2clip', '--pretrain', 'random')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,13 +494,15 @@ def _run_seed(command, cwd, script, extra, **paths):
 
 def test_seed_commands_parse(checkpoints):
     parser = main_classifier.build_parser()
-    for command in (SEED_FINETUNE, SEED_TEN_CROP, SEED_RETRIEVAL):
+    for command, job in ((SEED_FINETUNE, 'train'), (SEED_TEN_CROP, 'test'),
+                         (SEED_RETRIEVAL, 'retrieval')):
         _, argv = _seed_argv(command, **{
             'selected_rgb_pretrained_checkpoint.pth.tar': checkpoints['pre0'],
             'selected_rgb_finetuned_checkpoint.pth.tar': checkpoints['cls']})
         args = parser.parse_args(argv)
-        main_classifier.check_args(args, parser)
-        assert args.net == 's3d' and args.dataset == 'ucf101' and args.seq_len == 32
+        assert main_classifier.check_args(args, parser) == job
+        assert args.protocol == 'coclr' and args.net == 's3d' and args.dataset == 'ucf101'
+        assert args.seq_len == 32
     # torch.distributed.launch passes --local-rank=K (older: --local_rank=K).
     for flag in ('--local-rank=1', '--local_rank=1'):
         assert parser.parse_args(argv + [flag]).local_rank == 1
@@ -435,4 +533,4 @@ def test_seed_commands_run(data_root, checkpoints, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(PROJECT / 'eval')
     main_classifier.main(argv + small + ['--max_videos', '3', '--output_dir', str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1].startswith('retrieval ucf101 split1: R@1=')
+    assert out.strip().splitlines()[-1].startswith('retrieval ucf101 split1 (protocol coclr): R@1=')

@@ -1,0 +1,247 @@
+"""How evaluation reads videos (docs/METHOD.md, Evaluation): the shared flags, which videos, the
+views of each protocol, one pass of a network over every window and crop, the result files.
+
+``--protocol coclr`` (default) measures as CoCLR's evaluation did: windows at the stored frame
+size; crop i is a 224-pixel square (0: centre, 1-4: the corners, 5-9: the same flipped), scaled
+to --img_dim, then colour jitter (brightness, contrast, saturation 0.2, hue 0.1, random order)
+with probability 0.3, one draw per video and crop (CoCLR's transform sees all of a video's
+windows as one sequence). Frames under 224 pixels give crops of their short side.
+``--protocol clean``: frames resized to a short side of round(img_dim * 8 / 7), crops of
+--img_dim, no jitter: deterministic.
+"""
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from dataset.augment import Photometric, flip_frames, normalize, resize
+from dataset.video_dataset import DatasetName, VideoDataset, add_data_args
+from utils import distributed as du
+from utils.config import NON_NEGATIVE, POSITIVE
+from utils.misc import UserError
+from utils.run import add_runtime_args, amp_dtype_of
+
+CROP = 224
+NUM_CROPS = {'center': 1, 'five': 5, 'ten': 10}
+
+
+def add_common_flags(parser):
+    """Data, model and run flags of every evaluation script (the names of pretraining)."""
+    parser.add_argument('--config', help='TOML file of flag defaults (configs/); flags win')
+    g = add_data_args(parser, 'ucf101', '<name> (RGB) or <name>-f (flow): ucf101, ucf101-f, '
+                      'hmdb51, hmdb51-f, demo, demo-f, or any folder under --data_root laid out '
+                      'as docs/METHOD.md, Data describes')
+    g.add_argument('--max_videos', type=NON_NEGATIVE, default=0,
+                   help='use only this many videos of each split, spread evenly (0: all)')
+    g.add_argument('--protocol', choices=['coclr', 'clean'], default='coclr',
+                   help="test views: coclr = CoCLR's (224-pixel crops of the stored frames "
+                        'scaled to --img_dim, colour jitter with probability 0.3, retrieval '
+                        'gallery of one random clip per train video, validation on a random 30%% '
+                        'of the test split); clean = deterministic (crops of frames resized to '
+                        'round(img_dim * 8 / 7), every window, no jitter)')
+    g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
+                   help='colour-jitter flow frames too (the reference treats them as images)')
+    g = parser.add_argument_group('model and run')
+    g.add_argument('--net', default='s3d', help='backbone: s3d, s3dg or r50')
+    g.add_argument('--batch_size', type=POSITIVE, default=32,
+                   help='clips per forward pass and process (training: the batch per process)')
+    g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')
+    add_runtime_args(g)
+
+
+def check_single_view(dataset):
+    spec = DatasetName.parse(dataset)
+    if spec.views != 1 or (spec.rgb and spec.flow):
+        raise UserError(f'--dataset {dataset}: evaluation reads one modality and one clip per '
+                        f'sample; use {spec.base} (RGB) or {spec.base}-f (flow)')
+
+
+def start(args):
+    info = du.init_distributed(args.device, args.local_rank)
+    return SimpleNamespace(
+        info=info, device=info.device, is_main=info.is_main,
+        amp_dtype=amp_dtype_of(args, info.device),
+        memory_format=torch.channels_last_3d if args.channels_last else torch.contiguous_format,
+        say=lambda *a: print(*a, flush=True) if info.is_main else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which videos
+
+def spread_indices(n, max_videos=0):
+    """All of range(n), or max_videos indices spread evenly (splits are sorted by class)."""
+    return (torch.linspace(0, n - 1, max_videos).round().long().unique().tolist()
+            if 0 < max_videos < n else list(range(n)))
+
+
+def holdout_split(sources, fraction, seed=0):
+    """Positions split into (kept, held out) by whole source groups, about ``fraction`` held
+    out; groups drawn in a seeded order."""
+    groups = sorted(set(sources))
+    if not 0 < fraction < 1 or len(groups) < 2:
+        raise UserError(f'cannot hold out {fraction} of {len(groups)} source group(s)')
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
+    held, size = set(), 0
+    for i in order:
+        if size >= fraction * len(sources) or len(held) == len(groups) - 1:
+            break
+        held.add(groups[i])
+        size += sources.count(groups[i])
+    return ([i for i, s in enumerate(sources) if s not in held],
+            [i for i, s in enumerate(sources) if s in held])
+
+
+def test_mode(dataset, description, **options):
+    """The videos of a train-mode dataset read in test mode (a gallery, a held-out part)."""
+    test = VideoDataset(names=dataset.names, labels=dataset.labels, sources=dataset.sources,
+                        rgb_lmdb=dataset.lmdbs.get('rgb'), flow_lmdb=dataset.lmdbs.get('flow'),
+                        mode='test', seq_len=dataset.seq_len, ds=dataset.ds,
+                        img_dim=dataset.img_dim, negate_flow_flip=dataset.negate_flow_flip,
+                        description=description, **options)
+    test.num_classes, test.classes = dataset.num_classes, dataset.classes
+    return test
+
+
+class Videos(Dataset):
+    """The videos at ``indices`` of a single-modality dataset; items carry their ``position``."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+        (self.modality,) = dataset.lmdbs
+        self.names = [dataset.names[i] for i in self.indices]
+        self.labels = [dataset.labels[i] for i in self.indices]
+        self.sources = [dataset.sources[i] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        return {**self.dataset[self.indices[position]], 'position': position}
+
+
+def first(batch):
+    return batch[0]
+
+
+def video_loader(videos, workers, batch_size=1, collate_fn=first):
+    """In order, sharded over processes (the shards padded to equal length)."""
+    sampler = (DistributedSampler(videos, du.world_size(), du.get_rank(), shuffle=False)
+               if du.world_size() > 1 else None)
+    return DataLoader(videos, batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_fn)
+
+
+def gather_rows(positions, values, total):
+    """Every process's rows placed by position into ``[total, ...]``."""
+    out = values.new_zeros((total, *values.shape[1:]))
+    out[du.all_gather(positions)] = du.all_gather(values)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Views
+
+def crop_offsets(height, width, size):
+    """(top, left) of the centre, top-left, top-right, bottom-left, bottom-right crops."""
+    if size > min(height, width):
+        raise UserError(f'a crop of {size} pixels from frames of {height}x{width}; use a '
+                        f'smaller --img_dim')
+    bottom, right = height - size, width - size
+    return [(bottom // 2, right // 2), (0, 0), (0, right), (bottom, 0), (bottom, right)]
+
+
+def to_input(clips, memory_format=torch.contiguous_format):
+    """float [N, T, 3, s, s] in [0, 1] -> network input [N, 3, T, s, s]."""
+    return normalize(clips).transpose(1, 2).contiguous(memory_format=memory_format)
+
+
+class TestViews:
+    """Crop i of a video's windows as network input, by --protocol (module docstring)."""
+
+    def __init__(self, args, modality):
+        self.coclr, self.img_dim = args.protocol == 'coclr', args.img_dim
+        self.is_flow, self.negate_flow = modality == 'flow', not args.legacy_flow_flip
+        self.jitter = self.coclr and (modality == 'rgb' or args.photometric_on_flow)
+        self.photometric = Photometric(jitter=0.2, hue=0.1, jitter_prob=0.3, gray_prob=0.0,
+                                       blur_prob=0.0)
+        self.generator = torch.Generator().manual_seed(args.seed + du.get_rank())
+
+    def draw(self, n_crops):   # the jitter of one video: a parameter set per crop
+        return self.photometric.sample(torch.ones(n_crops, dtype=torch.bool), self.generator)
+
+    def __call__(self, windows, i, params, memory_format=torch.contiguous_format):
+        """uint8 windows ``[W, T, 3, H, W]`` -> float ``[W, 3, T, s, s]``."""
+        h, w = windows.shape[-2:]
+        size = min(CROP, h, w) if self.coclr else self.img_dim
+        top, left = crop_offsets(h, w, size)[i % 5]
+        x = windows[..., top:top + size, left:left + size]
+        if i >= 5:
+            x = flip_frames(x, self.is_flow, self.negate_flow)
+        if self.coclr:
+            s = self.img_dim
+            x = resize(x.flatten(0, 1), (s, s)).reshape(*x.shape[:3], s, s)
+        x = x.float().div_(255)
+        if self.jitter:
+            x = self.photometric.apply(x, {k: v[[i] * len(x)] for k, v in params.items()}, True)
+        return to_input(x, memory_format)
+
+
+@torch.no_grad()
+def video_outputs(fn, videos, views, crops, rt, args, desc='test'):
+    """``fn`` (input ``[N, 3, T, s, s]`` -> ``[N, D]``) over every window and crop of every video;
+    the mean over each video's windows per crop: float32 ``[len(videos), n_crops, D]``."""
+    n = NUM_CROPS[crops]
+    positions, rows = [], []
+    for item in tqdm(video_loader(videos, args.workers), desc=desc, disable=not rt.is_main,
+                     dynamic_ncols=True):
+        windows = item[videos.modality].to(rt.device, non_blocking=True)   # W x T x 3 x H x W
+        params = views.draw(n)
+        x = torch.cat([views(windows, i, params, rt.memory_format) for i in range(n)])
+        with autocast(rt):
+            out = torch.cat([fn(batch).float() for batch in x.split(args.batch_size)])
+        positions.append(item['position'])
+        rows.append(out.view(n, len(windows), -1).mean(1))                  # n x D
+    return gather_rows(torch.tensor(positions, device=rt.device), torch.stack(rows), len(videos))
+
+
+def autocast(rt):
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32,
+                          enabled=rt.amp_dtype is not None)
+
+
+def video_accuracy(probs, labels, ks=(1, 5)):
+    """Percent of videos whose label is among the top k of ``probs [V, C]``, for each k."""
+    hit = probs.topk(min(max(ks), probs.shape[1]), dim=1).indices == labels[:, None]
+    return {f'top{k}': 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
+
+
+# ----------------------------------------------------------------------------------------------
+# Result files
+
+def checkpoint_id(test):
+    return 'random' if test == 'random' else str(Path(test).resolve())
+
+
+def result_path(args, default_dir, suffix):
+    """``<--output_dir or default_dir>/<checkpoint stem>_<suffix>.json``; the stem carries the
+    run folder's name in a shared --output_dir. A file there holding another checkpoint's result
+    is an error before any work."""
+    out = Path(args.output_dir or default_dir)
+    stem = 'random' if args.test == 'random' else Path(args.test).name.split('.')[0]
+    if args.output_dir and args.test != 'random':
+        stem = f'{Path(args.test).resolve().parent.name}_{stem}'
+    path = out / f'{stem}_{suffix}{"_clean" if args.protocol == "clean" else ""}.json'
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get('checkpoint')
+        except (ValueError, AttributeError):
+            old = None
+        if old not in (None, checkpoint_id(args.test)):
+            raise UserError(f'{path} holds the result of another checkpoint ({old}); give '
+                            f'--test {args.test} another --output_dir')
+    out.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,238 @@
+"""Training a classifier (main_classifier.py --pretrain CKPT|random, or --resume): finetune the
+whole network (--train_what ft) or a linear probe of the frozen backbone (--train_what last);
+validation each --eval_freq epochs picks best.pth.tar (docs/METHOD.md, Evaluation)."""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from dataset import build_dataset
+from dataset.augment import DeviceAugment, Photometric, box_pixels, resize, sample_crop
+from dataset.loader import make_loader
+from dataset.video_dataset import data_location, modality_of
+from eval import clips
+from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
+from utils import distributed as du
+from utils.checkpoint import load_checkpoint
+from utils.misc import (PROJECT_ROOT, UserError, interrupted_message, learning_rate, log_epoch,
+                        plain_args, seed_everything, topk_accuracy)
+from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_fresh_run, check_resume,
+                       disk_use, open_run, restore, save_epoch)
+
+VAL_SEED, VAL_SHARE = 666, 0.3   # CoCLR validates on this random share of the test split
+
+
+def run_name(args):
+    return (f'{args.name_prefix}lincls-{args.train_what}_{args.dataset}_split{args.which_split}'
+            f'_{args.net}_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}'
+            f'_dim{args.img_dim}')
+
+
+def validation_videos(args, train_set, positions):
+    """(positions trained on, validation clips.Videos or None, a description)."""
+    if args.val_set == 'none':
+        return positions, None, 'none'
+    coclr, k = args.protocol == 'coclr', args.which_split
+    options = dict(stored_size=True, test_windows='random') if coclr else {}
+    if args.val_set == 'test':
+        test = build_dataset(args.dataset, 'test', **data_location(args), seq_len=args.seq_len,
+                             ds=args.ds, img_dim=args.img_dim, **options)
+        chosen = clips.spread_indices(len(test), args.max_videos)
+        if coclr:
+            order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(VAL_SEED))
+            chosen = sorted(chosen[i] for i in order[:max(1, round(VAL_SHARE * len(chosen)))])
+        return positions, clips.Videos(test, chosen), (
+            f'TEST split {k} ({len(chosen)} videos; the reference validates on the test split, '
+            f'so the best checkpoint is selected on test data)')
+    kept, held = clips.holdout_split([train_set.sources[i] for i in positions], args.val_fraction,
+                                     args.seed)
+    videos = clips.Videos(clips.test_mode(train_set, 'held-out train videos', **options),
+                          [positions[i] for i in held])
+    return [positions[i] for i in kept], videos, (
+        f'held-out part of train split {k} ({len(held)} videos in {len(set(videos.sources))} '
+        f'source groups, not trained on)')
+
+
+def train(args, rt):
+    info, device, say = rt.info, rt.device, rt.say
+    global_batch, modality = args.batch_size * info.world_size, modality_of(args.dataset)
+    # Checkpoints are read first: a wrong path fails before any data is touched.
+    resume = load_checkpoint(args.resume, '--resume') if args.resume else None
+    pretrained = None
+    if resume is not None:
+        if checkpoint_kind(resume['state_dict'], f'--resume {args.resume}') == 'pretrain':
+            raise UserError(f'--resume {args.resume} is a pretraining checkpoint; start a '
+                            f'classifier from it with --pretrain {args.resume}')
+        check_resume(resume, args, info.world_size)
+    elif args.pretrain != 'random':
+        pretrained = load_checkpoint(args.pretrain, '--pretrain')
+        check_modality(pretrained, modality, f'--pretrain {args.pretrain}')
+    seed_everything(args.seed + info.rank)
+    train_set = build_dataset(args.dataset, 'train', **data_location(args), seq_len=args.seq_len,
+                              ds=args.ds, img_dim=args.img_dim, strong_prob=args.color_jitter_prob,
+                              negate_flow_flip=not args.legacy_flow_flip)
+    positions, val_videos, val_desc = validation_videos(
+        args, train_set, clips.spread_indices(len(train_set), args.max_videos))
+    train_data = Subset(train_set, positions)
+    if len(train_data) < global_batch:
+        raise UserError(f'{len(train_data)} training videos, fewer than the global batch '
+                        f'{global_batch} (--batch_size x processes)')
+    loader = make_loader(train_data, args, info)
+
+    torch.manual_seed(args.seed)   # the same initial head on every process
+    model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
+    exp_dir = Path(args.output_dir or PROJECT_ROOT / 'experiments') / run_name(args)
+    start_epoch, iteration, best_acc, best_epoch, previous = 0, 0, 0.0, -1, None
+    if pretrained is not None:
+        kind = load_pretrained(model, pretrained['state_dict'], f'--pretrain {args.pretrain}')
+        say(f'=> initialised from {args.pretrain} ({kind} checkpoint, epoch '
+            f'{pretrained.get("epoch")}); newly initialised: '
+            + (', '.join(model.head_keys()) if kind == 'pretrain' else 'nothing'))
+    if resume is None:
+        check_fresh_run(exp_dir)
+    model.to(device, memory_format=rt.memory_format)
+    torch.backends.cudnn.benchmark = True
+    groups = [{'params': model.head_parameters(), 'lr_mult': 1.0, 'name': 'head'}]
+    if not model.linear_probe:
+        groups.insert(0, {'params': list(model.backbone.parameters()),
+                          'lr_mult': args.backbone_lr_mult, 'name': 'backbone'})
+    optimizer = (torch.optim.Adam(groups, lr=args.lr, weight_decay=args.wd) if args.optim == 'adam'
+                 else torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9))
+    scaler = torch.amp.GradScaler(device.type, enabled=rt.amp_dtype == torch.float16)
+    if resume is not None:
+        exp_dir, start_epoch, iteration = restore(resume, model, optimizer, scaler, args, info, say)
+        best_acc, best_epoch = resume.get('best_acc', 0.0), resume.get('best_epoch', -1)
+        previous = exp_dir / f'epoch{start_epoch - 1}.pth.tar'
+    broadcast_state(model)
+    frozen = ({k: v.clone() for k, v in model.backbone.state_dict().items()}
+              if model.linear_probe else None)
+    # Finetuning's photometric augmentation is colour jitter alone, on --color_jitter_prob of
+    # the clips, as the reference.
+    augment = DeviceAugment(args.photometric_on_flow, rt.memory_format,
+                            Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
+    writer = open_run(exp_dir, args, info,
+                      f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
+                      f'amp {rt.amp_dtype}\n=> train: {len(train_data)} videos of train split '
+                      f'{args.which_split} ({len(train_set.dropped)} too short, dropped)\n'
+                      f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
+                      + disk_use(model, args.epochs, args.keep_every,
+                                 slots=2 if args.optim == 'adam' else 1, best=True))
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            begin_epoch(args.seed, epoch, info.rank, augment)
+            lr = learning_rate(args.lr, epoch, args.schedule)
+            for group in optimizer.param_groups:
+                group['lr'] = lr * group['lr_mult']
+            stats, iteration = train_one_epoch(model, loader, augment, modality, optimizer,
+                                               scaler, args, rt, epoch, iteration, writer)
+            record = {'epoch': epoch, 'iteration': iteration, 'lr': lr,
+                      **{f'train_{k}': v for k, v in stats.items()}}
+            is_best = False
+            if val_videos is not None and ((epoch + 1) % args.eval_freq == 0
+                                           or epoch + 1 == args.epochs):
+                val = validate(model, val_videos, args, rt, epoch)
+                record.update({f'val_{k}': v for k, v in val.items()}, val_set=args.val_set)
+                is_best = val['top1'] > best_acc or best_epoch < 0
+                if is_best:
+                    best_acc, best_epoch = val['top1'], epoch
+                for k, v in val.items() if writer is not None else ():
+                    writer.add_scalar(f'val_{args.val_set}/{k}', v, epoch)
+            if info.is_main:
+                log_epoch(exp_dir / 'log.jsonl', record)
+                say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in record.items()
+                                                     if isinstance(v, float))
+                    + (f' (best so far, {args.val_set} top1 {best_acc:.2f})' if is_best else ''))
+                state = {'state_dict': model.state_dict(), 'epoch': epoch,
+                         'optimizer': optimizer.state_dict(), 'iteration': iteration,
+                         'best_acc': best_acc, 'best_epoch': best_epoch, 'val_set': val_desc,
+                         'scaler': scaler.state_dict(), 'classes': list(train_set.classes),
+                         'args': plain_args(args), 'world_size': info.world_size}
+                previous = save_epoch(state, exp_dir, epoch, args.keep_every, previous, is_best)
+    except KeyboardInterrupt:
+        say(interrupted_message(exp_dir))
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    if frozen is not None:   # once, at the end, as MoCo's sanity check
+        check_frozen(model.backbone, frozen)
+    say(f'=> finished; checkpoints in {exp_dir}')
+    return exp_dir
+
+
+def check_frozen(backbone, frozen):
+    """A linear probe leaves its backbone (weights and BatchNorm statistics) bit-identical."""
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, frozen[k])]
+    if changed:
+        raise RuntimeError(f'linear probe: the frozen backbone changed ({len(changed)} tensors, '
+                           f'e.g. {changed[0]})')
+
+
+def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, rt, epoch,
+                    iteration, writer):
+    device = rt.device
+    model.train()              # a linear probe's backbone stays in eval mode (LinearClassifier)
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    meter = EpochMeter(epoch, loader.steps, device, rt.is_main, writer, args.print_freq)
+    for batch in loader.epoch(epoch):
+        x = augment(batch, device)[modality][:, 0]                       # B x 3 x T x H x W
+        target = batch['label'].to(device, non_blocking=True)
+        with clips.autocast(rt):
+            logits = model(x).float()                                    # B x classes
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        du.all_reduce_mean([p.grad for p in params if p.grad is not None])
+        scaler.step(optimizer)
+        scaler.update()
+        top1, top5 = topk_accuracy(logits.detach(), target)
+        meter.update(iteration, loss.detach(), len(target) * rt.info.world_size,
+                     optimizer.param_groups[-1]['lr'], {'top1': 100 * top1, 'top5': 100 * top5})
+        iteration += 1
+    return meter.close(), iteration
+
+
+class ValidationClips:
+    """Collate of validation during finetuning: one clip per video. coclr: the dataset's one
+    random window, a random crop of 20-100% of the frame area scaled to --img_dim (CoCLR's val
+    mode); clean: the middle window's centre crop."""
+
+    def __init__(self, protocol, img_dim, modality):
+        self.coclr, self.img_dim, self.modality = protocol == 'coclr', img_dim, modality
+
+    def __call__(self, batch):
+        out, s = [], self.img_dim
+        for item in batch:
+            windows = item[self.modality]                              # W x T x 3 x h x w
+            frames = windows[len(windows) // 2]
+            h, w = frames.shape[-2:]
+            if self.coclr:
+                top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)
+                out.append(resize(frames[..., top:top + hh, left:left + ww], (s, s)))
+            else:
+                top, left = clips.crop_offsets(h, w, s)[0]
+                out.append(frames[..., top:top + s, left:left + s])
+        return {'clips': torch.stack(out),
+                'label': torch.tensor([item['label'] for item in batch]),
+                'position': torch.tensor([item['position'] for item in batch])}
+
+
+@torch.no_grad()
+def validate(model, videos, args, rt, epoch):
+    """Loss and top-1/top-5 (percent) of one clip per validation video (ValidationClips)."""
+    model.eval()
+    loader = clips.video_loader(videos, args.workers, args.batch_size,
+                                ValidationClips(args.protocol, args.img_dim,
+                                                      videos.modality))
+    positions, logits = [], []
+    for batch in tqdm(loader, desc=f'validate {epoch}', disable=not rt.is_main,
+                      dynamic_ncols=True):
+        x = clips.to_input(batch['clips'].to(rt.device).float().div_(255), rt.memory_format)
+        with clips.autocast(rt):
+            logits.append(model(x).float())
+        positions.append(batch['position'].to(rt.device))
+    logits = clips.gather_rows(torch.cat(positions), torch.cat(logits), len(videos))
+    labels = torch.tensor(videos.labels, device=rt.device)
+    return {'loss': F.cross_entropy(logits, labels).item(), **clips.video_accuracy(logits, labels)}
