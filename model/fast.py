@@ -1,0 +1,276 @@
+"""The GPU fast path, imported only when ``--cuda_graph`` or ``--decode gpu`` asks for it.
+
+``GraphedStep`` replays the forward and backward from a CUDA graph with S3D's layers run as 2D
+kernels (``use_2d_kernels``); ``Prefetcher`` makes the next batches in a thread on a CUDA stream
+of its own; ``decode_on_device`` decodes JPEG frames with nvJPEG on the training GPU. Each gives
+what the plain path gives (tests/test_fast_path.py, tests/test_layout.py); bench/RESULTS.md has
+the speeds.
+"""
+import queue
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataset import augment
+from dataset.lmdb_video import decode_list
+from dataset.video_dataset import apply_views, unpack_jpegs
+
+# ------------------------------------------------------------------------------ 2D kernels
+# A channels-last-3D clip [B, C, T, H, W] is stored as [B, T, H, W, C]. Read as 4D channels-last
+# images the same memory is [B*T, C, H, W] (frames) or [B, C, T, H*W] (time by pixels), with no
+# copy. S3D's layers are separable ((1,k,k) and (k,1,1) convolutions, BatchNorm, max pooling),
+# so each runs as a 2D operation over one of these views: on an H100 a quarter less GPU time,
+# but more host work than an eager step can afford; hence only inside a graphed step.
+
+
+def use_planes(x):
+    """Whether ``x`` can take the 2D path: a channels-last-3D clip on the GPU."""
+    return x.is_cuda and x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def as_frames(x):
+    """``[B, C, T, H, W]`` channels-last-3D -> ``[B*T, C, H, W]`` channels-last (a view)."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def from_frames(y, b):
+    """Inverse of :func:`as_frames` for a result ``[B*T, C', H', W']``."""
+    n, c, h, w = y.shape
+    return y.view(b, n // b, c, h, w).transpose(1, 2)
+
+
+def as_time(x):
+    """``[B, C, T, H, W]`` channels-last-3D -> ``[B, C, T, H*W]`` channels-last (a view)."""
+    b, c, t, h, w = x.shape
+    return x.reshape(b, c, t, h * w)
+
+
+def conv3d_planes(x, weight, bias, stride, padding):
+    """``F.conv3d`` for a (1,k,k) kernel without temporal stride or padding (2D over frames) or
+    a (k,1,1) kernel without spatial stride or padding (2D over time); None otherwise."""
+    kt, kh, kw = weight.shape[2:]
+    if kt == 1 and stride[0] == 1 and padding[0] == 0:
+        return from_frames(F.conv2d(as_frames(x), weight.squeeze(2), bias, stride[1:],
+                                    padding[1:]), x.shape[0])
+    if kh == kw == 1 and stride[1:] == (1, 1) and padding[1:] == (0, 0):
+        b, _, _, h, w = x.shape
+        y = F.conv2d(as_time(x), weight.squeeze(-1), bias, (stride[0], 1), (padding[0], 0))
+        return y.view(b, y.shape[1], y.shape[2], h, w)
+    return None
+
+
+def max_pool3d_planes(x, kernel, stride, padding):
+    """``F.max_pool3d`` as a spatial then a temporal 2D max pooling (the same maxima, each window
+    scanned in the 3D kernel's order, so gradients reach the same element)."""
+    (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = kernel, stride, padding
+    b = x.shape[0]
+    if (kh, kw, sh, sw) != (1, 1, 1, 1):
+        x = from_frames(F.max_pool2d(as_frames(x), (kh, kw), (sh, sw), (ph, pw)), b)
+    if (kt, st) != (1, 1):
+        _, c, _, h, w = x.shape
+        y = F.max_pool2d(as_time(x), (kt, 1), (st, 1), (pt, 0))
+        x = y.view(b, c, y.shape[2], h, w)
+    return x
+
+
+def _triple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+class Conv3d(nn.Conv3d):
+    def forward(self, x):
+        if use_planes(x) and self.groups == 1 and self.dilation == (1, 1, 1) \
+                and self.padding_mode == 'zeros' and isinstance(self.padding, tuple):
+            y = conv3d_planes(x, self.weight, self.bias, self.stride, self.padding)
+            if y is not None:
+                return y
+        return super().forward(x)
+
+
+class BatchNorm3d(nn.BatchNorm3d):
+    def forward(self, x):
+        """The same statistics (over B, T, H, W) through the ``[B, C, T*H, W]`` view."""
+        if not use_planes(x):
+            return super().forward(x)
+        b, c, t, h, w = x.shape
+        return super().forward(x.view(b, c, t * h, w)).view(b, c, t, h, w)
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (4, 5):   # 4: the view of forward
+            raise ValueError(f'expected a 5D input (got {input.dim()}D input)')
+
+
+class MaxPool3d(nn.MaxPool3d):
+    def forward(self, x):
+        if not use_planes(x) or self.ceil_mode or self.return_indices \
+                or _triple(self.dilation) != (1, 1, 1):
+            return super().forward(x)
+        return max_pool3d_planes(x, _triple(self.kernel_size), _triple(self.stride),
+                                 _triple(self.padding))
+
+
+FAST = {nn.Conv3d: Conv3d, nn.BatchNorm3d: BatchNorm3d, nn.MaxPool3d: MaxPool3d}
+
+
+def use_2d_kernels(module, enabled=True):
+    """Switch the plain 3D layers of ``module`` to the 2D path (or back): each instance's class
+    becomes the subclass above, so parameters, buffers and state-dict keys stay as they are.
+    The 2D path is taken only for channels-last-3D clips on a GPU."""
+    swap = FAST if enabled else {fast: plain for plain, fast in FAST.items()}
+    for m in module.modules():
+        if type(m) in swap:
+            m.__class__ = swap[type(m)]
+
+
+# ------------------------------------------------------------------------------ graphed step
+
+class GraphedStep:
+    """``step`` (the engine's eager step) with its forward and backward replayed from a CUDA
+    graph, S3D's layers as 2D kernels. One launch replays the thousands of small kernels of both
+    encoders, shuffle-BN, the losses and the enqueue, so the host no longer bounds the step. The
+    optimiser step (``update``) stays eager and the learning rate a plain number.
+
+    Steps before ``model.ready`` (CoCLR's queue filling) run eagerly; then ``warmup`` steps run
+    on a side stream (cuDNN picks its algorithms), the next is captured and every later one
+    copies its inputs into the graph's buffers and replays it. A failed capture says why once
+    and the step stays eager, with the 3D layers."""
+
+    def __init__(self, step, forward_backward, update, model, optimizer, scaler, amp_dtype,
+                 device, warmup=3):
+        self.step, self.forward_backward, self.update = step, forward_backward, update
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.amp_dtype, self.device, self.warmup = amp_dtype, device, warmup
+        self.graph = self.static = self.out = self.failed = None
+        self.side = torch.cuda.Stream(device)
+        use_2d_kernels(model)
+
+    def __call__(self, inputs):
+        if self.graph is None and (self.failed or not self.model.ready):
+            return self.step(inputs)
+        if self.static is None:
+            self.static = {k: torch.empty_like(v) for k, v in inputs.items()}
+        for k, v in inputs.items():
+            self.static[k].copy_(v)
+        if self.graph is None and self.warmup > 0:
+            self.warmup -= 1
+            current = torch.cuda.current_stream(self.device)
+            self.side.wait_stream(current)
+            with torch.cuda.stream(self.side):
+                out = self.step(self.static)
+            current.wait_stream(self.side)
+            return out
+        if self.graph is None:
+            self.optimizer.zero_grad(set_to_none=True)   # the graph allocates its gradients
+            graph = torch.cuda.CUDAGraph()
+            try:   # thread_local: the prefetch thread keeps working on its own stream
+                with torch.cuda.graph(graph, capture_error_mode='thread_local'):
+                    out = self.forward_backward(self.model, self.static, self.scaler,
+                                                self.amp_dtype, cache_casts=False)
+            except Exception as e:   # slower, never wrong
+                self.failed = f'{type(e).__name__}: {e}'.splitlines()[0]
+                print(f'=> CUDA graph capture failed ({self.failed}); training continues '
+                      f'without it', flush=True)
+                use_2d_kernels(self.model, False)   # eagerly the 3D layers are faster
+                torch.cuda.synchronize(self.device)
+                return self.step(inputs)
+            self.graph, self.out = graph, out
+        self.graph.replay()   # after capture: the captured step's real run
+        self.update(self.model, self.optimizer, self.scaler)
+        return self.out
+
+
+# ------------------------------------------------------------------------------ data
+
+class Prefetcher:
+    """``fn(batch)`` for each of ``batches``, computed ahead in a thread (on a CUDA stream of its
+    own on a GPU), ``depth`` batches ready; the thread's errors are raised here. ``close()``
+    stops the thread (always call it: the loader must be free for the next epoch)."""
+
+    _END = object()
+
+    def __init__(self, batches, fn, device, depth=2):
+        self.device, self.fn, self.batches = device, fn, iter(batches)
+        self.queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.stream = torch.cuda.Stream(device) if device.type == 'cuda' else None
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _put(self, item):
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+
+    def _work(self):
+        try:
+            if self.stream is not None:
+                torch.cuda.set_device(self.device)   # the current device is per thread
+            for batch in self.batches:
+                if self.stop.is_set():
+                    return
+                if self.stream is None:
+                    self._put((self.fn(batch), None))
+                    continue
+                with torch.cuda.stream(self.stream):
+                    out = self.fn(batch)
+                    ready = torch.cuda.Event()
+                    ready.record(self.stream)
+                self._put((out, ready))
+            self._put(self._END)
+        except BaseException as e:   # raised in the training thread
+            self._put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is self._END:
+            self._put(self._END)   # stays at the end
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        out, ready = item
+        if ready is not None:   # the step's stream waits for the batch and keeps its memory
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            for t in out.values():
+                if t.is_cuda:
+                    t.record_stream(stream)
+        return out
+
+    def close(self):
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                self.thread.join(timeout=0.05)
+
+
+def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
+    """Decode a ``decode='device'`` batch with nvJPEG in one call per modality and apply each
+    view's geometry there: adds ``batch[modality]`` uint8 ``[B, V, T, 3, img_dim, img_dim]``."""
+    for m, (data, offsets, counts) in batch['jpeg'].items():
+        flat = unpack_jpegs(data, offsets)
+        if device.type == 'cuda':
+            # nvJPEG allocates its outputs on this stream but writes them from its own without
+            # waiting: memory freed here while kernels still read it could be overwritten.
+            torch.cuda.current_stream(device).synchronize()
+        decoded = decode_list(flat, name='batch', source=m, device=device)
+        b, v, t = batch['frame_index'].shape
+        out = augment.channels_last_empty(b, v, t, size=img_dim, device=device)
+        start = 0
+        for i, count in enumerate(counts.tolist()):
+            plan = {k: batch[k][i] for k in ('frame_index', 'boxes', 'flips')}   # on the host
+            frames = torch.stack([f.permute(1, 2, 0) for f in decoded[start:start + count]])
+            apply_views(frames, plan, m, img_dim, negate_flow_flip, out=out[i])
+            start += count
+        batch[m] = out
+    return batch
