@@ -16,8 +16,7 @@ from model.moco import LocalCoCLR
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
 from utils.misc import UserError, run_main
 
-# total = (coclr + inter + intra)/3 (flags --w_coclr, --w_inter, --w_intra)
-WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
+WEIGHTS = LocalCoCLR.WEIGHTS   # the default weight of each loss term (flags --w_<term>)
 
 
 def build_model(args):

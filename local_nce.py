@@ -12,8 +12,7 @@ from model.moco import LocalInfoNCE
 from utils.config import parse_args
 from utils.misc import UserError, run_main
 
-# total = global + inter/3 + intra (flags --w_global, --w_inter, --w_intra)
-WEIGHTS = {'global': 1.0, 'inter': 1 / 3, 'intra': 1.0}
+WEIGHTS = LocalInfoNCE.WEIGHTS   # the default weight of each loss term (flags --w_<term>)
 
 
 def build_model(args):

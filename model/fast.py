@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataset import augment
-from dataset.lmdb_video import decode_list
-from dataset.video_dataset import apply_views, unpack_jpegs
+from dataset.lmdb_video import decode_list, unpack_jpegs
+from dataset.video_dataset import apply_views
 
 # ------------------------------------------------------------------------------ 2D kernels
 # A channels-last-3D clip [B, C, T, H, W] is stored as [B, T, H, W, C]. Read as 4D channels-last
