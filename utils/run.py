@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from . import distributed as du
 from .checkpoint import load_exact, save_checkpoint
-from .misc import epoch_seed, format_args, git_revision, plain_args
+from .misc import UserError, epoch_seed, format_args, git_revision, plain_args
 
 
 def add_runtime_args(g):
@@ -36,7 +36,7 @@ def amp_dtype_of(args, device):
 
 def open_run(exp_dir, args, info, summary):
     """Rank 0: create the experiment folder, print where the run came from (git revision,
-    ``summary``, sorted arguments), store the arguments, open TensorBoard. Others: None."""
+    ``summary``, arguments), store the arguments, open TensorBoard. Others: None."""
     if not info.is_main:
         return None
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -48,9 +48,9 @@ def open_run(exp_dir, args, info, summary):
 
 
 def begin_epoch(seed, epoch, rank, augment):
-    """Every epoch's randomness is a function of (seed, epoch, rank), so a resumed run
-    continues exactly as the uninterrupted one would: the training process's generator and the
-    device-side augmenter's here, each sample's through ``dataset.loader``."""
+    """An epoch's randomness is a function of (seed, epoch, rank), so a resumed run continues
+    as the uninterrupted one would: the process's generator and the augmenter's here, each
+    sample's in ``dataset.loader``."""
     root = epoch_seed(seed, epoch, rank)
     torch.manual_seed(2 * root)     # two seeds of their own: no generator repeats another's
     augment.reseed(2 * root + 1)
@@ -58,15 +58,14 @@ def begin_epoch(seed, epoch, rank, augment):
 
 @torch.no_grad()
 def broadcast_state(model):
-    if du.world_size() > 1:
-        for t in list(model.parameters()) + list(model.buffers()):
-            du.broadcast(t.data, 0)
+    for t in list(model.parameters()) + list(model.buffers()):
+        du.broadcast(t.data, 0)
 
 
 class EpochMeter:
-    """One epoch's running metrics, kept on the device and read only every ``print_freq`` steps
-    (and at the end): sums, the first iteration whose loss is not finite, the progress bar (rank
-    0) and TensorBoard scalars. A metric's mean is over the steps that reported it."""
+    """One epoch's running metrics, kept on the device and read every ``print_freq`` steps (and
+    at the end): sums, the first iteration whose loss is not finite, the progress bar (rank 0)
+    and TensorBoard scalars. A metric's mean is over the steps that reported it."""
 
     def __init__(self, epoch, steps, device, show, writer, print_freq):
         self.sums = defaultdict(lambda: torch.zeros((), device=device))
@@ -77,8 +76,8 @@ class EpochMeter:
         self.tic, self.seen, self.n = time.time(), 0, 0
 
     def update(self, iteration, loss, samples, lr, metrics, **postfix):
-        """After the step numbered ``iteration``: its loss, ``samples`` over all processes, its
-        other ``metrics`` (device scalars); ``postfix``: what the bar shows besides them."""
+        """After step ``iteration``: its loss, ``samples`` over all processes, its other
+        ``metrics`` (device scalars); ``postfix``: what the bar shows besides them."""
         self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), iteration,
                                      self.first_bad)
         for k, v in {'loss': loss.detach(), **metrics}.items():
@@ -112,37 +111,6 @@ class EpochMeter:
         return self.means(totals)
 
 
-def restore(ckpt, model, optimizer, scaler, args, info, say):
-    """Continue the run of ``ckpt`` (``--resume``): weights, optimizer and scaler state. Returns
-    its folder, the first epoch to train and the iteration count."""
-    load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if 'scaler' in ckpt:
-        scaler.load_state_dict(ckpt['scaler'])
-    check_epochs_left(args, ckpt['epoch'])
-    exp_dir = Path(args.resume).resolve().parent
-    say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {ckpt["iteration"]})'
-        + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
-    return exp_dir, ckpt['epoch'] + 1, ckpt['iteration']
-
-
-def check_fresh_run(exp_dir):
-    """A new run never writes over the checkpoints of an earlier one. (A folder with a log but
-    no checkpoint, from a run stopped before its first save, has nothing to resume: a new run
-    starts there and replaces the log's records epoch by epoch.)"""
-    if any(exp_dir.glob('*.pth.tar')):
-        raise SystemExit(f'error: {exp_dir} already holds a run; continue it with --resume '
-                         f'{exp_dir / "last.pth.tar"}, or start another with --name_prefix or '
-                         f'--output_dir (or delete the folder)')
-
-
-def check_epochs_left(args, last_epoch):
-    """A run resumed after its last epoch would train nothing: say so instead."""
-    if last_epoch + 1 >= args.epochs:
-        raise SystemExit(f'error: --resume {args.resume} ends at epoch {last_epoch}: '
-                         f'--epochs {args.epochs} leaves nothing to train; give more epochs')
-
-
 def check_finite(first_bad):
     bad = first_bad.clone()
     if du.world_size() > 1:  # stop every process together
@@ -152,50 +120,73 @@ def check_finite(first_bad):
                                  f'checkpoint is left as it was')
 
 
-# Flags a resumed run may change: where the data and results are, the hardware and speed
-# settings, how long it trains and what it prints. Any other changed flag would make the resumed
-# run another experiment than the one its checkpoint began.
+def restore(ckpt, model, optimizer, scaler, args, info, say):
+    """Continue the run of ``ckpt`` (``--resume``): weights, optimizer and scaler state. Returns
+    its folder, the first epoch to train and the iteration count."""
+    load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
+    check_epochs_left(args, ckpt['epoch'])
+    say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {ckpt["iteration"]})'
+        + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
+    return Path(args.resume).resolve().parent, ckpt['epoch'] + 1, ckpt['iteration']
+
+
+def check_fresh_run(exp_dir):
+    """A new run never writes over the checkpoints of an earlier one (a folder with a log but
+    no checkpoint, from a run stopped before its first save, is started anew)."""
+    if any(exp_dir.glob('*.pth.tar')):
+        raise UserError(f'{exp_dir} already holds a run; continue it with --resume '
+                        f'{exp_dir / "last.pth.tar"}, or start another with --name_prefix or '
+                        f'--output_dir (or delete the folder)')
+
+
+def check_epochs_left(args, last_epoch):
+    if last_epoch + 1 >= args.epochs:
+        raise UserError(f'--resume {args.resume} ends at epoch {last_epoch}: --epochs '
+                        f'{args.epochs} leaves nothing to train; give more epochs')
+
+
+# Flags a resumed run may change: where data and results are, hardware and speed, how long it
+# trains, what it prints and keeps. Any other change would make it another experiment.
 RESUME_MAY_CHANGE = {
     'resume', 'config', 'epochs', 'schedule', 'data_root', 'rgb_lmdb', 'flow_lmdb', 'split_dir',
     'output_dir', 'name_prefix', 'workers', 'device', 'decode', 'channels_last', 'compile',
-    'cuda_graph', 'amp', 'local_rank', 'print_freq', 'save_freq', 'eval_freq', 'pretrain',
-    'dirname'}
+    'cuda_graph', 'amp', 'local_rank', 'print_freq', 'save_freq', 'keep_every', 'eval_freq',
+    'pretrain', 'dirname'}
 
 
 def check_resume(ckpt, args, world_size):
     """The flags and process count of a resumed run must be the checkpoint's, except those of
-    ``RESUME_MAY_CHANGE``; an error lists every other difference."""
-    saved = ckpt.get('args') or {}
-    now = plain_args(args)
-    # A saved None is a flag left to its default, as checkpoints of earlier versions stored the
-    # loss weights; it is not compared.
+    ``RESUME_MAY_CHANGE``; the error lists every other difference. (A saved None is a flag left
+    to its default by an earlier version: not compared.)"""
+    saved, now = ckpt.get('args') or {}, plain_args(args)
     changed = [f'--{k} {saved[k]!r} -> {now[k]!r}' for k in sorted(now)
                if saved.get(k) is not None and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if ckpt.get('world_size', world_size) != world_size:
         changed.append(f'processes {ckpt["world_size"]} -> {world_size} (the global batch and '
                        f'the data order depend on it)')
     if changed:
-        raise SystemExit(f'error: --resume {args.resume} continues a run with other settings: '
-                         + '; '.join(changed) + '. Resume with the same flags, or start a new run')
+        raise UserError(f'--resume {args.resume} continues a run with other settings: '
+                        + '; '.join(changed) + '. Resume with the same flags, or start a new run')
 
 
 def keeps(epoch, keep_every):
-    """Whether ``--keep_every`` keeps the file of ``epoch`` (numbered from 0, as CoCLR's
-    ``epoch<N>.pth.tar``): every ``keep_every``-th epoch, counted from 1; 0 keeps none."""
+    """Whether ``--keep_every`` keeps ``epoch<epoch>.pth.tar`` (0-based, as CoCLR's names):
+    every ``keep_every``-th epoch counted from 1; 0 keeps none."""
     return keep_every > 0 and (epoch + 1) % keep_every == 0
 
 
 def save_epoch(state, exp_dir, epoch, keep_every, previous=None, best=False):
-    """Write ``epoch<epoch>.pth.tar``, ``last.pth.tar`` (and ``best.pth.tar`` when ``best``),
-    each complete before it replaces anything. Only then ``previous``, the epoch file written
-    before this one, is removed, unless ``keep_every`` keeps it: a run holds its last
-    checkpoint, the latest epoch file and the kept ones. Returns the new epoch file."""
-    exp_dir = Path(exp_dir)
-    path = exp_dir / f'epoch{epoch}.pth.tar'
-    save_checkpoint(state, path, exp_dir / 'last.pth.tar', *([exp_dir / 'best.pth.tar'] * best))
+    """Write ``epoch<epoch>.pth.tar``, then ``last.pth.tar`` (and ``best.pth.tar``), each whole
+    before it replaces anything; only then remove ``previous`` (the epoch file written before)
+    unless ``keep_every`` keeps it. Returns the new epoch file."""
+    path = Path(exp_dir) / f'epoch{epoch}.pth.tar'
+    save_checkpoint(state, path, path.with_name('last.pth.tar'),
+                    *[path.with_name('best.pth.tar')] * best)
     if previous is not None and Path(previous) != path:
-        old = int(Path(previous).name[len('epoch'):-len('.pth.tar')])
-        if not keeps(old, keep_every):
+        if not keeps(int(Path(previous).name[len('epoch'):-len('.pth.tar')]), keep_every):
             Path(previous).unlink(missing_ok=True)
     return path
 
