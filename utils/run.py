@@ -193,8 +193,11 @@ def save_epoch(state, exp_dir, epoch, keep_every, previous=None, best=False):
 
 def disk_use(model, epochs, keep_every, save_freq=1, slots=2, best=False):
     """The expected size of a run's checkpoints, as a line to print at start: the model's state
-    plus ``slots`` optimiser tensors per trainable parameter (Adam: 2), times the files kept."""
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    (each storage once, as ``torch.save`` writes it: S3D names some layers twice) plus ``slots``
+    optimiser tensors per trainable parameter (Adam: 2), times the files kept."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in model.state_dict().values()}
+    size = sum(storages.values())
     size += slots * sum(p.numel() * p.element_size() for p in model.parameters()
                         if p.requires_grad)
     kept = sum(keeps(e, keep_every) for e in range(save_freq - 1, epochs - 1, save_freq))
