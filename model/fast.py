@@ -80,34 +80,39 @@ def _triple(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
-class Conv3d(nn.Conv3d):
+class _Planes:
+    """``forward``: ``forward_planes`` (the 2D path) for a channels-last clip on a GPU, else the
+    ``nn`` layer's own."""
+
     def forward(self, x):
-        if use_planes(x) and self.groups == 1 and self.dilation == (1, 1, 1) \
-                and self.padding_mode == 'zeros' and isinstance(self.padding, tuple):
+        return self.forward_planes(x) if use_planes(x) else super().forward(x)
+
+
+class Conv3d(_Planes, nn.Conv3d):
+    def forward_planes(self, x):
+        if self.groups == 1 and self.dilation == (1, 1, 1) and self.padding_mode == 'zeros' \
+                and isinstance(self.padding, tuple):
             y = conv3d_planes(x, self.weight, self.bias, self.stride, self.padding)
             if y is not None:
                 return y
-        return super().forward(x)
+        return nn.Conv3d.forward(self, x)
 
 
-class BatchNorm3d(nn.BatchNorm3d):
-    def forward(self, x):
+class BatchNorm3d(_Planes, nn.BatchNorm3d):
+    def forward_planes(self, x):
         """The same statistics (over B, T, H, W) through the ``[B, C, T*H, W]`` view."""
-        if not use_planes(x):
-            return super().forward(x)
         b, c, t, h, w = x.shape
-        return super().forward(x.view(b, c, t * h, w)).view(b, c, t, h, w)
+        return nn.BatchNorm3d.forward(self, x.view(b, c, t * h, w)).view(b, c, t, h, w)
 
     def _check_input_dim(self, input):
-        if input.dim() not in (4, 5):   # 4: the view of forward
+        if input.dim() not in (4, 5):   # 4: the view of forward_planes
             raise ValueError(f'expected a 5D input (got {input.dim()}D input)')
 
 
-class MaxPool3d(nn.MaxPool3d):
-    def forward(self, x):
-        if not use_planes(x) or self.ceil_mode or self.return_indices \
-                or _triple(self.dilation) != (1, 1, 1):
-            return super().forward(x)
+class MaxPool3d(_Planes, nn.MaxPool3d):
+    def forward_planes(self, x):
+        if self.ceil_mode or self.return_indices or _triple(self.dilation) != (1, 1, 1):
+            return nn.MaxPool3d.forward(self, x)
         return max_pool3d_planes(x, _triple(self.kernel_size), _triple(self.stride),
                                  _triple(self.padding))
 
