@@ -407,29 +407,62 @@ def test_coclr_resume_needs_no_pretrain(tmp_path):
                           '--dataset', 'demo-2stream-2clip', '--data_root', str(tmp_path)])
 
 
-def test_checkpoint_retention_and_disk_estimate(data_root, tmp_path, capsys):
+class Tiny(torch.nn.Module):
+    """A backbone of one 3D convolution, registered for the tests that need no S3D."""
+    feature_dim = 8
+
+    def __init__(self, in_channels=3):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(in_channels, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm3d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+@pytest.fixture
+def tiny_net(monkeypatch):
+    from backbone import BACKBONES
+    monkeypatch.setitem(BACKBONES, 'tiny', Tiny)
+    return ['--net', 'tiny', '--seq_len', '8']
+
+
+def test_checkpoint_retention(data_root, tmp_path, capsys, tiny_net):
     """--keep_every (default 50): a run holds last.pth.tar, its latest epoch file and the kept
     ones (CoCLR's 0-based names: --keep_every 2 keeps the 2nd and 4th epochs, epoch1 and
     epoch3); a resumed run goes on the same way; the expected disk use is printed at start."""
-    base = ['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
+    base = ['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY, *tiny_net,
             '--iters_per_epoch', '1', '--epochs', '4']
     exp = local_nce.main(base + ['--output_dir', str(tmp_path / 'default')])
     assert sorted(p.name for p in exp.glob('*.pth*')) == ['epoch3.pth.tar', 'last.pth.tar']
-    out = capsys.readouterr().out
-    assert 'at most 2 files (last, latest epoch, 0 kept by --keep_every 50)' in out
-    # The estimate is a checkpoint's real size.
-    mb = float(out.split('checkpoints ~')[1].split(' MB')[0])
-    assert mb == pytest.approx((exp / 'last.pth.tar').stat().st_size / 2**20, rel=0.02, abs=1)
-
+    assert 'at most 2 files (last, latest epoch, 0 kept by --keep_every 50)' in \
+        capsys.readouterr().out
     exp = local_nce.main(base + ['--output_dir', str(tmp_path / 'two'), '--keep_every', '2'])
     assert sorted(p.name for p in exp.glob('*.pth*')) == ['epoch1.pth.tar', 'epoch3.pth.tar',
                                                           'last.pth.tar']
-    assert 'at most 3 files (last, latest epoch, 1 kept by --keep_every 2)' in capsys.readouterr().out
-
+    assert 'at most 3 files (last, latest epoch, 1 kept by --keep_every 2)' in \
+        capsys.readouterr().out
     cut = local_nce.main(base + ['--output_dir', str(tmp_path / 'cut'), '--epochs', '2'])
     assert sorted(p.name for p in cut.glob('*.pth*')) == ['epoch1.pth.tar', 'last.pth.tar']
     local_nce.main(base + ['--resume', str(cut / 'last.pth.tar')])
     assert sorted(p.name for p in cut.glob('*.pth*')) == ['epoch3.pth.tar', 'last.pth.tar']
+    assert torch.load(cut / 'last.pth.tar', weights_only=True)['epoch'] == 3
+
+
+def test_disk_estimate_is_the_size_of_a_saved_checkpoint(tmp_path):
+    from utils.run import disk_use
+    model = local_nce.LocalInfoNCE('s3d', K=8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()   # Adam's state: two tensors per parameter
+    save_checkpoint({'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'epoch': 0}, tmp_path / 'c.pth.tar')
+    line = disk_use(model, 300, 50)   # a 300-epoch stage keeps epochs 50, 100, ... 300
+    assert 'at most 7 files (last, latest epoch, 5 kept by --keep_every 50)' in line
+    mb = float(line.split('~')[1].split(' MB')[0])
+    assert mb == pytest.approx((tmp_path / 'c.pth.tar').stat().st_size / 2**20, rel=0.01)
 
 
 def test_an_epoch_file_is_removed_only_after_its_successor_is_written(tmp_path, monkeypatch):
@@ -453,7 +486,9 @@ def _replica(rank, data_root, out, port):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE='2')
     torch.set_num_threads(1)
+    from backbone import BACKBONES
     from model import engine
+    BACKBONES['tiny'] = Tiny   # this process's own registry
     from utils.config import parse_args
     built = []
 
@@ -462,23 +497,27 @@ def _replica(rank, data_root, out, port):
         return built[0]
     args = parse_args(local_nce.get_parser(),
                       ['--dataset', 'ucf101-2clip', '--data_root', data_root, *TINY,
-                       '--output_dir', out, '--iters_per_epoch', '3', '--moco-k', '12'])
+                       '--net', 'tiny', '--seq_len', '8', '--output_dir', out, '--epochs', '2'])
     engine.train(args, engine.Task('infonce', build, local_nce.load_pretrained,
                                    local_nce.inputs, local_nce.check_dataset))
     torch.save(built[0].state_dict(), Path(out) / f'rank{rank}.pt')
 
 
-def test_two_processes_end_with_identical_weights_and_queue(data_root, tmp_path):
+def test_two_processes_end_with_identical_weights_and_queue(data_root, tmp_path, tiny_net):
     """Gradients averaged over processes, one key shuffle and one queue for all: after training,
-    every process holds the same encoders, queue and pointer."""
+    every process holds the same weights of both encoders, queue and pointer."""
     torch.multiprocessing.spawn(_replica, args=(str(data_root), str(tmp_path),
                                                 29000 + os.getpid() % 1000), nprocs=2)
     a, b = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
-    assert a['queue_ptr'].item() == 0 and not torch.equal(a['queue'][:, 0], a['queue'][:, 4])
-    initial = local_nce.LocalInfoNCE('s3d', K=12).state_dict()
+    torch.manual_seed(0)   # the engine's initial weights
+    initial = local_nce.LocalInfoNCE('tiny', K=8).state_dict()
+    # 2 epochs x 2 steps x 2 processes x 2 keys: the queue of 8 filled twice
+    assert a['queue_ptr'].item() == 0 and not torch.equal(a['queue'], initial['queue'])
     assert not torch.equal(a['encoder_q.4.weight'], initial['encoder_q.4.weight'])
+    # BatchNorm's running statistics are each process's own (of its own batches), as in MoCo
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+            assert torch.equal(a[k], b[k]), k
 
 
 def test_a_bug_keeps_its_traceback_and_bad_input_is_one_error_line(data_root, tmp_path):
@@ -494,8 +533,8 @@ def test_a_bug_keeps_its_traceback_and_bad_input_is_one_error_line(data_root, tm
              '--output_dir', str(tmp_path)]
     r = run([sys.executable, '-c', inject, *flags])
     assert r.returncode == 1 and 'Traceback' in r.stderr, r.stderr[-2000:]
-    assert r.stderr.rstrip().endswith('ValueError: Expected input batch_size (2) to match '
-                                      'target batch_size (3)')
+    assert ('\nValueError: Expected input batch_size (2) to match target batch_size (3)\n'
+            in r.stderr) and 'error:' not in r.stderr
     r = run([sys.executable, 'local_nce.py', *flags, '--net', 'vgg'])
     assert r.returncode == 2 and r.stderr.count('\n') == 1
     assert r.stderr.startswith("error: --net 'vgg' is unknown; known: s3d")
