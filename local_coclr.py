@@ -22,7 +22,7 @@ WEIGHTS = LocalCoCLR.WEIGHTS   # the default weight of each loss term (flags --w
 def build_model(args):
     return LocalCoCLR(net=args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                       tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
-                      weights=engine.loss_weights(args, WEIGHTS), topk=args.topk,
+                      weights={t: getattr(args, f'w_{t}') for t in WEIGHTS}, topk=args.topk,
                       self_mask_prob=args.self_mask_prob)
 
 

@@ -18,7 +18,7 @@ WEIGHTS = LocalInfoNCE.WEIGHTS   # the default weight of each loss term (flags -
 def build_model(args):
     return LocalInfoNCE(args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                         tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
-                        weights=engine.loss_weights(args, WEIGHTS))
+                        weights={t: getattr(args, f'w_{t}') for t in WEIGHTS})
 
 
 def load_pretrained(model, args):

@@ -1,15 +1,9 @@
-"""The pretraining loop both scripts call: flags, set-up, one epoch, one step (MAE-style).
-
-Every device runs the same eager step: forward under autocast (``loss, stats = model(...)``, the
-loss weighted in the model), backward, gradients averaged over processes, optimiser step. The
-CUDA-graph step, GPU JPEG decoding and the prefetch thread live in ``model.fast``, imported only
-when ``--cuda_graph`` or ``--decode gpu`` asks for them.
-"""
+"""The pretraining loop of both scripts (MAE-style): flags, set-up, the epoch loop, one eager
+step on every device. The GPU fast path (``model.fast``) is imported only when its flags ask."""
 import argparse
-from dataclasses import dataclass
+from collections import namedtuple
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -43,17 +37,15 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
                         "authors' scripts do; shared: local clips are cut out of the augmented "
                         'views (docs/METHOD.md, Local clips)')
     g.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
-                   help='where JPEG frames are decoded and cropped: data-loader workers (cpu) or '
-                        'batched with nvJPEG on the training GPU (gpu; bench/RESULTS.md)')
+                   help='JPEG decoding by the data-loader workers or nvJPEG on the training GPU')
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
                    help='colour jitter, grayscale and blur on flow frames too, as the reference')
-    g.add_argument('--two_clip_prob', type=PROBABILITY, default=0.5,
-                   help='share of pairs made of two different clips (the rest: one clip seen '
-                        'twice, one view strong and one weak)')
+    g.add_argument('--two_clip_prob', type=PROBABILITY, default=0.5, help='share of pairs of two '
+                   'clips (the rest: one clip seen twice, one view strong and one weak)')
     g.add_argument('--two_clip_strong_prob', type=PROBABILITY, default=0.3,
                    help='probability that each view of a two-clip pair is strongly augmented')
     g.add_argument('--crop_area', type=AREA, nargs=2, default=[0.2, 1.0],
-                   help='area range of the random resized crop, as shares of the frame')
+                   help="the random resized crop's range of shares of the frame's area")
     g = p.add_argument_group('model')
     g.add_argument('--net', default='s3d', help='backbone: ' + ', '.join(BACKBONES))
     g.add_argument('--moco-dim', '--moco_dim', dest='moco_dim', type=POSITIVE, default=128,
@@ -64,8 +56,7 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
                    help='momentum of the key encoder')
     g.add_argument('--moco-t', '--moco_t', dest='moco_t', type=POSITIVE_REAL, default=tau,
                    help='temperature tau')
-    g.add_argument('--num_segments', type=POSITIVE, default=4,
-                   help='local clips L per view (seq_len/L frames each)')
+    g.add_argument('--num_segments', type=POSITIVE, default=4, help='local clips L per view')
     g.add_argument('--bn_splits', type=POSITIVE, default=None,
                    help='groups of the shuffled key batch with their own BatchNorm statistics; '
                         'default 2 in a single process, 1 with several processes')
@@ -83,40 +74,27 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
                    help='learning-rate factors of the first epochs')
     g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')
     g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0,
-                   help='stop each epoch after this many iterations (0: whole epoch)')
+                   help='iterations per epoch at most (0: the whole epoch)')
     g = p.add_argument_group('run')
     g.add_argument('--output_dir', default=str(PROJECT_ROOT / 'experiments'),
                    help='experiments are written to <output_dir>/<name_prefix><run name>/')
     g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
     g.add_argument('--resume', default='', help='checkpoint to continue from (exactly)')
-    g.add_argument('--save_freq', type=POSITIVE, default=1,
-                   help='save every N epochs (and the last)')
-    g.add_argument('--keep_every', type=NON_NEGATIVE, default=50,
-                   help='keep epoch<N>.pth.tar of every N-th epoch (0: none); last.pth.tar and '
-                        'the latest epoch file are always there')
+    g.add_argument('--save_freq', type=POSITIVE, default=1, help='save every N epochs and the last')
+    g.add_argument('--keep_every', type=NON_NEGATIVE, default=50, help='keep the epoch file of '
+                   'every N-th epoch (0: none) besides last.pth.tar and the latest')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     add_runtime_args(g)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                    help='torch.compile the encoders (slow first steps, faster afterwards)')
     g.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=False,
-                   help="replay each step from a CUDA graph, with S3D's layers as 2D kernels "
-                        '(one CUDA device, without --compile; bench/RESULTS.md)')
+                   help="replay each step from a CUDA graph, S3D's layers as 2D kernels")
     return p
 
 
-@dataclass
-class Task:
-    """What differs between the two scripts."""
-    name: str                     # run-name stem, e.g. 'infonce'
-    build_model: Callable         # args -> model (model.moco)
-    load_pretrained: Callable     # (model, args) -> None
-    inputs: Callable              # (augmented views, batch, device, args) -> forward keywords
-    check_dataset: Callable       # (DatasetName, args) -> None; raises UserError
-
-
-def loss_weights(args, terms):
-    """The ``--w_<term>`` weight of each loss term in ``terms``."""
-    return {term: getattr(args, f'w_{term}') for term in terms}
+# What differs between the scripts: run-name stem, args -> model, (model, args) -> None,
+# (augmented views, batch, device, args) -> forward keywords, (DatasetName, args) -> None.
+Task = namedtuple('Task', 'name build_model load_pretrained inputs check_dataset')
 
 
 def view_inputs(views, modality, args):
@@ -141,23 +119,17 @@ def train(args, task):
     ckpt = None
     if args.resume:   # checked before anything is built: a changed flag is the likelier error
         ckpt = load_checkpoint(args.resume, '--resume')
-        if not any(k.startswith('encoder_q.') for k in ckpt['state_dict']):
-            raise UserError(f'--resume {args.resume} is not a pretraining checkpoint (no '
-                            f'encoder_q.* weights)')
+        if not sub_state_dict(ckpt['state_dict'], 'encoder_q.'):
+            raise UserError(f'--resume {args.resume}: no encoder_q.* weights; not pretraining')
         check_resume(ckpt, args, info.world_size)
 
     seed_everything(args.seed + info.rank)
-    dataset = build_dataset(args.dataset, 'train', **data_location(args), seq_len=args.seq_len,
-                            ds=args.ds, img_dim=args.img_dim,
-                            negate_flow_flip=not args.legacy_flow_flip,
-                            decode='device' if args.decode == 'gpu' else 'cpu',
-                            two_clip_prob=args.two_clip_prob,
-                            two_clip_strong_prob=args.two_clip_strong_prob,
-                            crop_scale=tuple(args.crop_area),
-                            local_segments=args.num_segments * (args.local_aug == 'independent'))
-    if len(dataset) < global_batch:
-        raise UserError(f'{args.dataset} has {len(dataset)} training videos, fewer than the '
-                        f'global batch {global_batch} (--batch_size x processes)')
+    dataset = build_dataset(
+        args.dataset, 'train', **data_location(args), seq_len=args.seq_len, ds=args.ds,
+        img_dim=args.img_dim, negate_flow_flip=not args.legacy_flow_flip,
+        decode='device' if args.decode == 'gpu' else 'cpu', two_clip_prob=args.two_clip_prob,
+        two_clip_strong_prob=args.two_clip_strong_prob, crop_scale=tuple(args.crop_area),
+        local_segments=args.num_segments * (args.local_aug == 'independent'))
     loader = make_loader(dataset, args, info)
 
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
@@ -187,22 +159,17 @@ def train(args, task):
         check_fresh_run(exp_dir)
         task.load_pretrained(model, args)
     broadcast_state(model)
+    step = partial(train_step, model, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype)
+    to_inputs = partial(batch_inputs, task=task, augment=augment, device=device, args=args)
     fast = None
     if args.cuda_graph or args.decode == 'gpu':
         from model import fast   # the GPU fast path, only when asked for
-    step = partial(train_step, model, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype)
     if args.cuda_graph:
         step = fast.GraphedStep(step, forward_backward, update, model, optimizer, scaler,
                                 amp_dtype, device)
-
-    def to_inputs(batch):
-        if args.decode == 'gpu':
-            batch = fast.decode_on_device(batch, device, args.img_dim, not args.legacy_flow_flip)
-        return task.inputs(augment(batch, device), batch, device, args)
-    writer = open_run(exp_dir, args, info,
-                      f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
-                      f'amp {amp_dtype}, {"CUDA graph" if args.cuda_graph else "eager"} step, {len(dataset)} '
-                      f'videos ({len(dataset.dropped)} too short, dropped)\n=> '
+    writer = open_run(exp_dir, args, info, f'{info.world_size} process(es) on {device}, global '
+                      f'batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos '
+                      f'({len(dataset.dropped)} too short, dropped)\n=> '
                       + disk_use(model, args.epochs, args.keep_every, args.save_freq))
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -213,8 +180,7 @@ def train(args, task):
             batches = ((to_inputs(b) for b in loader.epoch(epoch)) if fast is None
                        else fast.Prefetcher(loader.epoch(epoch), to_inputs, device))
             meter = EpochMeter(epoch, loader.steps, device, info.is_main, writer, args.print_freq)
-            iteration = train_one_epoch(model, step, batches, meter, iteration, lr,
-                                        global_batch)
+            iteration = train_one_epoch(model, step, batches, meter, iteration, lr, global_batch)
             stats = meter.close()
             best_acc = max(best_acc, stats['top1'])
             if info.is_main:
@@ -251,6 +217,14 @@ def train_one_epoch(model, step, batches, meter, iteration, lr, global_batch):
     return iteration
 
 
+def batch_inputs(batch, task, augment, device, args):
+    """A loader batch -> the model's forward keywords, on the device."""
+    if args.decode == 'gpu':
+        from model.fast import decode_on_device
+        batch = decode_on_device(batch, device, args.img_dim, not args.legacy_flow_flip)
+    return task.inputs(augment(batch, device), batch, device, args)
+
+
 def forward_backward(model, inputs, scaler, amp_dtype, cache_casts=True):
     """Forward under autocast and backward; before ``model.ready`` (CoCLR's queue filling) the
     forward alone, without gradients. Returns ``(loss, stats, ready)``, left on the device."""
@@ -281,34 +255,30 @@ def train_step(model, inputs, optimizer, scaler, amp_dtype):
 
 
 def check_args(args, global_batch, task, device):
-    spec = DatasetName.parse(args.dataset)
-    if args.net not in BACKBONES:
-        raise UserError(f'--net {args.net!r} is unknown; known: {", ".join(BACKBONES)}')
-    if args.moco_k % global_batch:
-        lo = args.moco_k - args.moco_k % global_batch
-        raise UserError(f'--moco-k {args.moco_k} is not a multiple of the global batch '
-                        f'{global_batch} (--batch_size {args.batch_size} x '
-                        f'{global_batch // args.batch_size} processes); use --moco-k '
-                        f'{lo or global_batch} or change --batch_size')
-    if args.batch_size % args.bn_splits:
-        raise UserError(f'--batch_size {args.batch_size} does not split into --bn_splits '
-                        f'{args.bn_splits} groups of the same size')
-    if args.crop_area[0] > args.crop_area[1]:
-        raise UserError(f'--crop_area {args.crop_area[0]:g} {args.crop_area[1]:g}: give the '
-                        f'smaller area first')
-    if spec.views != 2:
-        raise UserError(f'--dataset {args.dataset}: pretraining needs two views per video; use '
-                        f'{args.dataset}-2clip')
-    if args.seq_len % args.num_segments:
-        raise UserError(f'--seq_len {args.seq_len} is not divisible into --num_segments '
-                        f'{args.num_segments}')
+    spec, frames = DatasetName.parse(args.dataset), args.seq_len // args.num_segments
     need = MIN_SEGMENT_FRAMES.get(args.net, 1)
-    if args.seq_len // args.num_segments < need:
-        raise UserError(f'--seq_len {args.seq_len} / --num_segments {args.num_segments} gives '
-                        f'local clips of {args.seq_len // args.num_segments} frames; --net '
-                        f'{args.net} needs at least {need}')
-    if args.decode == 'gpu' and device.type != 'cuda':
-        raise UserError('--decode gpu needs a CUDA device (--device cuda)')
+    for bad, message in (
+        (args.net not in BACKBONES,
+         f'--net {args.net!r} is unknown; known: {", ".join(BACKBONES)}'),
+        (args.moco_k % global_batch, f'--moco-k {args.moco_k} is not a multiple of the global '
+         f'batch {global_batch} (--batch_size {args.batch_size} x '
+         f'{global_batch // args.batch_size} processes); use --moco-k '
+         f'{args.moco_k - args.moco_k % global_batch or global_batch} or change --batch_size'),
+        (args.batch_size % args.bn_splits, f'--batch_size {args.batch_size} does not split into '
+         f'--bn_splits {args.bn_splits} groups of the same size'),
+        (args.crop_area[0] > args.crop_area[1], f'--crop_area {args.crop_area[0]:g} '
+         f'{args.crop_area[1]:g}: give the smaller area first'),
+        (spec.views != 2, f'--dataset {args.dataset}: pretraining needs two views per video; use '
+         f'{args.dataset}-2clip'),
+        (args.seq_len % args.num_segments, f'--seq_len {args.seq_len} is not divisible into '
+         f'--num_segments {args.num_segments}'),
+        (frames < need, f'--seq_len {args.seq_len} / --num_segments {args.num_segments} gives '
+         f'local clips of {frames} frames; --net {args.net} needs at least {need}'),
+        (args.decode == 'gpu' and (device.type != 'cuda' or args.local_aug == 'independent'),
+         '--decode gpu needs a CUDA device (--device cuda) and decodes the views only: add '
+         '--local_aug shared')):
+        if bad:
+            raise UserError(message)
     task.check_dataset(spec, args)
 
 

@@ -1,11 +1,6 @@
-"""The GPU fast path, imported only when ``--cuda_graph`` or ``--decode gpu`` asks for it.
-
-``GraphedStep`` replays the forward and backward from a CUDA graph with S3D's layers run as 2D
-kernels (``use_2d_kernels``); ``Prefetcher`` makes the next batches in a thread on a CUDA stream
-of its own; ``decode_on_device`` decodes JPEG frames with nvJPEG on the training GPU. Each gives
-what the plain path gives (tests/test_fast_path.py, tests/test_layout.py); bench/RESULTS.md has
-the speeds.
-"""
+"""The GPU fast path, imported only when ``--cuda_graph`` or ``--decode gpu`` asks for it: a
+step replayed from a CUDA graph with S3D's layers as 2D kernels, a prefetch thread, nvJPEG
+decoding. Each computes what the plain path does (tests/test_fast_path.py, test_layout.py)."""
 import queue
 import threading
 
@@ -17,33 +12,27 @@ from dataset import augment
 from dataset.lmdb_video import decode_list, unpack_jpegs
 from dataset.video_dataset import apply_views
 
-# ------------------------------------------------------------------------------ 2D kernels
-# A channels-last-3D clip [B, C, T, H, W] is stored as [B, T, H, W, C]. Read as 4D channels-last
-# images the same memory is [B*T, C, H, W] (frames) or [B, C, T, H*W] (time by pixels), with no
-# copy. S3D's layers are separable ((1,k,k) and (k,1,1) convolutions, BatchNorm, max pooling),
-# so each runs as a 2D operation over one of these views: on an H100 a quarter less GPU time,
-# but more host work than an eager step can afford; hence only inside a graphed step.
+# 2D kernels. A channels-last-3D clip [B, C, T, H, W] is stored as [B, T, H, W, C]: as 4D
+# channels-last images the same memory is [B*T, C, H, W] (frames) or [B, C, T, H*W] (time by
+# pixels). S3D's layers are separable, so each runs as a 2D operation over one of these views:
+# on an H100 a quarter less GPU time, but more host work; hence only inside a graphed step.
 
 
-def use_planes(x):
-    """Whether ``x`` can take the 2D path: a channels-last-3D clip on the GPU."""
+def use_planes(x):   # a channels-last-3D clip on the GPU
     return x.is_cuda and x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def as_frames(x):
-    """``[B, C, T, H, W]`` channels-last-3D -> ``[B*T, C, H, W]`` channels-last (a view)."""
+def as_frames(x):   # [B, C, T, H, W] -> [B*T, C, H, W], a view
     b, c, t, h, w = x.shape
     return x.transpose(1, 2).reshape(b * t, c, h, w)
 
 
-def from_frames(y, b):
-    """Inverse of :func:`as_frames` for a result ``[B*T, C', H', W']``."""
+def from_frames(y, b):   # [B*T, C', H', W'] -> [B, C', T, H', W']
     n, c, h, w = y.shape
     return y.view(b, n // b, c, h, w).transpose(1, 2)
 
 
-def as_time(x):
-    """``[B, C, T, H, W]`` channels-last-3D -> ``[B, C, T, H*W]`` channels-last (a view)."""
+def as_time(x):   # [B, C, T, H, W] -> [B, C, T, H*W], a view
     b, c, t, h, w = x.shape
     return x.reshape(b, c, t, h * w)
 
@@ -77,13 +66,10 @@ def max_pool3d_planes(x, kernel, stride, padding):
 
 
 def _triple(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3
 
 
-class _Planes:
-    """``forward``: ``forward_planes`` (the 2D path) for a channels-last clip on a GPU, else the
-    ``nn`` layer's own."""
-
+class _Planes:   # the 2D path (forward_planes) for a channels-last clip on a GPU
     def forward(self, x):
         return self.forward_planes(x) if use_planes(x) else super().forward(x)
 
@@ -121,27 +107,19 @@ FAST = {nn.Conv3d: Conv3d, nn.BatchNorm3d: BatchNorm3d, nn.MaxPool3d: MaxPool3d}
 
 
 def use_2d_kernels(module, enabled=True):
-    """Switch the plain 3D layers of ``module`` to the 2D path (or back): each instance's class
-    becomes the subclass above, so parameters, buffers and state-dict keys stay as they are.
-    The 2D path is taken only for channels-last-3D clips on a GPU."""
+    """Switch the plain 3D layers of ``module`` to the 2D path (or back) by changing each one's
+    class to the subclass above: parameters, buffers and state-dict keys stay as they are."""
     swap = FAST if enabled else {fast: plain for plain, fast in FAST.items()}
     for m in module.modules():
         if type(m) in swap:
             m.__class__ = swap[type(m)]
 
 
-# ------------------------------------------------------------------------------ graphed step
-
 class GraphedStep:
-    """``step`` (the engine's eager step) with its forward and backward replayed from a CUDA
-    graph, S3D's layers as 2D kernels. One launch replays the thousands of small kernels of both
-    encoders, shuffle-BN, the losses and the enqueue, so the host no longer bounds the step. The
-    optimiser step (``update``) stays eager and the learning rate a plain number.
-
-    Steps before ``model.ready`` (CoCLR's queue filling) run eagerly; then ``warmup`` steps run
-    on a side stream (cuDNN picks its algorithms), the next is captured and every later one
-    copies its inputs into the graph's buffers and replays it. A failed capture says why once
-    and the step stays eager, with the 3D layers."""
+    """The engine's eager ``step`` with its forward and backward replayed from a CUDA graph (one
+    launch: the host no longer bounds the step); ``update`` stays eager. Before ``model.ready``
+    eager; then ``warmup`` steps on a side stream, one captured, the rest replayed. A failed
+    capture says why once and the step stays eager, with the 3D layers."""
 
     def __init__(self, step, forward_backward, update, model, optimizer, scaler, amp_dtype,
                  device, warmup=3):
@@ -187,12 +165,9 @@ class GraphedStep:
         return self.out
 
 
-# ------------------------------------------------------------------------------ data
-
 class Prefetcher:
-    """``fn(batch)`` for each of ``batches``, computed ahead in a thread (on a CUDA stream of its
-    own on a GPU), ``depth`` batches ready; the thread's errors are raised here. ``close()``
-    stops the thread (always call it: the loader must be free for the next epoch)."""
+    """``fn(batch)`` for each of ``batches``, ``depth`` ahead in a thread (on a CUDA stream of its
+    own on a GPU); its errors are raised here. Always ``close()`` it: it frees the loader."""
 
     _END = object()
 
@@ -219,13 +194,10 @@ class Prefetcher:
             for batch in self.batches:
                 if self.stop.is_set():
                     return
-                if self.stream is None:
-                    self._put((self.fn(batch), None))
-                    continue
-                with torch.cuda.stream(self.stream):
-                    out = self.fn(batch)
-                    ready = torch.cuda.Event()
-                    ready.record(self.stream)
+                with torch.cuda.stream(self.stream):   # None (the CPU): no stream
+                    out, ready = self.fn(batch), self.stream and torch.cuda.Event()
+                    if ready:
+                        ready.record(self.stream)
                 self._put((out, ready))
             self._put(self._END)
         except BaseException as e:   # raised in the training thread

@@ -24,9 +24,8 @@ def git_revision():
         return subprocess.run(['git', *cmd], cwd=PROJECT_ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
     try:
-        sha = git('rev-parse', 'HEAD')
-        return sha + '-dirty' * bool(git('status', '--porcelain', '--untracked-files=no')) \
-            if sha else 'unknown'
+        dirty = git('status', '--porcelain', '--untracked-files=no')
+        return (git('rev-parse', 'HEAD') + '-dirty' * bool(dirty)).lstrip('-') or 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
 
@@ -43,9 +42,8 @@ def plain_args(args):
 
 
 def log_epoch(path, record):
-    """Append an epoch's record to a ``log.jsonl``, first dropping the records of that epoch
-    and later ones (a resumed run trains them again), so the log reads as one run. Written to
-    a new file, then renamed."""
+    """Append an epoch's record to a ``log.jsonl`` without the records of that epoch and later
+    ones (a resumed run trains them again): the log reads as one run. Written, then renamed."""
     path = Path(path)
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in lines
@@ -80,8 +78,7 @@ def seed_worker(worker_id):
 
 
 def learning_rate(base_lr, epoch, schedule=(), warmup=()):
-    """Warm-up factors for the first epochs, then x0.1 at each epoch of ``schedule``: a function
-    of the epoch, so a resumed run recomputes the same rate."""
+    """Warm-up factors for the first epochs, then x0.1 at each epoch of ``schedule``."""
     if epoch < len(warmup):
         return base_lr * warmup[epoch]
     return base_lr * 0.1 ** sum(epoch >= s for s in schedule)
