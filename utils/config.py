@@ -42,22 +42,18 @@ POSITIVE_REAL = Ranged(float, 0.0, low_open=True)
 NON_NEGATIVE_REAL = Ranged(float, 0.0)
 
 
-class _Refused(Exception):
-    """argparse's error about a config file's flags, caught to name the file."""
-
-
-def _try(parser, tokens):
-    """``parser.parse_known_args(tokens)`` with argparse's errors raised as ``_Refused`` (flag
-    errors) or ``None`` for the unknown tokens; option abbreviations are not accepted."""
-    def refuse(message):   # argparse's own exits, e.g. a required flag missing: not the file's
-        raise _Refused(None)
+def _check(parser, tokens):
+    """argparse's verdict on ``tokens`` without exiting: (its error about a flag or None, the
+    unknown tokens). Abbreviations are refused; a required flag missing is no error here."""
+    def refuse(message):   # argparse's own exits (a missing required flag)
+        raise argparse.ArgumentError(None, message)
     saved = parser.exit_on_error, parser.allow_abbrev
     parser.exit_on_error = parser.allow_abbrev = False
     parser.error = refuse
     try:
-        return parser.parse_known_args(tokens)[1]
+        return None, parser.parse_known_args(tokens)[1]
     except argparse.ArgumentError as e:
-        raise _Refused(str(e)) from None
+        return (str(e) if e.argument_name else None), []
     finally:
         del parser.error
         parser.exit_on_error, parser.allow_abbrev = saved
@@ -92,31 +88,24 @@ def parse_args(parser, argv=None):
     where = f'(from --config {path})'
     tokens = []
     for key, value in config.items():
-        own = _tokens(key, value)
         if isinstance(value, dict) or (isinstance(value, list) and
                                        any(isinstance(v, (dict, list)) for v in value)):
             parser.error(f'--{key}: {value!r} {where} is not a value or a list of values')
-        try:
-            unknown = _try(parser, own)
-            if unknown and value is False and not _try(parser, [f'--{key}']):
-                own, unknown = [], None   # false for a store_true switch: not given
-        except _Refused as e:
-            if e.args[0]:
-                parser.error(f'{e.args[0]} {where}')
-            unknown = None
+        own = _tokens(key, value)
+        error, unknown = _check(parser, own)
+        if unknown == own and value is False:   # no --no-key: false for a store_true switch
+            own, (error, unknown) = [], _check(parser, [f'--{key}'])
+        if error:
+            parser.error(f'{error} {where}')
+        if unknown and unknown[0] in (own[:1] or [f'--{key}']):
+            parser.error(f'--config {path}: unknown key {key!r}')
         if unknown:
-            parser.error(f'--config {path}: unknown key {key!r}' if unknown[0] == own[0] else
-                         f'--{key}: {value!r} {where} is not accepted ({" ".join(unknown)} '
-                         f'left over)')
-        try:
-            _try(parser, own + argv)
-        except _Refused as e:   # e.g. the other crop of a mutually exclusive group: it wins
-            if e.args[0]:
-                own = []
+            parser.error(f'--{key}: {value!r} {where} is not accepted ({" ".join(unknown)} left '
+                         f'over)')
+        if _check(parser, own + argv)[0]:   # e.g. the other crop of an exclusive group: it wins
+            own = []
         tokens += own
-    try:   # the keys together, e.g. two of a mutually exclusive group
-        _try(parser, tokens)
-    except _Refused as e:
-        if e.args[0]:
-            parser.error(f'{e.args[0]} {where}')
+    error = _check(parser, tokens)[0]   # the keys together, e.g. two of an exclusive group
+    if error:
+        parser.error(f'{error} {where}')
     return parser.parse_args(tokens + argv)
