@@ -95,11 +95,6 @@ def run_main(main):
     status 130 after the script's own message (``CVTCL_TRACEBACK=1`` shows the traceback)."""
     try:
         main()
-    except SystemExit as e:   # a ``SystemExit('error: ...')``: status 2 as well
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            sys.exit(2)
-        raise
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
