@@ -29,9 +29,8 @@ def build_model(args):
 def load_pretrained(model, args):
     main = modality_of(args.dataset, args.reverse)
     other = 'rgb' if main == 'flow' else 'flow'
-    for path, encoder, role, modality in ((args.pretrain[0], model.encoder_q, 'trained network',
-                                           main),
-                                          (args.pretrain[1], model.sampler, 'sampler', other)):
+    roles = ((model.encoder_q, 'trained network', main), (model.sampler, 'sampler', other))
+    for path, (encoder, role, modality) in zip(args.pretrain, roles):
         if path == 'random':
             print(f'=> --pretrain: {role} left randomly initialised (asked with "random")')
             continue

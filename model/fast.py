@@ -236,18 +236,15 @@ def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
     view's geometry there: adds ``batch[modality]`` uint8 ``[B, V, T, 3, img_dim, img_dim]``."""
     for m, (data, offsets, counts) in batch['jpeg'].items():
         flat = unpack_jpegs(data, offsets)
-        if device.type == 'cuda':
-            # nvJPEG allocates its outputs on this stream but writes them from its own without
-            # waiting: memory freed here while kernels still read it could be overwritten.
-            torch.cuda.current_stream(device).synchronize()
+        if device.type == 'cuda':   # nvJPEG writes from its own stream without waiting for
+            torch.cuda.current_stream(device).synchronize()   # this one's frees
         decoded = decode_list(flat, name='batch', source=m, device=device)
         b, v, t = batch['frame_index'].shape
         out = augment.channels_last_empty(b, v, t, size=img_dim, device=device)
-        start = 0
+        frames = iter(decoded)
         for i, count in enumerate(counts.tolist()):
             plan = {k: batch[k][i] for k in ('frame_index', 'boxes', 'flips')}   # on the host
-            frames = torch.stack([f.permute(1, 2, 0) for f in decoded[start:start + count]])
-            apply_views(frames, plan, m, img_dim, negate_flow_flip, out=out[i])
-            start += count
+            apply_views(torch.stack([next(frames).permute(1, 2, 0) for _ in range(count)]), plan,
+                        m, img_dim, negate_flow_flip, out=out[i])
         batch[m] = out
     return batch
