@@ -538,3 +538,15 @@ def test_a_bug_keeps_its_traceback_and_bad_input_is_one_error_line(data_root, tm
     r = run([sys.executable, 'local_nce.py', *flags, '--net', 'vgg'])
     assert r.returncode == 2 and r.stderr.count('\n') == 1
     assert r.stderr.startswith("error: --net 'vgg' is unknown; known: s3d")
+
+
+def test_independent_local_clips_train_both_scripts(data_root, tmp_path, tiny_net):
+    """The default --local_aug independent end to end: the dataset's own local clips reach
+    both models (docs/METHOD.md, Local clips)."""
+    base = ['--data_root', str(data_root), *TINY, *tiny_net, '--local_aug', 'independent']
+    exp = local_nce.main(base + ['--dataset', 'ucf101-2clip', '--output_dir', str(tmp_path / 'a')])
+    assert torch.load(exp / 'last.pth.tar', weights_only=True)['args']['local_aug'] == \
+        'independent'
+    exp = local_coclr.main(base + ['--dataset', 'ucf101-2stream-2clip', '--pretrain', 'random',
+                                   'random', '--output_dir', str(tmp_path / 'b')])
+    assert last_log(exp)[-1]['iteration'] == 2
