@@ -1,6 +1,6 @@
-"""CVTCL pretraining (SPEC §4): cross-view co-training. A frozen network of the other modality
-(the sampler: flow for RGB, RGB for flow with --reverse) mines top-k extra positives for CoCLR's
-multi-positive loss, plus the inter and intra local temporal losses.
+"""CVTCL pretraining (docs/METHOD.md, Losses): cross-view co-training. A frozen network of the
+other modality (the sampler: flow for RGB, RGB for flow with --reverse) mines top-k extra
+positives for CoCLR's multi-positive loss, plus the inter and intra local temporal losses.
 
     python local_coclr.py --config configs/demo_coclr_rgb.toml
     python -m torch.distributed.launch --nproc_per_node=2 local_coclr.py --net s3d --topk 5 \
@@ -10,27 +10,27 @@ multi-positive loss, plus the inter and intra local temporal losses.
 """
 import argparse
 
+from dataset.video_dataset import modality_of
+from model import engine
 from model.moco import LocalCoCLR
-from utils import engine
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
-from utils.misc import run_main
+from utils.misc import UserError, run_main
 
-# SPEC §4: total = (coclr + inter + intra)/3 (flags --w_coclr, --w_inter, --w_intra).
-WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
+WEIGHTS = LocalCoCLR.WEIGHTS   # the default weight of each loss term (flags --w_<term>)
 
 
 def build_model(args):
     return LocalCoCLR(net=args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                       tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
-                      topk=args.topk, self_mask_prob=args.self_mask_prob)
+                      weights={t: getattr(args, f'w_{t}') for t in WEIGHTS}, topk=args.topk,
+                      self_mask_prob=args.self_mask_prob)
 
 
 def load_pretrained(model, args):
-    trained, sampler = args.pretrain
-    main = engine.modality_of(args.dataset, args.reverse)
+    main = modality_of(args.dataset, args.reverse)
     other = 'rgb' if main == 'flow' else 'flow'
-    for path, encoder, role, modality in ((trained, model.encoder_q, 'trained network', main),
-                                          (sampler, model.sampler, 'sampler', other)):
+    roles = ((model.encoder_q, 'trained network', main), (model.sampler, 'sampler', other))
+    for path, (encoder, role, modality) in zip(args.pretrain, roles):
         if path == 'random':
             print(f'=> --pretrain: {role} left randomly initialised (asked with "random")')
             continue
@@ -42,21 +42,20 @@ def load_pretrained(model, args):
 
 def inputs(views, batch, device, args):
     main, other = ('flow', 'rgb') if args.reverse else ('rgb', 'flow')
-    return {'view1': views[main][:, 0], 'view2': views[main][:, 1],
-            'other_view2': views[other][:, 1],
+    return {**engine.view_inputs(views, main, args), 'other_view2': views[other][:, 1],
             'source': batch['source'].to(device, non_blocking=True),
             'label': batch['label'].to(device, non_blocking=True)}
 
 
 def check_dataset(spec, args):
     if not (spec.rgb and spec.flow):
-        raise SystemExit(f'error: --dataset {args.dataset}: CVTCL needs RGB and flow together; use '
-                         f'{spec.base}-2stream-2clip')
+        raise UserError(f'--dataset {args.dataset}: CVTCL needs RGB and flow together; use '
+                        f'{spec.base}-2stream-2clip')
 
 
 def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2stream-2clip',
-                                    weights=WEIGHTS, lr=1e-3, warmup=[], batch_size=32,
+                                    weights=WEIGHTS, tau=0.07, lr=1e-3, warmup=[], batch_size=32,
                                     epochs=100, schedule=[80])
     g = parser.add_argument_group('CVTCL (cross-view co-training)')
     g.add_argument('--model', default='coclr', choices=['coclr'],
@@ -82,9 +81,8 @@ def main(argv=None):
     if args.topk > args.moco_k:
         parser.error(f'--topk {args.topk} mines more positives than the queue holds '
                      f'(--moco-k {args.moco_k})')
-    task = engine.Task('coclr', build_model, load_pretrained, inputs,
-                       engine.loss_weights(args, WEIGHTS), check_dataset)
-    return engine.train(args, task)
+    return engine.train(args, engine.Task('coclr', build_model, load_pretrained, inputs,
+                                          check_dataset))
 
 
 if __name__ == '__main__':

@@ -1,48 +1,49 @@
-"""Local InfoNCE pretraining (SPEC §4): MoCo on one modality (RGB or flow) with a global
-clip-level InfoNCE loss plus the inter and intra local temporal losses.
+"""Local InfoNCE pretraining (docs/METHOD.md, Losses): MoCo on one modality (RGB or flow) with a
+global clip-level InfoNCE loss plus the inter and intra local temporal losses.
 
     python local_nce.py --config configs/demo_rgb.toml
     python -m torch.distributed.launch --nproc_per_node=2 local_nce.py --net s3d --model infonce \
         --moco-k 2048 --dataset ucf101-2clip --seq_len 32 --ds 1 --batch_size 8 --epochs 300 \
         --schedule 250 280 -j 16
 """
+from dataset.video_dataset import modality_of
+from model import engine
 from model.moco import LocalInfoNCE
-from utils import engine
 from utils.config import parse_args
-from utils.misc import run_main
+from utils.misc import UserError, run_main
 
-# SPEC §4: total = global + inter/3 + intra (flags --w_global, --w_inter, --w_intra).
-WEIGHTS = {'global': 1.0, 'inter': 1 / 3, 'intra': 1.0}
+WEIGHTS = LocalInfoNCE.WEIGHTS   # the default weight of each loss term (flags --w_<term>)
 
 
 def build_model(args):
     return LocalInfoNCE(args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
-                        tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits)
+                        tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
+                        weights={t: getattr(args, f'w_{t}') for t in WEIGHTS})
 
 
 def load_pretrained(model, args):
     if args.pretrain:
         epoch = engine.load_encoder(model.encoder_q, args.pretrain, '--pretrain',
-                                    engine.modality_of(args.dataset))
+                                    modality_of(args.dataset))
         model.encoder_k.load_state_dict(model.encoder_q.state_dict())
         print(f'=> initialised from {args.pretrain} (epoch {epoch})')
 
 
 def inputs(views, batch, device, args):
-    x = views['rgb'] if 'rgb' in views else views['flow']   # B x 2 x 3 x T x H x W
-    return {'view1': x[:, 0], 'view2': x[:, 1]}
+    return engine.view_inputs(views, modality_of(args.dataset), args)
 
 
 def check_dataset(spec, args):
     if spec.rgb and spec.flow:
-        raise SystemExit(f'error: --dataset {args.dataset}: local_nce.py trains one modality; use '
-                         f'{spec.base}-2clip (RGB) or {spec.base}-f-2clip (flow)')
+        raise UserError(f'--dataset {args.dataset}: local_nce.py trains one modality; use '
+                        f'{spec.base}-2clip (RGB) or {spec.base}-f-2clip (flow)')
 
 
 def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2clip',
-                                    weights=WEIGHTS, lr=5e-4, warmup=[0.01, 0.05, 0.1, 0.5],
-                                    batch_size=8, epochs=300, schedule=[250, 280])
+                                    weights=WEIGHTS, tau=0.1, lr=5e-4,
+                                    warmup=[0.01, 0.05, 0.1, 0.5], batch_size=8, epochs=300,
+                                    schedule=[250, 280])
     parser.add_argument('--model', default='infonce', choices=['infonce'],
                         help='infonce: global + inter + intra (set --w_inter 0 --w_intra 0 for '
                              'plain MoCo)')
@@ -53,9 +54,8 @@ def get_parser():
 
 def main(argv=None):
     args = parse_args(get_parser(), argv)
-    task = engine.Task('infonce', build_model, load_pretrained, inputs,
-                       engine.loss_weights(args, WEIGHTS), check_dataset)
-    return engine.train(args, task)
+    return engine.train(args, engine.Task('infonce', build_model, load_pretrained, inputs,
+                                          check_dataset))
 
 
 if __name__ == '__main__':

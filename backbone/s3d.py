@@ -9,15 +9,10 @@ same ``Parameter``. ``forward`` runs through the ``blockN`` containers only.
 
 Unlike the TensorFlow original, CoCLR uses PyTorch's default BatchNorm (eps 1e-5, momentum 0.1)
 and symmetric max-pool padding; both matter for loading its weights, so they are kept.
-
-The layers are ``backbone.layout``'s: the 3D layers of PyTorch with the same keys, which on a GPU
-run channels-last clips through 2D kernels (several times faster there, same results).
 """
 
 import torch
 from torch import nn
-
-from .layout import BatchNorm3d, Conv3d, MaxPool3d
 
 # Channel plan of each separable Inception block:
 # (branch0 1x1, branch1 1x1 -> sep3x3x3, branch2 1x1 -> sep3x3x3, branch3 pool -> 1x1).
@@ -35,15 +30,12 @@ _MIXED = {
 
 
 class Unit3d(nn.Module):
-    """Conv3d (no bias) -> BatchNorm -> ReLU. Keys: ``conv``, ``bn``.
-
-    [B, C_in, T, H, W] -> [B, C_out, T', H', W']
-    """
+    """Conv3d (no bias) -> BatchNorm -> ReLU. Keys: ``conv``, ``bn``."""
 
     def __init__(self, in_planes: int, out_planes: int, kernel_size=1, stride=1, padding=0):
         super().__init__()
-        self.conv = Conv3d(in_planes, out_planes, kernel_size, stride, padding, bias=False)
-        self.bn = BatchNorm3d(out_planes)
+        self.conv = nn.Conv3d(in_planes, out_planes, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm3d(out_planes)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,12 +54,12 @@ class SepConv3d(nn.Module):
         super().__init__()
         t_stride, s_stride = (stride, stride) if isinstance(stride, int) else stride
         k, p = kernel_size, padding
-        self.conv1 = Conv3d(in_planes, out_planes, (1, k, k), (1, s_stride, s_stride),
+        self.conv1 = nn.Conv3d(in_planes, out_planes, (1, k, k), (1, s_stride, s_stride),
                                (0, p, p), bias=False)
-        self.conv2 = Conv3d(out_planes, out_planes, (k, 1, 1), (t_stride, 1, 1),
+        self.conv2 = nn.Conv3d(out_planes, out_planes, (k, 1, 1), (t_stride, 1, 1),
                                (p, 0, 0), bias=False)
-        self.bn1 = BatchNorm3d(out_planes)
-        self.bn2 = BatchNorm3d(out_planes)
+        self.bn1 = nn.BatchNorm3d(out_planes)
+        self.bn2 = nn.BatchNorm3d(out_planes)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,10 +68,7 @@ class SepConv3d(nn.Module):
 
 
 class SelfGating(nn.Module):
-    """S3D-G feature gating: x * sigmoid(W mean_{T,H,W}(x) + b), one weight per channel.
-
-    [B, C, T, H, W] -> [B, C, T, H, W]
-    """
+    """S3D-G feature gating: x * sigmoid(W mean_{T,H,W}(x) + b), one weight per channel."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -91,10 +80,7 @@ class SelfGating(nn.Module):
 
 
 class SepInception(nn.Module):
-    """Inception block with separable 3x3x3 convolutions and optional self-gating per branch.
-
-    [B, in_planes, T, H, W] -> [B, out_channels, T, H, W]
-    """
+    """Inception block with separable 3x3x3 convolutions and optional self-gating per branch."""
 
     def __init__(self, in_planes: int, planes: tuple, gating: bool = False):
         super().__init__()
@@ -106,7 +92,7 @@ class SepInception(nn.Module):
                                      SepConv3d(b2_reduce, b2, kernel_size=3, padding=1))
         # Zero-padded max pooling would be equivalent here (the input is post-ReLU), but
         # MaxPool3d pads with -inf, which is what CoCLR does.
-        self.branch3 = nn.Sequential(MaxPool3d(3, stride=1, padding=1),
+        self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1),
                                      Unit3d(in_planes, b3))
         self.out_channels = b0 + b1 + b2 + b3
         self.gating = gating
@@ -141,19 +127,19 @@ class S3D(nn.Module):
         self.Conv_1a = SepConv3d(in_channels, 64, kernel_size=7, stride=2, padding=3)
         self.block1 = nn.Sequential(self.Conv_1a)
 
-        self.MaxPool_2a = MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.MaxPool_2a = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
         self.Conv_2b = Unit3d(64, 64)
         self.Conv_2c = SepConv3d(64, 192, kernel_size=3, padding=1)
         self.block2 = nn.Sequential(self.MaxPool_2a, self.Conv_2b, self.Conv_2c)
 
-        self.MaxPool_3a = MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.MaxPool_3a = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
         self.block3 = self._stage(self.MaxPool_3a, ["Mixed_3b", "Mixed_3c"])
 
-        self.MaxPool_4a = MaxPool3d(3, stride=2, padding=1)
+        self.MaxPool_4a = nn.MaxPool3d(3, stride=2, padding=1)
         self.block4 = self._stage(self.MaxPool_4a,
                                   ["Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"])
 
-        self.MaxPool_5a = MaxPool3d(2, stride=2)
+        self.MaxPool_5a = nn.MaxPool3d(2, stride=2)
         self.block5 = self._stage(self.MaxPool_5a, ["Mixed_5b", "Mixed_5c"])
         self._init_weights()
 
@@ -178,9 +164,6 @@ class S3D(nn.Module):
         return nn.Sequential(pool, *blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, T, H, W] float -> feature map [B, 1024, T', H', W']."""
-        x = self.block1(x)
-        x = self.block2(x)
-        x = self.block3(x)
-        x = self.block4(x)
-        return self.block5(x)
+        for block in (self.block1, self.block2, self.block3, self.block4, self.block5):
+            x = block(x)
+        return x

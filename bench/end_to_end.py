@@ -5,12 +5,12 @@
 Builds a synthetic two-stream LMDB folder with UCF101's frame size (320x240 JPEG, RGB and flow;
 ``--videos`` of them: the training loader streams across epochs, so short epochs cost no waits at
 their boundaries and no gigabytes need writing), then measures, in one run, samples/s of the real training loop pieces
-(engine.make_loader, engine.batch_inputs, the engine's step) for the CPU decode path (workers
+(make_loader, engine.batch_inputs, the engine's step) for the CPU decode path (workers
 decode and crop) and the GPU decode path (workers read bytes; nvJPEG decodes on the GPU),
 against the step alone on a fixed batch. The target is end-to-end >= 85% of step-only.
 
-``gpu-1t`` is the GPU decode path without the engine's prefetch thread (decoding in the training
-thread, between steps). Two diagnostics per path say which side limits: ``loader`` (the data-loader alone, no device
+``gpu-1t`` is the GPU decode path without the fast path's prefetch thread (decoding in the
+training thread, between steps). Two diagnostics per path say which side limits: ``loader`` (the data-loader alone, no device
 work) and ``device data`` (batch_inputs alone on batches already loaded: the GPU decode, the
 geometry and the photometric step, as the training process runs them).
 """
@@ -18,6 +18,7 @@ import argparse
 import gc
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,9 @@ import torch
 
 from dataset import LMDBWriter, build_dataset, encode_frames
 from dataset import splits
-from utils import engine
+from dataset.augment import DeviceAugment
+from dataset.loader import make_loader
+from model import engine
 from utils.distributed import DistInfo
 
 from train_step import SCRIPTS, make_model, path_step, script_args, sync   # bench/train_step.py
@@ -68,13 +71,14 @@ def setup(kind, args, decode):
     # --epochs: more than any measurement reads (the loader makes each epoch only when reached).
     ns = script_args(kind, '--epochs', 10 ** 6, '--moco-k', args.batch_size * 64, '--bn_splits', 2,
                      '--batch_size', args.batch_size, '--workers', args.workers, '--decode', decode,
-                     '--img_dim', args.img_dim,
+                     '--img_dim', args.img_dim, '--local_aug', args.local_aug,
                      '--cuda_graph' if args.cuda_graph else '--no-cuda_graph')
     ds = build_dataset(dataset_name, 'train', data_root=args.root, seq_len=32, img_dim=args.img_dim,
-                       decode='device' if decode == 'gpu' else 'cpu')
-    loader = engine.make_loader(ds, ns, DistInfo(device=device))
+                       decode='device' if decode == 'gpu' else 'cpu',
+                       local_segments=ns.num_segments * (args.local_aug == 'independent'))
+    loader = make_loader(ds, ns, DistInfo(device=device))
     task = SimpleNamespace(inputs=SCRIPTS[kind].inputs)
-    return device, ns, loader, task, engine.DeviceAugment(True, torch.channels_last_3d)
+    return device, ns, loader, task, DeviceAugment(True, torch.channels_last_3d)
 
 
 def batches(loader):
@@ -82,19 +86,22 @@ def batches(loader):
         yield from loader.epoch(epoch)
 
 
-def run(kind, args, decode, fixed=False, threaded=None):
+def run(kind, args, decode, fixed=False, threaded=True):
     """samples/s of loader + batch_inputs + train_step as the engine runs them (batch_inputs in
-    the engine's prefetch thread on a GPU; ``threaded=False``: in the training thread);
-    ``fixed``: the step alone, on one prepared batch."""
+    the fast path's prefetch thread on a GPU; ``threaded=False`` or on the CPU: in the training
+    thread, as the plain path); ``fixed``: the step alone, on one prepared batch."""
     gc.collect()   # the previous measurement's loader workers end first
     device, ns, loader, task, augment = setup(kind, args, decode)
     torch.manual_seed(0)
-    model, weights = make_model(kind, ns, device, channels_last=True)
-    step = path_step(model, weights, 'fast-graph' if ns.cuda_graph else 'fast', device)
+    model = make_model(kind, ns, device, channels_last=True)
+    step = path_step(model, 'fast-graph' if ns.cuda_graph else 'fast', device)
     torch.backends.cudnn.benchmark = True
-    it = engine.Prefetcher(batches(loader),
-                           lambda b: engine.batch_inputs(b, task, augment, device, ns), device,
-                           threaded=threaded)
+    to_inputs = partial(engine.batch_inputs, task=task, augment=augment, device=device, args=ns)
+    if threaded and device.type == 'cuda':
+        from model.fast import Prefetcher
+        it = Prefetcher(batches(loader), to_inputs, device)
+    else:
+        it = (to_inputs(b) for b in batches(loader))
     fixed_inputs = next(it) if fixed else None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
@@ -145,8 +152,11 @@ def main():
                    choices=['infonce', 'coclr'], help='training steps measured')
     p.add_argument('--decodes', nargs='+', default=['cpu', 'gpu', 'gpu-1t'],
                    choices=['cpu', 'gpu', 'gpu-1t'], help='data paths measured (GPU only)')
-    p.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=True,
-                   help='the step replayed from a CUDA graph (the engine\'s default on one GPU)')
+    p.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=False,
+                   help='the step replayed from a CUDA graph (the engine\'s --cuda_graph)')
+    p.add_argument('--local_aug', choices=['independent', 'shared'], default='independent',
+                   help='local clips augmented on their own or cut out of the views (the '
+                        'engine\'s --local_aug)')
     p.add_argument('--img_dim', type=int, default=128, help='crop size of the training clips')
     p.add_argument('--frame_size', type=int, nargs=2, default=[FRAME_H, FRAME_W],
                    metavar=('H', 'W'), help='size of the synthetic frames')
@@ -169,7 +179,7 @@ def main():
                 decode = label.split('-')[0]
                 try:
                     loader_rate, device_rate = data_only(kind, args, decode)
-                    e2e = run(kind, args, decode, threaded=False if label.endswith('-1t') else None)
+                    e2e = run(kind, args, decode, threaded=not label.endswith('-1t'))
                 except Exception as e:  # keep the other rows
                     print(f'{kind} {label} failed: {type(e).__name__}: {e}', flush=True)
                     continue

@@ -6,13 +6,13 @@
 #   matmul        the measured bf16 matmul peak (the ceiling for the utilisation column);
 #   train_infonce S3D FLOPs, step time, samples/s, utilisation and peak memory of local InfoNCE:
 #                 plain fp32 (TF32 allowed, PyTorch's default), strict fp32, the eager fast path,
-#                 the fast path replayed from a CUDA graph (the engine's default on one GPU); the
+#                 the fast path replayed from a CUDA graph (--cuda_graph, model/fast.py); the
 #                 graphed step checked against the eager one; profiles of the eager and the
-#                 graphed fast step (device busy time, launches, top kernels); the graphed step
-#                 with the first convolution's input channels padded to 8 (fast-graph-pad8);
+#                 graphed fast step (device busy time, launches, top kernels);
 #   train_cvtcl   the same for CVTCL (plain, fast, graphed);
 #   e2e           end-to-end samples/s over a synthetic UCF101-sized LMDB (320x240 JPEG) with 16
-#                 workers, CPU decode and GPU decode, against the step alone;
+#                 workers, CPU decode and GPU decode (views only: --local_aug shared), against
+#                 the step alone;
 #   e2e_demo      the same at the demo's size (64x64 frames, 64 px crops);
 #   loader_epochs what an epoch boundary costs at the demo's size: one loader iterator per
 #                 epoch against the engine's one stream (bench/loader_epochs.py, 12 workers);
@@ -73,13 +73,13 @@ for name in $SECTIONS; do
   case $name in
     matmul) ;;   # ran above: its figure feeds the others
     train_infonce) section $name 115 $TRAIN --models infonce --paths plain plain-strict fast \
-        fast-graph fast-graph-pad8 --profile --graph_check ;;
+        fast-graph --profile --graph_check ;;
     train_cvtcl) section $name 70 $TRAIN --models coclr --paths plain fast fast-graph ;;
     e2e) section $name 150 python bench/end_to_end.py --workers 16 --batch_size 32 --steps 20 \
-        --warmup 6 --videos 96 --frames 64 --decodes cpu gpu ;;
+        --warmup 6 --videos 96 --frames 64 --decodes cpu gpu --local_aug shared ;;
     e2e_demo) section $name 60 python bench/end_to_end.py --workers 12 --batch_size 32 \
         --steps 20 --warmup 6 --videos 96 --frames 64 --decodes cpu gpu \
-        --frame_size 64 64 --img_dim 64 --models infonce ;;
+        --frame_size 64 64 --img_dim 64 --models infonce --local_aug shared ;;
     loader_epochs) section $name 45 python bench/loader_epochs.py --workers 12 --batch_size 32 \
         --epochs 12 --step_ms 40 ;;
     compile) section $name 150 $TRAIN --models infonce --paths fast fast-compile ;;

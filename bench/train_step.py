@@ -11,12 +11,9 @@ Paths (``--paths``):
   plain-strict  the same with TF32 off everywhere: true fp32 arithmetic, as on the GPUs the
                 original code was written for;
   fast          the engine's eager step on this device (bf16 autocast and channels-last 3D on
-                CUDA, fused Adam, cudnn.benchmark);
+                CUDA, fused Adam, cudnn.benchmark): the default on every device;
   fast-graph    fast, with the forward and backward replayed from a CUDA graph and S3D's layers
-                as 2D kernels (backbone/layout.py): what the engine does on one GPU
-                (``--cuda_graph``, the default);
-  fast-graph-pad8  fast-graph with the 3 input channels of the first convolution padded to 8
-                (``layout.Conv3d.pad_channels``, off in the engine until measured);
+                as 2D kernels (model/fast.py): what ``--cuda_graph`` does on one GPU;
   fast-ncdhw    fast, but with contiguous (NCDHW) tensors: what channels-last is worth;
   fast-graph-ncdhw  the same for the graphed step;
   fast-compile  fast with the encoders compiled (``--compile``; compilation is not timed).
@@ -28,6 +25,7 @@ kernels: a busy time far below the step time means the step is bound by the host
 """
 import argparse
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -35,12 +33,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import local_coclr
 import local_nce
-from backbone import build_backbone, layout
-from utils.engine import GraphedStep, compile_encoders, loss_weights, make_step, train_step
+from backbone import build_backbone
+from model import engine, fast as fast_path
 
 
-PATHS = ('plain', 'plain-strict', 'fast', 'fast-graph', 'fast-graph-pad8', 'fast-ncdhw',
-         'fast-graph-ncdhw', 'fast-compile')
+PATHS = ('plain', 'plain-strict', 'fast', 'fast-graph', 'fast-ncdhw', 'fast-graph-ncdhw',
+         'fast-compile')
 
 
 SCRIPTS = {'infonce': local_nce, 'coclr': local_coclr}
@@ -52,7 +50,7 @@ def script_args(kind, *flags):
 
 
 def make_model(kind, args, device, channels_last):
-    """The model and loss weights the script builds (``args``: net, moco_k, bn_splits)."""
+    """The model the script builds (``args``: net, moco_k, bn_splits)."""
     ns = script_args(kind, '--net', args.net, '--moco-k', args.moco_k,
                      '--bn_splits', args.bn_splits)
     model = SCRIPTS[kind].build_model(ns)
@@ -60,7 +58,7 @@ def make_model(kind, args, device, channels_last):
     model.to(device, memory_format=fmt).train()
     if kind == 'coclr':  # a full queue of distinct sources, so every step trains
         model.queue_vname.copy_(torch.arange(args.moco_k, device=device) + 10 ** 6)
-    return model, loss_weights(ns, SCRIPTS[kind].WEIGHTS)
+    return model
 
 
 def make_inputs(kind, args, device, channels_last):
@@ -93,15 +91,19 @@ def set_tf32(strict):
     torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
-def path_step(model, weights, path, device):
+def path_step(model, path, device):
     """The step function of ``path`` for ``model``: its optimiser (fused Adam on the fast paths
     on CUDA, the for-loop one otherwise), precision and CUDA graph, as the engine builds them."""
     fast = path.startswith('fast') and device.type == 'cuda'
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-4, fused=fast, foreach=None if fast else False)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    return make_step(model, weights, opt, scaler, torch.bfloat16 if fast else None, device,
-                     cuda_graph='graph' in path)
+    amp = torch.bfloat16 if fast else None
+    step = partial(engine.train_step, model, optimizer=opt, scaler=scaler, amp_dtype=amp)
+    if 'graph' in path and device.type == 'cuda':
+        step = fast_path.GraphedStep(step, engine.forward_backward, engine.update, model, opt,
+                                     scaler, amp, device)
+    return step
 
 
 def bench(kind, path, args, device):
@@ -110,15 +112,12 @@ def bench(kind, path, args, device):
     fast, cuda = path.startswith('fast'), device.type == 'cuda'
     channels_last = fast and 'ncdhw' not in path and (cuda or args.cpu_channels_last)
     torch.manual_seed(0)
-    model, weights = make_model(kind, args, device, channels_last)
-    if path == 'fast-compile':
-        compile_encoders(model)
-    if path.endswith('-pad8'):   # the first convolution's 3 channels padded to 8 (2D path)
-        for m in model.modules():
-            if isinstance(m, layout.Conv3d):
-                m.pad_channels = 8
+    model = make_model(kind, args, device, channels_last)
+    if path == 'fast-compile':   # as --compile
+        for encoder in (model.encoder_q, model.encoder_k):
+            encoder.compile(dynamic=True)
     inputs = make_inputs(kind, args, device, channels_last)
-    step = path_step(model, weights, path, device)
+    step = path_step(model, path, device)
     torch.backends.cudnn.benchmark = fast
     set_tf32(strict=path == 'plain-strict')
     if cuda:
@@ -135,10 +134,10 @@ def bench(kind, path, args, device):
     dt = (time.perf_counter() - t) / args.steps
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan')
     assert torch.isfinite(loss), f'{kind} {path}: non-finite loss'
-    if isinstance(step, GraphedStep) and step.graph is None:
+    if isinstance(step, fast_path.GraphedStep) and step.graph is None:
         print(f'({kind} {path}: not captured: {step.failed or "too few warm-up steps"}; timed eager)')
     profile = None
-    if args.profile and path in ('fast', 'fast-graph', 'fast-graph-pad8') and cuda:
+    if args.profile and path in ('fast', 'fast-graph') and cuda:
         try:
             profile = device_profile(step, inputs, device)
         except Exception as e:  # the profile is a diagnostic: never lose the table for it
@@ -153,9 +152,9 @@ def graph_check(kind, args, device, steps=6):
     losses, weights_after = {}, {}
     for graphed in (False, True):
         torch.manual_seed(0)
-        model, weights = make_model(kind, args, device, True)
+        model = make_model(kind, args, device, True)
         inputs = make_inputs(kind, args, device, True)
-        step = path_step(model, weights, 'fast-graph' if graphed else 'fast', device)
+        step = path_step(model, 'fast-graph' if graphed else 'fast', device)
         if graphed:
             step.warmup = 1
         torch.manual_seed(1)
@@ -186,12 +185,12 @@ def device_profile(step, inputs, device, steps=3):
 def step_flops(kind, args, device):
     """FLOPs of one training step per sample, counted (forward, backward, no-grad encoders)."""
     small = SimpleNamespace(**{**vars(args), 'batch_size': 2})
-    model, weights = make_model(kind, small, device, channels_last=False)
+    model = make_model(kind, small, device, channels_last=False)
     inputs = make_inputs(kind, small, device, channels_last=False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     with FlopCounterMode(display=False) as fc:
-        train_step(model, weights, inputs, opt, scaler, None, device)
+        engine.train_step(model, inputs, opt, scaler, None)
     return fc.get_total_flops() / 2
 
 

@@ -1,30 +1,23 @@
 """The training loader: one stream of seeded batches from the first epoch to the last.
 
-Every sample is drawn from a generator seeded for it alone, a function of (run seed, epoch,
-rank, position in the epoch). A sample's crops, flips and frames then do not depend on the
-number of data-loader workers or on which worker makes it, and a resumed run repeats the
-uninterrupted one exactly.
-
-The batches of all epochs come from one ``DataLoader`` iterator, so the workers make the next
-epoch's first batches while this epoch's last steps train. With one iterator per epoch, every
-epoch began with the step waiting while a single worker made a whole batch: at the demo's size
-(six batches an epoch) about a fifth of each epoch on 2 CPU cores (bench/loader_epochs.py).
+Each sample is drawn from a generator seeded for it alone (run seed, epoch, rank, position), so it
+does not depend on the workers, and a resumed run repeats the uninterrupted one. One iterator
+serves all epochs: the workers make the next epoch's first batches while this epoch ends
+(bench/loader_epochs.py: a fifth of each demo epoch was spent waiting otherwise).
 """
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from utils.misc import epoch_seed, seed_worker
+from utils.misc import UserError, epoch_seed, seed_worker
 from .video_dataset import collate
 
 
-def sample_seed(seed, epoch, rank, position):
-    """The augmentation seed of the sample at ``position`` of ``rank``'s shard of ``epoch``."""
+def sample_seed(seed, epoch, rank, position):   # of the sample at position in rank's shard
     return (epoch_seed(seed, epoch, rank) * 10_000_019 + position) % 2 ** 63
 
 
 class SeededDataset(torch.utils.data.Dataset):
-    """``dataset[index]`` drawn from a generator seeded for that sample alone: the keys are
-    ``(index, seed)`` pairs."""
+    """``dataset[index]`` drawn from a generator seeded for it alone; keys: ``(index, seed)``."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -40,8 +33,8 @@ class SeededDataset(torch.utils.data.Dataset):
 
 
 class EpochBatches(Sampler):
-    """Batches of ``(index, seed)`` keys for epochs ``start`` to ``end - 1``, one after the
-    other: ``steps`` batches of ``rank``'s shard of each epoch's shuffle."""
+    """``steps`` batches of ``(index, seed)`` keys of ``rank``'s shard of each epoch's shuffle,
+    for epochs ``start`` to ``end - 1``."""
 
     def __init__(self, shard, batch_size, steps, seed, rank):
         self.shard, self.batch_size, self.steps = shard, batch_size, steps
@@ -63,10 +56,8 @@ class EpochBatches(Sampler):
 
 class TrainLoader:
     """``loader.epoch(e)`` yields epoch ``e``'s ``loader.steps`` batches of this process's shard.
-
-    Epochs read in order, each to its last batch, come from one stream that runs to ``epochs - 1``.
-    Any other request (a first epoch, a resumed one, one after an epoch left unfinished) starts
-    the stream anew at that epoch; the batches are the same either way. The workers persist."""
+    Epochs read in order, each to its end, come from one stream; any other request (the first
+    epoch, a resumed one, one after an unfinished epoch) starts the stream anew there."""
 
     def __init__(self, dataset, batch_size, workers, seed, epochs, *, rank=0, world_size=1,
                  max_steps=0, pin_memory=False):
@@ -74,8 +65,8 @@ class TrainLoader:
                                    seed=seed, drop_last=True)
         whole = len(shard) // batch_size
         if whole == 0:
-            raise ValueError(f'{len(dataset)} videos over {world_size} process(es) give no batch '
-                             f'of {batch_size}')
+            raise UserError(f'{len(dataset)} videos over {world_size} process(es) give no batch '
+                            f'of {batch_size} (--batch_size)')
         self.steps = min(whole, max_steps) if max_steps else whole
         self.epochs = epochs
         self.batches = EpochBatches(shard, batch_size, self.steps, seed, rank)
@@ -84,9 +75,8 @@ class TrainLoader:
                                  worker_init_fn=seed_worker, collate_fn=collate,
                                  persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers else None,
-                                 # Starting an iterator draws a seed for the workers: from a
-                                 # generator of its own, so that restarting the stream (on
-                                 # resume) leaves the training process's random numbers alone.
+                                 # the workers' seed from a generator of its own: a restarted
+                                 # stream leaves the process's random numbers alone
                                  generator=torch.Generator().manual_seed(seed))
         self._stream, self._next = None, None
 
@@ -105,8 +95,7 @@ class TrainLoader:
 
 
 def make_loader(dataset, args, info):
-    """The training loader (``dataset.loader.TrainLoader``): this process's shard, shuffled per
-    epoch, one seed per sample, one stream of batches across epochs."""
+    """The ``TrainLoader`` of ``args`` (batch size, workers, seed, epochs) for this process."""
     return TrainLoader(dataset, args.batch_size, args.workers, args.seed, args.epochs,
                        rank=info.rank, world_size=info.world_size,
                        max_steps=args.iters_per_epoch, pin_memory=info.device.type == 'cuda')

@@ -255,29 +255,6 @@ def collate(items):
     return batch
 
 
-def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
-    """Decode a ``decode='device'`` batch with nvJPEG in one call per modality and apply each
-    view's geometry there: adds ``batch[modality]`` uint8 ``[B, V, T, 3, img_dim, img_dim]``."""
-    for m, (data, offsets, counts) in batch['jpeg'].items():
-        flat = unpack_jpegs(data, offsets)
-        if device.type == 'cuda':
-            # torchvision's nvJPEG decoder allocates its outputs on this stream but writes them
-            # from a stream of its own without waiting for this one: memory freed here while
-            # kernels still read it could be overwritten. Let this stream's work finish first.
-            torch.cuda.current_stream(device).synchronize()
-        decoded = decode_list(flat, name='batch', source=m, device=device)
-        b, v, t = batch['frame_index'].shape
-        out = augment.channels_last_empty(b, v, t, size=img_dim, device=device)
-        start = 0
-        for i, count in enumerate(counts.tolist()):
-            plan = {k: batch[k][i] for k in ('frame_index', 'boxes', 'flips')}  # on the host
-            frames = torch.stack([f.permute(1, 2, 0) for f in decoded[start:start + count]])
-            apply_views(frames, plan, m, img_dim, negate_flow_flip, out=out[i])
-            start += count
-        batch[m] = out
-    return batch
-
-
 def holds_none(db):
     """``'; <path> holds no videos'`` for an empty LMDB (the likelier cause of a missing video)."""
     return '' if len(db) else f'; {db.path} holds no videos'

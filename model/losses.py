@@ -1,4 +1,4 @@
-"""The losses of SPEC §4 as small pure functions on L2-normalised embeddings.
+"""The losses (docs/METHOD.md, Losses) as small pure functions on L2-normalised embeddings.
 
 Shapes: B batch, D embedding dim, K queue length, L local segments. ``queue`` is ``[D, K]``
 (CoCLR's layout). Logits are dot products divided by the temperature ``tau``; the positive of
@@ -55,21 +55,19 @@ def multi_positive_nce(logits, pos_mask):
     return (torch.logsumexp(logits, 1) - torch.logsumexp(masked, 1)).mean()
 
 
-def coclr_positive_mask(sampler_emb, queue_second, source, queue_source, topk, mine,
-                        mask_self):
-    """Positives ``[B, 1+K]`` (bool) for CoCLR's multi-positive loss.
+def coclr_positive_mask(sampler_emb, queue_second, source, queue_source, topk, mask_self):
+    """Positives ``[B, 1+K]`` (bool) for CoCLR's multi-positive loss (docs/METHOD.md, CVTCL).
 
-    Column 0 is the key itself. In the queue: every entry of the same source group (siblings),
-    and, when ``mine`` (queue full and ``topk`` > 0), the ``topk`` entries most similar to row b
-    in the sampler's (other modality's) space, siblings excluded from that ranking. With
-    ``mask_self`` (a bool, or a 0-d bool tensor drawn on the device: no host branch) the self
-    positive is dropped in rows that have another positive.
-    Returns ``(mask, topk_index)``; ``topk_index`` is ``[B, topk]`` or None.
+    Column 0 is the key itself. In the queue: every entry of the same source group (siblings)
+    and the ``topk`` entries most similar to row b in the sampler's (other modality's) space,
+    siblings excluded from that ranking (``topk`` 0: none). With ``mask_self`` the self positive
+    is dropped in rows that have another positive.
+    Returns ``(mask, topk_index)``; ``topk_index`` is ``[B, topk]``, or None when ``topk`` is 0.
     """
     siblings = source[:, None] == queue_source[None, :]          # B x K
     mask_queue = siblings.clone()
     topk_index = None
-    if mine and topk > 0:
+    if topk > 0:
         sim = sampler_emb @ queue_second                          # B x K
         sim = sim.masked_fill(siblings, float('-inf'))
         topk_index = sim.topk(topk, dim=1).indices                # B x topk

@@ -1,8 +1,8 @@
 """Backbones against the CoCLR reference: key names, shapes, aliases and a float64 fingerprint.
 
-The fingerprint rule is SPEC §6: every tensor is filled deterministically from its key name,
-a fixed input goes through the model in eval mode, and the spatio-temporally pooled output
-must equal the reference numbers recorded from the CoCLR code.
+The fingerprint: every tensor is filled deterministically from its key name (below), a fixed
+float64 input goes through the model in eval mode, and the spatio-temporally pooled output must
+equal the reference numbers recorded from the CoCLR code (tests/data/coclr_reference.json.gz).
 """
 
 import math
@@ -13,6 +13,7 @@ import torch
 
 from backbone import BACKBONES, build_backbone
 from helpers import coclr_reference
+from utils.misc import UserError
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def reference() -> dict:
 
 
 def fingerprint_state_dict(keys: dict, alias: dict, current: dict) -> dict:
-    """Deterministic tensors for every key (SPEC §6); ``current`` supplies integer buffers."""
+    """Deterministic tensors for every key; ``current`` supplies integer buffers."""
     state = {}
     for key, shape in keys.items():
         if alias[key] != key:
@@ -86,7 +87,7 @@ def test_alias_keys_share_storage(name, reference):
 
 
 def test_unknown_name_lists_known_backbones():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError, match="--net 'resnet18'") as err:
         build_backbone("resnet18")
     for name in BACKBONES:
         assert name in str(err.value)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dataset import build_dataset
-from dataset.video_dataset import collate, decode_on_device
+from dataset.video_dataset import collate
+from model.fast import Prefetcher, decode_on_device
 from model.moco import LocalInfoNCE
 from tests.helpers import write_toy_dataset
 
@@ -53,47 +54,44 @@ def test_bf16_losses_match_fp32():
     fast = copy.deepcopy(m)
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(2, 3, 32, 32, 32, generator=g), torch.randn(2, 3, 32, 32, 32, generator=g)
-    ref, _ = m(x1, x2)
+    loss, ref = m(x1, x2)
     cl = torch.channels_last_3d
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out, _ = fast(x1.contiguous(memory_format=cl), x2.contiguous(memory_format=cl))
-    for k in ref:
-        assert out[k].dtype == torch.float32   # losses in fp32 whatever the encoders ran in
+        fast_loss, out = fast(x1.contiguous(memory_format=cl), x2.contiguous(memory_format=cl))
+    assert fast_loss.dtype == torch.float32   # losses in fp32 whatever the encoders ran in
+    assert fast_loss.item() == pytest.approx(loss.item(), rel=0.02, abs=0.01)
+    for k in ('loss_global', 'loss_inter', 'loss_intra'):
         assert out[k].item() == pytest.approx(ref[k].item(), rel=0.02, abs=0.01), k
 
 
 # ---------------------------------------------------------------------------------- prefetcher
 
 def test_prefetcher_thread_keeps_order_and_ends():
-    from utils.engine import Prefetcher
     cpu = torch.device('cpu')
     batches = [torch.full((2,), i) for i in range(7)]
-    threaded = Prefetcher(batches, lambda b: {'x': b * 2}, cpu, depth=2, threaded=True)
+    threaded = Prefetcher(batches, lambda b: {'x': b * 2}, cpu, depth=2)
     assert [int(o['x'][0]) for o in threaded] == [2 * i for i in range(7)]
     with pytest.raises(StopIteration):
         next(threaded)
     threaded.close()
     assert not threaded.thread.is_alive()
-    plain = Prefetcher(batches, lambda b: {'x': b * 2}, cpu)   # CPU default: no thread
-    assert not plain.threaded and [int(o['x'][0]) for o in plain] == [2 * i for i in range(7)]
 
 
 def test_prefetcher_raises_the_threads_error_and_stops_early():
-    from utils.engine import Prefetcher
     cpu = torch.device('cpu')
 
     def fn(b):
         if b == 3:
             raise ValueError('frame 5 of video A/a is not a valid JPEG')
         return b
-    p = Prefetcher(range(10), fn, cpu, threaded=True)
+    p = Prefetcher(range(10), fn, cpu)
     assert [next(p) for _ in range(3)] == [0, 1, 2]
     with pytest.raises(ValueError, match='frame 5 of video A/a'):
         next(p)
     p.close()
     assert not p.thread.is_alive()
 
-    endless = Prefetcher(iter(int, 1), lambda b: b, cpu, depth=2, threaded=True)  # never ends
+    endless = Prefetcher(iter(int, 1), lambda b: b, cpu, depth=2)  # never ends
     next(endless)
     endless.close()                       # the thread is blocked on a full queue: it must stop
     assert not endless.thread.is_alive()

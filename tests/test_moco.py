@@ -1,10 +1,12 @@
-"""The MoCo core: momentum update, queue, shuffle-BN, batched local segments, CoCLR keys."""
+"""The MoCo core: momentum update, queue, shuffle-BN, local clips, the weighted objective,
+CoCLR's queue and keys."""
 
 import pytest
 import torch
 
 from helpers import coclr_reference
 from model.moco import LocalCoCLR, LocalInfoNCE, split_segments
+from utils.misc import UserError
 
 
 def small_input(b=4, t=8, s=32, seed=0):
@@ -49,7 +51,7 @@ def test_split_segments_order():
     assert seg.shape == (8, 3, 2, 2, 2)
     # segment j of sample b holds frames 2j, 2j+1 of sample b
     assert seg[5, 0, :, 0, 0].tolist() == [10.0, 11.0]   # b=1, j=1 -> frames 2,3 of sample 1
-    with pytest.raises(ValueError, match='seq_len'):
+    with pytest.raises(UserError, match='seq_len'):
         split_segments(torch.zeros(1, 3, 6, 2, 2), 4)
 
 
@@ -75,17 +77,43 @@ def test_batched_segments_equal_separate_calls():
         assert torch.allclose(batched[:, j], single, atol=1e-5)
 
 
-def test_infonce_step_trains_query_only():
+def test_local_clips_given_or_sliced_from_the_global_views():
+    """q_local encodes ``local1`` and k_local the L clips of ``local2``; left None they are
+    view 1's first segment and view 2's L segments (--local_aug shared)."""
     torch.manual_seed(0)
-    m = LocalInfoNCE('s3d', K=8, bn_splits=2)
+    m = LocalInfoNCE('s3d', K=8).eval()
+    v1, v2 = small_input(2, 32, seed=1), small_input(2, 32, seed=2)
+    l1, l2 = small_input(2, 8, seed=3), small_input(2, 8, seed=4)
+    l2 = torch.stack([l2, l2.flip(2), -l2, l2.flip(3)], 1)          # B x L x C x T/L x H x W
+    _, q_local, _, k_local = m.embed(v1, v2, l1, l2)
+    with torch.no_grad():
+        assert torch.allclose(q_local, m.encoder_q(l1), atol=1e-5)
+        assert torch.allclose(k_local, m.encoder_k(l2.flatten(0, 1)).view(2, 4, -1), atol=1e-5)
+    sliced = m.embed(v1, v2, None, None)
+    explicit = m.embed(v1, v2, v1[:, :, :8], torch.stack(v2.split(8, dim=2), 1))
+    for a, b in zip(sliced, explicit):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_infonce_step_trains_query_only_and_weights_its_terms():
+    torch.manual_seed(0)
+    weights = {'global': 1.0, 'inter': 0.25, 'intra': 2.0}
+    m = LocalInfoNCE('s3d', K=8, bn_splits=2, weights=weights)
     x1, x2 = small_input(2, 32, seed=1), small_input(2, 32, seed=2)
-    terms, stats = m(x1, x2)
-    assert set(terms) == {'global', 'inter', 'intra'}
-    sum(terms.values()).backward()
+    loss, stats = m(x1, x2)
+    assert set(stats) == {'loss_global', 'loss_inter', 'loss_intra', 'top1', 'top5', 'inter_top1'}
+    assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
+    expected = sum(w * stats[f'loss_{t}'] for t, w in weights.items())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
     assert all(p.grad is None for p in m.encoder_k.parameters())
     assert any(p.grad is not None for p in m.encoder_q.parameters())
-    assert stats['logits'].shape == (2, 9)
     assert m.queue_ptr.item() == 2
+    assert 0 <= stats['top1'] <= stats['top5'] <= 1
+    with pytest.raises(TypeError):
+        m(x1, x2, locall=x1)                       # a misspelled input is not swallowed
+    with pytest.raises(ValueError, match='terms'):
+        LocalInfoNCE('s3d', K=8, weights={'global': 1.0})
 
 
 def test_coclr_waits_for_full_queue_and_keeps_sampler_frozen():
@@ -95,31 +123,19 @@ def test_coclr_waits_for_full_queue_and_keeps_sampler_frozen():
     x = small_input(2, 32)
     src, lab = torch.tensor([0, 1]), torch.tensor([0, 1])
     sampler_before = {k: v.clone() for k, v in m.sampler.state_dict().items()}
-    m(x, x, x, source=src, label=lab)
+    m(x, x, x, src, lab)
     assert not m.ready                                   # 2 of 4 slots filled
-    _, stats = m(x, x, x, source=src, label=lab)
+    _, stats = m(x, x, x, src, lab)
     assert m.ready and 'mining_acc' not in stats          # mining starts with the next batch
-    _, stats = m(x, x, x, source=src, label=lab)
-    assert 'mining_acc' in stats
+    loss, stats = m(x, x, x, src, lab)
+    assert 0 <= stats['mining_acc'] <= 1 and loss.requires_grad
+    expected = sum(w * stats[f'loss_{t}'] for t, w in LocalCoCLR.WEIGHTS.items())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     for k, v in m.sampler.state_dict().items():
         assert torch.equal(v, sampler_before[k]), k       # BN statistics untouched too
     assert m.queue_vname.tolist() == [0, 1, 0, 1]
-
-
-@pytest.mark.parametrize('memory_format', [torch.channels_last_3d, torch.contiguous_format])
-def test_every_encoder_call_gets_dense_input_in_the_clips_memory_format(memory_format):
-    # The first local segments are a strided view of view 1; the encoder gets a dense copy, so
-    # its first layer runs the same kernels as every other call (the GPU's 2D path needs it).
-    torch.manual_seed(0)
-    seen = []
-    m = LocalCoCLR(net='s3d', K=4, topk=1, bn_splits=2).to(memory_format=memory_format).train()
-    for enc in (m.encoder_q, m.encoder_k, m.sampler):
-        enc.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-    x = small_input(2, 32).contiguous(memory_format=memory_format)
-    with torch.no_grad():
-        m(x, x, x, source=torch.tensor([0, 1]), label=torch.tensor([0, 1]))
-    assert len(seen) == 7 and seen[1].shape == (2, 3, 8, 32, 32)   # q, q_local, 2+2 keys, sampler
-    assert all(t.is_contiguous(memory_format=memory_format) for t in seen)
+    m.load_state_dict({**m.state_dict(), 'queue_vname': torch.full((4,), -1)})
+    assert not m.ready                                    # read from the loaded queue
 
 
 @pytest.mark.parametrize('cls,key', [(LocalInfoNCE, 'infonce_s3d_keys'), (LocalCoCLR, 'coclr_s3d_keys')])

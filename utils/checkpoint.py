@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §5): atomic writes, safe loading, and loads that say which keys mismatch."""
+"""Checkpoints: atomic writes, safe loading, and loads that say which keys mismatch."""
 import os
 import re
 import shutil
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from .misc import UserError
+
 
 def save_checkpoint(state, path, *copies):
     """``torch.save`` to a temporary file in the same folder, then rename: never a half file.
-    Each of ``copies`` (e.g. ``last.pth.tar``) gets the same bytes, serialised only once."""
+    Each of ``copies`` (e.g. ``last.pth.tar``) gets the same bytes, serialised once."""
     path = Path(path)
     _atomic_write(path, lambda f: torch.save(state, f))
     for copy in copies:
@@ -38,27 +40,20 @@ def load_checkpoint(path, flag='checkpoint', required=('state_dict',), what='che
     keys. Errors name the flag and the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'{flag}: no {what} at {path}')
+        raise UserError(f'{flag}: no {what} at {path}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # pickle, zip and unpickler errors all mean the same thing here
-        raise ValueError(f'{flag}: {path} is not a readable {what} ({type(e).__name__}: '
-                         f'{_load_error(e)})') from None
+    except Exception as e:   # pickle, zip and unpickler errors all mean an unreadable file
+        # The weights-only unpickler's reason, not its advice to load with weights_only=False.
+        text = str(e)
+        reason = re.search(r'WeightsUnpickler error:\s*(.+?)(?:\n\n|$)', text, re.S)
+        text = reason.group(1).split('. ')[0].strip() if reason else text.split('\n')[0]
+        raise UserError(f'{flag}: {path} is not a readable {what} ({type(e).__name__}: '
+                        f'{text})') from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f'{flag}: {path} has no {", ".join(missing)}; is it a {what}?')
+        raise UserError(f'{flag}: {path} has no {", ".join(missing)}; is it a {what}?')
     return ckpt
-
-
-def _load_error(e):
-    """The informative part of a ``torch.load`` error. For the weights-only unpickler's, that is
-    its reason (e.g. "Unsupported operand 249" for a corrupted file), not its advice to load
-    untrusted files with ``weights_only=False``."""
-    text = str(e)
-    reason = re.search(r'WeightsUnpickler error:\s*(.+?)(?:\n\n|$)', text, re.S)
-    if reason:
-        return reason.group(1).split('. ')[0].strip()
-    return text.splitlines()[0] if text else ''
 
 
 def sub_state_dict(state_dict, prefix):
@@ -67,19 +62,18 @@ def sub_state_dict(state_dict, prefix):
 
 
 def load_exact(module, state_dict, source, allowed_missing=()):
-    """Load ``state_dict`` into ``module``; anything but the ``allowed_missing`` keys mismatching
-    (missing, unexpected or of another shape) is an error that lists them."""
+    """Load ``state_dict`` into ``module``; any key but ``allowed_missing`` mismatching (missing,
+    unexpected or of another shape) is an error that lists them."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict and k not in allowed_missing]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f'{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
-              for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        def head(keys):
-            return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '')
-        parts = [f'missing: {head(missing)}' if missing else '',
-                 f'unexpected: {head(unexpected)}' if unexpected else '',
-                 f'shape mismatch: {head(shapes)}' if shapes else '']
-        raise ValueError(f'{source} does not fit this model (another architecture or dataset?); '
-                         + '; '.join(p for p in parts if p))
+    problems = {
+        'missing': [k for k in own if k not in state_dict and k not in allowed_missing],
+        'unexpected': [k for k in state_dict if k not in own],
+        'shape mismatch': [f'{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
+                           for k, v in own.items()
+                           if k in state_dict and state_dict[k].shape != v.shape]}
+    listed = [f'{name}: ' + ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' * (len(keys) > 8))
+              for name, keys in problems.items() if keys]
+    if listed:
+        raise UserError(f'{source} does not fit this model (another architecture or dataset?); '
+                        + '; '.join(listed))
     module.load_state_dict(state_dict, strict=False)

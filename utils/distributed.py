@@ -1,15 +1,13 @@
-"""One distributed entry point for every way a job is launched (SPEC §2).
-
-``python script.py`` (one process: first visible GPU, else CPU), ``python -m
-torch.distributed.launch`` (``--local-rank=K``/``--local_rank=K`` or ``LOCAL_RANK``),
-``torchrun`` single- or multi-node, and SLURM (``srun``) all become (rank, world size, device).
-NCCL on GPUs, gloo on the CPU.
-"""
+"""One entry point for every launch: ``python script.py`` (one process: the first visible GPU,
+else the CPU), ``torch.distributed.launch`` (``--local_rank`` or ``LOCAL_RANK``), ``torchrun``
+and SLURM's ``srun`` all become (rank, world size, device). NCCL on GPUs, gloo on the CPU."""
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .misc import UserError
 
 
 @dataclass
@@ -23,62 +21,49 @@ class DistInfo:
     def is_main(self):
         return self.rank == 0
 
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
 
 def _env_int(*names):
-    for n in names:
-        if n in os.environ:
-            return int(os.environ[n])
-    return None
+    return next((int(os.environ[n]) for n in names if n in os.environ), None)
 
 
 def init_distributed(device='auto', local_rank_flag=None):
-    """Initialise the process group if the launcher asked for one; return :class:`DistInfo`.
-
-    ``device``: 'auto' (CUDA when available), 'cuda' or 'cpu'. ``local_rank_flag`` is the value
-    of ``--local_rank``/``--local-rank`` given by ``torch.distributed.launch``, if any.
-    """
+    """Join the process group the launcher asked for, if any. ``device``: 'auto' (CUDA when
+    available), 'cuda' or 'cpu'; ``local_rank_flag``: ``--local_rank`` of the old launcher."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('--device cuda was asked but no CUDA device is visible')
-    rank = _env_int('RANK', 'SLURM_PROCID')
-    world = _env_int('WORLD_SIZE', 'SLURM_NTASKS')
+        raise UserError('--device cuda was asked but no CUDA device is visible')
+    rank, world = _env_int('RANK', 'SLURM_PROCID'), _env_int('WORLD_SIZE', 'SLURM_NTASKS')
     local = _env_int('LOCAL_RANK', 'SLURM_LOCALID')
-    if local is None:
-        local = local_rank_flag if local_rank_flag is not None else 0
+    local = local if local is not None else local_rank_flag or 0
     if rank is None or world is None or world <= 1:
-        dev = torch.device('cuda', torch.cuda.current_device()) if device == 'cuda' else torch.device('cpu')
-        return DistInfo(0, 1, 0, dev)
-    if 'MASTER_ADDR' not in os.environ:  # SLURM without torchrun: first node of the allocation
-        raise ValueError('distributed launch without MASTER_ADDR/MASTER_PORT; use torchrun, '
-                           'torch.distributed.launch, or export them in the SLURM script')
+        return DistInfo(device=torch.device('cuda', torch.cuda.current_device())
+                        if device == 'cuda' else torch.device('cpu'))
+    if 'MASTER_ADDR' not in os.environ:   # SLURM without torchrun
+        raise UserError('distributed launch without MASTER_ADDR/MASTER_PORT; use torchrun, '
+                        'torch.distributed.launch, or export them in the SLURM script')
     if device == 'cuda':
         torch.cuda.set_device(local % torch.cuda.device_count())
         dev = torch.device('cuda', torch.cuda.current_device())
-        backend = 'nccl'
     else:
-        dev, backend = torch.device('cpu'), 'gloo'
+        dev = torch.device('cpu')
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                **({'device_id': dev} if backend == 'nccl' else {}))
+        dist.init_process_group('nccl' if device == 'cuda' else 'gloo', rank=rank,
+                                world_size=world, **({'device_id': dev} if device == 'cuda' else {}))
     return DistInfo(rank, world, local, dev)
 
 
 def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def get_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 @torch.no_grad()
 def all_gather(x):
-    """Concatenate ``x`` of every process along dim 0 (no gradient); ``x`` itself if alone."""
+    """``x`` of every process concatenated along dim 0 (no gradient); ``x`` itself if alone."""
     if world_size() == 1:
         return x
     out = [torch.empty_like(x) for _ in range(world_size())]
@@ -93,18 +78,16 @@ def broadcast(x, src=0):
 
 
 def all_reduce_mean(tensors):
-    """Average tensors (e.g. gradients) over processes in one flat buffer."""
+    """Average tensors (e.g. gradients) over processes, in one flat buffer."""
     if world_size() == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def cleanup():
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()

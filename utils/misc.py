@@ -1,4 +1,4 @@
-"""Small helpers: run provenance, JSON-lines logs, seeding, learning-rate schedule."""
+"""Small helpers: the error type, run provenance, JSON-lines logs, seeding, learning rate."""
 import json
 import os
 import random
@@ -20,13 +20,12 @@ class UserError(Exception):
 
 def git_revision():
     """``<sha>`` or ``<sha>-dirty``; 'unknown' outside a git checkout."""
+    def git(*cmd):
+        return subprocess.run(['git', *cmd], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     try:
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=PROJECT_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
-                               cwd=PROJECT_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return (sha + ('-dirty' if dirty else '')) if sha else 'unknown'
+        dirty = git('status', '--porcelain', '--untracked-files=no')
+        return (git('rev-parse', 'HEAD') + '-dirty' * bool(dirty)).lstrip('-') or 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
 
@@ -43,10 +42,8 @@ def plain_args(args):
 
 
 def log_epoch(path, record):
-    """Append an epoch's record to a ``log.jsonl``, dropping any record of that epoch or a later
-    one first: those come from a run that was resumed from an earlier checkpoint, and this run
-    trains them again. The log then reads as one uninterrupted run; nothing is dropped before
-    the new record exists. Written to a new file, then renamed."""
+    """Append an epoch's record to a ``log.jsonl`` without the records of that epoch and later
+    ones (a resumed run trains them again): the log reads as one run. Written, then renamed."""
     path = Path(path)
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in lines
@@ -70,22 +67,18 @@ def seed_everything(seed):
 
 
 def epoch_seed(seed, epoch, rank):
-    """The one root of an epoch's randomness in process ``rank``: distinct for every (epoch,
-    rank) of a run. The training process's generators and every sample's seed derive from it."""
+    """The root of an epoch's randomness in process ``rank``, distinct for every (epoch, rank)."""
     return (seed * 1_000_003 + epoch) * 1009 + rank
 
 
 def seed_worker(worker_id):
-    # torch seeds each worker differently (base seed + id); derive numpy/random from it so no
-    # library repeats the same numbers in every worker.
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
+    """numpy's and random's seeds in a data-loader worker, from torch's (distinct per worker)."""
+    np.random.seed(torch.initial_seed() % 2**32)
+    random.seed(torch.initial_seed() % 2**32)
 
 
 def learning_rate(base_lr, epoch, schedule=(), warmup=()):
-    """Step schedule as a function of the epoch: warm-up factors for the first epochs, then x0.1
-    at each epoch of ``schedule``, so a resumed run recomputes exactly the same rate."""
+    """Warm-up factors for the first epochs, then x0.1 at each epoch of ``schedule``."""
     if epoch < len(warmup):
         return base_lr * warmup[epoch]
     return base_lr * 0.1 ** sum(epoch >= s for s in schedule)
@@ -93,22 +86,15 @@ def learning_rate(base_lr, epoch, schedule=(), warmup=()):
 
 def topk_accuracy(logits, target, ks=(1, 5)):
     """Share of rows whose target is among the top k logits, for each k (device tensors)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hit = top == target[:, None]
+    hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == target[:, None]
     return [hit[:, :k].any(1).float().mean() for k in ks]
 
 
 def run_main(main):
-    """A script's entry point. Bad input (the ValueError or OSError that names the file, key or
-    flag) ends as ``error: ...`` with exit status 2 instead of a traceback, and Ctrl-C with
-    status 130 after the script's own message. ``CVTCL_TRACEBACK=1`` shows the traceback."""
+    """A script's entry point: bad input ends as ``error: ...`` with exit status 2, Ctrl-C with
+    status 130 after the script's own message (``CVTCL_TRACEBACK=1`` shows the traceback)."""
     try:
         main()
-    except SystemExit as e:   # the scripts' own ``SystemExit('error: ...')``: status 2 as well
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            sys.exit(2)
-        raise
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

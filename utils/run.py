@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from . import distributed as du
 from .checkpoint import load_exact, save_checkpoint
-from .misc import epoch_seed, format_args, git_revision, plain_args
+from .misc import UserError, epoch_seed, format_args, git_revision, plain_args
 
 
 def add_runtime_args(g):
@@ -21,8 +21,7 @@ def add_runtime_args(g):
     g.add_argument('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
                    help='mixed precision; auto = bf16 on CUDA GPUs that support it, else off')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=True,
-                   help='channels-last 3D memory format (faster convolutions on GPUs and, '
-                        'measured with bench/train_step.py, ~1.7x on the CPU too)')
+                   help='channels-last 3D memory format (faster on GPUs, ~1.7x on the CPU)')
     g.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                    help=argparse.SUPPRESS)  # set by torch.distributed.launch
 
@@ -35,8 +34,8 @@ def amp_dtype_of(args, device):
 
 
 def open_run(exp_dir, args, info, summary):
-    """Rank 0: create the experiment folder, print where the run came from (git revision,
-    ``summary``, sorted arguments), store the arguments, open TensorBoard. Others: None."""
+    """Rank 0: make the folder, print the git revision, ``summary`` and arguments, store them,
+    open TensorBoard. Others: None."""
     if not info.is_main:
         return None
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -48,25 +47,22 @@ def open_run(exp_dir, args, info, summary):
 
 
 def begin_epoch(seed, epoch, rank, augment):
-    """Every epoch's randomness is a function of (seed, epoch, rank), so a resumed run
-    continues exactly as the uninterrupted one would: the training process's generator and the
-    device-side augmenter's here, each sample's through ``dataset.loader``."""
+    """Seed the process's and the augmenter's generators from (seed, epoch, rank), so a resumed
+    run continues as the uninterrupted one (each sample's seed: ``dataset.loader``)."""
     root = epoch_seed(seed, epoch, rank)
-    torch.manual_seed(2 * root)     # two seeds of their own: no generator repeats another's
+    torch.manual_seed(2 * root)
     augment.reseed(2 * root + 1)
 
 
 @torch.no_grad()
 def broadcast_state(model):
-    if du.world_size() > 1:
-        for t in list(model.parameters()) + list(model.buffers()):
-            du.broadcast(t.data, 0)
+    for t in list(model.parameters()) + list(model.buffers()):
+        du.broadcast(t.data, 0)
 
 
 class EpochMeter:
-    """One epoch's running metrics, kept on the device and read only every ``print_freq`` steps
-    (and at the end): sums, the first iteration whose loss is not finite, the progress bar (rank
-    0) and TensorBoard scalars. A metric's mean is over the steps that reported it."""
+    """An epoch's metrics, summed on the device and read every ``print_freq`` steps: means over
+    the steps that reported each, the first non-finite loss, progress bar, TensorBoard."""
 
     def __init__(self, epoch, steps, device, show, writer, print_freq):
         self.sums = defaultdict(lambda: torch.zeros((), device=device))
@@ -77,8 +73,8 @@ class EpochMeter:
         self.tic, self.seen, self.n = time.time(), 0, 0
 
     def update(self, iteration, loss, samples, lr, metrics, **postfix):
-        """After the step numbered ``iteration``: its loss, ``samples`` over all processes, its
-        other ``metrics`` (device scalars); ``postfix``: what the bar shows besides them."""
+        """After step ``iteration``: its loss and ``metrics`` (device scalars), ``samples`` over
+        all processes; ``postfix``: more for the bar."""
         self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), iteration,
                                      self.first_bad)
         for k, v in {'loss': loss.detach(), **metrics}.items():
@@ -98,49 +94,17 @@ class EpochMeter:
                 self.writer.add_scalar('train/lr', lr, iteration + 1)
 
     def means(self, totals):
-        """``totals``: the sums stacked in ``self.sums`` order, read from the device at once."""
         out = {k: v / self.counts[k] for k, v in zip(self.sums, totals.tolist())}
         out['samples_per_s'] = self.seen / max(time.time() - self.tic, 1e-9)
         return out
 
     def close(self):
-        """The epoch's means, averaged over every process (each ran the same steps)."""
+        """The epoch's means over every process."""
         self.bar.close()
         check_finite(self.first_bad)
         totals = torch.stack(list(self.sums.values()))
         du.all_reduce_mean([totals])
         return self.means(totals)
-
-
-def restore(ckpt, model, optimizer, scaler, args, info, say):
-    """Continue the run of ``ckpt`` (``--resume``): weights, optimizer and scaler state. Returns
-    its folder, the first epoch to train and the iteration count."""
-    load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if 'scaler' in ckpt:
-        scaler.load_state_dict(ckpt['scaler'])
-    check_epochs_left(args, ckpt['epoch'])
-    exp_dir = Path(args.resume).resolve().parent
-    say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {ckpt["iteration"]})'
-        + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
-    return exp_dir, ckpt['epoch'] + 1, ckpt['iteration']
-
-
-def check_fresh_run(exp_dir):
-    """A new run never writes over the checkpoints of an earlier one. (A folder with a log but
-    no checkpoint, from a run stopped before its first save, has nothing to resume: a new run
-    starts there and replaces the log's records epoch by epoch.)"""
-    if any(exp_dir.glob('*.pth.tar')):
-        raise SystemExit(f'error: {exp_dir} already holds a run; continue it with --resume '
-                         f'{exp_dir / "last.pth.tar"}, or start another with --name_prefix or '
-                         f'--output_dir (or delete the folder)')
-
-
-def check_epochs_left(args, last_epoch):
-    """A run resumed after its last epoch would train nothing: say so instead."""
-    if last_epoch + 1 >= args.epochs:
-        raise SystemExit(f'error: --resume {args.resume} ends at epoch {last_epoch}: '
-                         f'--epochs {args.epochs} leaves nothing to train; give more epochs')
 
 
 def check_finite(first_bad):
@@ -152,58 +116,79 @@ def check_finite(first_bad):
                                  f'checkpoint is left as it was')
 
 
-# Flags a resumed run may change: where the data and results are, the hardware and speed
-# settings, how long it trains and what it prints. Any other changed flag would make the resumed
-# run another experiment than the one its checkpoint began.
+def restore(ckpt, model, optimizer, scaler, args, info, say):
+    """Load ``ckpt``'s weights, optimizer and scaler state; return its folder, first epoch to
+    train and iteration count."""
+    load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
+    check_epochs_left(args, ckpt['epoch'])
+    say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {ckpt["iteration"]})'
+        + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
+    return Path(args.resume).resolve().parent, ckpt['epoch'] + 1, ckpt['iteration']
+
+
+def check_fresh_run(exp_dir):
+    """A new run never writes over another's checkpoints (a folder with a log only is reused)."""
+    if any(exp_dir.glob('*.pth.tar')):
+        raise UserError(f'{exp_dir} already holds a run; continue it with --resume '
+                        f'{exp_dir / "last.pth.tar"}, or start another with --name_prefix or '
+                        f'--output_dir (or delete the folder)')
+
+
+def check_epochs_left(args, last_epoch):   # a resumed run with nothing left to train
+    if last_epoch + 1 >= args.epochs:
+        raise UserError(f'--resume {args.resume} ends at epoch {last_epoch}: --epochs '
+                        f'{args.epochs} leaves nothing to train; give more epochs')
+
+
+# Flags a resumed run may change (where things are, hardware, speed, length, output); any other
+# change would make it another experiment.
 RESUME_MAY_CHANGE = {
     'resume', 'config', 'epochs', 'schedule', 'data_root', 'rgb_lmdb', 'flow_lmdb', 'split_dir',
     'output_dir', 'name_prefix', 'workers', 'device', 'decode', 'channels_last', 'compile',
-    'cuda_graph', 'amp', 'local_rank', 'print_freq', 'save_freq', 'eval_freq', 'pretrain',
-    'dirname'}
+    'cuda_graph', 'amp', 'local_rank', 'print_freq', 'save_freq', 'keep_every', 'eval_freq',
+    'pretrain', 'dirname'}
 
 
 def check_resume(ckpt, args, world_size):
-    """The flags and process count of a resumed run must be the checkpoint's, except those of
-    ``RESUME_MAY_CHANGE``; an error lists every other difference."""
-    saved = ckpt.get('args') or {}
-    now = plain_args(args)
-    # A saved None is a flag left to its default, as checkpoints of earlier versions stored the
-    # loss weights; it is not compared.
+    """A resumed run's flags (but ``RESUME_MAY_CHANGE``) and process count must be the
+    checkpoint's; the error lists each difference. A saved None (an old default) is not one."""
+    saved, now = ckpt.get('args') or {}, plain_args(args)
     changed = [f'--{k} {saved[k]!r} -> {now[k]!r}' for k in sorted(now)
                if saved.get(k) is not None and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if ckpt.get('world_size', world_size) != world_size:
         changed.append(f'processes {ckpt["world_size"]} -> {world_size} (the global batch and '
                        f'the data order depend on it)')
     if changed:
-        raise SystemExit(f'error: --resume {args.resume} continues a run with other settings: '
-                         + '; '.join(changed) + '. Resume with the same flags, or start a new run')
+        raise UserError(f'--resume {args.resume} continues a run with other settings: '
+                        + '; '.join(changed) + '. Resume with the same flags, or start a new run')
 
 
 def keeps(epoch, keep_every):
-    """Whether ``--keep_every`` keeps the file of ``epoch`` (numbered from 0, as CoCLR's
-    ``epoch<N>.pth.tar``): every ``keep_every``-th epoch, counted from 1; 0 keeps none."""
+    """Whether ``--keep_every`` keeps ``epoch<epoch>.pth.tar`` (0-based, as CoCLR's names)."""
     return keep_every > 0 and (epoch + 1) % keep_every == 0
 
 
 def save_epoch(state, exp_dir, epoch, keep_every, previous=None, best=False):
-    """Write ``epoch<epoch>.pth.tar``, ``last.pth.tar`` (and ``best.pth.tar`` when ``best``),
-    each complete before it replaces anything. Only then ``previous``, the epoch file written
-    before this one, is removed, unless ``keep_every`` keeps it: a run holds its last
-    checkpoint, the latest epoch file and the kept ones. Returns the new epoch file."""
-    exp_dir = Path(exp_dir)
-    path = exp_dir / f'epoch{epoch}.pth.tar'
-    save_checkpoint(state, path, exp_dir / 'last.pth.tar', *([exp_dir / 'best.pth.tar'] * best))
+    """Write ``epoch<epoch>.pth.tar``, ``last.pth.tar`` (and ``best.pth.tar``), each whole before
+    it replaces anything; then remove ``previous``, the epoch file before, unless it is kept."""
+    path = Path(exp_dir) / f'epoch{epoch}.pth.tar'
+    save_checkpoint(state, path, path.with_name('last.pth.tar'),
+                    *[path.with_name('best.pth.tar')] * best)
     if previous is not None and Path(previous) != path:
-        old = int(Path(previous).name[len('epoch'):-len('.pth.tar')])
-        if not keeps(old, keep_every):
+        if not keeps(int(Path(previous).name[len('epoch'):-len('.pth.tar')]), keep_every):
             Path(previous).unlink(missing_ok=True)
     return path
 
 
 def disk_use(model, epochs, keep_every, save_freq=1, slots=2, best=False):
-    """The expected size of a run's checkpoints, as a line to print at start: the model's state
-    plus ``slots`` optimiser tensors per trainable parameter (Adam: 2), times the files kept."""
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """A run's expected checkpoint size, as a line to print: the model's state (each storage once,
+    as ``torch.save`` writes it) and ``slots`` optimiser tensors per parameter (Adam: 2)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in model.state_dict().values()}
+    size = sum(storages.values())
     size += slots * sum(p.numel() * p.element_size() for p in model.parameters()
                         if p.requires_grad)
     kept = sum(keeps(e, keep_every) for e in range(save_freq - 1, epochs - 1, save_freq))

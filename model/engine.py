@@ -1,0 +1,294 @@
+"""The pretraining loop of both scripts (MAE-style): flags, set-up, the epoch loop, one eager
+step on every device. The GPU fast path (``model.fast``) is imported only when its flags ask."""
+import argparse
+from collections import namedtuple
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from backbone import BACKBONES, MIN_SEGMENT_FRAMES
+from dataset import DatasetName, build_dataset
+from dataset.augment import DeviceAugment
+from dataset.loader import make_loader
+from dataset.video_dataset import add_data_args, data_location
+from model.classifier import check_modality
+from utils import distributed as du
+from utils.checkpoint import load_checkpoint, load_exact, sub_state_dict
+from utils.config import (AREA, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, POSITIVE_REAL,
+                          PROBABILITY)
+from utils.misc import (PROJECT_ROOT, UserError, interrupted_message, learning_rate, log_epoch,
+                        plain_args, seed_everything)
+from utils.run import (EpochMeter, add_runtime_args, amp_dtype_of, begin_epoch, broadcast_state,
+                       check_fresh_run, check_resume, disk_use, open_run, restore, save_epoch)
+
+
+def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_size, epochs,
+                    schedule):
+    """Flags of both pretraining scripts, with each script's own defaults; ``weights``: loss
+    term -> default weight, one flag ``--w_<term>`` each (docs/METHOD.md, Losses)."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--config', help='TOML file of flag values (configs/); flags given here win')
+    g = add_data_args(p, dataset, '<name>[-f][-2stream]-2clip, e.g. ucf101-2clip (RGB), '
+                      'ucf101-f-2clip (flow), ucf101-2stream-2clip (both), demo-2clip (built-in)')
+    g.add_argument('--local_aug', choices=['independent', 'shared'], default='independent',
+                   help='independent: each local clip gets its own crop, flip and colour, as the '
+                        "authors' scripts do; shared: local clips are cut out of the augmented "
+                        'views (docs/METHOD.md, Local clips)')
+    g.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
+                   help='JPEG decoding by the data-loader workers or nvJPEG on the training GPU')
+    g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
+                   help='colour jitter, grayscale and blur on flow frames too, as the reference')
+    g.add_argument('--two_clip_prob', type=PROBABILITY, default=0.5, help='share of pairs of two '
+                   'clips (the rest: one clip seen twice, one view strong and one weak)')
+    g.add_argument('--two_clip_strong_prob', type=PROBABILITY, default=0.3,
+                   help='probability that each view of a two-clip pair is strongly augmented')
+    g.add_argument('--crop_area', type=AREA, nargs=2, default=[0.2, 1.0],
+                   help="the random resized crop's range of shares of the frame's area")
+    g = p.add_argument_group('model')
+    g.add_argument('--net', default='s3d', help='backbone: ' + ', '.join(BACKBONES))
+    g.add_argument('--moco-dim', '--moco_dim', dest='moco_dim', type=POSITIVE, default=128,
+                   help='embedding size D')
+    g.add_argument('--moco-k', '--moco_k', dest='moco_k', type=POSITIVE, default=2048,
+                   help='queue length K; a multiple of the global batch')
+    g.add_argument('--moco-m', '--moco_m', dest='moco_m', type=PROBABILITY, default=0.999,
+                   help='momentum of the key encoder')
+    g.add_argument('--moco-t', '--moco_t', dest='moco_t', type=POSITIVE_REAL, default=tau,
+                   help='temperature tau')
+    g.add_argument('--num_segments', type=POSITIVE, default=4, help='local clips L per view')
+    g.add_argument('--bn_splits', type=POSITIVE, default=None,
+                   help='groups of the shuffled key batch with their own BatchNorm statistics; '
+                        'default 2 in a single process, 1 with several processes')
+    for term, weight in weights.items():
+        g.add_argument(f'--w_{term}', type=NON_NEGATIVE_REAL, default=weight,
+                       help=f'weight of the {term} loss')
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--batch_size', type=POSITIVE, default=batch_size, help='batch size per process')
+    g.add_argument('--epochs', type=POSITIVE, default=epochs, help='training epochs')
+    g.add_argument('--schedule', type=NON_NEGATIVE, nargs='*', default=schedule,
+                   help='epochs at which the learning rate drops x0.1')
+    g.add_argument('--lr', type=NON_NEGATIVE_REAL, default=lr, help='Adam learning rate')
+    g.add_argument('--wd', type=NON_NEGATIVE_REAL, default=1e-5, help='Adam weight decay')
+    g.add_argument('--warmup', type=NON_NEGATIVE_REAL, nargs='*', default=warmup,
+                   help='learning-rate factors of the first epochs')
+    g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')
+    g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0,
+                   help='iterations per epoch at most (0: the whole epoch)')
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', default=str(PROJECT_ROOT / 'experiments'),
+                   help='experiments are written to <output_dir>/<name_prefix><run name>/')
+    g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
+    g.add_argument('--resume', default='', help='checkpoint to continue from (exactly)')
+    g.add_argument('--save_freq', type=POSITIVE, default=1, help='save every N epochs and the last')
+    g.add_argument('--keep_every', type=NON_NEGATIVE, default=50, help='keep the epoch file of '
+                   'every N-th epoch (0: none) besides last.pth.tar and the latest')
+    g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
+    add_runtime_args(g)
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
+                   help='torch.compile the encoders (slow first steps, faster afterwards)')
+    g.add_argument('--cuda_graph', action=argparse.BooleanOptionalAction, default=False,
+                   help="replay each step from a CUDA graph, S3D's layers as 2D kernels")
+    return p
+
+
+# What differs between the scripts: run-name stem, args -> model, (model, args) -> None,
+# (augmented views, batch, device, args) -> forward keywords, (DatasetName, args) -> None.
+Task = namedtuple('Task', 'name build_model load_pretrained inputs check_dataset')
+
+
+def view_inputs(views, modality, args):
+    """The two views of ``modality`` and, with ``--local_aug independent``, its local clips:
+    view 1's first as the local query, view 2's L as keys (docs/METHOD.md, Local clips)."""
+    x = views[modality]                              # B x 2 x 3 x T x S x S
+    out = {'view1': x[:, 0], 'view2': x[:, 1]}
+    if args.local_aug == 'independent':
+        local = views[modality + '_local']           # B x 2 x L x 3 x T/L x S x S
+        out.update(local1=local[:, 0, 0], local2=local[:, 1])
+    return out
+
+
+def train(args, task):
+    info = du.init_distributed(args.device, args.local_rank)
+    device = info.device
+    say = print if info.is_main else (lambda *a, **k: None)
+    global_batch = args.batch_size * info.world_size
+    if args.bn_splits is None:   # two groups in one process, if the batch splits evenly
+        args.bn_splits = 2 if info.world_size == 1 and args.batch_size % 2 == 0 else 1
+    check_args(args, global_batch, task, device)
+    ckpt = None
+    if args.resume:   # checked before anything is built: a changed flag is the likelier error
+        ckpt = load_checkpoint(args.resume, '--resume')
+        if not sub_state_dict(ckpt['state_dict'], 'encoder_q.'):
+            raise UserError(f'--resume {args.resume}: no encoder_q.* weights; not pretraining')
+        check_resume(ckpt, args, info.world_size)
+
+    seed_everything(args.seed + info.rank)
+    dataset = build_dataset(
+        args.dataset, 'train', **data_location(args), seq_len=args.seq_len, ds=args.ds,
+        img_dim=args.img_dim, negate_flow_flip=not args.legacy_flow_flip,
+        decode='device' if args.decode == 'gpu' else 'cpu', two_clip_prob=args.two_clip_prob,
+        two_clip_strong_prob=args.two_clip_strong_prob, crop_scale=tuple(args.crop_area),
+        local_segments=args.num_segments * (args.local_aug == 'independent'))
+    loader = make_loader(dataset, args, info)
+
+    torch.manual_seed(args.seed)  # the same initial weights and queue on every process
+    model = task.build_model(args)
+    memory_format = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    torch.backends.cudnn.benchmark = device.type == 'cuda'
+    if args.compile:
+        for name in ('encoder_q', 'encoder_k', 'sampler'):   # keys stay CoCLR's
+            if hasattr(model, name):
+                getattr(model, name).compile(dynamic=True)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                 weight_decay=args.wd, fused=device.type == 'cuda')
+    amp_dtype = amp_dtype_of(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    augment = DeviceAugment(args.photometric_on_flow, memory_format)
+
+    exp_dir = Path(args.output_dir) / (
+        f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
+        f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
+    start_epoch, iteration, best_acc, previous = 0, 0, 0.0, None
+    if ckpt is not None:
+        exp_dir, start_epoch, iteration = restore(ckpt, model, optimizer, scaler, args, info, say)
+        best_acc = ckpt.get('best_acc', 0.0)
+        previous = exp_dir / f'epoch{ckpt["epoch"]}.pth.tar'
+    else:
+        check_fresh_run(exp_dir)
+        task.load_pretrained(model, args)
+    broadcast_state(model)
+    step = partial(train_step, model, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype)
+    to_inputs = partial(batch_inputs, task=task, augment=augment, device=device, args=args)
+    fast = None
+    if args.cuda_graph or args.decode == 'gpu':
+        from model import fast   # the GPU fast path, only when asked for
+    if args.cuda_graph:
+        step = fast.GraphedStep(step, forward_backward, update, model, optimizer, scaler,
+                                amp_dtype, device)
+    writer = open_run(exp_dir, args, info, f'{info.world_size} process(es) on {device}, global '
+                      f'batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos '
+                      f'({len(dataset.dropped)} too short, dropped)\n=> '
+                      + disk_use(model, args.epochs, args.keep_every, args.save_freq))
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            begin_epoch(args.seed, epoch, info.rank, augment)
+            lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            batches = ((to_inputs(b) for b in loader.epoch(epoch)) if fast is None
+                       else fast.Prefetcher(loader.epoch(epoch), to_inputs, device))
+            meter = EpochMeter(epoch, loader.steps, device, info.is_main, writer, args.print_freq)
+            iteration = train_one_epoch(model, step, batches, meter, iteration, lr, global_batch)
+            stats = meter.close()
+            best_acc = max(best_acc, stats['top1'])
+            if info.is_main:
+                log_epoch(exp_dir / 'log.jsonl',
+                          {'epoch': epoch, 'iteration': iteration, 'lr': lr, **stats})
+                say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in stats.items()))
+                if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+                    state = {'state_dict': model.state_dict(), 'epoch': epoch,
+                             'optimizer': optimizer.state_dict(), 'iteration': iteration,
+                             'best_acc': best_acc, 'scaler': scaler.state_dict(),
+                             'args': plain_args(args), 'world_size': info.world_size}
+                    previous = save_epoch(state, exp_dir, epoch, args.keep_every, previous)
+    except KeyboardInterrupt:
+        say(interrupted_message(exp_dir))
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    say(f'=> finished; checkpoints in {exp_dir}')
+    du.cleanup()
+    return exp_dir
+
+
+def train_one_epoch(model, step, batches, meter, iteration, lr, global_batch):
+    """One pass over ``batches`` (the model's forward keywords); returns the iteration count."""
+    model.train()
+    try:
+        for inputs in batches:
+            loss, stats, ready = step(inputs)
+            meter.update(iteration, loss, global_batch, lr, stats, ready=ready)
+            iteration += 1
+    finally:
+        batches.close()   # a prefetch thread stops here
+    return iteration
+
+
+def batch_inputs(batch, task, augment, device, args):
+    """A loader batch -> the model's forward keywords, on the device."""
+    if args.decode == 'gpu':
+        from model.fast import decode_on_device
+        batch = decode_on_device(batch, device, args.img_dim, not args.legacy_flow_flip)
+    return task.inputs(augment(batch, device), batch, device, args)
+
+
+def forward_backward(model, inputs, scaler, amp_dtype, cache_casts=True):
+    """Forward under autocast and backward; before ``model.ready`` (CoCLR's queue filling) the
+    forward alone, without gradients. Returns ``(loss, stats, ready)``, left on the device."""
+    ready = model.ready
+    with torch.autocast(next(model.parameters()).device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None, cache_enabled=cache_casts), \
+            torch.set_grad_enabled(ready):
+        loss, stats = model(**inputs)
+    if ready:
+        scaler.scale(loss).backward()
+    return loss.detach(), stats, ready
+
+
+def update(model, optimizer, scaler):
+    """Gradients averaged over processes (one flat all-reduce), then the optimiser step."""
+    du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def train_step(model, inputs, optimizer, scaler, amp_dtype):
+    """One eager step: forward, backward, gradient average, update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, stats, ready = forward_backward(model, inputs, scaler, amp_dtype)
+    if ready:
+        update(model, optimizer, scaler)
+    return loss, stats, ready
+
+
+def check_args(args, global_batch, task, device):
+    spec, frames = DatasetName.parse(args.dataset), args.seq_len // args.num_segments
+    need = MIN_SEGMENT_FRAMES.get(args.net, 1)
+    for bad, message in (
+        (args.net not in BACKBONES,
+         f'--net {args.net!r} is unknown; known: {", ".join(BACKBONES)}'),
+        (args.moco_k % global_batch, f'--moco-k {args.moco_k} is not a multiple of the global '
+         f'batch {global_batch} (--batch_size {args.batch_size} x '
+         f'{global_batch // args.batch_size} processes); use --moco-k '
+         f'{args.moco_k - args.moco_k % global_batch or global_batch} or change --batch_size'),
+        (args.batch_size % args.bn_splits, f'--batch_size {args.batch_size} does not split into '
+         f'--bn_splits {args.bn_splits} groups of the same size'),
+        (args.crop_area[0] > args.crop_area[1], f'--crop_area {args.crop_area[0]:g} '
+         f'{args.crop_area[1]:g}: give the smaller area first'),
+        (spec.views != 2, f'--dataset {args.dataset}: pretraining needs two views per video; use '
+         f'{args.dataset}-2clip'),
+        (args.seq_len % args.num_segments, f'--seq_len {args.seq_len} is not divisible into '
+         f'--num_segments {args.num_segments}'),
+        (frames < need, f'--seq_len {args.seq_len} / --num_segments {args.num_segments} gives '
+         f'local clips of {frames} frames; --net {args.net} needs at least {need}'),
+        (args.decode == 'gpu' and (device.type != 'cuda' or args.local_aug == 'independent'),
+         '--decode gpu needs a CUDA device (--device cuda) and decodes the views only: add '
+         '--local_aug shared')):
+        if bad:
+            raise UserError(message)
+    task.check_dataset(spec, args)
+
+
+def load_encoder(encoder, path, flag, modality):
+    """Initialise an encoder from the query encoder of the pretraining checkpoint at ``path``,
+    which must have been trained on ``modality`` (when its arguments say). Returns its epoch."""
+    ckpt = load_checkpoint(path, flag)
+    weights = sub_state_dict(ckpt['state_dict'], 'encoder_q.')
+    if not weights:
+        raise UserError(f'{flag} {path}: no encoder_q.* weights; is it a pretraining checkpoint?')
+    check_modality(ckpt, modality, f'{flag} {path}')
+    load_exact(encoder, weights, f'{flag} {path}')
+    return ckpt.get('epoch')
