@@ -14,7 +14,7 @@ from utils.config import NON_NEGATIVE, POSITIVE
 from utils.misc import PROJECT_ROOT, UserError
 from . import augment, sampler, splits
 from .lmdb_video import (VideoLMDB, check_same_size, decode_frames, decode_list, jpeg_size,
-                         merge_packed, pack_jpegs, unpack_jpegs)
+                         merge_packed, pack_jpegs)
 
 DATA_ROOT_ENV = 'CVTCL_DATA_ROOT'
 

@@ -209,7 +209,8 @@ def test_local_clips_collate_and_shared_default(root):
 def test_device_decode_gives_the_same_views(root):
     # decode='device': workers only read bytes; decoding and geometry run batched where the
     # batch goes (here the CPU). The views must be those of the default path.
-    from dataset.video_dataset import collate, decode_on_device
+    from dataset.video_dataset import collate
+    from model.fast import decode_on_device
     cpu_path = build(root, 'toy-2stream-2clip')
     dev_path = build(root, 'toy-2stream-2clip', decode='device')
     expected, items = [], []
@@ -347,7 +348,7 @@ def test_training_loader_streams_across_epochs_and_restarts_exactly(root):
         same_batches(list(short.epoch(e)), whole[e][:3])
     with pytest.raises(ValueError, match='epoch 4 is outside 0..3'):
         next(short.epoch(4))
-    with pytest.raises(ValueError, match='no batch of 8'):
+    with pytest.raises(UserError, match='no batch of 8'):
         TrainLoader(data, 8, 0, seed=5, epochs=1)
 
 

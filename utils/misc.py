@@ -102,8 +102,3 @@ def run_main(main):
         if os.environ.get('CVTCL_TRACEBACK'):
             raise
         sys.exit(130)
-    except (ValueError, OSError) as e:
-        if os.environ.get('CVTCL_TRACEBACK'):
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
