@@ -365,6 +365,70 @@ def test_splits_kinetics(tmp_path):
     assert read_class_index(out / 'ClassInd.txt') == {'abseiling': 0, 'bowling': 1, 'zumba': 2}
 
 
+CLASS_ORDER = ['zumba dance', 'air drumming', 'abseiling']  # file order, not sorted
+CLASS_FILES = {'name': '{name}', 'index name': '{i} {name}', 'index,name': '{i},{name}'}
+
+
+def multi_word_videos(folder, lmdb_name, videos):
+    """A real LMDB of 32 x 32 frames for ``videos`` (``class/video``); the split rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = encode_frames(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))[0]
+    with LMDBWriter(str(folder / lmdb_name)) as w:
+        for n in videos:
+            w.put(n, [jpeg] * 12)
+    return [f'/frames/{n}/,12' for n in videos]
+
+
+@pytest.mark.parametrize('form', list(CLASS_FILES))
+def test_multi_word_classes_in_both_layouts(tmp_path, form):
+    """ClassInd.txt in each of CoCLR's forms, class folders named like its lines (with
+    blanks): classes numbered from 0 in file order, train and test alike; a Kinetics
+    video_source.json keyed by class/video gives the source ids."""
+    from dataset import build_dataset
+    lines = ''.join(CLASS_FILES[form].format(i=i + 1, name=c) + '\n'
+                    for i, c in enumerate(CLASS_ORDER))
+    train = [f'{c}/{c[:3]}_{k}' for c in CLASS_ORDER for k in (1, 2)]
+    test = [f'{c}/{c[:3]}_{k}' for c in CLASS_ORDER for k in (3,)]
+    ucf = tmp_path / 'mine'
+    rows = multi_word_videos(ucf, 'mine_frame.lmdb', train + test)
+    (ucf / 'train_split01.csv').write_text('\n'.join(rows[:len(train)]) + '\n')
+    (ucf / 'test_split01.csv').write_text('\n'.join(rows[len(train):]) + '\n')
+    kin = tmp_path / 'kin'
+    (kin / 'train_split.csv').write_text('\n'.join(
+        r.replace('/frames/', '').replace('/,', ',') for r in
+        multi_word_videos(kin, 'kin_frame_train.lmdb', train)) + '\n')
+    (kin / 'val_split.csv').write_text('\n'.join(multi_word_videos(kin, 'kin_frame_val.lmdb',
+                                                                  test)) + '\n')
+    (kin / 'video_source.json').write_text(json.dumps(
+        {n: 100 + i for i, n in enumerate(train + test)}))
+    for folder in (ucf, kin):
+        (folder / 'ClassInd.txt').write_text(lines)
+    assert read_class_index(ucf / 'ClassInd.txt') == {c: i for i, c in enumerate(CLASS_ORDER)}
+    for name in ('mine', 'kin'):
+        for mode, videos in (('train', train), ('test', test)):
+            ds = build_dataset(name, mode, data_root=tmp_path, seq_len=4, img_dim=16)
+            assert sorted(ds.names) == sorted(videos)
+            items = [ds[i] for i in range(len(ds))]
+            assert [it['label'] for it in items] == [CLASS_ORDER.index(n.split('/')[0])
+                                                     for n in ds.names]
+            if name == 'kin':
+                assert [it['source'] for it in items] == [100 + (train + test).index(n)
+                                                          for n in ds.names]
+
+
+def test_splits_kinetics_with_multi_word_classes_read_back(tmp_path):
+    from dataset import build_dataset
+    kin = tmp_path / 'kin'
+    multi_word_videos(kin, 'kin_frame_train.lmdb', ['air drumming/a', 'zumba/b', 'air drumming/c'])
+    multi_word_videos(kin, 'kin_frame_val.lmdb', ['zumba/d', 'air drumming/e'])
+    assert main(['splits', 'kinetics', '--train_lmdb', str(kin / 'kin_frame_train.lmdb'),
+                 '--val_lmdb', str(kin / 'kin_frame_val.lmdb'), '--out', str(kin)]) == 0
+    assert read_class_index(kin / 'ClassInd.txt') == {'air drumming': 0, 'zumba': 1}
+    ds = build_dataset('kin', 'test', data_root=tmp_path, seq_len=4, img_dim=16)
+    assert ds.names == ['zumba/d', 'air drumming/e']
+    assert [ds[i]['label'] for i in range(2)] == [1, 0]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_are_clear_errors(tmp_path, capsys):
