@@ -19,7 +19,6 @@ import math
 import os
 import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,12 +176,6 @@ def render(clip):
     return rgb, np.stack([flow_x, flow_y], 1)
 
 
-def _required(folder):
-    files = [f'{NAME}_frame.lmdb', f'{NAME}_tvl1_frame.lmdb', 'ClassInd.txt', 'video_source.json',
-             INFO_FILE] + [f'{s}_split{k:02d}.csv' for s in ('train', 'test') for k in (1, 2, 3)]
-    return [os.path.join(folder, f) for f in files]
-
-
 def _build_aside(data_root, seed):
     """Build the dataset in a private sibling of ``demo/`` (same file system: it can be renamed
     into place) and return its path."""
@@ -211,23 +204,14 @@ def _build_aside(data_root, seed):
 
 
 def make_demo(data_root, seed=0, overwrite=False):
-    """Write ``<data_root>/demo/`` from scratch (it appears in one rename, complete) and return
-    its path. An existing one is an error unless ``overwrite``: then it is moved aside just
-    before the new one is renamed in, and deleted."""
+    """Build ``<data_root>/demo/`` anew and return its path; an existing one is an error unless
+    ``overwrite``."""
     folder = os.path.join(str(data_root), NAME)
-    if os.path.exists(folder) and not overwrite:
-        raise UserError(f'{folder} exists; pass --overwrite to rebuild it')
-    tmp = _build_aside(str(data_root), seed)
     if os.path.exists(folder):
-        old = tempfile.mkdtemp(prefix=f'.{NAME}.old-', dir=str(data_root))
-        os.rename(folder, os.path.join(old, NAME))
-        shutil.rmtree(old)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process put a demo/ there meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+        if not overwrite:
+            raise UserError(f'{folder} exists; pass --overwrite to rebuild it')
+        shutil.rmtree(folder)
+    return ensure_demo(data_root, seed)
 
 
 def ensure_demo(data_root, seed=0):
@@ -246,10 +230,9 @@ def ensure_demo(data_root, seed=0):
             shutil.rmtree(tmp, ignore_errors=True)
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-    missing = [p for p in _required(folder) if not os.path.exists(p)]
-    if missing:
-        raise UserError(f'{folder} exists but is not a complete demo dataset (no '
-                        f'{os.path.basename(missing[0])}); remove it to rebuild it')
+    if not os.path.exists(os.path.join(folder, INFO_FILE)):
+        raise UserError(f'{folder} exists but is not a demo dataset (no {INFO_FILE}); remove it '
+                        f'to rebuild it')
     with open(os.path.join(folder, INFO_FILE)) as f:
         info = json.load(f)
     if info.get('version') != VERSION or info.get('seed') != seed:

@@ -4,17 +4,15 @@
     python -m dataset.prepare flow --src data/ucf101/ucf101_frame.lmdb \\
         --out data/ucf101/ucf101_tvl1_frame.lmdb [--method dis]
     python -m dataset.prepare splits ucf101 --lmdb data/ucf101/ucf101_frame.lmdb --out data/ucf101
-    python -m dataset.prepare demo --data_root data
 
-frames, videos and flow keep every finished video in OUT.partial/ and write OUT from there at the
-end, in the order of the input: a run that was stopped continues where it stopped when started
-again with the same flags, and ends with the same LMDB. Unreadable videos are listed and left
-out. An existing output is replaced only with --overwrite. videos and flow need PyAV and OpenCV
-(requirements-prepare.txt).
+frames, videos and flow keep each finished video in OUT.partial/ and write OUT from there, in the
+order of the input: a stopped run started again with the same flags goes on where it stopped and
+ends with the same LMDB. Unreadable videos are listed and left out. An existing output is
+replaced only with --overwrite. videos and flow need requirements-prepare.txt.
 """
 import argparse
 import functools
-import importlib
+import importlib.util
 import io
 import json
 import multiprocessing
@@ -38,9 +36,6 @@ from utils.misc import UserError
 
 VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov')
 FRAME_EXTS = ('.jpg', '.jpeg')
-# DIS preset 'medium': ~90x faster than TV-L1 per core on 320x240 frames, and near TV-L1's error
-# on textured motion ('fast' is 3x faster again but 5x less accurate there).
-FLOW_METHODS = ('tvl1', 'dis')
 
 
 def natural_key(text):
@@ -49,31 +44,20 @@ def natural_key(text):
 
 
 def list_class_entries(src, kind):
-    """``[(class/video, path)]`` of ``src/<class>/<video>`` in natural order; ``kind`` is
-    ``'frames'`` (a folder of JPEGs per video) or ``'videos'`` (one video file each)."""
+    """``[names, paths]`` of ``src/<class>/<video>`` in natural order (``class/video``): frame
+    folders (``kind='frames'``) or video files (``'videos'``)."""
     if not os.path.isdir(src):
         raise UserError(f'--src {src}: no such directory')
     found = {}
-    for cls in sorted(os.listdir(src), key=natural_key):
-        cls_dir = os.path.join(src, cls)
-        if cls.startswith('.') or not os.path.isdir(cls_dir):
-            continue
-        for entry in sorted(os.listdir(cls_dir), key=natural_key):
-            path = os.path.join(cls_dir, entry)
-            stem, ext = os.path.splitext(entry)
-            if kind == 'frames' and os.path.isdir(path) and not entry.startswith('.'):
-                name = f'{cls}/{entry}'
-            elif kind == 'videos' and os.path.isfile(path) and ext.lower() in VIDEO_EXTS:
-                name = f'{cls}/{stem}'
-            else:
-                continue
-            if name in found:
+    for path in sorted(Path(src).glob('[!.]*/[!.]*'),
+                       key=lambda p: (natural_key(p.parent.name), natural_key(p.name))):
+        if path.is_dir() if kind == 'frames' else path.suffix.lower() in VIDEO_EXTS:
+            name = f'{path.parent.name}/{path.name if kind == "frames" else path.stem}'
+            if found.setdefault(name, str(path)) != str(path):
                 raise UserError(f'{path} and {found[name]} would both be video {name!r}')
-            found[name] = path
     if not found:
-        layout = ('class/video/*.jpg frame folders' if kind == 'frames'
-                  else f'class/video files ({", ".join(VIDEO_EXTS)})')
-        raise UserError(f'--src {src} holds no {layout}')
+        raise UserError(f'--src {src} holds no ' + ('class/video/*.jpg frame folders' if kind ==
+                        'frames' else f'class/video files ({", ".join(VIDEO_EXTS)})'))
     return [list(t) for t in zip(*found.items())]
 
 
@@ -103,22 +87,19 @@ def require(command, *modules):
 
 def read_frame_folder(folder):
     """The JPEG files of one video folder, as stored bytes, in natural order."""
-    files, jpegs, size = frame_files(folder), [], None
-    if not files:
-        raise UserError(f'{folder} holds no {"/".join(FRAME_EXTS)} frames')
-    for f in files:
-        with open(os.path.join(folder, f), 'rb') as fh:
-            data = fh.read()
+    jpegs, kinds = [], set()
+    for f in frame_files(folder):
+        jpegs.append(Path(folder, f).read_bytes())
         try:
-            im = Image.open(io.BytesIO(data))  # reads the header only
+            with Image.open(io.BytesIO(jpegs[-1])) as im:  # reads the header only
+                kinds.add((im.format, im.size))
         except (OSError, SyntaxError) as e:  # PIL's messages name the buffer, not the file
             raise UserError(f'{f} is not a readable image ({type(e).__name__})') from None
-        with im:
-            if im.format != 'JPEG' or (size is not None and im.size != size):
-                raise UserError(f'{f} is {im.format} {im.size[0]}x{im.size[1]}, not a JPEG of '
-                                f'the size of the earlier frames')
-            size = im.size
-        jpegs.append(data)
+        if len(kinds) > 1 or im.format != 'JPEG':
+            raise UserError(f'{f} is a {im.format} of {im.size[0]}x{im.size[1]}, not a JPEG of '
+                            f'the earlier frames\' size')
+    if not jpegs:
+        raise UserError(f'{folder} holds no {"/".join(FRAME_EXTS)} frames')
     return jpegs
 
 
@@ -167,6 +148,8 @@ def video_flow(source, method='tvl1', short_side=0, quality=95):
         frames = decode_frames(read_frame_folder(where), name=name, source=where)
     if len(frames) < 2:
         raise UserError(f'{len(frames)} frame(s); flow needs at least 2')
+    # DIS preset medium: ~90x faster than TV-L1 per core at 320x240, close to its error on
+    # textured motion (fast: 3x faster again, 5x the error there; README, Data).
     flow = (cv2.optflow.DualTVL1OpticalFlow_create() if method == 'tvl1'
             else cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM))
     gray = [cv2.cvtColor(resize_short_side(f.permute(1, 2, 0).numpy(), short_side),
@@ -179,11 +162,8 @@ def video_flow(source, method='tvl1', short_side=0, quality=95):
 
 def _init_worker():
     torch.set_num_threads(1)  # the parallelism is across videos
-    try:
-        import cv2
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
+    if importlib.util.find_spec('cv2'):
+        importlib.import_module('cv2').setNumThreads(1)
 
 
 def _guarded(fn, kwargs, item):
@@ -255,18 +235,17 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
         raise UserError(f'none of the {len(names)} videos could be converted (first: '
                         f'{skipped[0][0]}: {skipped[0][1]}); {args.out} not written')
     frames = 0
-    with LMDBWriter(work / 'out.lmdb') as writer:
+    with LMDBWriter(work / 'out.lmdb', overwrite=True) as writer:
         for i, name in enumerate(names):
             if i not in failed:
                 jpegs = msgpack.loads((work / f'{i:09d}.msgpack').read_bytes())
                 writer.put(name, jpegs)
                 frames += len(jpegs)
-    if meta:
-        env = lmdb.open(str(work / 'out.lmdb'), subdir=False, lock=False)
-        with env.begin(write=True) as txn:
-            for key, value in meta.items():
-                txn.put(f'__{key}__'.encode(), msgpack.dumps(value))
-        env.close()
+    env = lmdb.open(str(work / 'out.lmdb'), subdir=False, lock=False)
+    with env.begin(write=True) as txn:  # records such as __flow_method__
+        for key, value in (meta or {}).items():
+            txn.put(f'__{key}__'.encode(), msgpack.dumps(value))
+    env.close()
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.replace(work / 'out.lmdb', args.out)
@@ -275,9 +254,8 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
           f'{len(todo) - len(failed)} computed in {time.perf_counter() - start:.1f} s, '
           f'{len(done)} done before')
     if skipped:
-        print(f'skipped {len(skipped)} unreadable video(s):')
-        for name, reason in skipped:
-            print(f'  {name}: {reason}')
+        print(f'skipped {len(skipped)} unreadable video(s):', *(f'  {n}: {reason}'
+                                                              for n, reason in skipped), sep='\n')
 
 
 def run_frames(args):
@@ -315,35 +293,26 @@ def run_flow(args):
 
 # -------------------------------------------------------------------------------- splits
 
-def _write_splits(args, derived, num_frames, reason):
-    """Write the files of ``derived`` unless a split would list no video (a test of 0/0 later):
-    then say which and why (``reason(split)``)."""
+def _write_splits(args, derived, dbs, context):
+    """Write the files of ``derived`` (frame counts from ``dbs``) unless a split would list no
+    video (a test of 0/0 later on); ``context`` says where the videos came from."""
     empty = [s for s, names in derived['splits'].items() if not names]
     if empty:
-        raise UserError('; '.join(f'{s} would list no videos ({reason(s)})' for s in empty)
-                        + '; no split file written')
-    paths = split_files.write_split_files(args.out, derived, num_frames, args.overwrite)
-    print(f'{len(derived["classes"])} classes; wrote to {args.out}:')
-    for path in map(Path, paths):
-        count = derived['splits'].get(path.stem)
-        print(f'  {path.name}' + (f' ({len(count)} videos)' if count is not None else ''))
+        raise UserError(f'{", ".join(empty)} would list no videos ({context}); no split file '
+                        f'written')
+    frames = {n: db.num_frames(n) for db in dbs for n in db.names}
+    paths = split_files.write_split_files(args.out, derived, frames, args.overwrite)
+    print(f'{len(derived["classes"])} classes; wrote ' + ', '.join(map(str, paths)))
 
 
 def run_splits_ucf101(args):
     db = open_lmdb(args.lmdb, '--lmdb')
     if not db.names:
         raise UserError(f'--lmdb {args.lmdb} holds no videos; no split file written')
-    derived = split_files.ucf101_splits(db.names)
-    present = split_files.groups_text({split_files.group_number(n) for n in db.names})
-
-    def reason(split):
-        block = split_files.groups_text(split_files.group_block(int(split[-2:])))
-        return (f'no video of groups {block}' if split.startswith('test')
-                else f'every video is of groups {block}, its test split')
-    try:
-        _write_splits(args, derived, {n: db.num_frames(n) for n in db.names}, reason)
-    except UserError as e:
-        raise UserError(f'--lmdb {args.lmdb} (videos of groups {present}): {e}') from None
+    groups = split_files.groups_text({split_files.group_number(n) for n in db.names})
+    _write_splits(args, split_files.ucf101_splits(db.names), [db],
+                  f'--lmdb {args.lmdb} has videos of groups {groups}; test split k holds '
+                  f'groups 7(k-1)+1..7k')
 
 
 def run_splits_hmdb51(args):
@@ -351,26 +320,20 @@ def run_splits_hmdb51(args):
         raise UserError(f'--official {args.official}: no such directory')
     db = open_lmdb(args.lmdb, '--lmdb')
     derived = split_files.hmdb51_splits(db.names, args.official)
-    if not any(derived['splits'].values()):
-        raise UserError(f'none of the videos listed in --official {args.official} is in '
-                        f'--lmdb {args.lmdb}')
-    if derived['missing']:
-        print(f'warning: {len(derived["missing"])} listed videos are not in {args.lmdb} (left '
-              f'out): {", ".join(derived["missing"][:5])}'
-              f'{" ..." if len(derived["missing"]) > 5 else ""}', file=sys.stderr)
-    _write_splits(args, derived, {n: db.num_frames(n) for n in db.names}, lambda split: (
-        f'none of the videos the --official files mark '
-        f'{"1 (train)" if split.startswith("train") else "2 (test)"} for split '
-        f'{int(split[-2:])} is in --lmdb {args.lmdb}'))
+    missing = derived['missing']
+    if missing:
+        print(f'warning: {len(missing)} videos listed in --official are not in {args.lmdb} '
+              f'(left out): {", ".join(missing[:5])}{" ..." * (len(missing) > 5)}',
+              file=sys.stderr)
+    _write_splits(args, derived, [db], f'--lmdb {args.lmdb} holds none of the videos '
+                                       f'--official {args.official} lists for them')
 
 
 def run_splits_kinetics(args):
-    parts = {'train_split': ('--train_lmdb', args.train_lmdb),
-             'val_split': ('--val_lmdb', args.val_lmdb)}
-    dbs = {split: open_lmdb(path, flag) for split, (flag, path) in parts.items()}
-    derived = split_files.kinetics_splits(dbs['train_split'].names, dbs['val_split'].names)
-    _write_splits(args, derived, {n: db.num_frames(n) for db in dbs.values() for n in db.names},
-                  lambda split: f'{" ".join(parts[split])} holds no videos')
+    dbs = [open_lmdb(args.train_lmdb, '--train_lmdb'), open_lmdb(args.val_lmdb, '--val_lmdb')]
+    _write_splits(args, split_files.kinetics_splits(dbs[0].names, dbs[1].names), dbs,
+                  f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
+                  f'{args.val_lmdb} {len(dbs[1])}')
 
 
 def run_demo(args):
@@ -384,17 +347,20 @@ def run_demo(args):
 
 # ------------------------------------------------------------------------------- parsers
 
-def _add_common(p, src_help=None, out_help=None, workers=True):
-    if src_help:
-        p.add_argument('--src', required=True, help=src_help)
-    if out_help:
-        p.add_argument('--out', required=True, metavar='LMDB', help=out_help)
+def _command(sub, name, run, help, description='', src=None, out=None, workers=True):
+    p = sub.add_parser(name, help=help, description=f'{help[0].upper()}{help[1:]}. {description}')
+    if src:
+        p.add_argument('--src', required=True, help=src)
+    if out:
+        p.add_argument('--out', required=True, metavar=out[0], help=out[1])
     p.add_argument('--overwrite', action='store_true',
                    help='replace existing outputs (default: refuse to touch them)')
     if workers:
         p.add_argument('-j', '--workers', type=POSITIVE, default=min(8, os.cpu_count() or 1),
                        help='worker processes, one video each at a time; 1 works in this '
                             'process (default: %(default)s, the CPU count up to 8)')
+    p.set_defaults(run=run)
+    return p
 
 
 def _encoding(p, what, quality):
@@ -409,78 +375,54 @@ def build_parser():
     parser = argparse.ArgumentParser(prog='python -m dataset.prepare', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    p = sub.add_parser('frames', help='frame folders (class/video/*.jpg) -> RGB LMDB',
-                       description='Pack src/<class>/<video>/*.jpg into a video LMDB, frames in '
-                                   'natural name order (img_9 before img_10), JPEG bytes as '
-                                   'they are.')
-    _add_common(p, 'folder of class folders of video frame folders', 'video LMDB to write')
-    p.set_defaults(run=run_frames)
-
-    p = sub.add_parser('videos', help='video files (class/video.avi ...) -> RGB LMDB',
-                       description='Decode every frame of src/<class>/<video>.{avi,mp4,mkv,webm,'
-                                   'mov} with PyAV and store them as JPEGs in a video LMDB.')
-    _add_common(p, 'folder of class folders of videos', 'video LMDB to write')
+    _command(sub, 'frames', run_frames, 'frame folders (class/video/*.jpg) -> RGB LMDB',
+             'Frames in natural name order (img_9 before img_10), JPEG bytes as they are.',
+             'folder of class folders of video frame folders', ('LMDB', 'video LMDB to write'))
+    p = _command(sub, 'videos', run_videos, 'video files (class/video.avi ...) -> RGB LMDB',
+                 'Every frame of class/video.{avi,mp4,mkv,webm,mov}, decoded with PyAV, stored '
+                 'as JPEG.', 'folder of class folders of videos', ('LMDB', 'video LMDB to write'))
     _encoding(p, 'storing them', 90)
-    p.set_defaults(run=run_videos)
-
-    p = sub.add_parser('flow', help='RGB LMDB or frame folders -> flow LMDB',
-                       description='Optical flow between consecutive grayscale frames: a video of '
-                                   'n frames gets n-1 flow frames, stored as JPEGs (channel 0 '
-                                   'horizontal, 1 vertical flow, clipped to [-20, 20] px and '
-                                   'mapped to [0, 255]; channel 2 is 128), under the names of '
-                                   'the source. The LMDB records the method (__flow_method__). '
-                                   'Training finds flow at <name>_tvl1_frame.lmdb whatever the '
-                                   'method, or at --flow_lmdb.')
-    _add_common(p, 'an RGB video LMDB, or a folder of class/video/*.jpg frame folders',
-                'flow LMDB to write')
-    p.add_argument('--method', choices=FLOW_METHODS, default='tvl1',
-                   help="tvl1: OpenCV contrib's TV-L1, as the published LMDBs (~1 pair/s per "
-                        "core at 320x240); dis: OpenCV's DIS optical flow, preset medium (~90x "
-                        "faster, a little less accurate; see README) (default: %(default)s)")
+    p = _command(sub, 'flow', run_flow, 'RGB LMDB or frame folders -> flow LMDB',
+                 'Flow between consecutive grayscale frames (n frames give n-1), as JPEGs: '
+                 'channel 0 horizontal, 1 vertical flow, clipped to [-20, 20] px and mapped to '
+                 '[0, 255]; channel 2 is 128. The LMDB records the method (__flow_method__); '
+                 'training reads <name>_tvl1_frame.lmdb whatever the method, or --flow_lmdb.',
+                 'an RGB video LMDB, or a folder of class/video/*.jpg frame folders',
+                 ('LMDB', 'flow LMDB to write'))
+    p.add_argument('--method', choices=('tvl1', 'dis'), default='tvl1',
+                   help="tvl1: OpenCV contrib's TV-L1, as the published LMDBs (~1 frame pair/s "
+                        "per core at 320x240); dis: OpenCV's DIS optical flow, preset medium, "
+                        "~90x faster and a little less accurate (README, Data) (default: tvl1)")
     _encoding(p, 'computing the flow', 95)
-    p.set_defaults(run=run_flow)
 
     p = sub.add_parser('splits', help='split CSVs, ClassInd.txt, video_source.json',
-                       description='Write the split files of a dataset folder. CSV rows are '
-                                   '"class/video,num_frames" with the frame counts of the LMDB.')
+                       description='Write the split files of a dataset folder; CSV rows are '
+                                   '"class/video,num_frames" with the LMDB\'s frame counts.')
     datasets = p.add_subparsers(dest='dataset', required=True, metavar='DATASET')
-    d = datasets.add_parser('ucf101', help='derived from the video names alone',
-                            description='UCF101: test split k holds groups 7(k-1)+1..7k, the '
-                                        'rest is train; classes sorted by name; '
-                                        'video_source.json maps v_<class>_gNN to a group id.')
-    d.add_argument('--lmdb', required=True, help='the UCF101 RGB (or flow) LMDB')
-    d.set_defaults(run=run_splits_ucf101)
-    h = datasets.add_parser('hmdb51', help='from the official split files',
-                            description='HMDB51 from its official <class>_test_split<k>.txt '
-                                        'files (lines "video.avi label"; 1 train, 2 test, 0 '
-                                        'unused); listed videos missing from the LMDB are '
-                                        'reported and left out.')
-    h.add_argument('--lmdb', required=True, help='the HMDB51 RGB (or flow) LMDB')
-    h.add_argument('--official', required=True, metavar='DIR',
-                   help='folder of the official testTrainMulti_7030_splits files')
-    h.set_defaults(run=run_splits_hmdb51)
-    k = datasets.add_parser('kinetics', help='train/val split from the two LMDBs',
-                            description='Kinetics: train_split.csv and val_split.csv list the '
-                                        'videos of the two LMDBs; ClassInd.txt their class '
-                                        'folders, sorted (names may hold spaces).')
-    k.add_argument('--train_lmdb', required=True, help='the training-set RGB LMDB')
-    k.add_argument('--val_lmdb', required=True, help='the validation-set RGB LMDB')
-    k.set_defaults(run=run_splits_kinetics)
-    for d in (d, h, k):
-        d.add_argument('--out', required=True, metavar='DIR', help='dataset folder to write into')
-        _add_common(d, workers=False)
+    for name, run, help, description in [
+            ('ucf101', run_splits_ucf101, 'derived from the video names alone',
+             'Test split k holds groups 7(k-1)+1..7k; video_source.json maps v_<class>_gNN to '
+             'a group id.'),
+            ('hmdb51', run_splits_hmdb51, 'from the official split files',
+             'Lines "video.avi label" of <class>_test_split<k>.txt: 1 train, 2 test, 0 unused; '
+             'listed videos missing from the LMDB are reported and left out.'),
+            ('kinetics', run_splits_kinetics, 'train/val split from the two LMDBs',
+             'train_split.csv and val_split.csv list the videos of the two LMDBs.')]:
+        d = _command(datasets, name, run, help, description + ' Classes: the class folders, '
+                     'sorted.', out=('DIR', 'dataset folder to write into'), workers=False)
+        for flag in (['--train_lmdb', '--val_lmdb'] if name == 'kinetics' else ['--lmdb']):
+            d.add_argument(flag, required=True, help='the RGB (or flow) LMDB')
+        if name == 'hmdb51':
+            d.add_argument('--official', required=True, metavar='DIR',
+                           help='folder of the official testTrainMulti_7030_splits files')
 
-    p = sub.add_parser('demo', help='build the synthetic demo dataset',
-                       description='Write DATA_ROOT/demo/: 300 small synthetic videos in 6 '
-                                   'classes that differ only by motion, with exact flow and '
-                                   'three splits (see dataset/demo.py).')
+    p = _command(sub, 'demo', run_demo, 'build the synthetic demo dataset',
+                 'DATA_ROOT/demo/: 300 small videos in 6 classes that differ only by motion, '
+                 'with exact flow and three splits (dataset/demo.py).', workers=False)
     p.add_argument('--data_root', default=None, metavar='DIR',
                    help='folder to create demo/ in (default: $CVTCL_DATA_ROOT or data/ in the '
                         'project folder, where the training scripts look)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
-    _add_common(p, workers=False)
-    p.set_defaults(run=run_demo)
-
     from dataset.preview import add_parser  # preview imports the dataset; only the CLI needs it
     add_parser(sub)
     return parser

@@ -17,40 +17,26 @@ _CLIP_SUFFIX = re.compile(r'_c\d+$')
 _INDEXED = re.compile(r'^\d+\s*[,\s]\s*(\S.*)$')
 
 
-def video_name(path):
-    """``'/x/ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01/'`` -> ``'ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01'``."""
-    parts = [p for p in str(path).replace('\\', '/').split('/') if p]
-    if len(parts) < 2:
-        raise UserError(f'{path!r} does not end in class/video')
-    return '/'.join(parts[-2:])
-
-
 def source_key(name):
     """Key of a video in video_source.json: the video's own name without a ``_cNN`` suffix."""
     return _CLIP_SUFFIX.sub('', name.split('/')[-1])
-
-
-def _existing(path, what):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f'{what} not found: {path}')
-    return path
 
 
 def read_split(path):
     """Video names (``class/video``) of a split CSV, in file order. A row of 0 frames is skipped
     (such a video makes no clip; CoCLR's HMDB51 CSVs list a few); a video listed twice is an
     error (it would count twice in training and in the accuracy)."""
-    path = _existing(path, 'split file')
+    if not Path(path).is_file():
+        raise UserError(f'split file not found: {path}')
     line_of = {}
     with open(path, newline='') as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or not row[0].strip() or (len(row) > 1 and row[1].strip() == '0'):
                 continue
-            try:
-                name = video_name(row[0].strip())
-            except UserError as e:
-                raise UserError(f'{path}:{lineno}: {e}') from None
+            parts = [p for p in row[0].strip().replace('\\', '/').split('/') if p]
+            if len(parts) < 2:
+                raise UserError(f'{path}:{lineno}: {row[0]!r} does not end in class/video')
+            name = '/'.join(parts[-2:])
             if name in line_of:
                 raise UserError(f'{path}:{lineno}: video {name!r} is listed twice (also on line '
                                 f'{line_of[name]}); remove one of the rows')
@@ -62,8 +48,9 @@ def read_class_index(path):
     """``{class name: index}``, indices from 0 in file order. A file whose every line starts
     with a number and a blank or comma is read as ``index name``/``index,name``; otherwise each
     line is a whole name."""
-    path = _existing(path, 'class list')
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not Path(path).is_file():
+        raise UserError(f'class list not found: {path}')
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     if lines and all(_INDEXED.match(line) for line in lines):
         lines = [_INDEXED.match(line).group(1).strip() for line in lines]
     classes = {}
@@ -101,8 +88,8 @@ def write_class_index(path, classes):
     Path(path).write_text(''.join(f'{i + 1} {c}\n' for i, c in enumerate(classes)))
 
 
-# Derivations return {'classes': [...], 'splits': {'train_split01': [names], ...},
-# 'video_source': {...} or None}; write_split_files writes that into a folder.
+# Derivations: {'classes': [...], 'splits': {'train_split01': [names], ...}, 'video_source':
+# {...} or None}, which write_split_files writes into a folder.
 
 _GROUP_CLIP = re.compile(r'_g(\d+)_c(\d+)$')
 
@@ -116,7 +103,7 @@ def group_number(name):
 
 
 def group_block(k, groups_per_split=7):
-    """Groups of test split k: ``groups_per_split*(k-1)+1 .. groups_per_split*k``."""
+    """The groups of test split k."""
     return range(groups_per_split * (k - 1) + 1, groups_per_split * k + 1)
 
 
@@ -205,17 +192,12 @@ def write_split_files(out_dir, derived, num_frames, overwrite=False):
         raise UserError(f'{existing[0]} exists; pass --overwrite to replace it')
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = {p: p.with_name(p.name + '.tmp') for p in targets}
-    try:
-        write_class_index(tmp[out_dir / 'ClassInd.txt'], derived['classes'])
-        for split, names in derived['splits'].items():
-            write_split(tmp[out_dir / f'{split}.csv'], names, num_frames)
-        if derived.get('video_source') is not None:
-            tmp[out_dir / 'video_source.json'].write_text(
-                json.dumps(derived['video_source'], indent=0) + '\n')
-    except BaseException:
-        for t in tmp.values():
-            t.unlink(missing_ok=True)
-        raise
+    write_class_index(tmp[out_dir / 'ClassInd.txt'], derived['classes'])
+    for split, names in derived['splits'].items():
+        write_split(tmp[out_dir / f'{split}.csv'], names, num_frames)
+    if derived.get('video_source') is not None:
+        tmp[out_dir / 'video_source.json'].write_text(
+            json.dumps(derived['video_source'], indent=0) + '\n')
     for final, t in tmp.items():
         t.replace(final)
     return [str(p) for p in targets]
