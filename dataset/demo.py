@@ -1,17 +1,11 @@
 """The built-in demo dataset: small synthetic videos whose classes differ only by motion.
 
-``ensure_demo(data_root)`` writes ``<data_root>/demo/`` in the layout of docs/METHOD.md (Data):
-RGB and flow LMDBs, ClassInd.txt, three UCF101-style splits (test split k holds groups
-3(k-1)+1..3k) and video_source.json, so every script runs end to end without a download.
-
-6 classes x 10 groups x 5 clips = 300 videos of 40-64 frames, 64 x 64 pixels: one bright object,
-repeated on a 32-pixel lattice (any crop sees the motion), on a flat dark background. Its look is
-drawn per group and shared by that group of every class, so only the motion tells the class:
-MoveUp/MoveDown (2-3 px/frame), OscillateHorizontal/Vertical (amplitude 4-7 px, period 16-24
-frames), ZoomIn/ZoomOut (scale x2.8 every 12-20 frames, then restart). Shapes are mirror
-symmetric and phases uniform, so a horizontally flipped video is a video of the same class.
-The flow is exact, computed from the motion (points follow x' = c' + r (x - c) for centre c and
-scale ratio r; the background is still), not estimated. Deterministic for a seed.
+``ensure_demo(data_root)`` writes ``<data_root>/demo/`` in the layout of docs/METHOD.md (Data), so
+every script runs end to end without a download: 6 classes x 10 groups x 5 clips of 40-64 frames,
+64 x 64 pixels. Each shows one bright object repeated on a 32-pixel lattice (any crop sees it)
+on a dark background, with a look drawn per group and shared by every class: only the motion
+(MoveUp/Down, OscillateHorizontal/Vertical, ZoomIn/Out) tells the class, and a horizontal flip
+keeps it (mirror-symmetric shapes, uniform phases). The flow is exact, computed from the motion.
 """
 import errno
 import json

@@ -2,10 +2,8 @@
 
     python -m dataset.prepare preview --dataset ucf101-2stream-2clip --out preview.png
 
-One row per view of a sample: a few evenly spaced frames after the worker's geometry and the
-device-side photometric step (dataset.augment.DeviceAugment, run on the CPU, un-normalised); flow
-frames, as stored (128 = still), follow the RGB frames of the same view. A strip on the left
-marks a strong view red, a weak one grey.
+One row per view: evenly spaced frames after the worker's geometry and the device's photometric
+step (un-normalised), flow (as stored, 128 = still) after RGB; a red strip marks strong views.
 """
 import argparse
 
