@@ -51,7 +51,8 @@ def list_class_entries(src, kind):
     found = {}
     for path in sorted(Path(src).glob('[!.]*/[!.]*'),
                        key=lambda p: (natural_key(p.parent.name), natural_key(p.name))):
-        if path.is_dir() if kind == 'frames' else path.suffix.lower() in VIDEO_EXTS:
+        if path.is_dir() if kind == 'frames' else (path.suffix.lower() in VIDEO_EXTS
+                                                    and path.is_file()):
             name = f'{path.parent.name}/{path.name if kind == "frames" else path.stem}'
             if found.setdefault(name, str(path)) != str(path):
                 raise UserError(f'{path} and {found[name]} would both be video {name!r}')

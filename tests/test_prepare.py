@@ -247,7 +247,8 @@ def test_flow_killed_half_way_resumes_to_the_same_lmdb(tmp_path, capsys):
     names = [f'Pan/v_Pan_g{i:02d}_c01' for i in range(1, 13)]
     with LMDBWriter(str(tmp_path / 'rgb.lmdb')) as w:  # 320 x 240 frames: DIS takes a while
         for i, name in enumerate(names):
-            frames = np.stack([texture[:, s:s + 320] for s in range(0, 6 * (i % 3 + 1), i % 3 + 1)])
+            step = i % 3 + 1
+            frames = np.stack([texture[:, s:s + 320] for s in range(0, 10 * step, step)])
             w.put(name, encode_frames(torch.from_numpy(frames)[:, None].expand(-1, 3, -1, -1)))
     flow = ['flow', '--src', str(tmp_path / 'rgb.lmdb'), '--method', 'dis', '-j', '1']
     assert main(flow + ['--out', str(tmp_path / 'clean.lmdb')]) == 0
