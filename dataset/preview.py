@@ -114,7 +114,6 @@ def add_parser(sub):
 def run(args):
     size = write_preview(args.dataset, args.out, data_root=args.data_root, num=args.num,
                          seq_len=args.seq_len, img_dim=args.img_dim, seed=args.seed,
-                         frames=args.frames, ds=args.ds,
-                         photometric_on_flow=args.photometric_on_flow,
-                         legacy_flow_flip=args.legacy_flow_flip)
+                         frames=args.frames, ds=args.ds, legacy_flow_flip=args.legacy_flow_flip,
+                         photometric_on_flow=args.photometric_on_flow)
     print(f'wrote {args.out} ({size[0]}x{size[1]})')
