@@ -215,7 +215,7 @@ def ensure_demo(data_root, seed=0):
     folder = os.path.join(str(data_root), NAME)
     if not os.path.exists(folder):
         if os.environ.get('LOCAL_RANK', '0') == '0':  # said once, so a mistyped path shows
-            print(f'building the demo dataset in {os.path.abspath(folder)}',
+            print(f'building the demo dataset in {os.path.abspath(folder)} (first use there)',
                   flush=True)
         tmp = _build_aside(str(data_root), seed)
         try:
