@@ -1,32 +1,36 @@
-"""Prepare datasets in the layout of SPEC §3: video LMDBs, TV-L1 flow, split files, the demo.
+"""Prepare datasets in the layout of docs/METHOD.md (Data): video LMDBs, optical flow, split files.
 
     python -m dataset.prepare videos --src UCF101/ --out data/ucf101/ucf101_frame.lmdb
     python -m dataset.prepare flow --src data/ucf101/ucf101_frame.lmdb \\
-        --out data/ucf101/ucf101_tvl1_frame.lmdb
+        --out data/ucf101/ucf101_tvl1_frame.lmdb [--method dis]
     python -m dataset.prepare splits ucf101 --lmdb data/ucf101/ucf101_frame.lmdb --out data/ucf101
-    python -m dataset.prepare demo --data_root data
 
-Every output appears complete or not at all (written under a temporary name, then renamed);
-an existing output is replaced only with ``--overwrite``. Videos that cannot be read are
-reported and skipped. ``videos`` and ``flow`` need PyAV and OpenCV (requirements-prepare.txt),
-imported only there.
+frames, videos and flow keep each finished video in OUT.partial/ and write OUT from there, in the
+order of the input: a stopped run started again with the same flags goes on where it stopped and
+ends with the same LMDB. Unreadable videos are listed and left out. An existing output is
+replaced only with --overwrite. videos and flow need requirements-prepare.txt.
 """
 import argparse
 import functools
+import importlib.util
 import io
+import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
+from pathlib import Path
 
+import lmdb
+import msgpack
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from dataset import splits as split_files
-from dataset.lmdb_video import (LMDBWriter, VideoLMDB, decode_frames, encode_frames,
-                                quantize_flow)
+from dataset.lmdb_video import LMDBWriter, VideoLMDB, decode_frames, encode_frames, quantize_flow
 from utils.config import NON_NEGATIVE, POSITIVE, Ranged
 from utils.misc import UserError
 
@@ -34,150 +38,69 @@ VIDEO_EXTS = ('.avi', '.mp4', '.mkv', '.webm', '.mov')
 FRAME_EXTS = ('.jpg', '.jpeg')
 
 
-# ------------------------------------------------------------------------ finding the input
-
 def natural_key(text):
     """Sort key that puts ``img_9`` before ``img_10``."""
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', text)]
 
 
-def _is_lmdb(path):
-    return os.path.isfile(path) or os.path.isfile(os.path.join(path, 'data.mdb'))
-
-
-def list_class_entries(src, flag, kind):
-    """``[(class/video, path)]`` of ``src/<class>/<video>`` in natural order; ``kind`` is
-    ``'frames'`` (a folder of JPEGs per video) or ``'videos'`` (one video file each)."""
+def list_class_entries(src, kind):
+    """``[names, paths]`` of ``src/<class>/<video>`` in natural order (``class/video``): frame
+    folders (``kind='frames'``) or video files (``'videos'``)."""
     if not os.path.isdir(src):
-        raise UserError(f'{flag} {src}: no such directory')
+        raise UserError(f'--src {src}: no such directory')
     found = {}
-    for cls in sorted(os.listdir(src), key=natural_key):
-        cls_dir = os.path.join(src, cls)
-        if cls.startswith('.') or not os.path.isdir(cls_dir):
-            continue
-        for entry in sorted(os.listdir(cls_dir), key=natural_key):
-            path = os.path.join(cls_dir, entry)
-            stem, ext = os.path.splitext(entry)
-            if kind == 'frames' and os.path.isdir(path) and not entry.startswith('.'):
-                name = f'{cls}/{entry}'
-            elif kind == 'videos' and os.path.isfile(path) and ext.lower() in VIDEO_EXTS:
-                name = f'{cls}/{stem}'
-            else:
-                continue
-            if name in found:
+    for path in sorted(Path(src).glob('[!.]*/[!.]*'),
+                       key=lambda p: (natural_key(p.parent.name), natural_key(p.name))):
+        if path.is_dir() if kind == 'frames' else (path.suffix.lower() in VIDEO_EXTS
+                                                    and path.is_file()):
+            name = f'{path.parent.name}/{path.name if kind == "frames" else path.stem}'
+            if found.setdefault(name, str(path)) != str(path):
                 raise UserError(f'{path} and {found[name]} would both be video {name!r}')
-            found[name] = path
     if not found:
-        layout = 'class/video/*.jpg frame folders' if kind == 'frames' else \
-            f'class/video files ({", ".join(VIDEO_EXTS)})'
-        raise UserError(f'{flag} {src} holds no {layout}')
-    return list(found.items())
+        raise UserError(f'--src {src} holds no ' + ('class/video/*.jpg frame folders' if kind ==
+                        'frames' else f'class/video files ({", ".join(VIDEO_EXTS)})'))
+    return [list(t) for t in zip(*found.items())]
 
 
-def _check_output(path, overwrite, flag='--out'):
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f'{flag} {path} exists; pass --overwrite to replace it')
+def frame_files(folder):
+    return sorted((f for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTS)),
+                  key=natural_key)
 
 
-def _open_lmdb_names(path, flag):
+def open_lmdb(path, flag):
     try:
-        db = VideoLMDB(path)
-    except (FileNotFoundError, ValueError) as e:
+        return VideoLMDB(path)
+    except (FileNotFoundError, ValueError, UserError) as e:
         raise UserError(f'{flag}: {e}') from None
-    return db.names, {n: db.num_frames(n) for n in db.names}
 
 
-# --------------------------------------------------------------------------- parallel work
-
-def _init_worker():
-    # One thread per process: the parallelism is across videos.
-    torch.set_num_threads(1)
-    try:
-        import cv2
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-
-
-def _guarded(fn, kwargs, task):
-    """``(fn(task, **kwargs), None)``, or ``(None, reason)`` if this input is unusable, so one
-    broken video is reported by name instead of ending a long run."""
-    try:
-        return fn(task, **kwargs), None
-    except Exception as e:  # noqa: BLE001 -- every failure is reported and listed at the end
-        message = str(e).strip()
-        return None, f'{type(e).__name__}: {message.splitlines()[0] if message else ""}'
-
-
-def ordered_map(fn, tasks, workers, desc, **kwargs):
-    """Yield ``_guarded(fn)`` results of ``tasks`` in task order (so outputs are deterministic),
-    computed by ``workers`` spawned processes (in this process when ``workers <= 1``)."""
-    job = functools.partial(_guarded, fn, kwargs)
-    with tqdm(total=len(tasks), desc=desc, unit='video', disable=None) as bar:
-        if workers <= 1:
-            for r in map(job, tasks):
-                bar.update()
-                yield r
-            return
-        # spawn, not fork: a forked copy of a process that already ran torch/OpenMP can hang.
-        ctx = multiprocessing.get_context('spawn')
-        with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
-            for r in pool.imap(job, tasks):
-                bar.update()
-                yield r
-
-
-def write_lmdb(out, overwrite, names, results):
-    """Store the converted videos of ``results`` (aligned with ``names``) in the LMDB ``out``.
-    Returns ``(written, skipped)``; ``skipped`` lists ``(name, reason)``. If nothing could be
-    converted, nothing is written and a :class:`UserError` says so."""
-    skipped, frames = [], 0
-    start = time.perf_counter()
-    with LMDBWriter(out, overwrite=overwrite) as writer:
-        for name, (jpegs, error) in zip(names, results):
-            if error is not None:
-                skipped.append((name, error))
-                tqdm.write(f'skipped {name}: {error}', file=sys.stderr)
-                continue
-            writer.put(name, jpegs)
-            frames += len(jpegs)
-        written = len(writer.names)
-        if not written:  # raising here makes the writer discard its temporary file
-            raise UserError(f'none of the {len(skipped)} videos could be converted '
-                            f'(first: {skipped[0][0]}: {skipped[0][1]}); {out} not written')
-    print(f'wrote {written} videos ({frames} frames) to {out} in '
-          f'{time.perf_counter() - start:.1f} s')
-    if skipped:
-        print(f'skipped {len(skipped)} unreadable video(s):')
-        for name, error in skipped:
-            print(f'  {name}: {error}')
-    return written, skipped
+def require(command, *modules):
+    """Import what a command needs once, before any work: one clear error, not one per video."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f'prepare {command} needs {name} ({e}); install it with '
+                            f'`python -m pip install -r requirements-prepare.txt`') from None
 
 
 # ---------------------------------------------------------------------------- per video
 
 def read_frame_folder(folder):
     """The JPEG files of one video folder, as stored bytes, in natural order."""
-    files = sorted((f for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTS)),
-                   key=natural_key)
-    if not files:
-        raise ValueError(f'{folder} holds no {"/".join(FRAME_EXTS)} frames')
-    jpegs, size = [], None
-    for f in files:
-        with open(os.path.join(folder, f), 'rb') as fh:
-            data = fh.read()
+    jpegs, kinds = [], set()
+    for f in frame_files(folder):
+        jpegs.append(Path(folder, f).read_bytes())
         try:
-            im = Image.open(io.BytesIO(data))  # reads the header only
+            with Image.open(io.BytesIO(jpegs[-1])) as im:  # reads the header only
+                kinds.add((im.format, im.size))
         except (OSError, SyntaxError) as e:  # PIL's messages name the buffer, not the file
-            raise ValueError(f'{f} is not a readable image ({type(e).__name__})') from None
-        with im:
-            if im.format != 'JPEG':
-                raise ValueError(f'{f} is {im.format}, not JPEG')
-            if size is not None and im.size != size:
-                raise ValueError(f'{f} is {im.size[0]}x{im.size[1]}, earlier frames '
-                                 f'{size[0]}x{size[1]}')
-            size = im.size
-        jpegs.append(data)
+            raise UserError(f'{f} is not a readable image ({type(e).__name__})') from None
+        if len(kinds) > 1 or im.format != 'JPEG':
+            raise UserError(f'{f} is a {im.format} of {im.size[0]}x{im.size[1]}, not a JPEG of '
+                            f'the earlier frames\' size')
+    if not jpegs:
+        raise UserError(f'{folder} holds no {"/".join(FRAME_EXTS)} frames')
     return jpegs
 
 
@@ -187,10 +110,8 @@ def resize_short_side(img, short_side):
     if not short_side or min(h, w) == short_side:
         return img
     import cv2
-    if h <= w:
-        size = (max(1, round(w * short_side / h)), short_side)
-    else:
-        size = (short_side, max(1, round(h * short_side / w)))
+    size = ((max(1, round(w * short_side / h)), short_side) if h <= w
+            else (short_side, max(1, round(h * short_side / w))))
     shrink = short_side < min(h, w)
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
@@ -201,313 +122,310 @@ def decode_video(path, short_side=0, quality=90):
     jpegs = []
     with av.open(path) as container:
         if not container.streams.video:
-            raise ValueError('no video stream')
+            raise UserError('no video stream')
         stream = container.streams.video[0]
         stream.thread_type = 'AUTO'
         for frame in container.decode(stream):
             rgb = resize_short_side(frame.to_ndarray(format='rgb24'), short_side)
             jpegs += encode_frames(torch.from_numpy(rgb).permute(2, 0, 1)[None], quality)
     if not jpegs:
-        raise ValueError('no frame could be decoded')
+        raise UserError('no frame could be decoded')
     return jpegs
 
 
 @functools.lru_cache(maxsize=2)
 def _lmdb(path):
-    # Once per worker process, not once per video: opening reads all the metadata.
-    return VideoLMDB(path)
+    return VideoLMDB(path)  # once per worker process: opening reads all the metadata
 
 
-def load_rgb(source):
-    """uint8 ``[N, 3, H, W]`` frames of ``('lmdb', path, name)`` or ``('dir', folder, name)``."""
+def video_flow(source, method='tvl1', short_side=0, quality=95):
+    """Flow between consecutive grayscale frames of ``('lmdb', path, name)`` or ``('dir',
+    folder, name)``, quantised as the published LMDBs' flow, as JPEG bytes."""
+    import cv2
     kind, where, name = source
     if kind == 'lmdb':
-        db = _lmdb(where)
-        return db.read(name, range(db.num_frames(name)))
-    return decode_frames(read_frame_folder(where), name=name, source=where)
-
-
-def tvl1_flow(source, short_side=0, quality=95):
-    """TV-L1 flow of consecutive grayscale frames of one video, as SPEC §3 JPEG bytes."""
-    import cv2
-    frames = load_rgb(source)
+        frames = _lmdb(where).read(name, range(_lmdb(where).num_frames(name)))
+    else:
+        frames = decode_frames(read_frame_folder(where), name=name, source=where)
     if len(frames) < 2:
-        raise ValueError(f'{len(frames)} frame(s); flow needs at least 2')
-    tvl1 = cv2.optflow.DualTVL1OpticalFlow_create()
+        raise UserError(f'{len(frames)} frame(s); flow needs at least 2')
+    # DIS preset medium: ~90x faster than TV-L1 per core at 320x240, close to its error on
+    # textured motion (fast: 3x faster again, 5x the error there; README, Data).
+    flow = (cv2.optflow.DualTVL1OpticalFlow_create() if method == 'tvl1'
+            else cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM))
     gray = [cv2.cvtColor(resize_short_side(f.permute(1, 2, 0).numpy(), short_side),
                          cv2.COLOR_RGB2GRAY) for f in frames]
-    jpegs = []
-    for prev, nxt in zip(gray, gray[1:]):
-        flow = tvl1.calc(prev, nxt, None).transpose(2, 0, 1)  # 2 x H x W
-        jpegs += encode_frames(torch.from_numpy(quantize_flow(flow))[None], quality)
-    return jpegs
+    return [jpeg for a, b in zip(gray, gray[1:]) for jpeg in encode_frames(
+        torch.from_numpy(quantize_flow(flow.calc(a, b, None).transpose(2, 0, 1)))[None], quality)]
 
 
-# ------------------------------------------------------------------------------ commands
+# ------------------------------------------------------------------- resumable conversion
+
+def _init_worker():
+    torch.set_num_threads(1)  # the parallelism is across videos
+    if importlib.util.find_spec('cv2'):
+        importlib.import_module('cv2').setNumThreads(1)
+
+
+def _guarded(fn, kwargs, item):
+    """``(i, fn(task))``, or ``(i, reason)`` if the video is unusable: one broken video is
+    reported by name instead of ending a long run."""
+    i, task = item
+    try:
+        return i, fn(task, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- each failure is listed at the end
+        text = (str(e).strip().splitlines() or [''])[0]
+        return i, text if isinstance(e, UserError) else f'{type(e).__name__}: {text}'
+
+
+def parallel(fn, items, workers, **kwargs):
+    """``(i, result)`` of every ``(i, task)`` as it finishes, computed by ``workers`` spawned
+    processes (in this one when ``workers <= 1``)."""
+    job = functools.partial(_guarded, fn, kwargs)
+    if workers <= 1 or len(items) <= 1:
+        yield from map(job, items)
+        return
+    # spawn, not fork: a forked copy of a process that already ran torch/OpenMP can hang.
+    with multiprocessing.get_context('spawn').Pool(min(workers, len(items)),
+                                                   initializer=_init_worker) as pool:
+        yield from pool.imap_unordered(job, items)
+
+
+def _work_folder(args, settings):
+    """``(OUT.partial, indices of the videos finished there)``; a folder of another run (other
+    input or flags) is an error, or is started over with --overwrite."""
+    work = Path(args.out + '.partial')
+    record = work / 'settings.json'
+    if record.exists() and json.loads(record.read_text()) != settings:
+        if not args.overwrite:
+            raise UserError(f'{work} holds part of a run with other input or flags; run that '
+                            f'command again to finish it, or pass --overwrite to start over')
+        shutil.rmtree(work)
+    if not record.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        (work / 'settings.tmp').write_text(json.dumps(settings))
+        os.replace(work / 'settings.tmp', record)
+    return work, {int(p.stem) for p in work.glob('*.msgpack')}
+
+
+def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
+    """Write the LMDB ``args.out`` of ``fn(task, **kwargs)`` (JPEG bytes) for every video,
+    resuming from ``args.out + '.partial'``. ``sizes``: work per task, in ``unit`` (for the
+    progress bar); ``meta``: extra metadata records (``__<key>__``)."""
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f'--out {args.out} exists; pass --overwrite to replace it')
+    settings = {'command': args.command, 'src': os.path.abspath(args.src), 'names': names,
+                **kwargs}
+    work, done = _work_folder(args, settings)
+    todo = [i for i in range(len(names)) if i not in done]
+    if done:
+        print(f'resuming: {len(done)} of {len(names)} videos are done in {work}')
+    failed, start = {}, time.perf_counter()
+    with tqdm(total=sum(sizes[i] for i in todo), unit=unit, unit_scale=True, desc=args.command,
+              mininterval=0.5 if sys.stderr.isatty() else 60) as bar:
+        for i, result in parallel(fn, [(i, tasks[i]) for i in todo], args.workers, **kwargs):
+            bar.update(sizes[i])
+            if isinstance(result, str):
+                failed[i] = result
+                continue
+            (work / f'{i:09d}.tmp').write_bytes(msgpack.dumps(result))
+            os.replace(work / f'{i:09d}.tmp', work / f'{i:09d}.msgpack')
+    skipped = [(names[i], reason) for i, reason in sorted(failed.items())]
+    if len(skipped) == len(names):
+        shutil.rmtree(work)
+        raise UserError(f'none of the {len(names)} videos could be converted (first: '
+                        f'{skipped[0][0]}: {skipped[0][1]}); {args.out} not written')
+    frames = 0
+    with LMDBWriter(work / 'out.lmdb', overwrite=True) as writer:
+        for i, name in enumerate(names):
+            if i not in failed:
+                jpegs = msgpack.loads((work / f'{i:09d}.msgpack').read_bytes())
+                writer.put(name, jpegs)
+                frames += len(jpegs)
+    env = lmdb.open(str(work / 'out.lmdb'), subdir=False, lock=False)
+    with env.begin(write=True) as txn:  # records such as __flow_method__
+        for key, value in (meta or {}).items():
+            txn.put(f'__{key}__'.encode(), msgpack.dumps(value))
+    env.close()
+    if os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    os.replace(work / 'out.lmdb', args.out)
+    shutil.rmtree(work)
+    print(f'wrote {len(writer.names)} videos ({frames} frames) to {args.out}; '
+          f'{len(todo) - len(failed)} computed in {time.perf_counter() - start:.1f} s, '
+          f'{len(done)} done before')
+    if skipped:
+        print(f'skipped {len(skipped)} unreadable video(s):', *(f'  {n}: {reason}'
+                                                              for n, reason in skipped), sep='\n')
+
 
 def run_frames(args):
-    _check_output(args.out, args.overwrite)
-    entries = list_class_entries(args.src, '--src', 'frames')
-    names, folders = zip(*entries)
-    results = ordered_map(read_frame_folder, folders, args.workers, 'frames')
-    write_lmdb(args.out, args.overwrite, names, results)
+    names, folders = list_class_entries(args.src, 'frames')
+    convert(args, names, folders, [len(frame_files(f)) for f in folders], read_frame_folder,
+            'frame')
 
 
 def run_videos(args):
-    _check_output(args.out, args.overwrite)
-    entries = list_class_entries(args.src, '--src', 'videos')
-    names, paths = zip(*entries)
-    results = ordered_map(decode_video, paths, args.workers, 'videos',
-                          short_side=args.short_side, quality=args.quality)
-    write_lmdb(args.out, args.overwrite, names, results)
+    names, paths = list_class_entries(args.src, 'videos')
+    require('videos', 'av', *['cv2'] * bool(args.short_side))
+    convert(args, names, paths, [1] * len(names), decode_video, 'video',
+            short_side=args.short_side, quality=args.quality)
 
 
 def run_flow(args):
-    _check_output(args.out, args.overwrite)
     if os.path.exists(args.src) and os.path.realpath(args.src) == os.path.realpath(args.out):
         raise UserError('--src and --out are the same path')
-    if os.path.exists(args.src) and _is_lmdb(args.src):
-        names, _ = _open_lmdb_names(args.src, '--src')
-        sources = [('lmdb', os.path.abspath(args.src), n) for n in names]
+    require('flow', 'cv2')
+    if args.method == 'tvl1' and not hasattr(importlib.import_module('cv2'), 'optflow'):
+        raise UserError('--method tvl1 needs cv2.optflow from opencv-contrib-python-headless '
+                        '(requirements-prepare.txt; uninstall other opencv-python packages, '
+                        'which hide it), or use --method dis')
+    if os.path.isfile(args.src) or os.path.isfile(os.path.join(args.src, 'data.mdb')):
+        db = open_lmdb(args.src, '--src')
+        names, tasks = db.names, [('lmdb', os.path.abspath(args.src), n) for n in db.names]
+        sizes = [db.num_frames(n) - 1 for n in names]
     else:
-        entries = list_class_entries(args.src, '--src', 'frames')
-        names = [n for n, _ in entries]
-        sources = [('dir', path, n) for n, path in entries]
-    results = ordered_map(tvl1_flow, sources, args.workers, 'tv-l1 flow',
-                          short_side=args.short_side, quality=args.quality)
-    write_lmdb(args.out, args.overwrite, names, results)
+        names, folders = list_class_entries(args.src, 'frames')
+        tasks = [('dir', f, n) for n, f in zip(names, folders)]
+        sizes = [len(frame_files(f)) - 1 for f in folders]
+    convert(args, names, tasks, sizes, video_flow, 'pair', meta={'flow_method': args.method},
+            method=args.method, short_side=args.short_side, quality=args.quality)
 
 
-def _check_no_empty_split(derived, reason, prefix=''):
-    """A split of no video would train or test on nothing (an accuracy of 0/0 later on): refuse
-    to write any file and say which split is empty and why (``reason(split)``)."""
+# -------------------------------------------------------------------------------- splits
+
+def _write_splits(args, derived, dbs, context):
+    """Write the files of ``derived`` (frame counts from ``dbs``) unless a split would list no
+    video (a test of 0/0 later on); ``context`` says where the videos came from."""
     empty = [s for s, names in derived['splits'].items() if not names]
     if empty:
-        raise UserError(prefix + '; '.join(f'{s} would list no videos ({reason(s)})'
-                                           for s in empty) + '; no split file written')
-
-
-def _write_splits(args, derived, num_frames):
-    try:
-        paths = split_files.write_split_files(args.out, derived, num_frames, args.overwrite)
-    except (FileExistsError, ValueError) as e:
-        raise UserError(str(e).replace('pass overwrite', 'pass --overwrite')) from None
-    print(f'{len(derived["classes"])} classes; wrote to {args.out}:')
-    for path in paths:
-        split = os.path.basename(path)[:-len('.csv')]
-        count = f' ({len(derived["splits"][split])} videos)' if split in derived['splits'] else ''
-        print(f'  {os.path.basename(path)}{count}')
+        raise UserError(f'{", ".join(empty)} would list no videos ({context}); no split file '
+                        f'written')
+    frames = {n: db.num_frames(n) for db in dbs for n in db.names}
+    paths = split_files.write_split_files(args.out, derived, frames, args.overwrite)
+    print(f'{len(derived["classes"])} classes; wrote ' + ', '.join(map(str, paths)))
 
 
 def run_splits_ucf101(args):
-    names, num_frames = _open_lmdb_names(args.lmdb, '--lmdb')
-    try:
-        derived = split_files.ucf101_splits(names)
-    except ValueError as e:
-        raise UserError(f'--lmdb {args.lmdb}: {e}') from None
-    if not names:
+    db = open_lmdb(args.lmdb, '--lmdb')
+    if not db.names:
         raise UserError(f'--lmdb {args.lmdb} holds no videos; no split file written')
-
-    def reason(split):
-        block = split_files.groups_text(split_files.group_block(int(split[-2:])))
-        if split.startswith('test'):
-            return f'no video of groups {block}'
-        return f'every video is of groups {block}, its test split'
-    present = split_files.groups_text({split_files.group_number(n) for n in names})
-    _check_no_empty_split(derived, reason, f'--lmdb {args.lmdb} (videos of groups {present}): ')
-    _write_splits(args, derived, num_frames)
+    groups = split_files.groups_text({split_files.group_number(n) for n in db.names})
+    _write_splits(args, split_files.ucf101_splits(db.names), [db],
+                  f'--lmdb {args.lmdb} has videos of groups {groups}; test split k holds '
+                  f'groups 7(k-1)+1..7k')
 
 
 def run_splits_hmdb51(args):
     if not os.path.isdir(args.official):
         raise UserError(f'--official {args.official}: no such directory')
-    names, num_frames = _open_lmdb_names(args.lmdb, '--lmdb')
-    try:
-        derived = split_files.hmdb51_splits(names, args.official)
-    except ValueError as e:
-        raise UserError(f'--official: {e}') from None
-    if not any(derived['splits'].values()):
-        raise UserError(f'none of the videos listed in --official {args.official} is in '
-                        f'--lmdb {args.lmdb}')
-    if derived['missing']:
-        shown = ', '.join(derived['missing'][:5])
-        print(f'warning: {len(derived["missing"])} listed videos are not in {args.lmdb} '
-              f'(left out): {shown}{" ..." if len(derived["missing"]) > 5 else ""}',
+    db = open_lmdb(args.lmdb, '--lmdb')
+    derived = split_files.hmdb51_splits(db.names, args.official)
+    missing = derived['missing']
+    if missing:
+        print(f'warning: {len(missing)} videos listed in --official are not in {args.lmdb} '
+              f'(left out): {", ".join(missing[:5])}{" ..." * (len(missing) > 5)}',
               file=sys.stderr)
-    # A split none of whose train (or test) videos are at hand is absent from the derivation.
-    for k in {split[-2:] for split in derived['splits']}:
-        for part in ('train', 'test'):
-            derived['splits'].setdefault(f'{part}_split{k}', [])
-    derived['splits'] = dict(sorted(derived['splits'].items()))
-
-    def reason(split):
-        label = '1 (train)' if split.startswith('train') else '2 (test)'
-        return (f'none of the videos the --official files mark {label} for split '
-                f'{int(split[-2:])} is in --lmdb {args.lmdb}')
-    _check_no_empty_split(derived, reason)
-    _write_splits(args, derived, num_frames)
+    _write_splits(args, derived, [db], f'--lmdb {args.lmdb} holds none of the videos '
+                                       f'--official {args.official} lists for them')
 
 
 def run_splits_kinetics(args):
-    train, train_frames = _open_lmdb_names(args.train_lmdb, '--train_lmdb')
-    val, val_frames = _open_lmdb_names(args.val_lmdb, '--val_lmdb')
-    derived = split_files.kinetics_splits(train, val)
-    _check_no_empty_split(derived, lambda split: (
-        f'--train_lmdb {args.train_lmdb} holds no videos' if split == 'train_split'
-        else f'--val_lmdb {args.val_lmdb} holds no videos'))
-    _write_splits(args, derived, {**train_frames, **val_frames})
+    dbs = [open_lmdb(args.train_lmdb, '--train_lmdb'), open_lmdb(args.val_lmdb, '--val_lmdb')]
+    _write_splits(args, split_files.kinetics_splits(dbs[0].names, dbs[1].names), dbs,
+                  f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
+                  f'{args.val_lmdb} {len(dbs[1])}')
 
 
 def run_demo(args):
-    from dataset import demo  # demo imports this module (flow format)
+    from dataset import demo
     from dataset.video_dataset import default_data_root
-    data_root = args.data_root if args.data_root is not None else default_data_root()
     start = time.perf_counter()
-    try:
-        folder = demo.make_demo(data_root, seed=args.seed, overwrite=args.overwrite)
-    except FileExistsError as e:
-        raise UserError(str(e).replace('pass overwrite', 'pass --overwrite')) from None
-    print(f'wrote {folder}: {len(demo.CLASSES) * demo.GROUPS * demo.CLIPS} videos of '
-          f'{len(demo.CLASSES)} classes in {time.perf_counter() - start:.1f} s')
+    folder = demo.make_demo(args.data_root or default_data_root(), args.seed, args.overwrite)
+    print(f'wrote {folder}: {len(demo.plan(args.seed))} videos of {len(demo.CLASSES)} classes '
+          f'in {time.perf_counter() - start:.1f} s')
 
 
 # ------------------------------------------------------------------------------- parsers
 
-JPEG_QUALITY = Ranged(int, 1, 100)
-
-
-def _add_common(p, workers=True):
+def _command(sub, name, run, help, description='', src=None, out=None, workers=True):
+    p = sub.add_parser(name, help=help, description=f'{help[0].upper()}{help[1:]}. {description}')
+    if src:
+        p.add_argument('--src', required=True, help=src)
+    if out:
+        p.add_argument('--out', required=True, metavar=out[0], help=out[1])
     p.add_argument('--overwrite', action='store_true',
                    help='replace existing outputs (default: refuse to touch them)')
     if workers:
         p.add_argument('-j', '--workers', type=POSITIVE, default=min(8, os.cpu_count() or 1),
                        help='worker processes, one video each at a time; 1 works in this '
                             'process (default: %(default)s, the CPU count up to 8)')
+    p.set_defaults(run=run)
+    return p
 
 
-def _short_side(p, what):
+def _encoding(p, what, quality):
     p.add_argument('--short_side', type=NON_NEGATIVE, default=0, metavar='N',
                    help=f'resize frames so their shorter side is N pixels before {what} '
                         f'(default 0: keep the size)')
-
-
-def add_frames(sub):
-    p = sub.add_parser('frames', help='frame folders (class/video/*.jpg) -> RGB LMDB',
-                       description='Pack src/<class>/<video>/*.jpg into a video LMDB. Frames '
-                                   'are taken in natural name order (img_9 before img_10) and '
-                                   'their JPEG bytes are stored as they are.')
-    p.add_argument('--src', required=True, metavar='DIR',
-                   help='folder of class folders of video frame folders')
-    p.add_argument('--out', required=True, metavar='LMDB', help='video LMDB to write')
-    _add_common(p)
-    p.set_defaults(run=run_frames)
-
-
-def add_videos(sub):
-    p = sub.add_parser('videos', help='video files (class/video.avi ...) -> RGB LMDB',
-                       description='Decode every frame of src/<class>/<video>.{avi,mp4,mkv,'
-                                   'webm,mov} with PyAV and store them as JPEGs in a video '
-                                   'LMDB. Unreadable videos are skipped and listed at the end.')
-    p.add_argument('--src', required=True, metavar='DIR', help='folder of class folders of videos')
-    p.add_argument('--out', required=True, metavar='LMDB', help='video LMDB to write')
-    _short_side(p, 'storing them')
-    p.add_argument('--quality', type=JPEG_QUALITY, default=90, metavar='Q',
+    p.add_argument('--quality', type=Ranged(int, 1, 100), default=quality, metavar='Q',
                    help='JPEG quality of the stored frames (default: %(default)s)')
-    _add_common(p)
-    p.set_defaults(run=run_videos)
-
-
-def add_flow(sub):
-    p = sub.add_parser('flow', help='RGB LMDB or frame folders -> TV-L1 flow LMDB',
-                       description='TV-L1 optical flow (OpenCV) between consecutive grayscale '
-                                   'frames: a video of n frames gets n-1 flow frames, stored as '
-                                   'JPEGs (channel 0 horizontal, 1 vertical flow, clipped to '
-                                   '[-20, 20] px and mapped to [0, 255]; channel 2 is 128). '
-                                   'Video names are those of the source.')
-    p.add_argument('--src', required=True, metavar='DIR_or_LMDB',
-                   help='an RGB video LMDB, or a folder of class/video/*.jpg frame folders')
-    p.add_argument('--out', required=True, metavar='LMDB', help='flow LMDB to write')
-    _short_side(p, 'computing the flow')
-    p.add_argument('--quality', type=JPEG_QUALITY, default=95, metavar='Q',
-                   help='JPEG quality of the flow frames; they carry numbers, keep it high '
-                        '(default: %(default)s)')
-    _add_common(p)
-    p.set_defaults(run=run_flow)
-
-
-def add_splits(sub):
-    p = sub.add_parser('splits', help='split CSVs, ClassInd.txt, video_source.json',
-                       description='Write the split files of a dataset folder (SPEC §3). CSV '
-                                   'rows are "class/video,num_frames" with the frame counts of '
-                                   'the LMDB.')
-    datasets = p.add_subparsers(dest='dataset', required=True, metavar='DATASET')
-
-    d = datasets.add_parser('ucf101', help='derived from the video names alone',
-                            description='UCF101: test split k holds groups 7(k-1)+1..7k '
-                                        '(g01-g07, g08-g14, g15-g21), the rest is train; '
-                                        'classes sorted by name; video_source.json maps '
-                                        'v_<class>_gNN to a group id.')
-    d.add_argument('--lmdb', required=True, help='the UCF101 RGB (or flow) LMDB')
-    d.add_argument('--out', required=True, metavar='DIR', help='dataset folder to write into')
-    _add_common(d, workers=False)
-    d.set_defaults(run=run_splits_ucf101)
-
-    d = datasets.add_parser('hmdb51', help='from the official split files',
-                            description='HMDB51 from its official <class>_test_split<k>.txt '
-                                        'files (lines "video.avi label"; 1 train, 2 test, '
-                                        '0 unused). Listed videos missing from the LMDB are '
-                                        'reported and left out.')
-    d.add_argument('--lmdb', required=True, help='the HMDB51 RGB (or flow) LMDB')
-    d.add_argument('--official', required=True, metavar='DIR',
-                   help='folder of the official testTrainMulti_7030_splits files')
-    d.add_argument('--out', required=True, metavar='DIR', help='dataset folder to write into')
-    _add_common(d, workers=False)
-    d.set_defaults(run=run_splits_hmdb51)
-
-    d = datasets.add_parser('kinetics', help='train/val split from the two LMDBs',
-                            description='Kinetics: train_split.csv and val_split.csv list the '
-                                        'videos of the two LMDBs; ClassInd.txt their class '
-                                        'folders, sorted.')
-    d.add_argument('--train_lmdb', required=True, help='the training-set RGB LMDB')
-    d.add_argument('--val_lmdb', required=True, help='the validation-set RGB LMDB')
-    d.add_argument('--out', required=True, metavar='DIR', help='dataset folder to write into')
-    _add_common(d, workers=False)
-    d.set_defaults(run=run_splits_kinetics)
-
-
-def add_demo(sub):
-    p = sub.add_parser('demo', help='build the synthetic demo dataset',
-                       description='Write DATA_ROOT/demo/: 300 small synthetic videos in 6 '
-                                   'classes that differ only by motion, with exact flow and '
-                                   'three splits (see dataset/demo.py).')
-    p.add_argument('--data_root', default=None, metavar='DIR',
-                   help='folder to create demo/ in (default: $CVTCL_DATA_ROOT or data/ in the '
-                        'project folder, where the training scripts look)')
-    p.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
-    _add_common(p, workers=False)
-    p.set_defaults(run=run_demo)
-
-
-# One ``add_<name>(subparsers)`` per subcommand: it adds the parser and sets ``run``.
-COMMANDS = [add_frames, add_videos, add_flow, add_splits, add_demo]
-
-
-# --- preview: the subcommand's code lives in dataset/preview.py ----------------------------------
-def add_preview(sub):
-    from dataset.preview import add_parser
-    add_parser(sub, UserError)
-
-
-COMMANDS.append(add_preview)
-# --- end preview ---------------------------------------------------------------------------------
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog='python -m dataset.prepare', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    for add in COMMANDS:
-        add(sub)
+    _command(sub, 'frames', run_frames, 'frame folders (class/video/*.jpg) -> RGB LMDB',
+             'Frames in natural name order (img_9 before img_10), JPEG bytes as they are.',
+             'folder of class folders of video frame folders', ('LMDB', 'video LMDB to write'))
+    p = _command(sub, 'videos', run_videos, 'video files (class/video.avi ...) -> RGB LMDB',
+                 'Every frame of class/video.{avi,mp4,mkv,webm,mov}, decoded with PyAV, stored '
+                 'as JPEG.', 'folder of class folders of videos', ('LMDB', 'video LMDB to write'))
+    _encoding(p, 'storing them', 90)
+    p = _command(sub, 'flow', run_flow, 'RGB LMDB or frame folders -> flow LMDB',
+                 'Flow between consecutive grayscale frames (n frames give n-1), as JPEGs: '
+                 'channel 0 horizontal, 1 vertical flow, clipped to [-20, 20] px and mapped to '
+                 '[0, 255]; channel 2 is 128. The LMDB records the method (__flow_method__); '
+                 'training reads <name>_tvl1_frame.lmdb whatever the method, or --flow_lmdb.',
+                 'an RGB video LMDB, or a folder of class/video/*.jpg frame folders',
+                 ('LMDB', 'flow LMDB to write'))
+    p.add_argument('--method', choices=('tvl1', 'dis'), default='tvl1',
+                   help="tvl1: OpenCV contrib's TV-L1, as the published LMDBs (~1 frame pair/s "
+                        "per core at 320x240); dis: OpenCV's DIS optical flow, preset medium, "
+                        "~90x faster and a little less accurate (README, Data) (default: tvl1)")
+    _encoding(p, 'computing the flow', 95)
+
+    p = sub.add_parser('splits', help='split CSVs, ClassInd.txt, video_source.json',
+                       description='Write the split files of a dataset folder; CSV rows are '
+                                   '"class/video,num_frames" with the LMDB\'s frame counts.')
+    datasets = p.add_subparsers(dest='dataset', required=True, metavar='DATASET')
+    for name, run, help, description in [
+            ('ucf101', run_splits_ucf101, 'derived from the video names alone',
+             'Test split k holds groups 7(k-1)+1..7k; video_source.json maps v_<class>_gNN to '
+             'a group id.'),
+            ('hmdb51', run_splits_hmdb51, 'from the official split files',
+             'Lines "video.avi label" of <class>_test_split<k>.txt: 1 train, 2 test, 0 unused; '
+             'listed videos missing from the LMDB are reported and left out.'),
+            ('kinetics', run_splits_kinetics, 'train/val split from the two LMDBs',
+             'train_split.csv and val_split.csv list the videos of the two LMDBs.')]:
+        d = _command(datasets, name, run, help, description + ' Classes: the class folders, '
+                     'sorted.', out=('DIR', 'dataset folder to write into'), workers=False)
+        for flag in (['--train_lmdb', '--val_lmdb'] if name == 'kinetics' else ['--lmdb']):
+            d.add_argument(flag, required=True, help='the RGB (or flow) LMDB')
+        if name == 'hmdb51':
+            d.add_argument('--official', required=True, metavar='DIR',
+                           help='folder of the official testTrainMulti_7030_splits files')
+
+    p = _command(sub, 'demo', run_demo, 'build the synthetic demo dataset',
+                 'DATA_ROOT/demo/: 300 small videos in 6 classes that differ only by motion, '
+                 'with exact flow and three splits (dataset/demo.py).', workers=False)
+    p.add_argument('--data_root', default=None, metavar='DIR',
+                   help='folder to create demo/ in (default: $CVTCL_DATA_ROOT or data/ in the '
+                        'project folder, where the training scripts look)')
+    p.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
+    from dataset.preview import add_parser  # preview imports the dataset; only the CLI needs it
+    add_parser(sub)
     return parser
 
 

@@ -2,16 +2,10 @@
 
     python -m dataset.prepare preview --dataset ucf101-2stream-2clip --out preview.png
 
-Each row is one view of one sample: a few frames of the clip (evenly spaced) after the data-loader
-worker's geometry *and* the device-side photometric step (the training code path,
-:class:`dataset.augment.DeviceAugment`, run here on the CPU and un-normalised for display). With
-RGB and flow, the flow frames follow the RGB frames of the same view, shown as stored (channel 0
-horizontal, channel 1 vertical motion, 128 = still). A strip on the left of each row marks the
-view: red for a strong view (photometric augmentation), grey for a weak one. Samples are
-separated by a wider gap.
+One row per view: evenly spaced frames after the worker's geometry and the device's photometric
+step (un-normalised), flow (as stored, 128 = still) after RGB; a red strip marks strong views.
 """
 import argparse
-import functools
 
 import torch
 
@@ -90,31 +84,22 @@ def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=
     return pixels.shape[1], pixels.shape[0]
 
 
-# ------------------------------------------------------------------------ the CLI subcommand
-
-def add_parser(sub, user_error):
-    """Add ``preview`` to the subparsers of ``python -m dataset.prepare``. ``user_error``: the
-    exception class whose message ``prepare`` prints without a traceback (exit status 2)."""
+def add_parser(sub):
+    """Add ``preview`` to the subcommands of ``python -m dataset.prepare``."""
     p = sub.add_parser('preview', help='PNG of augmented training views of a dataset',
-                       description='Write a PNG grid of both augmented views of a few samples '
-                                   'of a dataset (train mode), after the device-side '
-                                   'photometric step: one row per view, a few evenly spaced '
-                                   'frames, RGB and flow side by side (flow as stored). A red '
-                                   'strip marks strong views, a grey one weak views.')
+                       description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', required=True, metavar='NAME',
                    help='dataset name as for training, e.g. ucf101-2stream-2clip or demo-2clip')
     p.add_argument('--data_root', default=None, metavar='DIR',
                    help='folder holding <name>/ (default: $CVTCL_DATA_ROOT or data/ in the '
                         'project folder)')
     p.add_argument('--out', required=True, metavar='PNG', help='image to write')
-    p.add_argument('--num', type=POSITIVE, default=4, help='samples shown (default: %(default)s)')
-    p.add_argument('--frames', type=POSITIVE, default=4,
-                   help='frames shown per view, evenly spaced (default: %(default)s)')
-    p.add_argument('--seq_len', type=POSITIVE, default=32,
-                   help='frames per clip (default: %(default)s)')
-    p.add_argument('--ds', type=POSITIVE, default=1, help='frame stride (default: %(default)s)')
-    p.add_argument('--img_dim', type=POSITIVE, default=128,
-                   help='crop size in pixels (default: %(default)s)')
+    for flag, default, what in [('num', 4, 'samples shown'), ('frames', 4, 'frames shown per '
+                                'view, evenly spaced'), ('seq_len', 32, 'frames per clip'),
+                                ('ds', 1, 'frame stride'), ('img_dim', 128, 'crop size, pixels')]:
+        p.add_argument(f'--{flag}', type=POSITIVE, default=default,
+                       help=f'{what} (default: %(default)s)')
     p.add_argument('--seed', type=int, default=0,
                    help='picks the samples and their augmentation (default: %(default)s)')
     p.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
@@ -123,19 +108,12 @@ def add_parser(sub, user_error):
     p.add_argument('--legacy_flow_flip', action='store_true',
                    help="flip flow frames without negating the horizontal component (the "
                         "reference's bug)")
-    p.set_defaults(run=functools.partial(run, user_error=user_error))
+    p.set_defaults(run=run)
 
 
-def run(args, user_error):
-    for flag in ('num', 'frames', 'seq_len', 'ds', 'img_dim'):
-        if getattr(args, flag) < 1:
-            raise user_error(f'--{flag} must be at least 1')
-    try:
-        size = write_preview(args.dataset, args.out, data_root=args.data_root, num=args.num,
-                             seq_len=args.seq_len, img_dim=args.img_dim, seed=args.seed,
-                             frames=args.frames, ds=args.ds,
-                             photometric_on_flow=args.photometric_on_flow,
-                             legacy_flow_flip=args.legacy_flow_flip)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise user_error(str(e)) from None
+def run(args):
+    size = write_preview(args.dataset, args.out, data_root=args.data_root, num=args.num,
+                         seq_len=args.seq_len, img_dim=args.img_dim, seed=args.seed,
+                         frames=args.frames, ds=args.ds, legacy_flow_flip=args.legacy_flow_flip,
+                         photometric_on_flow=args.photometric_on_flow)
     print(f'wrote {args.out} ({size[0]}x{size[1]})')

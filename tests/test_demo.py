@@ -10,6 +10,7 @@ import pytest
 from dataset import demo
 from dataset.lmdb_video import VideoLMDB
 from dataset.lmdb_video import dequantize_flow
+from utils.misc import UserError
 from dataset.splits import (group_number, read_class_index, read_split, read_video_source,
                             source_key)
 
@@ -72,7 +73,7 @@ def test_concurrent_ensure_demo_leaves_one_complete_folder(built):
     mtime = os.path.getmtime(root / 'demo' / 'demo_frame.lmdb')
     assert demo.ensure_demo(root) == str(root / 'demo')  # already there: kept as it is
     assert os.path.getmtime(root / 'demo' / 'demo_frame.lmdb') == mtime
-    with pytest.raises(RuntimeError, match='seed 0'):
+    with pytest.raises(UserError, match="seed 0"):
         demo.ensure_demo(root, seed=1)
 
 
