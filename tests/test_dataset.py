@@ -516,7 +516,7 @@ def test_video_listed_twice_in_a_split(tmp_path):
     # Counted twice, a video would bias the training sampling and the test accuracy.
     names = list(VIDEOS)
     write_toy_dataset(tmp_path, 'toy', VIDEOS, train=names + [names[1]])
-    with pytest.raises(ValueError, match=rf"train_split01.csv:5: video '{names[1]}' is listed "
+    with pytest.raises(UserError, match=rf"train_split01.csv:5: video '{names[1]}' is listed "
                                          rf"twice \(also on line 2\)"):
         build(tmp_path, 'toy-2clip')
 
