@@ -69,6 +69,8 @@ class VideoLMDB:
             raise UserError(f'{self.path} is not a readable LMDB ({e})') from None
         with env.begin() as txn:
             meta = {k: txn.get(k) for k in (b'__keys__', b'__order__', b'__vlen__')}
+            method = txn.get(b'__flow_method__')   # written by `prepare flow`; None: not recorded
+        self.flow_method = method and _to_str(msgpack.loads(method))
         missing = [k.decode() for k, v in meta.items() if v is None]
         if missing:
             raise UserError(f'{self.path}: LMDB has no {", ".join(missing)} record; it is not a '

@@ -167,9 +167,11 @@ def train(args, task):
     if args.cuda_graph:
         step = fast.GraphedStep(step, forward_backward, update, model, optimizer, scaler,
                                 amp_dtype, device)
+    flow = dataset.lmdbs.get('flow')   # which optical flow the LMDB holds (prepare flow --method)
+    flow = f', flow by {flow.flow_method or "an unrecorded method (published: TV-L1)"}' if flow else ''
     writer = open_run(exp_dir, args, info, f'{info.world_size} process(es) on {device}, global '
                       f'batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos '
-                      f'({len(dataset.dropped)} too short, dropped)\n=> '
+                      f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
                       + disk_use(model, args.epochs, args.keep_every, args.save_freq))
     try:
         for epoch in range(start_epoch, args.epochs):

@@ -223,6 +223,7 @@ def test_flow_end_point_error_on_demo_videos(tmp_path, method, bound):
                  method, '-j', '1']) == 0
     assert lmdb_meta(out, 'flow_method') == method
     db, errors, zero = VideoLMDB(out), [], []
+    assert db.flow_method == method and VideoLMDB(tmp_path / 'rgb.lmdb').flow_method is None
     for name, flow in exact.items():
         stored = dequantize_flow(db.read(name, range(db.num_frames(name)))).numpy()
         moving = np.hypot(flow[:, 0], flow[:, 1]) > 0
@@ -236,7 +237,6 @@ def test_flow_end_point_error_on_demo_videos(tmp_path, method, bound):
 def records(path):
     meta, db = lmdb_meta(path, 'flow_method'), VideoLMDB(path)
     videos = [(n, db.read_bytes(n, range(db.num_frames(n)))) for n in db.names]
-    db.close()
     return videos, meta
 
 
