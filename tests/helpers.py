@@ -5,9 +5,10 @@ folder has no ``__init__.py``), so this works with ``pytest`` and ``python -m py
 directory; ``from tests.helpers import ...`` only where the project root is on ``sys.path``.
 
 The writer here uses lmdb + msgpack directly (not the project's ``LMDBWriter``) so that the
-reader is tested against the file format of SPEC §3, including the quirks of the published
-tars: names stored as raw bytes (msgpack 0.6) and records inserted in an order different from
-``__order__`` (``__vlen__`` is aligned with ``__keys__``, i.e. with insertion order).
+reader is tested against the file format of docs/METHOD.md (Data), including the quirks of the
+published tars: names stored as raw bytes (msgpack 0.6) and records inserted in an order
+different from ``__order__`` (``__vlen__`` is aligned with ``__keys__``, i.e. with insertion
+order).
 """
 import gzip
 import io
@@ -19,7 +20,7 @@ import lmdb
 import msgpack
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import encode_jpeg
+from torchcodec.encoders import JpegEncoder
 
 
 def position_frames(num_frames, height, width, flow=False):
@@ -59,8 +60,9 @@ def textured_frames(num_frames, height, width, seed=0):
 
 
 def jpeg_bytes(frames, quality=95):
-    """uint8 ``[N, 3, H, W]`` -> list of JPEG byte strings (torchvision/libjpeg-turbo)."""
-    return [encode_jpeg(f.contiguous(), quality=quality).numpy().tobytes() for f in frames]
+    """uint8 ``[N, 3, H, W]`` -> list of JPEG byte strings (TorchCodec's libjpeg-turbo encoder)."""
+    return [JpegEncoder(f.contiguous()).to_tensor(quality=quality).numpy().tobytes()
+            for f in frames]
 
 
 def write_raw_lmdb(path, videos, *, names_as_bytes=False, subdir=False, insertion_order=None,
@@ -104,7 +106,7 @@ def write_raw_lmdb(path, videos, *, names_as_bytes=False, subdir=False, insertio
 
 def write_toy_dataset(root, name='toy', videos=None, *, height=40, width=48, flow=True,
                       train=None, test=None, classes=None, sources=None, quality=95):
-    """A dataset folder in the layout of SPEC §3 under ``root/name``.
+    """A dataset folder in the layout of docs/METHOD.md (Data) under ``root/name``.
 
     ``videos``: ``{class/video: num_rgb_frames}``; frames are :func:`position_frames`. The flow
     LMDB (if ``flow``) holds the same content with one frame fewer per video. ``train``/``test``:
