@@ -17,8 +17,7 @@ from utils.misc import UserError, format_args, git_revision, plain_args
 
 def run(args, rt):
     crops = 'ten' if args.ten_crop else 'five' if args.five_crop else 'center'
-    source = f'--test {args.test}'
-    ckpt = load_checkpoint(args.test, '--test')
+    source, ckpt = f'--test {args.test}', load_checkpoint(args.test, '--test')
     if checkpoint_kind(ckpt['state_dict'], source) == 'pretrain':
         raise UserError(f'{source} is a pretraining checkpoint (encoder_q.*): it has no '
                         f'classifier. Finetune or linear-probe it first, or use --retrieval')

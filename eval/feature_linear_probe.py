@@ -26,12 +26,10 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     clips.add_common_flags(p)
     g = p.add_argument_group('linear probe')
-    g.add_argument('--test', required=True,
-                   help='checkpoint whose backbone gives the features (pretraining or '
-                        'classifier), or "random"')
-    g.add_argument('--Cs', type=POSITIVE_REAL, nargs='+',
-                   default=[1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
-                   help='inverse regularisation strengths tried')
+    g.add_argument('--test', required=True, help='checkpoint whose backbone gives the features '
+                   '(pretraining or classifier), or "random"')
+    g.add_argument('--Cs', type=POSITIVE_REAL, nargs='+', help='inverse regularisations tried',
+                   default=[1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
     g.add_argument('--holdout_fraction', type=FRACTION, default=0.2,
                    help='share of the train videos (whole source groups) that chooses C')
     g.add_argument('--max_iter', type=POSITIVE, default=1000, help='iterations of the lbfgs solver')
@@ -61,11 +59,9 @@ def main(argv=None):
     x = {part: f['features'].double().numpy() for part, f in feats.items()}
     y = {part: f['labels'].numpy() for part, f in feats.items()}
 
-    def probe(C, rows=slice(None)):
-        # Standardised with the train statistics only (test features inform nothing).
-        return make_pipeline(StandardScaler(), LogisticRegression(
-            C=C, max_iter=args.max_iter, random_state=args.seed)).fit(x['train'][rows],
-                                                                      y['train'][rows])
+    def probe(C, rows=slice(None)):   # standardised with the train statistics only
+        model = LogisticRegression(C=C, max_iter=args.max_iter, random_state=args.seed)
+        return make_pipeline(StandardScaler(), model).fit(x['train'][rows], y['train'][rows])
 
     # C: the best on held-out source groups of the train split (ties: the stronger regulariser).
     kept, held = clips.holdout_split(feats['train']['sources'].tolist(), args.holdout_fraction,

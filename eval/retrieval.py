@@ -43,13 +43,11 @@ def center_normalize(x):
     return F.normalize(x - x.mean(0, keepdim=True), dim=1)
 
 
-def nearest(query, gallery, k):
-    """Indices [Q, k] of each query row's k most similar gallery rows, best first."""
+def nearest(query, gallery, k):   # [Q, k] indices of the most similar gallery rows, best first
     return (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1).indices
 
 
-def recall_at_k(query, query_labels, gallery, gallery_labels, ks=KS):
-    """R@k of normalised features (a k beyond the gallery counts all of it)."""
+def recall_at_k(query, query_labels, gallery, gallery_labels, ks=KS):   # k > gallery: all of it
     hit = gallery_labels[nearest(query, gallery, max(ks))] == query_labels[:, None]
     return {k: 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
@@ -59,15 +57,7 @@ def recall_line(dataset, split, recall, protocol):
             + ' '.join(f'R@{k}={v:.1f}' for k, v in recall.items()))
 
 
-def weights_id(test, seed):
-    if test == 'random':
-        return f'random-seed{seed}'
-    with open(test, 'rb') as f:
-        return 'sha256:' + hashlib.file_digest(f, 'sha256').hexdigest()
-
-
-def lmdb_identity(path):
-    """Real path, size and modification time of an LMDB's data file."""
+def lmdb_identity(path):   # real path, size and modification time of the data file
     path = Path(path).resolve()
     st = (path / 'data.mdb' if path.is_dir() else path).stat()
     return [str(path), st.st_size, st.st_mtime_ns]
@@ -87,27 +77,28 @@ def cache_file(folder, key):
     return Path(folder) / f'{key["dataset"]}_split{key["which_split"]}_{key["part"]}_{digest}.pth'
 
 
-def experiment_dir(args):
-    """The checkpoint's folder, or <output_dir or experiments/>/random_<net> for random."""
+def experiment_dir(args):   # the checkpoint's folder; <output_dir>/random_<net> for random
     if args.test == 'random':
         return Path(args.output_dir or PROJECT_ROOT / 'experiments') / f'random_{args.net}'
     return Path(args.test).resolve().parent
 
 
 def load_backbone(args):
-    """The backbone of --test (pretraining or classifier checkpoint), or a seeded random one."""
+    """(backbone, description, weights id) of --test (pretraining or classifier checkpoint), or
+    a seeded random backbone."""
     torch.manual_seed(args.seed)
     backbone = build_backbone(args.net)
     if args.test == 'random':
-        return backbone, f'random initialisation (seed {args.seed})'
+        return backbone, f'random initialisation (seed {args.seed})', f'random-seed{args.seed}'
     ckpt, source = load_checkpoint(args.test, '--test'), f'--test {args.test}'
     check_modality(ckpt, modality_of(args.dataset), source)
     load_exact(backbone, backbone_weights(ckpt['state_dict'], source), source)
-    return backbone, f'{args.test} (epoch {ckpt.get("epoch")})'
+    with open(args.test, 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()
+    return backbone, f'{args.test} (epoch {ckpt.get("epoch")})', f'sha256:{digest}'
 
 
-def split_videos(args, part):
-    """Queries ('test') or gallery ('train') as clips.Videos, read as --protocol says."""
+def split_videos(args, part):   # queries ('test') or gallery ('train'), read as --protocol says
     coclr = args.protocol == 'coclr'
     ds = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
                        ds=args.ds, img_dim=args.img_dim, stored_size=coclr)
@@ -121,8 +112,7 @@ def features(args, rt):
     """(backbone description, weights id, {part: clips.Videos}, {part: {'features': [N, F],
     'labels', 'sources', 'key'}}) of the train and test splits, from the cache when it holds
     the exact key."""
-    backbone, what = load_backbone(args)
-    weights = weights_id(args.test, args.seed)
+    backbone, what, weights = load_backbone(args)
     videos, feats = {part: split_videos(args, part) for part in ('train', 'test')}, {}
     for part, v in videos.items():
         key = cache_key(args, part, weights, v)
@@ -152,8 +142,8 @@ def features(args, rt):
 
 
 def run(args, rt):
-    result = clips.result_path(args, experiment_dir(args),
-                               f'retrieval_{args.dataset}_split{args.which_split}')
+    split = f'{args.dataset}_split{args.which_split}'
+    result = clips.result_path(args, experiment_dir(args), f'retrieval_{split}')
     rt.say(f'=> git {git_revision()}\n=> retrieval on {args.dataset} split {args.which_split}, '
            f'protocol {args.protocol}\n=> args:\n{format_args(args)}')
     what, weights, videos, feats = features(args, rt)
@@ -168,6 +158,6 @@ def run(args, rt):
               'recall': {f'R@{k}': v for k, v in recall.items()}, 'git': git_revision(),
               'args': plain_args(args)}
     result.write_text(json.dumps(report, indent=1))
-    print(f'=> results {result}\n' + recall_line(args.dataset, args.which_split, recall,
-                                                  args.protocol))
+    print(f'=> results {result}\n'
+          + recall_line(args.dataset, args.which_split, recall, args.protocol))
     return report
