@@ -22,7 +22,7 @@ from dataset.augment import Photometric, flip_frames, normalize, resize
 from dataset.video_dataset import DatasetName, VideoDataset, add_data_args
 from utils import distributed as du
 from utils.config import NON_NEGATIVE, POSITIVE
-from utils.misc import UserError
+from utils.misc import UserError, git_revision, plain_args
 from utils.run import add_runtime_args, amp_dtype_of
 
 CROP = 224
@@ -51,14 +51,11 @@ def add_common_flags(parser):
     add_runtime_args(g)
 
 
-def check_single_view(dataset):
-    spec = DatasetName.parse(dataset)
-    if spec.views != 1 or (spec.rgb and spec.flow):
-        raise UserError(f'--dataset {dataset}: evaluation reads one modality and one clip per '
-                        f'sample; use {spec.base} (RGB) or {spec.base}-f (flow)')
-
-
 def start(args):
+    spec = DatasetName.parse(args.dataset)
+    if spec.views != 1 or (spec.rgb and spec.flow):
+        raise UserError(f'--dataset {args.dataset}: evaluation reads one modality and one clip '
+                        f'per sample; use {spec.base} (RGB) or {spec.base}-f (flow)')
     info = du.init_distributed(args.device, args.local_rank)
     return SimpleNamespace(
         info=info, device=info.device, is_main=info.is_main,
@@ -229,3 +226,11 @@ def result_path(args, default_dir, suffix):
                             f'--test {args.test} another --output_dir')
     out.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_result(path, args, report):
+    """``report`` with the checkpoint, git revision and arguments, as JSON at ``path``."""
+    report = {'checkpoint': checkpoint_id(args.test), **report, 'git': git_revision(),
+              'args': plain_args(args)}
+    path.write_text(json.dumps(report, indent=1))
+    return report

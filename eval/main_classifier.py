@@ -28,8 +28,7 @@ def build_parser():
     g.add_argument('--pretrain', default=None, help='initial weights: a pretraining checkpoint, '
                    'a classifier (same head and classes) or "random"; needed unless --resume')
     g.add_argument('--dropout', type=PROBABILITY, default=0.9, help='dropout before the ft head')
-    g.add_argument('--optim', choices=['adam', 'sgd'], default='adam',
-                   help='adam, or sgd with momentum 0.9')
+    g.add_argument('--optim', choices=['adam', 'sgd'], default='adam', help='sgd: momentum 0.9')
     g.add_argument('--lr', type=NON_NEGATIVE_REAL, default=1e-3, help='learning rate of the head')
     g.add_argument('--backbone_lr_mult', type=NON_NEGATIVE_REAL, default=0.1,
                    help='ft: the backbone learns at lr x this (the reference: lr/10)')
@@ -44,10 +43,8 @@ def build_parser():
                    help='what picks best.pth.tar: test = the test split (as the reference), '
                         'holdout = --val_fraction of the train split (whole source groups), none. '
                         'One clip a video (see eval/finetune.py ValidationClips)')
-    g.add_argument('--val_fraction', type=FRACTION, default=0.1,
-                   help='--val_set holdout: share of the train videos held out')
-    g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0,
-                   help='stop each epoch after this many iterations (0: whole epoch)')
+    g.add_argument('--val_fraction', type=FRACTION, default=0.1, help='--val_set holdout: share')
+    g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0, help='0: whole epochs')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     g = p.add_argument_group('output')
     g.add_argument('--output_dir', default=None,
@@ -64,8 +61,7 @@ def build_parser():
     crops.add_argument('--center_crop', action='store_true', help='test with the center crop')
     crops.add_argument('--five_crop', action='store_true', help='center + 4 corners')
     crops.add_argument('--ten_crop', action='store_true', help='five crops and their flips')
-    g.add_argument('--retrieval', action='store_true',
-                   help='nearest-neighbour retrieval: test videos query train videos')
+    g.add_argument('--retrieval', action='store_true', help='test videos query train videos')
     retrieval.add_feature_flags(p)
     return p
 
@@ -97,7 +93,6 @@ def main(argv=None):
     parser = build_parser()
     args = parse_args(parser, argv)
     job = check_args(args, parser)
-    clips.check_single_view(args.dataset)
     rt = clips.start(args)
     jobs = {'train': finetune.train, 'test': crop_test.run, 'retrieval': retrieval.run}
     try:

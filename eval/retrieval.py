@@ -12,7 +12,6 @@ Features are cached by the checkpoint's content and everything else they depend 
 import argparse
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from dataset.video_dataset import data_location, modality_of
 from eval import clips
 from model.classifier import backbone_weights, check_modality
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
-from utils.misc import PROJECT_ROOT, format_args, git_revision, plain_args
+from utils.misc import PROJECT_ROOT, format_args, git_revision
 
 KS = (1, 5, 10, 20, 50)
 CACHE_VERSION = 2   # bump when the extraction changes
@@ -117,13 +116,11 @@ def features(args, rt):
     for part, v in videos.items():
         key = cache_key(args, part, weights, v)
         path = cache_file(experiment_dir(args) / args.dirname, key)
-        try:
-            feats[part] = torch.load(path, map_location='cpu', weights_only=True)
-            if feats[part].get('key') == key:
-                rt.say(f'=> {part} features: cached {path}')
-                continue
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError):
-            pass   # none, unreadable (a run killed while writing it) or another key: computed
+        cached = torch.load(path, map_location='cpu', weights_only=True) if path.exists() else {}
+        if cached.get('key') == key:   # saved atomically: whole or absent
+            rt.say(f'=> {part} features: cached {path}')
+            feats[part] = cached
+            continue
         rt.say(f'=> {part} features: computing {len(v)} videos into {path}')
         backbone.to(rt.device, memory_format=rt.memory_format).eval()
         torch.manual_seed(args.seed + rt.info.rank)   # the gallery's random clips
@@ -142,8 +139,8 @@ def features(args, rt):
 
 
 def run(args, rt):
-    split = f'{args.dataset}_split{args.which_split}'
-    result = clips.result_path(args, experiment_dir(args), f'retrieval_{split}')
+    result = clips.result_path(args, experiment_dir(args),
+                               f'retrieval_{args.dataset}_split{args.which_split}')
     rt.say(f'=> git {git_revision()}\n=> retrieval on {args.dataset} split {args.which_split}, '
            f'protocol {args.protocol}\n=> args:\n{format_args(args)}')
     what, weights, videos, feats = features(args, rt)
@@ -152,12 +149,10 @@ def run(args, rt):
     test, train = feats['test'], feats['train']
     recall = recall_at_k(center_normalize(test['features'].float()), test['labels'],
                          center_normalize(train['features'].float()), train['labels'])
-    report = {'checkpoint': clips.checkpoint_id(args.test), 'weights': weights, 'backbone': what,
-              'protocol': args.protocol, 'dataset': args.dataset, 'split': args.which_split,
-              'queries': len(videos['test']), 'gallery': len(videos['train']),
-              'recall': {f'R@{k}': v for k, v in recall.items()}, 'git': git_revision(),
-              'args': plain_args(args)}
-    result.write_text(json.dumps(report, indent=1))
+    report = clips.write_result(result, args, {
+        'weights': weights, 'backbone': what, 'protocol': args.protocol, 'dataset': args.dataset,
+        'split': args.which_split, 'queries': len(videos['test']), 'gallery': len(videos['train']),
+        'recall': {f'R@{k}': v for k, v in recall.items()}})
     print(f'=> results {result}\n'
           + recall_line(args.dataset, args.which_split, recall, args.protocol))
     return report
