@@ -32,9 +32,8 @@ NUM_CROPS = {'center': 1, 'five': 5, 'ten': 10}
 def add_common_flags(parser):
     """Data, model and run flags of every evaluation script (the names of pretraining)."""
     parser.add_argument('--config', help='TOML file of flag defaults (configs/); flags win')
-    g = add_data_args(parser, 'ucf101', '<name> (RGB) or <name>-f (flow): ucf101, ucf101-f, '
-                      'hmdb51, hmdb51-f, demo, demo-f, or any folder under --data_root laid out '
-                      'as docs/METHOD.md, Data describes')
+    g = add_data_args(parser, 'ucf101', '<name> (RGB) or <name>-f (flow): ucf101, hmdb51, demo '
+                      'or any folder under --data_root laid out as docs/METHOD.md, Data says')
     g.add_argument('--max_videos', type=NON_NEGATIVE, default=0,
                    help='use only this many videos of each split, spread evenly (0: all)')
     g.add_argument('--protocol', choices=['coclr', 'clean'], default='coclr',
@@ -113,11 +112,8 @@ class Videos(Dataset):
         return {**self.dataset[self.indices[position]], 'position': position}
 
 
-def first(batch):
-    return batch[0]
-
-
-def video_loader(videos, workers, batch_size=1, collate_fn=first):   # shards padded to equal size
+def video_loader(videos, workers, batch_size=None, collate_fn=None):
+    """In order (default: one video at a time), sharded over processes, shards padded equally."""
     sampler = (DistributedSampler(videos, du.world_size(), du.get_rank(), shuffle=False)
                if du.world_size() > 1 else None)
     return DataLoader(videos, batch_size, sampler=sampler, num_workers=workers,

@@ -47,9 +47,8 @@ def build_parser():
     g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0, help='0: whole epochs')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     g = p.add_argument_group('output')
-    g.add_argument('--output_dir', default=None,
-                   help='training: runs go to <output_dir>/<name_prefix><run name>/ (default '
-                        "experiments/); --test: results go here (default: the checkpoint's folder)")
+    g.add_argument('--output_dir', default=None, help='training: runs go to <output_dir>/<run>/ '
+                   "(default experiments/); --test: results (default: the checkpoint's folder)")
     g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
     g.add_argument('--resume', default='', help='classifier checkpoint to continue from (exactly)')
     g.add_argument('--keep_every', type=NON_NEGATIVE, default=50,

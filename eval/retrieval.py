@@ -31,9 +31,8 @@ CACHE_VERSION = 2   # bump when the extraction changes
 
 def add_feature_flags(parser):
     g = parser.add_argument_group('features (retrieval, feature linear probe)')
-    g.add_argument('--dirname', default='features',
-                   help="feature cache folder; a relative path is taken in the checkpoint's "
-                        'folder, or in <output_dir>/random_<net>/ for --test random')
+    g.add_argument('--dirname', default='features', help='feature cache folder (relative: in the '
+                   "checkpoint's folder, or in <output_dir>/random_<net>/ for --test random)")
     g.add_argument('--feature_l2norm', action=argparse.BooleanOptionalAction, default=True,
                    help="L2-normalise each clip's feature before the mean over windows")
 
