@@ -22,7 +22,7 @@ from dataset.augment import Photometric, flip_frames, normalize, resize
 from dataset.video_dataset import DatasetName, VideoDataset, add_data_args
 from utils import distributed as du
 from utils.config import NON_NEGATIVE, POSITIVE
-from utils.misc import UserError
+from utils.misc import UserError, git_revision, plain_args
 from utils.run import add_runtime_args, amp_dtype_of
 
 CROP = 224
@@ -32,17 +32,14 @@ NUM_CROPS = {'center': 1, 'five': 5, 'ten': 10}
 def add_common_flags(parser):
     """Data, model and run flags of every evaluation script (the names of pretraining)."""
     parser.add_argument('--config', help='TOML file of flag defaults (configs/); flags win')
-    g = add_data_args(parser, 'ucf101', '<name> (RGB) or <name>-f (flow): ucf101, ucf101-f, '
-                      'hmdb51, hmdb51-f, demo, demo-f, or any folder under --data_root laid out '
-                      'as docs/METHOD.md, Data describes')
+    g = add_data_args(parser, 'ucf101', '<name> (RGB) or <name>-f (flow): ucf101, hmdb51, demo '
+                      'or any folder under --data_root laid out as docs/METHOD.md, Data says')
     g.add_argument('--max_videos', type=NON_NEGATIVE, default=0,
                    help='use only this many videos of each split, spread evenly (0: all)')
     g.add_argument('--protocol', choices=['coclr', 'clean'], default='coclr',
-                   help="test views: coclr = CoCLR's (224-pixel crops of the stored frames "
-                        'scaled to --img_dim, colour jitter with probability 0.3, retrieval '
-                        'gallery of one random clip per train video, validation on a random 30%% '
-                        'of the test split); clean = deterministic (crops of frames resized to '
-                        'round(img_dim * 8 / 7), every window, no jitter)')
+                   help="test views: coclr = CoCLR's (jittered 224-pixel crops scaled to "
+                        '--img_dim, a random clip per gallery video, validation on 30%% of the '
+                        'test split); clean = deterministic (docs/METHOD.md, Evaluation)')
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
                    help='colour-jitter flow frames too (the reference treats them as images)')
     g = parser.add_argument_group('model and run')
@@ -53,14 +50,11 @@ def add_common_flags(parser):
     add_runtime_args(g)
 
 
-def check_single_view(dataset):
-    spec = DatasetName.parse(dataset)
-    if spec.views != 1 or (spec.rgb and spec.flow):
-        raise UserError(f'--dataset {dataset}: evaluation reads one modality and one clip per '
-                        f'sample; use {spec.base} (RGB) or {spec.base}-f (flow)')
-
-
 def start(args):
+    spec = DatasetName.parse(args.dataset)
+    if spec.views != 1 or (spec.rgb and spec.flow):
+        raise UserError(f'--dataset {args.dataset}: evaluation reads one modality and one clip '
+                        f'per sample; use {spec.base} (RGB) or {spec.base}-f (flow)')
     info = du.init_distributed(args.device, args.local_rank)
     return SimpleNamespace(
         info=info, device=info.device, is_main=info.is_main,
@@ -69,18 +63,13 @@ def start(args):
         say=lambda *a: print(*a, flush=True) if info.is_main else None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Which videos
-
-def spread_indices(n, max_videos=0):
-    """All of range(n), or max_videos indices spread evenly (splits are sorted by class)."""
+def spread_indices(n, max_videos=0):   # splits are sorted by class: spread evenly over them
     return (torch.linspace(0, n - 1, max_videos).round().long().unique().tolist()
             if 0 < max_videos < n else list(range(n)))
 
 
 def holdout_split(sources, fraction, seed=0):
-    """Positions split into (kept, held out) by whole source groups, about ``fraction`` held
-    out; groups drawn in a seeded order."""
+    """(kept, held out) positions: about ``fraction`` held out, by whole source groups."""
     groups = sorted(set(sources))
     if not 0 < fraction < 1 or len(groups) < 2:
         raise UserError(f'cannot hold out {fraction} of {len(groups)} source group(s)')
@@ -123,27 +112,19 @@ class Videos(Dataset):
         return {**self.dataset[self.indices[position]], 'position': position}
 
 
-def first(batch):
-    return batch[0]
-
-
-def video_loader(videos, workers, batch_size=1, collate_fn=first):
-    """In order, sharded over processes (the shards padded to equal length)."""
+def video_loader(videos, workers, batch_size=None, collate_fn=None):
+    """In order (default: one video at a time), sharded over processes, shards padded equally."""
     sampler = (DistributedSampler(videos, du.world_size(), du.get_rank(), shuffle=False)
                if du.world_size() > 1 else None)
     return DataLoader(videos, batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_fn)
 
 
-def gather_rows(positions, values, total):
-    """Every process's rows placed by position into ``[total, ...]``."""
+def gather_rows(positions, values, total):   # every process's rows, placed by position
     out = values.new_zeros((total, *values.shape[1:]))
     out[du.all_gather(positions)] = du.all_gather(values)
     return out
 
-
-# ----------------------------------------------------------------------------------------------
-# Views
 
 def crop_offsets(height, width, size):
     """(top, left) of the centre, top-left, top-right, bottom-left, bottom-right crops."""
@@ -170,9 +151,6 @@ class TestViews:
                                        blur_prob=0.0)
         self.generator = torch.Generator().manual_seed(args.seed + du.get_rank())
 
-    def draw(self, n_crops):   # the jitter of one video: a parameter set per crop
-        return self.photometric.sample(torch.ones(n_crops, dtype=torch.bool), self.generator)
-
     def __call__(self, windows, i, params, memory_format=torch.contiguous_format):
         """uint8 windows ``[W, T, 3, H, W]`` -> float ``[W, 3, T, s, s]``."""
         h, w = windows.shape[-2:]
@@ -188,6 +166,9 @@ class TestViews:
         if self.jitter:
             x = self.photometric.apply(x, {k: v[[i] * len(x)] for k, v in params.items()}, True)
         return to_input(x, memory_format)
+
+    def draw(self, n_crops):   # the jitter of one video: a parameter set per crop
+        return self.photometric.sample(torch.ones(n_crops, dtype=torch.bool), self.generator)
 
 
 @torch.no_grad()
@@ -213,14 +194,10 @@ def autocast(rt):
                           enabled=rt.amp_dtype is not None)
 
 
-def video_accuracy(probs, labels, ks=(1, 5)):
-    """Percent of videos whose label is among the top k of ``probs [V, C]``, for each k."""
+def video_accuracy(probs, labels, ks=(1, 5)):   # top-k percent of probs [V, C]
     hit = probs.topk(min(max(ks), probs.shape[1]), dim=1).indices == labels[:, None]
     return {f'top{k}': 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
-
-# ----------------------------------------------------------------------------------------------
-# Result files
 
 def checkpoint_id(test):
     return 'random' if test == 'random' else str(Path(test).resolve())
@@ -245,3 +222,11 @@ def result_path(args, default_dir, suffix):
                             f'--test {args.test} another --output_dir')
     out.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_result(path, args, report):
+    """``report`` with the checkpoint, git revision and arguments, as JSON at ``path``."""
+    report = {'checkpoint': checkpoint_id(args.test), **report, 'git': git_revision(),
+              'args': plain_args(args)}
+    path.write_text(json.dumps(report, indent=1))
+    return report

@@ -2,7 +2,6 @@
 the softmax of every window of a test video, averaged per crop, then over the crops; video-level
 top-1/top-5 (ten crops also report centre and five). Writes the result JSON and the per-video
 probabilities that merge_2stream_prob.py fuses."""
-import json
 from pathlib import Path
 
 import torch
@@ -12,13 +11,12 @@ from dataset.video_dataset import data_location, modality_of
 from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.misc import UserError, format_args, git_revision, plain_args
+from utils.misc import UserError, format_args, git_revision
 
 
 def run(args, rt):
     crops = 'ten' if args.ten_crop else 'five' if args.five_crop else 'center'
-    source = f'--test {args.test}'
-    ckpt = load_checkpoint(args.test, '--test')
+    source, ckpt = f'--test {args.test}', load_checkpoint(args.test, '--test')
     if checkpoint_kind(ckpt['state_dict'], source) == 'pretrain':
         raise UserError(f'{source} is a pretraining checkpoint (encoder_q.*): it has no '
                         f'classifier. Finetune or linear-probe it first, or use --retrieval')
@@ -57,9 +55,9 @@ def run(args, rt):
     save_checkpoint({'names': videos.names, 'labels': torch.tensor(videos.labels),
                      'probs': summaries[crops].cpu(), 'classes': test_set.classes, 'meta': meta},
                     prob_file)
-    report = {**meta, 'epoch': ckpt.get('epoch'), 'videos': len(videos), 'results': results,
-              'probabilities': str(prob_file), 'git': git_revision(), 'args': plain_args(args)}
-    result.write_text(json.dumps(report, indent=1))
+    report = clips.write_result(result, args, {**meta, 'epoch': ckpt.get('epoch'),
+                                               'videos': len(videos), 'results': results,
+                                               'probabilities': str(prob_file)})
     lines = [f'test {args.dataset} split{args.which_split} ({len(videos)} videos, protocol '
              f'{args.protocol})', f'{"crops":<8}{"top1":>8}{"top5":>8}']
     lines += [f'{name:<8}{r["top1"]:>8.2f}{r["top5"]:>8.2f}' for name, r in results.items()]

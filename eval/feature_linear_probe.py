@@ -7,7 +7,6 @@ source groups), then refit on the whole train split; reports test top-1/top-5.
         --test CKPT
 """
 import argparse
-import json
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -18,7 +17,7 @@ from backbone import MIN_SEGMENT_FRAMES
 from eval import clips, retrieval
 from utils import distributed as du
 from utils.config import FRACTION, POSITIVE, POSITIVE_REAL, parse_args
-from utils.misc import format_args, git_revision, plain_args, run_main
+from utils.misc import format_args, git_revision, run_main
 
 
 def build_parser():
@@ -26,12 +25,10 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     clips.add_common_flags(p)
     g = p.add_argument_group('linear probe')
-    g.add_argument('--test', required=True,
-                   help='checkpoint whose backbone gives the features (pretraining or '
-                        'classifier), or "random"')
-    g.add_argument('--Cs', type=POSITIVE_REAL, nargs='+',
-                   default=[1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
-                   help='inverse regularisation strengths tried')
+    g.add_argument('--test', required=True, help='checkpoint whose backbone gives the features '
+                   '(pretraining or classifier), or "random"')
+    g.add_argument('--Cs', type=POSITIVE_REAL, nargs='+', help='inverse regularisations tried',
+                   default=[1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
     g.add_argument('--holdout_fraction', type=FRACTION, default=0.2,
                    help='share of the train videos (whole source groups) that chooses C')
     g.add_argument('--max_iter', type=POSITIVE, default=1000, help='iterations of the lbfgs solver')
@@ -47,7 +44,6 @@ def main(argv=None):
     args = parse_args(parser, argv)
     if args.seq_len < MIN_SEGMENT_FRAMES.get(args.net, 1):
         parser.error(f'--seq_len {args.seq_len} is too short for --net {args.net}')
-    clips.check_single_view(args.dataset)
     rt = clips.start(args)
     try:
         path = clips.result_path(args, retrieval.experiment_dir(args),
@@ -61,11 +57,9 @@ def main(argv=None):
     x = {part: f['features'].double().numpy() for part, f in feats.items()}
     y = {part: f['labels'].numpy() for part, f in feats.items()}
 
-    def probe(C, rows=slice(None)):
-        # Standardised with the train statistics only (test features inform nothing).
-        return make_pipeline(StandardScaler(), LogisticRegression(
-            C=C, max_iter=args.max_iter, random_state=args.seed)).fit(x['train'][rows],
-                                                                      y['train'][rows])
+    def probe(C, rows=slice(None)):   # standardised with the train statistics only
+        model = LogisticRegression(C=C, max_iter=args.max_iter, random_state=args.seed)
+        return make_pipeline(StandardScaler(), model).fit(x['train'][rows], y['train'][rows])
 
     # C: the best on held-out source groups of the train split (ties: the stronger regulariser).
     kept, held = clips.holdout_split(feats['train']['sources'].tolist(), args.holdout_fraction,
@@ -81,11 +75,10 @@ def main(argv=None):
     order = final.classes_[np.argsort(-final.predict_proba(x['test']), axis=1)]
     acc = {f'top{k}': 100.0 * float((order[:, :k] == y['test'][:, None]).any(1).mean())
            for k in (1, 5)}
-    path.write_text(json.dumps({'checkpoint': clips.checkpoint_id(args.test), 'weights': weights,
-                                'backbone': what, 'protocol': args.protocol, 'C': C,
-                                'holdout_accuracy': {str(c): a for c, a in scores.items()},
-                                'train_videos': len(y['train']), 'test_videos': len(y['test']),
-                                **acc, 'git': git_revision(), 'args': plain_args(args)}, indent=1))
+    clips.write_result(path, args, {
+        'weights': weights, 'backbone': what, 'protocol': args.protocol, 'C': C,
+        'holdout_accuracy': {str(c): a for c, a in scores.items()},
+        'train_videos': len(y['train']), 'test_videos': len(y['test']), **acc})
     print(f'=> results {path}\nfeature linear probe {args.dataset} split{args.which_split}: '
           f'top1={acc["top1"]:.1f} top5={acc["top5"]:.1f} (C={C:g}, protocol {args.protocol})')
     return {'C': C, **acc}

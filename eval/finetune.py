@@ -24,12 +24,6 @@ from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_fresh_run
 VAL_SEED, VAL_SHARE = 666, 0.3   # CoCLR validates on this random share of the test split
 
 
-def run_name(args):
-    return (f'{args.name_prefix}lincls-{args.train_what}_{args.dataset}_split{args.which_split}'
-            f'_{args.net}_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}'
-            f'_dim{args.img_dim}')
-
-
 def validation_videos(args, train_set, positions):
     """(positions trained on, validation clips.Videos or None, a description)."""
     if args.val_set == 'none':
@@ -83,7 +77,10 @@ def train(args, rt):
 
     torch.manual_seed(args.seed)   # the same initial head on every process
     model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
-    exp_dir = Path(args.output_dir or PROJECT_ROOT / 'experiments') / run_name(args)
+    exp_dir = Path(args.output_dir or PROJECT_ROOT / 'experiments') / (
+        f'{args.name_prefix}lincls-{args.train_what}_{args.dataset}_split{args.which_split}_'
+        f'{args.net}_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}'
+        f'_dim{args.img_dim}')
     start_epoch, iteration, best_acc, best_epoch, previous = 0, 0, 0.0, -1, None
     if pretrained is not None:
         kind = load_pretrained(model, pretrained['state_dict'], f'--pretrain {args.pretrain}')
@@ -94,7 +91,8 @@ def train(args, rt):
         check_fresh_run(exp_dir)
     model.to(device, memory_format=rt.memory_format)
     torch.backends.cudnn.benchmark = True
-    groups = [{'params': model.head_parameters(), 'lr_mult': 1.0, 'name': 'head'}]
+    head = [p for n, p in model.named_parameters() if not n.startswith('backbone.')]
+    groups = [{'params': head, 'lr_mult': 1.0, 'name': 'head'}]
     if not model.linear_probe:
         groups.insert(0, {'params': list(model.backbone.parameters()),
                           'lr_mult': args.backbone_lr_mult, 'name': 'backbone'})
@@ -108,8 +106,7 @@ def train(args, rt):
     broadcast_state(model)
     frozen = ({k: v.clone() for k, v in model.backbone.state_dict().items()}
               if model.linear_probe else None)
-    # Finetuning's photometric augmentation is colour jitter alone, on --color_jitter_prob of
-    # the clips, as the reference.
+    # Colour jitter alone, on --color_jitter_prob of the clips, as the reference.
     augment = DeviceAugment(args.photometric_on_flow, rt.memory_format,
                             Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
     writer = open_run(exp_dir, args, info,
@@ -129,21 +126,20 @@ def train(args, rt):
                                                scaler, args, rt, epoch, iteration, writer)
             record = {'epoch': epoch, 'iteration': iteration, 'lr': lr,
                       **{f'train_{k}': v for k, v in stats.items()}}
+            last = epoch + 1 == args.epochs
             is_best = False
-            if val_videos is not None and ((epoch + 1) % args.eval_freq == 0
-                                           or epoch + 1 == args.epochs):
+            if val_videos is not None and ((epoch + 1) % args.eval_freq == 0 or last):
                 val = validate(model, val_videos, args, rt, epoch)
                 record.update({f'val_{k}': v for k, v in val.items()}, val_set=args.val_set)
-                is_best = val['top1'] > best_acc or best_epoch < 0
-                if is_best:
+                if is_best := val['top1'] > best_acc or best_epoch < 0:
                     best_acc, best_epoch = val['top1'], epoch
                 for k, v in val.items() if writer is not None else ():
                     writer.add_scalar(f'val_{args.val_set}/{k}', v, epoch)
+            say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in record.items()
+                                                 if isinstance(v, float))
+                + (f' (best so far, {args.val_set} top1 {best_acc:.2f})' if is_best else ''))
             if info.is_main:
                 log_epoch(exp_dir / 'log.jsonl', record)
-                say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in record.items()
-                                                     if isinstance(v, float))
-                    + (f' (best so far, {args.val_set} top1 {best_acc:.2f})' if is_best else ''))
                 state = {'state_dict': model.state_dict(), 'epoch': epoch,
                          'optimizer': optimizer.state_dict(), 'iteration': iteration,
                          'best_acc': best_acc, 'best_epoch': best_epoch, 'val_set': val_desc,
@@ -224,11 +220,9 @@ def validate(model, videos, args, rt, epoch):
     """Loss and top-1/top-5 (percent) of one clip per validation video (ValidationClips)."""
     model.eval()
     loader = clips.video_loader(videos, args.workers, args.batch_size,
-                                ValidationClips(args.protocol, args.img_dim,
-                                                      videos.modality))
+                                ValidationClips(args.protocol, args.img_dim, videos.modality))
     positions, logits = [], []
-    for batch in tqdm(loader, desc=f'validate {epoch}', disable=not rt.is_main,
-                      dynamic_ncols=True):
+    for batch in tqdm(loader, desc=f'validate {epoch}', disable=not rt.is_main, dynamic_ncols=True):
         x = clips.to_input(batch['clips'].to(rt.device).float().div_(255), rt.memory_format)
         with clips.autocast(rt):
             logits.append(model(x).float())

@@ -1,14 +1,9 @@
 """Action recognition and retrieval on top of a pretrained network (docs/METHOD.md,
-Evaluation): train a classifier (--pretrain or --resume), test it (--test with a crop flag), or
-nearest-neighbour retrieval (--test --retrieval).
-
-One command line, three jobs, each in its own module:
+Evaluation). One command line, three jobs:
 - train (eval/finetune.py): --pretrain CKPT|random (or --resume), --train_what ft|last;
 - test (eval/crop_test.py): --test CKPT --center_crop|--five_crop|--ten_crop;
 - retrieval (eval/retrieval.py): --test CKPT|random --retrieval.
 
-    cd eval; python main_classifier.py --net s3d --dataset ucf101 --seq_len 32 --ds 1 \\
-        --batch_size 32 --train_what ft --epochs 500 --schedule 400 450 --pretrain CKPT
     python eval/main_classifier.py --config configs/demo_finetune.toml --pretrain CKPT
 """
 import argparse
@@ -30,12 +25,10 @@ def build_parser():
     g.add_argument('--train_what', choices=HEADS, default='last',
                    help='ft: finetune the whole network (dropout + linear head); last: linear '
                         'probe (frozen backbone, L2 norm + BatchNorm1d + linear head)')
-    g.add_argument('--pretrain', default=None,
-                   help='initial weights: a pretraining checkpoint (its query encoder), a '
-                        'classifier (same head and classes) or "random"; needed unless --resume')
+    g.add_argument('--pretrain', default=None, help='initial weights: a pretraining checkpoint, '
+                   'a classifier (same head and classes) or "random"; needed unless --resume')
     g.add_argument('--dropout', type=PROBABILITY, default=0.9, help='dropout before the ft head')
-    g.add_argument('--optim', choices=['adam', 'sgd'], default='adam',
-                   help='adam, or sgd with momentum 0.9')
+    g.add_argument('--optim', choices=['adam', 'sgd'], default='adam', help='sgd: momentum 0.9')
     g.add_argument('--lr', type=NON_NEGATIVE_REAL, default=1e-3, help='learning rate of the head')
     g.add_argument('--backbone_lr_mult', type=NON_NEGATIVE_REAL, default=0.1,
                    help='ft: the backbone learns at lr x this (the reference: lr/10)')
@@ -44,49 +37,38 @@ def build_parser():
     g.add_argument('--schedule', type=NON_NEGATIVE, nargs='*', default=[60, 80],
                    help='epochs at which the learning rate drops x0.1')
     g.add_argument('--color_jitter_prob', type=PROBABILITY, default=0.3,
-                   help='share of training clips given colour jitter (brightness, contrast, '
-                        'saturation 0.4, hue 0.1, random order) on the device, as the reference')
+                   help='share of training clips given colour jitter (as the reference)')
     g.add_argument('--eval_freq', type=POSITIVE, default=1, help='validate every N epochs')
     g.add_argument('--val_set', choices=['test', 'holdout', 'none'], default='test',
-                   help='what picks best.pth.tar: test = the test split (as the reference; no '
-                        'independent validation), holdout = --val_fraction of the train split '
-                        '(whole source groups, not trained on), none. One clip a video: coclr '
-                        "protocol a random clip and crop (test: a fixed random 30%%), clean the "
-                        "middle window's centre crop")
-    g.add_argument('--val_fraction', type=FRACTION, default=0.1,
-                   help='--val_set holdout: share of the train videos held out')
-    g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0,
-                   help='stop each epoch after this many iterations (0: whole epoch)')
+                   help='what picks best.pth.tar: test = the test split (as the reference), '
+                        'holdout = --val_fraction of the train split (whole source groups), none. '
+                        'One clip a video (see eval/finetune.py ValidationClips)')
+    g.add_argument('--val_fraction', type=FRACTION, default=0.1, help='--val_set holdout: share')
+    g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0, help='0: whole epochs')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     g = p.add_argument_group('output')
-    g.add_argument('--output_dir', default=None,
-                   help='training: runs go to <output_dir>/<name_prefix><run name>/ (default '
-                        "experiments/); --test: results go here (default: the checkpoint's folder)")
+    g.add_argument('--output_dir', default=None, help='training: runs go to <output_dir>/<run>/ '
+                   "(default experiments/); --test: results (default: the checkpoint's folder)")
     g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
     g.add_argument('--resume', default='', help='classifier checkpoint to continue from (exactly)')
     g.add_argument('--keep_every', type=NON_NEGATIVE, default=50,
-                   help='keep epoch<N>.pth.tar of every N-th epoch (0: none) besides last, best '
-                        'and the latest epoch file')
+                   help='also keep epoch<N>.pth.tar of every N-th epoch (0: none)')
     g = p.add_argument_group('test (with --test)')
-    g.add_argument('--test', default='',
-                   help='a classifier to test with a crop flag; with --retrieval any checkpoint, '
-                        'or "random" (the random-init baseline)')
+    g.add_argument('--test', default='', help='a classifier to test with a crop flag; with '
+                   '--retrieval any checkpoint, or "random" (the random-init baseline)')
     crops = g.add_mutually_exclusive_group()
     crops.add_argument('--center_crop', action='store_true', help='test with the center crop')
     crops.add_argument('--five_crop', action='store_true', help='center + 4 corners')
     crops.add_argument('--ten_crop', action='store_true', help='five crops and their flips')
-    g.add_argument('--retrieval', action='store_true',
-                   help='nearest-neighbour retrieval: test videos query train videos')
+    g.add_argument('--retrieval', action='store_true', help='test videos query train videos')
     retrieval.add_feature_flags(p)
     return p
 
 
 def check_args(args, parser):
     """Which job the flags ask for: 'train', 'test' or 'retrieval' (or a parser error)."""
-    need = MIN_SEGMENT_FRAMES.get(args.net, 1)
-    if args.seq_len < need:
-        parser.error(f'--seq_len {args.seq_len}: --net {args.net} needs clips of at least '
-                     f'{need} frames')
+    if args.seq_len < (need := MIN_SEGMENT_FRAMES.get(args.net, 1)):
+        parser.error(f'--seq_len {args.seq_len}: --net {args.net} needs {need}+ frames')
     crop = args.center_crop or args.five_crop or args.ten_crop
     if not args.test:
         if crop or args.retrieval:
@@ -95,9 +77,9 @@ def check_args(args, parser):
             parser.error('training needs --pretrain CHECKPOINT (or --pretrain random to train '
                          'from scratch, or --resume)')
         return 'train'
+    if args.retrieval and crop:
+        parser.error('--retrieval uses the center crop of every window; drop the crop flag')
     if args.retrieval:
-        if crop:
-            parser.error('--retrieval uses the center crop of every window; drop the crop flag')
         return 'retrieval'
     if not crop:
         parser.error('--test needs --center_crop, --five_crop or --ten_crop (or --retrieval)')
@@ -110,11 +92,10 @@ def main(argv=None):
     parser = build_parser()
     args = parse_args(parser, argv)
     job = check_args(args, parser)
-    clips.check_single_view(args.dataset)
     rt = clips.start(args)
+    jobs = {'train': finetune.train, 'test': crop_test.run, 'retrieval': retrieval.run}
     try:
-        return {'train': finetune.train, 'test': crop_test.run, 'retrieval': retrieval.run}[job](
-            args, rt)
+        return jobs[job](args, rt)
     finally:
         du.cleanup()
 

@@ -1,7 +1,7 @@
 """Two-stream late fusion: average the per-video probabilities of an RGB and a flow test run
 (``main_classifier.py --test ... --ten_crop`` writes them as ``*_prob.pth``) and report
-top-1/top-5 of each stream and of the fusion. The two files must hold the same videos (in any
-order), labels and classes; otherwise the script stops and names the difference.
+top-1/top-5 of each stream and of the fusion. The files must hold the same videos (any order),
+labels and classes.
 
     python eval/merge_2stream_prob.py --prob1 RGB_prob.pth --prob2 FLOW_prob.pth
 """
@@ -48,15 +48,12 @@ def merge(path1, path2):
         raise UserError(f'{path1} vs {path2}: different classes ({len(first["classes"])} vs '
                         f'{len(second["classes"])})')
     order = torch.tensor([names2.index(n) for n in names1])
-    labels, probs2 = first['labels'], second['probs'][order].float()
-    differ = (second['labels'][order] != labels).nonzero().flatten().tolist()
-    if differ:
+    labels, probs1, probs2 = first['labels'], first['probs'].float(), second['probs'][order].float()
+    if differ := (second['labels'][order] != labels).nonzero().flatten().tolist():
         raise UserError(f'{path1} vs {path2}: {len(differ)} video(s) have different labels, '
                         f'e.g. {names1[differ[0]]}')
-    return {'first': video_accuracy(first['probs'].float(), labels),
-            'second': video_accuracy(probs2, labels),
-            'fusion': video_accuracy((first['probs'].float() + probs2) / 2, labels),
-            'videos': len(labels)}
+    return {'first': video_accuracy(probs1, labels), 'second': video_accuracy(probs2, labels),
+            'fusion': video_accuracy((probs1 + probs2) / 2, labels), 'videos': len(labels)}
 
 
 def main(argv=None):

@@ -12,7 +12,6 @@ Features are cached by the checkpoint's content and everything else they depend 
 import argparse
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from dataset.video_dataset import data_location, modality_of
 from eval import clips
 from model.classifier import backbone_weights, check_modality
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
-from utils.misc import PROJECT_ROOT, format_args, git_revision, plain_args
+from utils.misc import PROJECT_ROOT, format_args, git_revision
 
 KS = (1, 5, 10, 20, 50)
 CACHE_VERSION = 2   # bump when the extraction changes
@@ -32,9 +31,8 @@ CACHE_VERSION = 2   # bump when the extraction changes
 
 def add_feature_flags(parser):
     g = parser.add_argument_group('features (retrieval, feature linear probe)')
-    g.add_argument('--dirname', default='features',
-                   help="feature cache folder; a relative path is taken in the checkpoint's "
-                        'folder, or in <output_dir>/random_<net>/ for --test random')
+    g.add_argument('--dirname', default='features', help='feature cache folder (relative: in the '
+                   "checkpoint's folder, or in <output_dir>/random_<net>/ for --test random)")
     g.add_argument('--feature_l2norm', action=argparse.BooleanOptionalAction, default=True,
                    help="L2-normalise each clip's feature before the mean over windows")
 
@@ -43,13 +41,11 @@ def center_normalize(x):
     return F.normalize(x - x.mean(0, keepdim=True), dim=1)
 
 
-def nearest(query, gallery, k):
-    """Indices [Q, k] of each query row's k most similar gallery rows, best first."""
+def nearest(query, gallery, k):   # [Q, k] indices of the most similar gallery rows, best first
     return (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1).indices
 
 
-def recall_at_k(query, query_labels, gallery, gallery_labels, ks=KS):
-    """R@k of normalised features (a k beyond the gallery counts all of it)."""
+def recall_at_k(query, query_labels, gallery, gallery_labels, ks=KS):   # k > gallery: all of it
     hit = gallery_labels[nearest(query, gallery, max(ks))] == query_labels[:, None]
     return {k: 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
@@ -59,15 +55,7 @@ def recall_line(dataset, split, recall, protocol):
             + ' '.join(f'R@{k}={v:.1f}' for k, v in recall.items()))
 
 
-def weights_id(test, seed):
-    if test == 'random':
-        return f'random-seed{seed}'
-    with open(test, 'rb') as f:
-        return 'sha256:' + hashlib.file_digest(f, 'sha256').hexdigest()
-
-
-def lmdb_identity(path):
-    """Real path, size and modification time of an LMDB's data file."""
+def lmdb_identity(path):   # real path, size and modification time of the data file
     path = Path(path).resolve()
     st = (path / 'data.mdb' if path.is_dir() else path).stat()
     return [str(path), st.st_size, st.st_mtime_ns]
@@ -87,27 +75,28 @@ def cache_file(folder, key):
     return Path(folder) / f'{key["dataset"]}_split{key["which_split"]}_{key["part"]}_{digest}.pth'
 
 
-def experiment_dir(args):
-    """The checkpoint's folder, or <output_dir or experiments/>/random_<net> for random."""
+def experiment_dir(args):   # the checkpoint's folder; <output_dir>/random_<net> for random
     if args.test == 'random':
         return Path(args.output_dir or PROJECT_ROOT / 'experiments') / f'random_{args.net}'
     return Path(args.test).resolve().parent
 
 
 def load_backbone(args):
-    """The backbone of --test (pretraining or classifier checkpoint), or a seeded random one."""
+    """(backbone, description, weights id) of --test (pretraining or classifier checkpoint), or
+    a seeded random backbone."""
     torch.manual_seed(args.seed)
     backbone = build_backbone(args.net)
     if args.test == 'random':
-        return backbone, f'random initialisation (seed {args.seed})'
+        return backbone, f'random initialisation (seed {args.seed})', f'random-seed{args.seed}'
     ckpt, source = load_checkpoint(args.test, '--test'), f'--test {args.test}'
     check_modality(ckpt, modality_of(args.dataset), source)
     load_exact(backbone, backbone_weights(ckpt['state_dict'], source), source)
-    return backbone, f'{args.test} (epoch {ckpt.get("epoch")})'
+    with open(args.test, 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()
+    return backbone, f'{args.test} (epoch {ckpt.get("epoch")})', f'sha256:{digest}'
 
 
-def split_videos(args, part):
-    """Queries ('test') or gallery ('train') as clips.Videos, read as --protocol says."""
+def split_videos(args, part):   # queries ('test') or gallery ('train'), read as --protocol says
     coclr = args.protocol == 'coclr'
     ds = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
                        ds=args.ds, img_dim=args.img_dim, stored_size=coclr)
@@ -121,19 +110,16 @@ def features(args, rt):
     """(backbone description, weights id, {part: clips.Videos}, {part: {'features': [N, F],
     'labels', 'sources', 'key'}}) of the train and test splits, from the cache when it holds
     the exact key."""
-    backbone, what = load_backbone(args)
-    weights = weights_id(args.test, args.seed)
+    backbone, what, weights = load_backbone(args)
     videos, feats = {part: split_videos(args, part) for part in ('train', 'test')}, {}
     for part, v in videos.items():
         key = cache_key(args, part, weights, v)
         path = cache_file(experiment_dir(args) / args.dirname, key)
-        try:
-            feats[part] = torch.load(path, map_location='cpu', weights_only=True)
-            if feats[part].get('key') == key:
-                rt.say(f'=> {part} features: cached {path}')
-                continue
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, AttributeError):
-            pass   # none, unreadable (a run killed while writing it) or another key: computed
+        cached = torch.load(path, map_location='cpu', weights_only=True) if path.exists() else {}
+        if cached.get('key') == key:   # saved atomically: whole or absent
+            rt.say(f'=> {part} features: cached {path}')
+            feats[part] = cached
+            continue
         rt.say(f'=> {part} features: computing {len(v)} videos into {path}')
         backbone.to(rt.device, memory_format=rt.memory_format).eval()
         torch.manual_seed(args.seed + rt.info.rank)   # the gallery's random clips
@@ -162,12 +148,10 @@ def run(args, rt):
     test, train = feats['test'], feats['train']
     recall = recall_at_k(center_normalize(test['features'].float()), test['labels'],
                          center_normalize(train['features'].float()), train['labels'])
-    report = {'checkpoint': clips.checkpoint_id(args.test), 'weights': weights, 'backbone': what,
-              'protocol': args.protocol, 'dataset': args.dataset, 'split': args.which_split,
-              'queries': len(videos['test']), 'gallery': len(videos['train']),
-              'recall': {f'R@{k}': v for k, v in recall.items()}, 'git': git_revision(),
-              'args': plain_args(args)}
-    result.write_text(json.dumps(report, indent=1))
-    print(f'=> results {result}\n' + recall_line(args.dataset, args.which_split, recall,
-                                                  args.protocol))
+    report = clips.write_result(result, args, {
+        'weights': weights, 'backbone': what, 'protocol': args.protocol, 'dataset': args.dataset,
+        'split': args.which_split, 'queries': len(videos['test']), 'gallery': len(videos['train']),
+        'recall': {f'R@{k}': v for k, v in recall.items()}})
+    print(f'=> results {result}\n'
+          + recall_line(args.dataset, args.which_split, recall, args.protocol))
     return report

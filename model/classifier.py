@@ -20,10 +20,10 @@ class LinearClassifier(nn.Module):
     probe of the frozen backbone, kept in eval mode): L2 norm, ``final_bn = BatchNorm1d``,
     ``final_fc = Sequential(Linear)``."""
 
-    def __init__(self, net='s3d', num_classes=101, train_what='ft', dropout=0.9, in_channels=3):
+    def __init__(self, net='s3d', num_classes=101, train_what='ft', dropout=0.9):
         super().__init__()
-        self.train_what = train_what
-        self.backbone = build_backbone(net, in_channels=in_channels)
+        self.train_what, self.linear_probe = train_what, train_what == 'last'
+        self.backbone = build_backbone(net)
         f = self.backbone.feature_dim
         if train_what == 'last':
             self.final_bn = nn.BatchNorm1d(f)
@@ -31,20 +31,11 @@ class LinearClassifier(nn.Module):
             self.backbone.requires_grad_(False)
         else:
             self.final_fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(f, num_classes))
-        # CoCLR's head initialisation: small Gaussian weights, zero bias.
-        linear = self.final_fc[-1]
-        nn.init.normal_(linear.weight, std=0.01)
-        nn.init.zeros_(linear.bias)
-
-    @property
-    def linear_probe(self):
-        return self.train_what == 'last'
+        nn.init.normal_(self.final_fc[-1].weight, std=0.01)   # CoCLR's head initialisation
+        nn.init.zeros_(self.final_fc[-1].bias)
 
     def head_keys(self):   # the only keys a pretraining checkpoint may lack
         return [k for k in self.state_dict() if not k.startswith(BACKBONE_PREFIX)]
-
-    def head_parameters(self):
-        return [p for n, p in self.named_parameters() if not n.startswith(BACKBONE_PREFIX)]
 
     def features(self, x):                                      # x: B x C x T x H x W
         return F.adaptive_avg_pool3d(self.backbone(x), 1).flatten(1)   # B x F
@@ -68,9 +59,8 @@ def checkpoint_kind(state_dict, source):
         return 'pretrain'
     if any(k.startswith(BACKBONE_PREFIX) for k in state_dict):
         return 'classifier'
-    example = next(iter(state_dict), 'none')
     raise UserError(f'{source}: neither a pretraining checkpoint (encoder_q.0.* keys) nor a '
-                    f'classifier (backbone.* keys); first key: {example!r}')
+                    f'classifier (backbone.* keys); first key: {next(iter(state_dict), "none")!r}')
 
 
 def head_layout(state_dict):
@@ -89,8 +79,7 @@ def backbone_weights(state_dict, source):
 def load_pretrained(model, state_dict, source):
     """Initialise ``model`` from ``state_dict``; return its kind. A pretraining checkpoint gives
     the backbone (only the new head may be missing); a classifier must match completely."""
-    kind = checkpoint_kind(state_dict, source)
-    if kind == 'pretrain':
+    if (kind := checkpoint_kind(state_dict, source)) == 'pretrain':
         weights = {BACKBONE_PREFIX + k: v for k, v in backbone_weights(state_dict, source).items()}
         load_exact(model, weights, source, allowed_missing=model.head_keys())
         return kind
@@ -110,8 +99,7 @@ def check_modality(ckpt, modality, source):
         if du.get_rank() == 0:
             print(f'=> note: {source} does not record what it was trained on (no --dataset in '
                   f'its args); make sure it is a {modality.upper()} network')
-        return
-    if found != modality:
+    elif found != modality:
         args = ckpt['args']
         trained = f'--dataset {args["dataset"]}' + (' --reverse' if args.get('reverse') else '')
         raise UserError(f'{source} holds a network trained on {found.upper()} ({trained}), but '

@@ -32,18 +32,14 @@ PROFILES = {   # pretraining and finetuning lengths (0 iterations: whole epochs)
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--profile', choices=sorted(PROFILES), default='cpu',
-                   help='stage lengths and sizes: cpu (a short check) or gpu (full length)')
+    p.add_argument('--profile', choices=sorted(PROFILES), default='cpu', help='stage lengths')
     p.add_argument('--output_dir', default=str(ROOT / 'experiments' / 'demo_pipeline'),
                    help='all runs of the pipeline go here (must not exist yet)')
     p.add_argument('--data_root', default=None, help='default: the project data root')
-    p.add_argument('--results', default=str(ROOT / 'docs' / 'RESULTS.md'),
-                   help='markdown file the results table is written to')
+    p.add_argument('--results', default=str(ROOT / 'docs' / 'RESULTS.md'), help='markdown file')
     p.add_argument('--device', default='auto', help="every stage's --device")
-    p.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
-                   help="pretraining's --decode (where JPEG frames are decoded)")
-    p.add_argument('--pre_epochs', type=int, default=None,
-                   help="epochs of each pretraining stage (default: the profile's)")
+    p.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu', help="pretraining's --decode")
+    p.add_argument('--pre_epochs', type=int, default=None, help="default: the profile's")
     args = p.parse_args()
     prof = dict(PROFILES[args.profile])
     prof['pre_epochs'] = args.pre_epochs or prof['pre_epochs']
@@ -59,8 +55,7 @@ def main():
         """Run one command line of the project (into out/folder); its stdout and run folder."""
         cmd = [sys.executable, script, *flags] + (
             [*common, '--output_dir', out / folder] if folder else [])
-        line = ' '.join(str(c) for c in cmd).replace(sys.executable, 'python')
-        line = line.replace(str(ROOT) + '/', '')
+        line = ' '.join(map(str, cmd)).replace(sys.executable, 'python').replace(f'{ROOT}/', '')
         print(f'\n$ {line}', flush=True)
         proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True)
         log.write(f'$ {line}\n{proc.stdout}\n{proc.stderr}\n')
@@ -112,9 +107,8 @@ def main():
                else f'{platform.machine()} CPU, {torch.get_num_threads()} threads')
     ks = ('R@1', 'R@5', 'R@10', 'R@20', 'R@50')
     rows = [f'| retrieval (test queries train, protocol coclr) | {" | ".join(ks)} |',
-            '|---' * 6 + '|']
-    rows += [f'| {m} {mod} | ' + ' | '.join(r[k] for k in ks) + ' |'
-             for (m, mod), r in recall.items()]
+            '|---' * 6 + '|', *(f'| {m} {mod} | ' + ' | '.join(r[k] for k in ks) + ' |'
+                                for (m, mod), r in recall.items())]
     rows += ['', '| finetuned CVTCL, ten-crop test | top-1 | top-5 |', '|---|---|---|']
     rows += [f'| {m} | {r["top1"]:.1f} | {r["top5"]:.1f} |' for m, r in
              [(m, tests[m]['results']['ten']) for m in datasets] + [('two-stream fusion', fusion)]]
