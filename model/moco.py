@@ -122,7 +122,7 @@ class MoCo(nn.Module):
         with torch.no_grad():
             self.momentum_update()
             k = self.shuffled_keys(view2)
-            k_local = self.shuffled_keys(local2).view(b, L, -1)
+            k_local = self.shuffled_keys(local2).unflatten(0, (b, -1))
         return q.float(), q_local.float(), k.float(), k_local.float()
 
     def objective(self, terms, logits, **extra):
