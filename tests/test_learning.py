@@ -120,7 +120,9 @@ def train(model, videos, steps, seed, cvtcl=False):
             order = torch.randperm(VIDEOS, generator=g)
         index, order = order[:BATCH], order[BATCH:]
         view1, view2, local1, local2 = sample(videos[index], g, local_clips=cvtcl)
-        views = (view1, view2, view2, index, torch.full_like(index, -1)) if cvtcl else (view1, view2)
+        views = (view1, view2)
+        if cvtcl:   # the sampler sees view 2 too; each video is its own source, labels unknown
+            views += (view2, index, torch.full_like(index, -1))
         if not model.ready:                       # CoCLR's queue fills without a step
             with torch.no_grad():
                 model(*views, local1=local1, local2=local2)
