@@ -61,7 +61,8 @@ class MoCo(nn.Module):
         self.num_segments, self.bn_splits = num_segments, bn_splits
         self.weights = dict(self.WEIGHTS if weights is None else weights)
         if set(self.weights) != set(self.WEIGHTS):
-            raise ValueError(f'weights {sorted(self.weights)}: the terms are {sorted(self.WEIGHTS)}')
+            raise ValueError(f'weights {sorted(self.weights)}: the terms are '
+                             f'{sorted(self.WEIGHTS)}')
         self.encoder_q = Encoder(net, dim)
         self.encoder_k = Encoder(net, dim)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
@@ -122,7 +123,7 @@ class MoCo(nn.Module):
         with torch.no_grad():
             self.momentum_update()
             k = self.shuffled_keys(view2)
-            k_local = self.shuffled_keys(local2).view(b, L, -1)
+            k_local = self.shuffled_keys(local2).unflatten(0, (b, -1))
         return q.float(), q_local.float(), k.float(), k_local.float()
 
     def objective(self, terms, logits, **extra):

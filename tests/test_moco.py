@@ -65,6 +65,8 @@ def test_shuffle_bn_restores_order():
     k = m.shuffled_keys(x)
     assert k.shape == (4, 128)
     assert not torch.allclose(k, m.encoder_k(x), atol=1e-4)
+    torch.manual_seed(1)                 # another permutation: other groups, other statistics
+    assert not torch.allclose(k, m.shuffled_keys(x), atol=1e-4)
 
 
 def test_batched_segments_equal_separate_calls():
