@@ -3,8 +3,8 @@
 ``LocalInfoNCE`` (``local_nce.py``): global InfoNCE plus the inter and intra local losses.
 ``LocalCoCLR`` (``local_coclr.py``): CVTCL, CoCLR's multi-positive loss (extra positives mined by
 a frozen ``sampler`` of the other modality) plus the same local losses.
-``forward`` returns ``(loss, stats)``: the weighted total and detached scalars. State-dict keys
-equal CoCLR's, so its checkpoints load strictly.
+``forward`` returns ``(loss, stats)``: the weighted total and detached scalars (``loss_<term>``,
+``top1``, ``top5``, ``inter_top1``, CoCLR's ``mining_acc``). State-dict keys equal CoCLR's.
 """
 import torch
 import torch.nn as nn
