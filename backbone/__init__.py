@@ -1,8 +1,7 @@
 """Video backbones with CoCLR's state-dict keys (docs/METHOD.md, Model).
 
-``BACKBONES[name](in_channels)`` builds a module mapping ``[B, C, T, H, W]`` to the last feature
-map ``[B, F, T', H', W']`` (no pooling, no head); ``module.feature_dim`` is F. A new backbone is
-one more entry.
+``BACKBONES[name](in_channels)``: ``[B, C, T, H, W]`` -> last feature map ``[B, F, T', H', W']``
+(no pooling, no head), F = ``module.feature_dim``. A new backbone is one more entry.
 """
 from functools import partial
 
@@ -18,7 +17,6 @@ MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}
 
 
 def build_backbone(name, in_channels=3):
-    """Backbone ``name`` for inputs of ``in_channels`` channels."""
     if name not in BACKBONES:
         raise UserError(f'--net {name!r} is unknown; known: {", ".join(BACKBONES)}')
     return BACKBONES[name](in_channels)

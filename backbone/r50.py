@@ -1,22 +1,19 @@
 """ResNet-50 "2D-3D" backbone of the CoCLR code base (the CVRL-style R50).
 
-A ResNet-50 whose stem is a (5,7,7) 3D convolution with stride 2 in time and space; the first
-two stages use purely spatial bottlenecks, the last two inflate the first 1x1 convolution of
-each bottleneck to (3,1,1). Time is only downsampled by the stem. Key names and order follow
-CoCLR (``conv1``, ``bn1``, ``layerN.i.{conv,bn}{1,2,3}``, ``layerN.0.downsample.{0,1}``) so
-its checkpoints load with ``strict=True``. BatchNorm uses PyTorch's defaults, as CoCLR does.
+The stem is a (5,7,7) 3D convolution with stride 2 in time and space (the only temporal
+downsampling); stages 1-2 use spatial bottlenecks, stages 3-4 inflate each bottleneck's first
+1x1 convolution to (3,1,1). Keys and order follow CoCLR so its checkpoints load with
+``strict=True``; BatchNorm uses PyTorch's defaults, as CoCLR does.
 """
-
 import torch
 from torch import nn
 
 
 class Bottleneck(nn.Module):
-    """1x1 (or 3x1x1 if ``temporal``) -> 1x3x3 (spatial stride) -> 1x1 (x4 channels), plus shortcut.
+    """1x1 (3x1x1 if ``temporal``) -> 1x3x3 (spatial stride) -> 1x1 (x4 channels), + shortcut.
 
     [B, in_planes, T, H, W] -> [B, 4 * planes, T, H / stride, W / stride]
     """
-
     expansion = 4
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, temporal: bool = False):
@@ -54,29 +51,24 @@ class ResNet2d3d(nn.Module):
 
     [B, in_channels, T, H, W] -> [B, 2048, T/2, H/32, W/32] for sizes divisible by those.
     """
-
     feature_dim = 2048
 
-    def __init__(self, in_channels: int = 3, layers=(3, 4, 6, 3),
-                 temporal=(False, False, True, True)):
-        """``layers``: bottlenecks per stage; ``temporal``: which stages use (3,1,1) conv1."""
+    def __init__(self, in_channels: int = 3):
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, 64, (5, 7, 7), stride=2, padding=(2, 3, 3), bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
         in_planes = 64
-        for i, (blocks, is_3d) in enumerate(zip(layers, temporal)):
+        # (bottlenecks, temporal conv1) per stage
+        for i, (blocks, temporal) in enumerate([(3, False), (4, False), (6, True), (3, True)]):
             planes = 64 * 2 ** i
-            stride = 1 if i == 0 else 2
             stage = []
             for j in range(blocks):
-                stage.append(Bottleneck(in_planes, planes, stride if j == 0 else 1, is_3d))
+                stride = 2 if i > 0 and j == 0 else 1
+                stage.append(Bottleneck(in_planes, planes, stride, temporal))
                 in_planes = planes * Bottleneck.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-        self._init_weights()
-
-    def _init_weights(self):
         # Same initialisation as CoCLR: He (fan_out) for convolutions, identity BatchNorm.
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
@@ -86,9 +78,5 @@ class ResNet2d3d(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, T, H, W] float -> feature map [B, 2048, T', H', W']."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))

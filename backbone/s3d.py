@@ -1,16 +1,12 @@
 """S3D and S3D-G backbones (Xie et al., "Rethinking Spatiotemporal Feature Learning", ECCV 2018).
 
-The module layout reproduces the CoCLR code base so that its released checkpoints load with
-``strict=True``. CoCLR registers every stage twice: once under its Inception name
-(``Conv_1a``, ``Mixed_3b``, ...) and once inside a ``blockN`` ``nn.Sequential`` that also holds
-the parameter-free max-pooling layers. The state dict therefore lists each of those tensors
-under both names (e.g. ``Conv_1a.conv1.weight`` and ``block1.0.conv1.weight``); they are the
-same ``Parameter``. ``forward`` runs through the ``blockN`` containers only.
-
+The layout is CoCLR's, so its checkpoints load with ``strict=True``. CoCLR registers every stage
+twice: under its Inception name (``Conv_1a``, ``Mixed_3b``, ...) and inside a ``blockN``
+``nn.Sequential`` with the max-pooling layers, so the state dict lists each tensor under both
+names (``Conv_1a.conv1.weight`` is ``block1.0.conv1.weight``). ``forward`` runs the blocks.
 Unlike the TensorFlow original, CoCLR uses PyTorch's default BatchNorm (eps 1e-5, momentum 0.1)
-and symmetric max-pool padding; both matter for loading its weights, so they are kept.
+and symmetric max-pool padding; both matter for its weights, so they are kept.
 """
-
 import torch
 from torch import nn
 
@@ -94,19 +90,15 @@ class SepInception(nn.Module):
         # MaxPool3d pads with -inf, which is what CoCLR does.
         self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1),
                                      Unit3d(in_planes, b3))
-        self.out_channels = b0 + b1 + b2 + b3
         self.gating = gating
-        if gating:
-            self.gating_b0 = SelfGating(b0)
-            self.gating_b1 = SelfGating(b1)
-            self.gating_b2 = SelfGating(b2)
-            self.gating_b3 = SelfGating(b3)
+        if gating:   # keys gating_b0 .. gating_b3
+            for i, channels in enumerate((b0, b1, b2, b3)):
+                setattr(self, f"gating_b{i}", SelfGating(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)]
         if self.gating:
-            gates = (self.gating_b0, self.gating_b1, self.gating_b2, self.gating_b3)
-            outs = [gate(out) for gate, out in zip(gates, outs)]
+            outs = [getattr(self, f"gating_b{i}")(out) for i, out in enumerate(outs)]
         return torch.cat(outs, dim=1)
 
 
@@ -116,7 +108,6 @@ class S3D(nn.Module):
     Total stride 8 in time (Conv_1a, MaxPool_4a, MaxPool_5a) and 32 in space:
     [B, in_channels, T, H, W] -> [B, 1024, T/8, H/32, W/32] for sizes divisible by those.
     """
-
     feature_dim = 1024
 
     def __init__(self, in_channels: int = 3, gating: bool = False):
@@ -141,9 +132,6 @@ class S3D(nn.Module):
 
         self.MaxPool_5a = nn.MaxPool3d(2, stride=2)
         self.block5 = self._stage(self.MaxPool_5a, ["Mixed_5b", "Mixed_5c"])
-        self._init_weights()
-
-    def _init_weights(self):
         # CoCLR's initialisation: N(0, 0.01) convolutions (the original S3D uses a truncated
         # normal), identity BatchNorm; the gating Linear layers keep PyTorch's default.
         for m in self.modules():
@@ -155,13 +143,9 @@ class S3D(nn.Module):
 
     def _stage(self, pool: nn.Module, names: list) -> nn.Sequential:
         """Register each Mixed block under its own name, then return pool + blocks in order."""
-        blocks = []
         for name in names:
-            in_planes, planes = _MIXED[name]
-            block = SepInception(in_planes, planes, gating=self.gating)
-            setattr(self, name, block)
-            blocks.append(block)
-        return nn.Sequential(pool, *blocks)
+            setattr(self, name, SepInception(*_MIXED[name], gating=self.gating))
+        return nn.Sequential(pool, *(getattr(self, name) for name in names))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in (self.block1, self.block2, self.block3, self.block4, self.block5):

@@ -1,8 +1,7 @@
-"""The losses (docs/METHOD.md, Losses) as small pure functions on L2-normalised embeddings.
+"""The losses (docs/METHOD.md, Losses) as pure functions on L2-normalised embeddings.
 
-Shapes: B batch, D embedding dim, K queue length, L local segments. ``queue`` is ``[D, K]``
-(CoCLR's layout). Logits are dot products divided by the temperature ``tau``; the positive of
-a plain InfoNCE row is at index 0.
+Shapes: B batch, D embedding dim, K queue length, L local segments; ``queue`` is ``[D, K]`` (as
+CoCLR). Logits are dot products / ``tau``; a plain InfoNCE row has its positive at index 0.
 """
 import torch
 import torch.nn.functional as F
@@ -17,22 +16,17 @@ def global_logits(q, k, queue, tau):
 
 def info_nce(logits):
     """Cross-entropy with the positive at index 0, averaged over rows."""
-    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
 
 
 def local_losses(q_local, k_local, queue, tau):
-    """Inter (local-to-global instance) and intra (temporal order) losses, sharing similarities.
+    """``(inter, intra, inter_top1)`` for q_local ``[B, D]`` (view 1's first local clip) and
+    k_local ``[B, L, D]`` (view 2's L local clips), sharing the similarities q_local·k_j.
 
-    ``q_local``: ``[B, D]`` segment 1 of view 1 through the query encoder. ``k_local``:
-    ``[B, L, D]`` the L segments of view 2 through the key encoder.
-
-    - inter: for each segment j a row ``[q·k_j, q·queue]``; all B·L rows averaged;
-    - intra: for j = 2..L a row ``[q·k_1, q·k_j]`` (positive: the same segment of the other view,
-      negative: another segment of the same video); all B·(L-1) rows averaged.
-
-    Returns ``(inter, intra, inter_top1)``; ``inter_top1`` is the share of inter rows whose
-    positive beats every queue entry.
+    inter: rows ``[q·k_j, q·queue]`` for every j, B·L rows averaged; intra: rows
+    ``[q·k_1, q·k_j]`` for j = 2..L (the same clip of the other view against another clip of the
+    same video), B·(L-1) rows averaged; inter_top1: share of inter rows whose positive beats
+    every queue entry.
     """
     pos = torch.einsum('bd,bld->bl', q_local, k_local) / tau     # B x L
     neg = (q_local @ queue) / tau                                # B x K
@@ -46,23 +40,19 @@ def local_losses(q_local, k_local, queue, tau):
 
 
 def multi_positive_nce(logits, pos_mask):
-    """CoCLR's loss: ``-log Σ_{positives} softmax(logits)``, averaged over rows.
-
-    ``logits``: ``[B, 1+K]`` (already divided by tau); ``pos_mask``: bool, same shape, with at
-    least one positive per row.
-    """
+    """CoCLR's loss ``-log Σ_{positives} softmax(logits)``, averaged over rows; ``pos_mask`` is
+    bool ``[B, 1+K]`` like ``logits``, with at least one positive per row."""
     masked = logits.masked_fill(~pos_mask, float('-inf'))
     return (torch.logsumexp(logits, 1) - torch.logsumexp(masked, 1)).mean()
 
 
 def coclr_positive_mask(sampler_emb, queue_second, source, queue_source, topk, mask_self):
-    """Positives ``[B, 1+K]`` (bool) for CoCLR's multi-positive loss (docs/METHOD.md, CVTCL).
+    """``(mask, topk_index)``: CoCLR's positives ``[B, 1+K]`` (bool) and ``[B, topk]`` (None
+    when ``topk`` is 0) (docs/METHOD.md, CVTCL).
 
-    Column 0 is the key itself. In the queue: every entry of the same source group (siblings)
-    and the ``topk`` entries most similar to row b in the sampler's (other modality's) space,
-    siblings excluded from that ranking (``topk`` 0: none). With ``mask_self`` the self positive
-    is dropped in rows that have another positive.
-    Returns ``(mask, topk_index)``; ``topk_index`` is ``[B, topk]``, or None when ``topk`` is 0.
+    Column 0 is the key itself; in the queue, every entry of the same source (siblings) and the
+    ``topk`` entries nearest to the row in the sampler's space, siblings excluded from that
+    ranking. ``mask_self`` drops the self positive in rows that have another positive.
     """
     siblings = source[:, None] == queue_source[None, :]          # B x K
     mask_queue = siblings.clone()

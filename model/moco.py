@@ -1,14 +1,10 @@
 """The MoCo core and the two pretraining models (docs/METHOD.md, Model and Losses).
 
-``LocalInfoNCE`` (``local_nce.py``): global InfoNCE between two views plus the inter
-(local-to-global) and intra (temporal order) losses between local clips.
-``LocalCoCLR`` (``local_coclr.py``): CVTCL, the same with CoCLR's multi-positive loss whose extra
-positives are mined by a frozen ``sampler`` of the other modality.
-
-``forward`` returns ``(loss, stats)``: the weighted total of the terms and detached scalars
-(``loss_<term>``, ``top1``, ``top5``, ``inter_top1``, CoCLR's ``mining_acc``).
-State-dict keys equal CoCLR's (``encoder_q.*``, ``encoder_k.*``, ``queue``, ``queue_ptr``, and
-``sampler.*``, ``queue_second``, ``queue_vname``, ``queue_label``): its checkpoints load strictly.
+``LocalInfoNCE`` (``local_nce.py``): global InfoNCE plus the inter and intra local losses.
+``LocalCoCLR`` (``local_coclr.py``): CVTCL, CoCLR's multi-positive loss (extra positives mined by
+a frozen ``sampler`` of the other modality) plus the same local losses.
+``forward`` returns ``(loss, stats)``: the weighted total and detached scalars (``loss_<term>``,
+``top1``, ``top5``, ``inter_top1``, CoCLR's ``mining_acc``). State-dict keys equal CoCLR's.
 """
 import torch
 import torch.nn as nn
@@ -23,14 +19,13 @@ from . import losses
 class Encoder(nn.Sequential):
     """backbone -> global average pool -> 1x1x1 conv (F->F) -> ReLU -> 1x1x1 conv (F->D).
 
-    ``[B, C, T, H, W]`` -> ``[B, D]``, L2-normalised. Keys ``0.<backbone>``, ``2.*``, ``4.*``
-    as CoCLR's."""
+    ``[B, C, T, H, W]`` -> ``[B, D]``, L2-normalised. Keys ``0.<backbone>``, ``2.*``, ``4.*``."""
 
     def __init__(self, net, dim):
         backbone = build_backbone(net)
         f = backbone.feature_dim
-        super().__init__(backbone, nn.AdaptiveAvgPool3d(1), nn.Conv3d(f, f, 1), nn.ReLU(inplace=True),
-                         nn.Conv3d(f, dim, 1))
+        super().__init__(backbone, nn.AdaptiveAvgPool3d(1), nn.Conv3d(f, f, 1),
+                         nn.ReLU(inplace=True), nn.Conv3d(f, dim, 1))
 
     def forward(self, x):
         return F.normalize(super().forward(x).flatten(1), dim=1)
@@ -46,13 +41,14 @@ def split_segments(x, num_segments):
 
 
 class MoCo(nn.Module):
-    """Query encoder, momentum key encoder, queue and shuffle-BN (He et al., MoCo, CVPR 2020).
+    """Query encoder, momentum key encoder, queue ``[D, K]`` and shuffle-BN (He et al., MoCo).
 
-    dim: embedding size D; K: queue length; m: momentum; tau: temperature; num_segments: local
-    clips L; bn_splits: groups of the shuffled key batch with their own BatchNorm statistics in
-    one process; weights: loss term -> weight (``WEIGHTS`` when None).
+    dim: D; K: queue length; m: momentum; tau: temperature; num_segments: local clips L;
+    bn_splits: BatchNorm groups of the shuffled key batch in one process; weights: loss term ->
+    weight (``WEIGHTS`` when None).
     """
     WEIGHTS = {}
+    ready = True   # whether a batch may take a gradient step (CoCLR waits for a full queue)
 
     def __init__(self, net='s3d', dim=128, K=2048, m=0.999, tau=0.07, num_segments=4,
                  bn_splits=1, weights=None):
@@ -61,16 +57,13 @@ class MoCo(nn.Module):
         self.num_segments, self.bn_splits = num_segments, bn_splits
         self.weights = dict(self.WEIGHTS if weights is None else weights)
         if set(self.weights) != set(self.WEIGHTS):
-            raise ValueError(f'weights {sorted(self.weights)}: the terms are '
-                             f'{sorted(self.WEIGHTS)}')
+            raise ValueError(f'weights {sorted(self.weights)}: terms are {sorted(self.WEIGHTS)}')
         self.encoder_q = Encoder(net, dim)
         self.encoder_k = Encoder(net, dim)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.encoder_k.requires_grad_(False)
         self.register_buffer('queue', F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
-
-    ready = True   # whether a batch may take a gradient step (CoCLR waits for a full queue)
 
     @torch.no_grad()
     def momentum_update(self):
@@ -80,12 +73,9 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def shuffled_keys(self, x):
-        """Key embeddings of ``x`` with shuffle-BN, returned in the order of ``x``.
-
-        Across processes (as MoCo): gather, shuffle with one permutation, each process encodes
-        its slice. In each process the shuffled batch is also split into ``bn_splits`` groups
-        with their own BatchNorm statistics, so one GPU or the CPU gets shuffle-BN too.
-        """
+        """Key embeddings ``[B, D]`` of ``x`` with shuffle-BN, in the order of ``x``: gather,
+        shuffle with one permutation, encode this process's slice in ``bn_splits`` groups (so
+        one GPU or the CPU gets shuffle-BN too), gather, unshuffle."""
         b = x.shape[0]
         rank = du.get_rank()
         x_all = du.all_gather(x)
@@ -97,11 +87,11 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys, **extra_queues):
-        """Write the keys of every process at ``queue_ptr`` (K is a multiple of the global batch),
-        and the same slots of the ``extra_queues`` buffers. The pointer stays on the device."""
+        """Write the keys ``[B, D]`` of every process at ``queue_ptr`` (kept on the device), and
+        the same slots of the ``extra_queues`` buffers."""
         keys = du.all_gather(keys)
         n = keys.shape[0]
-        assert self.K % n == 0, 'checked at start-up: --moco-k must be a multiple of the global batch'
+        assert self.K % n == 0, 'checked at start-up: --moco-k a multiple of the global batch'
         slots = self.queue_ptr + torch.arange(n, device=keys.device)
         self.queue.index_copy_(1, slots, keys.T.to(self.queue.dtype))
         for name, values in extra_queues.items():
@@ -111,10 +101,11 @@ class MoCo(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
 
     def embed(self, view1, view2, local1, local2):
-        """q, k ``[B, D]`` (view 1 by the query encoder, view 2 by the key encoder), q_local
-        ``[B, D]`` (``local1``, view 1's first local clip) and k_local ``[B, L, D]`` (``local2``,
-        view 2's L local clips, encoded as one batch). Local clips left None are the segments of
-        the global views (``--local_aug shared``). Returned in fp32."""
+        """fp32 ``(q, q_local, k, k_local)``: ``[B, D]`` each but k_local ``[B, L, D]``.
+
+        q encodes view 1, k view 2 (key encoder), q_local ``local1`` (view 1's first local clip)
+        and k_local ``local2`` (view 2's L local clips, as one batch). Local clips left None are
+        cut from the views (``--local_aug shared``)."""
         b, L = view1.shape[0], self.num_segments
         local2 = split_segments(view2, L) if local2 is None else local2.flatten(0, 1)
         if local1 is None:
@@ -135,20 +126,15 @@ class MoCo(nn.Module):
         return loss, {name: value.detach() for name, value in stats.items()}
 
 
-def fp32(like):
-    """Autocast off: the losses (dot products / tau, log-sum-exp) run in fp32."""
-    return torch.autocast(like.device.type, enabled=False)
-
-
 class LocalInfoNCE(MoCo):
     """Local InfoNCE: global InfoNCE + inter + intra (docs/METHOD.md, Losses)."""
     WEIGHTS = {'global': 1.0, 'inter': 1 / 3, 'intra': 1.0}
 
     def forward(self, view1, view2, local1=None, local2=None):
         q, q_local, k, k_local = self.embed(view1, view2, local1, local2)
-        queue = self.queue.clone()   # the queue changes below; backward needs this one
-        with fp32(queue):
-            logits = losses.global_logits(q, k, queue, self.tau)
+        queue = self.queue.clone()   # enqueue changes the queue; backward needs this one
+        with torch.autocast(q.device.type, enabled=False):   # the losses run in fp32
+            logits = losses.global_logits(q, k, queue, self.tau)               # B x 1+K
             inter, intra, inter_top1 = losses.local_losses(q_local, k_local, queue, self.tau)
             terms = {'global': losses.info_nce(logits), 'inter': inter, 'intra': intra}
         self.enqueue(k)
@@ -159,9 +145,9 @@ class LocalCoCLR(MoCo):
     """CVTCL: CoCLR's multi-positive loss + inter + intra (docs/METHOD.md, CVTCL).
 
     topk: positives mined per row by the sampler once the queue is full; self_mask_prob:
-    probability that a batch drops the self positive where other positives exist.
-    ``queue_second`` holds the sampler's embeddings, ``queue_vname`` source-group ids (-1: empty
-    slot) and ``queue_label`` class labels (-1: unknown, for the mining accuracy).
+    probability that a batch drops the self positive where other positives exist. Queues
+    ``[K]`` beside ``queue``: ``queue_second`` ``[D, K]`` the sampler's embeddings,
+    ``queue_vname`` source ids (-1: empty slot), ``queue_label`` class labels (-1: unknown).
     """
     WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
 
@@ -185,22 +171,21 @@ class LocalCoCLR(MoCo):
         return bool((self.queue_vname >= 0).all())
 
     def forward(self, view1, view2, other_view2, source, label, local1=None, local2=None):
-        mine = self.ready and self.topk > 0
+        topk = self.topk if self.ready else 0   # mine once the queue is full
         mask_self = bool(torch.rand(()) < self.self_mask_prob)
         q, q_local, k, k_local = self.embed(view1, view2, local1, local2)
         with torch.no_grad():
-            s = self.sampler(other_view2).float()
-        queue = self.queue.clone()   # the queue changes below; backward needs this one
-        with fp32(queue):
-            logits = losses.global_logits(q, k, queue, self.tau)
+            s = self.sampler(other_view2).float()                              # B x D
+        queue = self.queue.clone()   # enqueue changes the queue; backward needs this one
+        with torch.autocast(q.device.type, enabled=False):   # the losses run in fp32
+            logits = losses.global_logits(q, k, queue, self.tau)               # B x 1+K
             mask, topk_index = losses.coclr_positive_mask(
-                s, self.queue_second, source, self.queue_vname, self.topk if mine else 0,
-                mask_self)
+                s, self.queue_second, source, self.queue_vname, topk, mask_self)
             inter, intra, inter_top1 = losses.local_losses(q_local, k_local, queue, self.tau)
             terms = {'coclr': losses.multi_positive_nce(logits, mask), 'inter': inter,
                      'intra': intra}
         extra = {'inter_top1': inter_top1}
-        if topk_index is not None:
+        if topk_index is not None:   # share of mined positives of the same class, where known
             mined, label_ = self.queue_label[topk_index], label[:, None]
             known = (mined >= 0) & (label_ >= 0)
             extra['mining_acc'] = ((mined == label_) & known).sum() / known.sum().clamp(min=1)
