@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import lmdb
 import msgpack
 import torch
 from PIL import Image
@@ -84,10 +83,7 @@ def require(command, *modules):
                             f'`python -m pip install -r requirements-prepare.txt`') from None
 
 
-# ---------------------------------------------------------------------------- per video
-
 def read_frame_folder(folder):
-    """The JPEG files of one video folder, as stored bytes, in natural order."""
     jpegs, kinds = [], set()
     for f in frame_files(folder):
         jpegs.append(Path(folder, f).read_bytes())
@@ -159,8 +155,6 @@ def video_flow(source, method='tvl1', short_side=0, quality=95):
         torch.from_numpy(quantize_flow(flow.calc(a, b, None).transpose(2, 0, 1)))[None], quality)]
 
 
-# ------------------------------------------------------------------- resumable conversion
-
 def _init_worker():
     torch.set_num_threads(1)  # the parallelism is across videos
     if importlib.util.find_spec('cv2'):
@@ -191,9 +185,14 @@ def parallel(fn, items, workers, **kwargs):
         yield from pool.imap_unordered(job, items)
 
 
-def _work_folder(args, settings):
-    """``(OUT.partial, indices of the videos finished there)``; a folder of another run (other
-    input or flags) is an error, or is started over with --overwrite."""
+def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
+    """Write the LMDB ``args.out`` of ``fn(task, **kwargs)`` (JPEG bytes) for every video,
+    resuming from ``args.out + '.partial'`` (a folder of another run is an error, or is started
+    over with --overwrite). ``sizes``: work per task in ``unit``, for the progress bar."""
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f'--out {args.out} exists; pass --overwrite to replace it')
+    settings = {'command': args.command, 'src': os.path.abspath(args.src), 'names': names,
+                **kwargs}
     work = Path(args.out + '.partial')
     record = work / 'settings.json'
     if record.exists() and json.loads(record.read_text()) != settings:
@@ -205,18 +204,7 @@ def _work_folder(args, settings):
         work.mkdir(parents=True, exist_ok=True)
         (work / 'settings.tmp').write_text(json.dumps(settings))
         os.replace(work / 'settings.tmp', record)
-    return work, {int(p.stem) for p in work.glob('*.msgpack')}
-
-
-def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
-    """Write the LMDB ``args.out`` of ``fn(task, **kwargs)`` (JPEG bytes) for every video,
-    resuming from ``args.out + '.partial'``. ``sizes``: work per task, in ``unit`` (for the
-    progress bar); ``meta``: extra metadata records (``__<key>__``)."""
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f'--out {args.out} exists; pass --overwrite to replace it')
-    settings = {'command': args.command, 'src': os.path.abspath(args.src), 'names': names,
-                **kwargs}
-    work, done = _work_folder(args, settings)
+    done = {int(p.stem) for p in work.glob('*.msgpack')}
     todo = [i for i in range(len(names)) if i not in done]
     if done:
         print(f'resuming: {len(done)} of {len(names)} videos are done in {work}')
@@ -242,11 +230,8 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
                 jpegs = msgpack.loads((work / f'{i:09d}.msgpack').read_bytes())
                 writer.put(name, jpegs)
                 frames += len(jpegs)
-    env = lmdb.open(str(work / 'out.lmdb'), subdir=False, lock=False)
-    with env.begin(write=True) as txn:  # records such as __flow_method__
-        for key, value in (meta or {}).items():
-            txn.put(f'__{key}__'.encode(), msgpack.dumps(value))
-    env.close()
+        for key, value in (meta or {}).items():  # records such as __flow_method__
+            writer._put(f'__{key}__'.encode(), msgpack.dumps(value))
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.replace(work / 'out.lmdb', args.out)
@@ -292,11 +277,8 @@ def run_flow(args):
             method=args.method, short_side=args.short_side, quality=args.quality)
 
 
-# -------------------------------------------------------------------------------- splits
-
 def _write_splits(args, derived, dbs, context):
-    """Write the files of ``derived`` (frame counts from ``dbs``) unless a split would list no
-    video (a test of 0/0 later on); ``context`` says where the videos came from."""
+    """Write ``derived`` unless a split lists no video (a test of 0/0 later on)."""
     empty = [s for s, names in derived['splits'].items() if not names]
     if empty:
         raise UserError(f'{", ".join(empty)} would list no videos ({context}); no split file '
@@ -345,8 +327,6 @@ def run_demo(args):
     print(f'wrote {folder}: {len(demo.plan(args.seed))} videos of {len(demo.CLASSES)} classes '
           f'in {time.perf_counter() - start:.1f} s')
 
-
-# ------------------------------------------------------------------------------- parsers
 
 def _command(sub, name, run, help, description='', src=None, out=None, workers=True):
     p = sub.add_parser(name, help=help, description=f'{help[0].upper()}{help[1:]}. {description}')
