@@ -167,7 +167,7 @@ def render(clip):
 def make_demo(data_root, seed=0, overwrite=False):
     """Build ``<data_root>/demo/`` anew and return its path; an existing one is an error unless
     ``overwrite``."""
-    folder = os.path.join(str(data_root), NAME)
+    folder = os.path.join(data_root, NAME)
     if os.path.exists(folder):
         if not overwrite:
             raise UserError(f'{folder} exists; pass --overwrite to rebuild it')
@@ -179,7 +179,6 @@ def ensure_demo(data_root, seed=0):
     """Path of ``<data_root>/demo/``, built first if missing. Safe when several processes
     (distributed ranks) call it at once: each builds a private copy and renames it into place;
     the rename fails for all but the first, and the others delete theirs."""
-    data_root = str(data_root)
     folder = os.path.join(data_root, NAME)
     if not os.path.exists(folder):
         if os.environ.get('LOCAL_RANK', '0') == '0':  # said once, so a mistyped path shows

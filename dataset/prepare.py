@@ -84,6 +84,7 @@ def require(command, *modules):
 
 
 def read_frame_folder(folder):
+    """The JPEG files of one video folder, as stored bytes, in natural order."""
     jpegs, kinds = [], set()
     for f in frame_files(folder):
         jpegs.append(Path(folder, f).read_bytes())
@@ -223,20 +224,17 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
         shutil.rmtree(work)
         raise UserError(f'none of the {len(names)} videos could be converted (first: '
                         f'{skipped[0][0]}: {skipped[0][1]}); {args.out} not written')
-    frames = 0
     with LMDBWriter(work / 'out.lmdb', overwrite=True) as writer:
         for i, name in enumerate(names):
             if i not in failed:
-                jpegs = msgpack.loads((work / f'{i:09d}.msgpack').read_bytes())
-                writer.put(name, jpegs)
-                frames += len(jpegs)
+                writer.put(name, msgpack.loads((work / f'{i:09d}.msgpack').read_bytes()))
         for key, value in (meta or {}).items():  # records such as __flow_method__
             writer._put(f'__{key}__'.encode(), msgpack.dumps(value))
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.replace(work / 'out.lmdb', args.out)
     shutil.rmtree(work)
-    print(f'wrote {len(writer.names)} videos ({frames} frames) to {args.out}; '
+    print(f'wrote {len(writer.names)} videos ({sum(writer.vlen)} frames) to {args.out}; '
           f'{len(todo) - len(failed)} computed in {time.perf_counter() - start:.1f} s, '
           f'{len(done)} done before')
     if skipped:
@@ -285,7 +283,7 @@ def _write_splits(args, derived, dbs, context):
                         f'written')
     frames = {n: db.num_frames(n) for db in dbs for n in db.names}
     paths = split_files.write_split_files(args.out, derived, frames, args.overwrite)
-    print(f'{len(derived["classes"])} classes; wrote ' + ', '.join(map(str, paths)))
+    print(f'{len(derived["classes"])} classes; wrote ' + ', '.join(paths))
 
 
 def run_splits_ucf101(args):
@@ -364,21 +362,17 @@ def build_parser():
                  'as JPEG.', 'folder of class folders of videos', ('LMDB', 'video LMDB to write'))
     _encoding(p, 'storing them', 90)
     p = _command(sub, 'flow', run_flow, 'RGB LMDB or frame folders -> flow LMDB',
-                 'Flow between consecutive grayscale frames (n frames give n-1), as JPEGs: '
-                 'channel 0 horizontal, 1 vertical flow, clipped to [-20, 20] px and mapped to '
-                 '[0, 255]; channel 2 is 128. The LMDB records the method (__flow_method__); '
-                 'training reads <name>_tvl1_frame.lmdb whatever the method, or --flow_lmdb.',
+                 'Flow between consecutive grayscale frames (n frames give n-1), encoded as in '
+                 'docs/METHOD.md (Data), the method recorded in __flow_method__; training reads '
+                 '<name>_tvl1_frame.lmdb whatever the method, or --flow_lmdb.',
                  'an RGB video LMDB, or a folder of class/video/*.jpg frame folders',
                  ('LMDB', 'flow LMDB to write'))
     p.add_argument('--method', choices=('tvl1', 'dis'), default='tvl1',
-                   help="tvl1: OpenCV contrib's TV-L1, as the published LMDBs (~1 frame pair/s "
-                        "per core at 320x240); dis: OpenCV's DIS optical flow, preset medium, "
-                        "~90x faster and a little less accurate (README, Data) (default: tvl1)")
+                   help="tvl1 (default): OpenCV contrib's TV-L1, as the published LMDBs; dis: "
+                        "OpenCV's DIS (preset medium), ~90x faster, a little less accurate")
     _encoding(p, 'computing the flow', 95)
-
-    p = sub.add_parser('splits', help='split CSVs, ClassInd.txt, video_source.json',
-                       description='Write the split files of a dataset folder; CSV rows are '
-                                   '"class/video,num_frames" with the LMDB\'s frame counts.')
+    p = sub.add_parser('splits', help='split CSVs, ClassInd.txt, video_source.json', description=
+                       'Write the split files of a dataset folder (docs/METHOD.md, Data).')
     datasets = p.add_subparsers(dest='dataset', required=True, metavar='DATASET')
     for name, run, help, description in [
             ('ucf101', run_splits_ucf101, 'derived from the video names alone',
@@ -396,7 +390,6 @@ def build_parser():
         if name == 'hmdb51':
             d.add_argument('--official', required=True, metavar='DIR',
                            help='folder of the official testTrainMulti_7030_splits files')
-
     p = _command(sub, 'demo', run_demo, 'build the synthetic demo dataset',
                  'DATA_ROOT/demo/: 300 small videos in 6 classes that differ only by motion, '
                  'with exact flow and three splits (dataset/demo.py).', workers=False)

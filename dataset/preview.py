@@ -47,8 +47,7 @@ def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=
         batch = {m: torch.stack([it[m] for it in items]) for m in modalities}
         batch['strong'] = torch.stack([it['strong'] for it in items])
         augmented = DeviceAugment(photometric_on_flow)(batch, torch.device('cpu'))
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    mean, std = (torch.tensor(x).view(3, 1, 1, 1) for x in (IMAGENET_MEAN, IMAGENET_STD))
     which = torch.linspace(0, seq_len - 1, min(frames, seq_len)).round().long()
     # [num, V, 3, T, S, S] normalised -> [num, V, M, F, 3, S, S] in [0, 1]
     views = torch.stack([(augmented[m] * std + mean)[:, :, :, which].transpose(2, 3)
@@ -73,8 +72,7 @@ def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=
 
 def add_parser(sub):
     p = sub.add_parser('preview', help='PNG of augmented training views of a dataset',
-                       description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', required=True, metavar='NAME',
                    help='dataset name as for training, e.g. ucf101-2stream-2clip or demo-2clip')
     p.add_argument('--data_root', default=None, metavar='DIR',

@@ -101,8 +101,7 @@ def group_number(name):
     return int(m.group(1))
 
 
-def group_block(k, groups_per_split=7):
-    """The groups of test split k."""
+def group_block(k, groups_per_split=7):  # the groups of test split k
     return range(groups_per_split * (k - 1) + 1, groups_per_split * k + 1)
 
 
@@ -137,8 +136,7 @@ ucf101_splits = group_splits  # UCF101's three official splits come from the nam
 
 def hmdb51_splits(names, official_dir):
     """HMDB51's splits from its official ``<class>_test_split<k>.txt`` files (lines ``video.avi
-    label``; 1 train, 2 test, 0 unused). Listed videos not in ``names`` come back in
-    ``'missing'``."""
+    label``; 1 train, 2 test, 0 unused); listed videos not in ``names`` are ``'missing'``."""
     files = sorted(p for p in Path(official_dir).iterdir() if _HMDB_SPLIT_FILE.match(p.name))
     if not files:
         raise UserError(f'--official {official_dir} holds no <class>_test_split<k>.txt files')
