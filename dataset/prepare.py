@@ -275,8 +275,34 @@ def run_flow(args):
             method=args.method, short_side=args.short_side, quality=args.quality)
 
 
-def _write_splits(args, derived, dbs, context):
-    """Write ``derived`` unless a split lists no video (a test of 0/0 later on)."""
+def run_splits(args):
+    """Write the split files of ``args.dataset``; a split that would list no video (a test of 0/0
+    later on) is an error."""
+    if args.dataset == 'kinetics':
+        dbs = [open_lmdb(args.train_lmdb, '--train_lmdb'), open_lmdb(args.val_lmdb, '--val_lmdb')]
+        derived = split_files.kinetics_splits(dbs[0].names, dbs[1].names)
+        context = (f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
+                   f'{args.val_lmdb} {len(dbs[1])}')
+    elif args.dataset == 'hmdb51':
+        if not os.path.isdir(args.official):
+            raise UserError(f'--official {args.official}: no such directory')
+        dbs = [open_lmdb(args.lmdb, '--lmdb')]
+        derived = split_files.hmdb51_splits(dbs[0].names, args.official)
+        missing = derived['missing']
+        if missing:
+            print(f'warning: {len(missing)} videos listed in --official are not in {args.lmdb} '
+                  f'(left out): {", ".join(missing[:5])}{" ..." * (len(missing) > 5)}',
+                  file=sys.stderr)
+        context = (f'--lmdb {args.lmdb} holds none of the videos --official {args.official} '
+                   f'lists for them')
+    else:
+        dbs = [open_lmdb(args.lmdb, '--lmdb')]
+        if not dbs[0].names:
+            raise UserError(f'--lmdb {args.lmdb} holds no videos; no split file written')
+        derived = split_files.ucf101_splits(dbs[0].names)
+        groups = split_files.groups_text({split_files.group_number(n) for n in dbs[0].names})
+        context = (f'--lmdb {args.lmdb} has videos of groups {groups}; test split k holds '
+                   f'groups 7(k-1)+1..7k')
     empty = [s for s, names in derived['splits'].items() if not names]
     if empty:
         raise UserError(f'{", ".join(empty)} would list no videos ({context}); no split file '
@@ -284,37 +310,6 @@ def _write_splits(args, derived, dbs, context):
     frames = {n: db.num_frames(n) for db in dbs for n in db.names}
     paths = split_files.write_split_files(args.out, derived, frames, args.overwrite)
     print(f'{len(derived["classes"])} classes; wrote ' + ', '.join(paths))
-
-
-def run_splits_ucf101(args):
-    db = open_lmdb(args.lmdb, '--lmdb')
-    if not db.names:
-        raise UserError(f'--lmdb {args.lmdb} holds no videos; no split file written')
-    groups = split_files.groups_text({split_files.group_number(n) for n in db.names})
-    _write_splits(args, split_files.ucf101_splits(db.names), [db],
-                  f'--lmdb {args.lmdb} has videos of groups {groups}; test split k holds '
-                  f'groups 7(k-1)+1..7k')
-
-
-def run_splits_hmdb51(args):
-    if not os.path.isdir(args.official):
-        raise UserError(f'--official {args.official}: no such directory')
-    db = open_lmdb(args.lmdb, '--lmdb')
-    derived = split_files.hmdb51_splits(db.names, args.official)
-    missing = derived['missing']
-    if missing:
-        print(f'warning: {len(missing)} videos listed in --official are not in {args.lmdb} '
-              f'(left out): {", ".join(missing[:5])}{" ..." * (len(missing) > 5)}',
-              file=sys.stderr)
-    _write_splits(args, derived, [db], f'--lmdb {args.lmdb} holds none of the videos '
-                                       f'--official {args.official} lists for them')
-
-
-def run_splits_kinetics(args):
-    dbs = [open_lmdb(args.train_lmdb, '--train_lmdb'), open_lmdb(args.val_lmdb, '--val_lmdb')]
-    _write_splits(args, split_files.kinetics_splits(dbs[0].names, dbs[1].names), dbs,
-                  f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
-                  f'{args.val_lmdb} {len(dbs[1])}')
 
 
 def run_demo(args):
@@ -374,16 +369,16 @@ def build_parser():
     p = sub.add_parser('splits', help='split CSVs, ClassInd.txt, video_source.json', description=
                        'Write the split files of a dataset folder (docs/METHOD.md, Data).')
     datasets = p.add_subparsers(dest='dataset', required=True, metavar='DATASET')
-    for name, run, help, description in [
-            ('ucf101', run_splits_ucf101, 'derived from the video names alone',
+    for name, help, description in [
+            ('ucf101', 'derived from the video names alone',
              'Test split k holds groups 7(k-1)+1..7k; video_source.json maps v_<class>_gNN to '
              'a group id.'),
-            ('hmdb51', run_splits_hmdb51, 'from the official split files',
+            ('hmdb51', 'from the official split files',
              'Lines "video.avi label" of <class>_test_split<k>.txt: 1 train, 2 test, 0 unused; '
              'listed videos missing from the LMDB are reported and left out.'),
-            ('kinetics', run_splits_kinetics, 'train/val split from the two LMDBs',
+            ('kinetics', 'train/val split from the two LMDBs',
              'train_split.csv and val_split.csv list the videos of the two LMDBs.')]:
-        d = _command(datasets, name, run, help, description + ' Classes: the class folders, '
+        d = _command(datasets, name, run_splits, help, description + ' Classes: the class folders, '
                      'sorted.', out=('DIR', 'dataset folder to write into'), workers=False)
         for flag in (['--train_lmdb', '--val_lmdb'] if name == 'kinetics' else ['--lmdb']):
             d.add_argument(flag, required=True, help='the RGB (or flow) LMDB')

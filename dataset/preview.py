@@ -8,6 +8,7 @@ step (un-normalised), flow (as stored, 128 = still) after RGB; a red strip marks
 import argparse
 
 import torch
+from PIL import Image
 
 from utils.config import POSITIVE
 from .augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
@@ -34,8 +35,6 @@ def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=
     """Write a PNG of both augmented views of ``num`` samples of ``dataset_name`` (train mode),
     ``frames`` frames per view; returns ``(width, height)``. The samples and their augmentation
     follow ``seed``; the caller's random state is left as it was."""
-    from PIL import Image
-
     spec = DatasetName.parse(dataset_name)
     data = build_dataset(dataset_name, 'train', data_root=data_root, seq_len=seq_len, ds=ds,
                          img_dim=img_dim, negate_flow_flip=not legacy_flow_flip)
