@@ -165,8 +165,7 @@ def render(clip):
 
 
 def make_demo(data_root, seed=0, overwrite=False):
-    """Build ``<data_root>/demo/`` anew and return its path; an existing one is an error unless
-    ``overwrite``."""
+    """Build ``<data_root>/demo/`` anew (replacing one only if ``overwrite``); returns its path."""
     folder = os.path.join(data_root, NAME)
     if os.path.exists(folder):
         if not overwrite:
