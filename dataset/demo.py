@@ -53,7 +53,6 @@ class Appearance:
 @dataclass(frozen=True)
 class Clip:
     name: str               # class/v_Class_gXX_cYY
-    label: int
     look: Appearance
     cx: np.ndarray          # [T] object centre, continuous (not wrapped)
     cy: np.ndarray
@@ -69,16 +68,13 @@ def _appearance(rng):
     fg1 = rng.uniform(*OBJECT, 3)
     fg2 = fg1 - rng.uniform(*OBJECT_TEXTURE, 3)  # the texture's darker colour, still > BACKGROUND
     bg, shape = rng.uniform(*BACKGROUND, 3), _SHAPES[rng.integers(len(_SHAPES))]
-    # The object's pattern: kind, period (object radii), angle, phase.
-    kind = _TEXTURES[rng.integers(len(_TEXTURES))]
-    period, angle, phase = rng.uniform(0.6, 1.2), rng.uniform(0, math.pi), \
-        rng.uniform(0, 2 * math.pi)
-    return Appearance(bg=bg, shape=shape, fg=np.stack([fg1, fg2]),
-                      fg_texture=(kind, float(period), float(angle), float(phase)))
+    texture = (_TEXTURES[rng.integers(len(_TEXTURES))], float(rng.uniform(0.6, 1.2)),
+               float(rng.uniform(0, math.pi)), float(rng.uniform(0, 2 * math.pi)))
+    return Appearance(bg=bg, shape=shape, fg=np.stack([fg1, fg2]), fg_texture=texture)
 
 
 def _motion(rng, cls, n):
-    """Centre track (cx, cy), log-scale rate and log radius per frame for one clip of ``cls``."""
+    """``cx, cy, log_scale_rate, log_scale`` of one clip of ``cls`` (Clip's fields)."""
     t = np.arange(n, dtype=np.float64)
     x0, y0 = rng.uniform(0, SIZE, 2)
     cx, cy = np.full(n, x0), np.full(n, y0)
@@ -111,10 +107,8 @@ def plan(seed=0):
             for c in range(1, CLIPS + 1):
                 rng = np.random.default_rng([seed, label, g, c])
                 n = int(rng.integers(FRAMES[0], FRAMES[1] + 1))
-                cx, cy, rate, log_scale = _motion(rng, cls, n)
-                clips.append(Clip(name=f'{cls}/v_{cls}_g{g:02d}_c{c:02d}', label=label,
-                                  look=looks[g], cx=cx, cy=cy, log_scale_rate=rate,
-                                  log_scale=log_scale))
+                clips.append(Clip(f'{cls}/v_{cls}_g{g:02d}_c{c:02d}', looks[g],
+                                  *_motion(rng, cls, n)))
     return clips
 
 
@@ -170,37 +164,9 @@ def render(clip):
     return rgb, np.stack([flow_x, flow_y], 1)
 
 
-def _build_aside(data_root, seed):
-    """Build the dataset in a private sibling of ``demo/`` (same file system: it can be renamed
-    into place) and return its path."""
-    os.makedirs(data_root, exist_ok=True)
-    # Not tempfile.mkdtemp: its folders are private (0700), this one becomes the dataset.
-    tmp = os.path.join(data_root, f'.{NAME}.tmp-{os.getpid()}-{secrets.token_hex(4)}')
-    os.mkdir(tmp)
-    try:
-        clips = plan(seed)
-        with LMDBWriter(os.path.join(tmp, f'{NAME}_frame.lmdb')) as rgb_out, \
-                LMDBWriter(os.path.join(tmp, f'{NAME}_tvl1_frame.lmdb')) as flow_out:
-            for clip in clips:
-                rgb, flow = render(clip)
-                rgb_out.put(clip.name, encode_frames(torch.from_numpy(rgb), RGB_QUALITY))
-                flow_out.put(clip.name, encode_frames(torch.from_numpy(quantize_flow(flow)),
-                                                      FLOW_QUALITY))
-        derived = group_splits([c.name for c in clips], GROUPS_PER_SPLIT, num_splits=3)
-        write_split_files(tmp, derived, {c.name: c.num_frames for c in clips})
-        with open(os.path.join(tmp, INFO_FILE), 'w') as f:
-            json.dump({'version': VERSION, 'seed': seed, 'classes': list(CLASSES),
-                       'videos': len(clips), 'size': SIZE}, f, indent=1)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
-
-
 def make_demo(data_root, seed=0, overwrite=False):
-    """Build ``<data_root>/demo/`` anew and return its path; an existing one is an error unless
-    ``overwrite``."""
-    folder = os.path.join(str(data_root), NAME)
+    """Build ``<data_root>/demo/`` anew (replacing one only if ``overwrite``); returns its path."""
+    folder = os.path.join(data_root, NAME)
     if os.path.exists(folder):
         if not overwrite:
             raise UserError(f'{folder} exists; pass --overwrite to rebuild it')
@@ -212,22 +178,41 @@ def ensure_demo(data_root, seed=0):
     """Path of ``<data_root>/demo/``, built first if missing. Safe when several processes
     (distributed ranks) call it at once: each builds a private copy and renames it into place;
     the rename fails for all but the first, and the others delete theirs."""
-    folder = os.path.join(str(data_root), NAME)
+    folder = os.path.join(data_root, NAME)
     if not os.path.exists(folder):
         if os.environ.get('LOCAL_RANK', '0') == '0':  # said once, so a mistyped path shows
             print(f'building the demo dataset in {os.path.abspath(folder)} (first use there)',
                   flush=True)
-        tmp = _build_aside(str(data_root), seed)
+        os.makedirs(data_root, exist_ok=True)
+        # A sibling of demo/, so it can be renamed into place; not tempfile.mkdtemp, whose
+        # folders are private (0700): this one becomes the dataset.
+        tmp = os.path.join(data_root, f'.{NAME}.tmp-{os.getpid()}-{secrets.token_hex(4)}')
+        os.mkdir(tmp)
         try:
+            clips = plan(seed)
+            with LMDBWriter(os.path.join(tmp, f'{NAME}_frame.lmdb')) as rgb_out, \
+                    LMDBWriter(os.path.join(tmp, f'{NAME}_tvl1_frame.lmdb')) as flow_out:
+                for clip in clips:
+                    rgb, flow = render(clip)
+                    rgb_out.put(clip.name, encode_frames(torch.from_numpy(rgb), RGB_QUALITY))
+                    flow_out.put(clip.name, encode_frames(torch.from_numpy(quantize_flow(flow)),
+                                                          FLOW_QUALITY))
+            derived = group_splits([c.name for c in clips], GROUPS_PER_SPLIT, num_splits=3)
+            write_split_files(tmp, derived, {c.name: c.num_frames for c in clips})
+            with open(os.path.join(tmp, INFO_FILE), 'w') as f:
+                json.dump({'version': VERSION, 'seed': seed, 'classes': list(CLASSES),
+                           'videos': len(clips), 'size': SIZE}, f, indent=1)
             os.rename(tmp, folder)
-        except OSError as e:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            if not (isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST)
+                    and os.path.exists(folder)):  # another process renamed its copy first
                 raise
-    if not os.path.exists(os.path.join(folder, INFO_FILE)):
+    info_path = os.path.join(folder, INFO_FILE)
+    if not os.path.exists(info_path):
         raise UserError(f'{folder} exists but is not a demo dataset (no {INFO_FILE}); remove it '
                         f'to rebuild it')
-    with open(os.path.join(folder, INFO_FILE)) as f:
+    with open(info_path) as f:
         info = json.load(f)
     if info.get('version') != VERSION or info.get('seed') != seed:
         raise UserError(f'{folder} was built with seed {info.get("seed")} by demo generator '

@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import lmdb
 import msgpack
 import torch
 from PIL import Image
@@ -83,8 +82,6 @@ def require(command, *modules):
             raise UserError(f'prepare {command} needs {name} ({e}); install it with '
                             f'`python -m pip install -r requirements-prepare.txt`') from None
 
-
-# ---------------------------------------------------------------------------- per video
 
 def read_frame_folder(folder):
     """The JPEG files of one video folder, as stored bytes, in natural order."""
@@ -159,8 +156,6 @@ def video_flow(source, method='tvl1', short_side=0, quality=95):
         torch.from_numpy(quantize_flow(flow.calc(a, b, None).transpose(2, 0, 1)))[None], quality)]
 
 
-# ------------------------------------------------------------------- resumable conversion
-
 def _init_worker():
     torch.set_num_threads(1)  # the parallelism is across videos
     if importlib.util.find_spec('cv2'):
@@ -191,9 +186,14 @@ def parallel(fn, items, workers, **kwargs):
         yield from pool.imap_unordered(job, items)
 
 
-def _work_folder(args, settings):
-    """``(OUT.partial, indices of the videos finished there)``; a folder of another run (other
-    input or flags) is an error, or is started over with --overwrite."""
+def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
+    """Write the LMDB ``args.out`` of ``fn(task, **kwargs)`` (JPEG bytes) for every video,
+    resuming from ``args.out + '.partial'`` (a folder of another run is an error, or is started
+    over with --overwrite). ``sizes``: work per task in ``unit``, for the progress bar."""
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f'--out {args.out} exists; pass --overwrite to replace it')
+    settings = {'command': args.command, 'src': os.path.abspath(args.src), 'names': names,
+                **kwargs}
     work = Path(args.out + '.partial')
     record = work / 'settings.json'
     if record.exists() and json.loads(record.read_text()) != settings:
@@ -205,18 +205,7 @@ def _work_folder(args, settings):
         work.mkdir(parents=True, exist_ok=True)
         (work / 'settings.tmp').write_text(json.dumps(settings))
         os.replace(work / 'settings.tmp', record)
-    return work, {int(p.stem) for p in work.glob('*.msgpack')}
-
-
-def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
-    """Write the LMDB ``args.out`` of ``fn(task, **kwargs)`` (JPEG bytes) for every video,
-    resuming from ``args.out + '.partial'``. ``sizes``: work per task, in ``unit`` (for the
-    progress bar); ``meta``: extra metadata records (``__<key>__``)."""
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f'--out {args.out} exists; pass --overwrite to replace it')
-    settings = {'command': args.command, 'src': os.path.abspath(args.src), 'names': names,
-                **kwargs}
-    work, done = _work_folder(args, settings)
+    done = {int(p.stem) for p in work.glob('*.msgpack')}
     todo = [i for i in range(len(names)) if i not in done]
     if done:
         print(f'resuming: {len(done)} of {len(names)} videos are done in {work}')
@@ -235,23 +224,17 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
         shutil.rmtree(work)
         raise UserError(f'none of the {len(names)} videos could be converted (first: '
                         f'{skipped[0][0]}: {skipped[0][1]}); {args.out} not written')
-    frames = 0
     with LMDBWriter(work / 'out.lmdb', overwrite=True) as writer:
         for i, name in enumerate(names):
             if i not in failed:
-                jpegs = msgpack.loads((work / f'{i:09d}.msgpack').read_bytes())
-                writer.put(name, jpegs)
-                frames += len(jpegs)
-    env = lmdb.open(str(work / 'out.lmdb'), subdir=False, lock=False)
-    with env.begin(write=True) as txn:  # records such as __flow_method__
-        for key, value in (meta or {}).items():
-            txn.put(f'__{key}__'.encode(), msgpack.dumps(value))
-    env.close()
+                writer.put(name, msgpack.loads((work / f'{i:09d}.msgpack').read_bytes()))
+        for key, value in (meta or {}).items():  # records such as __flow_method__
+            writer._put(f'__{key}__'.encode(), msgpack.dumps(value))
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.replace(work / 'out.lmdb', args.out)
     shutil.rmtree(work)
-    print(f'wrote {len(writer.names)} videos ({frames} frames) to {args.out}; '
+    print(f'wrote {len(writer.names)} videos ({sum(writer.vlen)} frames) to {args.out}; '
           f'{len(todo) - len(failed)} computed in {time.perf_counter() - start:.1f} s, '
           f'{len(done)} done before')
     if skipped:
@@ -292,49 +275,41 @@ def run_flow(args):
             method=args.method, short_side=args.short_side, quality=args.quality)
 
 
-# -------------------------------------------------------------------------------- splits
-
-def _write_splits(args, derived, dbs, context):
-    """Write the files of ``derived`` (frame counts from ``dbs``) unless a split would list no
-    video (a test of 0/0 later on); ``context`` says where the videos came from."""
+def run_splits(args):
+    """Write the split files of ``args.dataset``; a split that would list no video (a test of 0/0
+    later on) is an error."""
+    if args.dataset == 'kinetics':
+        dbs = [open_lmdb(args.train_lmdb, '--train_lmdb'), open_lmdb(args.val_lmdb, '--val_lmdb')]
+        derived = split_files.kinetics_splits(dbs[0].names, dbs[1].names)
+        context = (f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
+                   f'{args.val_lmdb} {len(dbs[1])}')
+    elif args.dataset == 'hmdb51':
+        if not os.path.isdir(args.official):
+            raise UserError(f'--official {args.official}: no such directory')
+        dbs = [open_lmdb(args.lmdb, '--lmdb')]
+        derived = split_files.hmdb51_splits(dbs[0].names, args.official)
+        missing = derived['missing']
+        if missing:
+            print(f'warning: {len(missing)} videos listed in --official are not in {args.lmdb} '
+                  f'(left out): {", ".join(missing[:5])}{" ..." * (len(missing) > 5)}',
+                  file=sys.stderr)
+        context = (f'--lmdb {args.lmdb} holds none of the videos --official {args.official} '
+                   f'lists for them')
+    else:
+        dbs = [open_lmdb(args.lmdb, '--lmdb')]
+        if not dbs[0].names:
+            raise UserError(f'--lmdb {args.lmdb} holds no videos; no split file written')
+        derived = split_files.ucf101_splits(dbs[0].names)
+        groups = split_files.groups_text({split_files.group_number(n) for n in dbs[0].names})
+        context = (f'--lmdb {args.lmdb} has videos of groups {groups}; test split k holds '
+                   f'groups 7(k-1)+1..7k')
     empty = [s for s, names in derived['splits'].items() if not names]
     if empty:
         raise UserError(f'{", ".join(empty)} would list no videos ({context}); no split file '
                         f'written')
     frames = {n: db.num_frames(n) for db in dbs for n in db.names}
     paths = split_files.write_split_files(args.out, derived, frames, args.overwrite)
-    print(f'{len(derived["classes"])} classes; wrote ' + ', '.join(map(str, paths)))
-
-
-def run_splits_ucf101(args):
-    db = open_lmdb(args.lmdb, '--lmdb')
-    if not db.names:
-        raise UserError(f'--lmdb {args.lmdb} holds no videos; no split file written')
-    groups = split_files.groups_text({split_files.group_number(n) for n in db.names})
-    _write_splits(args, split_files.ucf101_splits(db.names), [db],
-                  f'--lmdb {args.lmdb} has videos of groups {groups}; test split k holds '
-                  f'groups 7(k-1)+1..7k')
-
-
-def run_splits_hmdb51(args):
-    if not os.path.isdir(args.official):
-        raise UserError(f'--official {args.official}: no such directory')
-    db = open_lmdb(args.lmdb, '--lmdb')
-    derived = split_files.hmdb51_splits(db.names, args.official)
-    missing = derived['missing']
-    if missing:
-        print(f'warning: {len(missing)} videos listed in --official are not in {args.lmdb} '
-              f'(left out): {", ".join(missing[:5])}{" ..." * (len(missing) > 5)}',
-              file=sys.stderr)
-    _write_splits(args, derived, [db], f'--lmdb {args.lmdb} holds none of the videos '
-                                       f'--official {args.official} lists for them')
-
-
-def run_splits_kinetics(args):
-    dbs = [open_lmdb(args.train_lmdb, '--train_lmdb'), open_lmdb(args.val_lmdb, '--val_lmdb')]
-    _write_splits(args, split_files.kinetics_splits(dbs[0].names, dbs[1].names), dbs,
-                  f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
-                  f'{args.val_lmdb} {len(dbs[1])}')
+    print(f'{len(derived["classes"])} classes; wrote ' + ', '.join(paths))
 
 
 def run_demo(args):
@@ -345,8 +320,6 @@ def run_demo(args):
     print(f'wrote {folder}: {len(demo.plan(args.seed))} videos of {len(demo.CLASSES)} classes '
           f'in {time.perf_counter() - start:.1f} s')
 
-
-# ------------------------------------------------------------------------------- parsers
 
 def _command(sub, name, run, help, description='', src=None, out=None, workers=True):
     p = sub.add_parser(name, help=help, description=f'{help[0].upper()}{help[1:]}. {description}')
@@ -384,39 +357,34 @@ def build_parser():
                  'as JPEG.', 'folder of class folders of videos', ('LMDB', 'video LMDB to write'))
     _encoding(p, 'storing them', 90)
     p = _command(sub, 'flow', run_flow, 'RGB LMDB or frame folders -> flow LMDB',
-                 'Flow between consecutive grayscale frames (n frames give n-1), as JPEGs: '
-                 'channel 0 horizontal, 1 vertical flow, clipped to [-20, 20] px and mapped to '
-                 '[0, 255]; channel 2 is 128. The LMDB records the method (__flow_method__); '
-                 'training reads <name>_tvl1_frame.lmdb whatever the method, or --flow_lmdb.',
+                 'Flow between consecutive grayscale frames (n frames give n-1), encoded as in '
+                 'docs/METHOD.md (Data), the method recorded in __flow_method__; training reads '
+                 '<name>_tvl1_frame.lmdb whatever the method, or --flow_lmdb.',
                  'an RGB video LMDB, or a folder of class/video/*.jpg frame folders',
                  ('LMDB', 'flow LMDB to write'))
     p.add_argument('--method', choices=('tvl1', 'dis'), default='tvl1',
-                   help="tvl1: OpenCV contrib's TV-L1, as the published LMDBs (~1 frame pair/s "
-                        "per core at 320x240); dis: OpenCV's DIS optical flow, preset medium, "
-                        "~90x faster and a little less accurate (README, Data) (default: tvl1)")
+                   help="tvl1 (default): OpenCV contrib's TV-L1, as the published LMDBs; dis: "
+                        "OpenCV's DIS (preset medium), ~90x faster, a little less accurate")
     _encoding(p, 'computing the flow', 95)
-
-    p = sub.add_parser('splits', help='split CSVs, ClassInd.txt, video_source.json',
-                       description='Write the split files of a dataset folder; CSV rows are '
-                                   '"class/video,num_frames" with the LMDB\'s frame counts.')
+    p = sub.add_parser('splits', help='split CSVs, ClassInd.txt, video_source.json', description=
+                       'Write the split files of a dataset folder (docs/METHOD.md, Data).')
     datasets = p.add_subparsers(dest='dataset', required=True, metavar='DATASET')
-    for name, run, help, description in [
-            ('ucf101', run_splits_ucf101, 'derived from the video names alone',
+    for name, help, description in [
+            ('ucf101', 'derived from the video names alone',
              'Test split k holds groups 7(k-1)+1..7k; video_source.json maps v_<class>_gNN to '
              'a group id.'),
-            ('hmdb51', run_splits_hmdb51, 'from the official split files',
+            ('hmdb51', 'from the official split files',
              'Lines "video.avi label" of <class>_test_split<k>.txt: 1 train, 2 test, 0 unused; '
              'listed videos missing from the LMDB are reported and left out.'),
-            ('kinetics', run_splits_kinetics, 'train/val split from the two LMDBs',
+            ('kinetics', 'train/val split from the two LMDBs',
              'train_split.csv and val_split.csv list the videos of the two LMDBs.')]:
-        d = _command(datasets, name, run, help, description + ' Classes: the class folders, '
+        d = _command(datasets, name, run_splits, help, description + ' Classes: the class folders, '
                      'sorted.', out=('DIR', 'dataset folder to write into'), workers=False)
         for flag in (['--train_lmdb', '--val_lmdb'] if name == 'kinetics' else ['--lmdb']):
             d.add_argument(flag, required=True, help='the RGB (or flow) LMDB')
         if name == 'hmdb51':
             d.add_argument('--official', required=True, metavar='DIR',
                            help='folder of the official testTrainMulti_7030_splits files')
-
     p = _command(sub, 'demo', run_demo, 'build the synthetic demo dataset',
                  'DATA_ROOT/demo/: 300 small videos in 6 classes that differ only by motion, '
                  'with exact flow and three splits (dataset/demo.py).', workers=False)

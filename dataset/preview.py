@@ -8,6 +8,7 @@ step (un-normalised), flow (as stored, 128 = still) after RGB; a red strip marks
 import argparse
 
 import torch
+from PIL import Image
 
 from utils.config import POSITIVE
 from .augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
@@ -29,35 +30,11 @@ def preview_size(num, views, frames, modalities, img_dim):
     return width, height
 
 
-def _compose(views, strong, img_dim):
-    """``views``: ``[num, V, M, F, 3, S, S]`` float in [0, 1] (M modalities, F frames);
-    ``strong``: bool ``[num, V]`` -> one ``[3, height, width]`` image."""
-    num, V, M, F = views.shape[:4]
-    width, height = preview_size(num, V, F, M, img_dim)
-    canvas = torch.full((3, height, width), BACKGROUND)
-    group = PAD + F * (img_dim + PAD)
-    for s in range(num):
-        for v in range(V):
-            top = PAD + (s * V + v) * (img_dim + PAD) + s * SEP
-            colour = torch.tensor(STRONG if strong[s, v] else WEAK).view(3, 1, 1)
-            canvas[:, top:top + img_dim, :MARK - 1] = colour
-            for m in range(M):
-                left0 = MARK + m * (group + GAP) + PAD
-                for f in range(F):
-                    left = left0 + f * (img_dim + PAD)
-                    canvas[:, top:top + img_dim, left:left + img_dim] = views[s, v, m, f]
-    return canvas
-
-
 def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=128, seed=0,
                   frames=4, ds=1, photometric_on_flow=True, legacy_flow_flip=False):
-    """Write a PNG of both augmented views of ``num`` samples of ``dataset_name`` (train mode).
-
-    ``frames`` frames per view, evenly spaced over the clip. The samples and their augmentation
-    follow ``seed``; the caller's random state is left as it was. Returns ``(width, height)``.
-    """
-    from PIL import Image
-
+    """Write a PNG of both augmented views of ``num`` samples of ``dataset_name`` (train mode),
+    ``frames`` frames per view; returns ``(width, height)``. The samples and their augmentation
+    follow ``seed``; the caller's random state is left as it was."""
     spec = DatasetName.parse(dataset_name)
     data = build_dataset(dataset_name, 'train', data_root=data_root, seq_len=seq_len, ds=ds,
                          img_dim=img_dim, negate_flow_flip=not legacy_flow_flip)
@@ -69,26 +46,32 @@ def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=
         batch = {m: torch.stack([it[m] for it in items]) for m in modalities}
         batch['strong'] = torch.stack([it['strong'] for it in items])
         augmented = DeviceAugment(photometric_on_flow)(batch, torch.device('cpu'))
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
-    T = seq_len
-    which = torch.linspace(0, T - 1, min(frames, T)).round().long()
-    shown = []
-    for m in modalities:
-        x = augmented[m] * std + mean                          # [num, V, 3, T, S, S] in [0, 1]
-        shown.append(x[:, :, :, which].transpose(2, 3))       # [num, V, F, 3, S, S]
-    views = torch.stack(shown, 2).clamp(0, 1)                  # [num, V, M, F, 3, S, S]
-    image = _compose(views, batch['strong'], img_dim)
-    pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    mean, std = (torch.tensor(x).view(3, 1, 1, 1) for x in (IMAGENET_MEAN, IMAGENET_STD))
+    which = torch.linspace(0, seq_len - 1, min(frames, seq_len)).round().long()
+    # [num, V, 3, T, S, S] normalised -> [num, V, M, F, 3, S, S] in [0, 1]
+    views = torch.stack([(augmented[m] * std + mean)[:, :, :, which].transpose(2, 3)
+                         for m in modalities], 2).clamp(0, 1)
+    num, V, M, F = views.shape[:4]
+    width, height = preview_size(num, V, F, M, img_dim)
+    canvas = torch.full((3, height, width), BACKGROUND)
+    group = PAD + F * (img_dim + PAD)
+    for s in range(num):
+        for v in range(V):
+            top = PAD + (s * V + v) * (img_dim + PAD) + s * SEP
+            colour = STRONG if batch['strong'][s, v] else WEAK
+            canvas[:, top:top + img_dim, :MARK - 1] = torch.tensor(colour).view(3, 1, 1)
+            for m in range(M):
+                for f in range(F):
+                    left = MARK + m * (group + GAP) + PAD + f * (img_dim + PAD)
+                    canvas[:, top:top + img_dim, left:left + img_dim] = views[s, v, m, f]
+    pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     Image.fromarray(pixels).save(str(out), format='PNG')
     return pixels.shape[1], pixels.shape[0]
 
 
 def add_parser(sub):
-    """Add ``preview`` to the subcommands of ``python -m dataset.prepare``."""
     p = sub.add_parser('preview', help='PNG of augmented training views of a dataset',
-                       description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', required=True, metavar='NAME',
                    help='dataset name as for training, e.g. ucf101-2stream-2clip or demo-2clip')
     p.add_argument('--data_root', default=None, metavar='DIR',

@@ -4,7 +4,9 @@ Split CSV: no header, ``path,num_frames``; only the path's last two components (
 matter. ClassInd.txt: one class per line, as ``name``, ``index name`` or ``index,name`` (names
 may hold spaces, ``air drumming``, and equal the class folder's name); classes are numbered from
 0 in file order. video_source.json: ``{video: source id}``, the video named as ``v_X_gNN``
-(UCF101, without the clip suffix) or ``class/video`` (Kinetics).
+(UCF101, without the clip suffix) or ``class/video`` (Kinetics). The derivations return
+``{'classes': [...], 'splits': {'train_split01': [names], ...}, 'video_source': {...} or None}``,
+which write_split_files writes into a folder.
 """
 import csv
 import json
@@ -15,6 +17,8 @@ from utils.misc import UserError
 
 _CLIP_SUFFIX = re.compile(r'_c\d+$')
 _INDEXED = re.compile(r'^\d+\s*[,\s]\s*(\S.*)$')
+_GROUP_CLIP = re.compile(r'_g(\d+)_c(\d+)$')
+_HMDB_SPLIT_FILE = re.compile(r'^(.+)_test_split(\d+)\.txt$')
 
 
 def source_key(name):
@@ -63,9 +67,8 @@ def read_class_index(path):
 
 def read_video_source(path):
     """``{source_key(video): id}``; keys given as ``class/video`` are reduced the same way."""
-    path = Path(path)
     try:
-        given = json.loads(path.read_text())
+        given = json.loads(Path(path).read_text())
     except ValueError as e:
         raise UserError(f'{path} is not valid JSON ({e})') from None
     if not isinstance(given, dict):
@@ -88,10 +91,6 @@ def write_class_index(path, classes):
     Path(path).write_text(''.join(f'{i + 1} {c}\n' for i, c in enumerate(classes)))
 
 
-# Derivations: {'classes': [...], 'splits': {'train_split01': [names], ...}, 'video_source':
-# {...} or None}, which write_split_files writes into a folder.
-
-_GROUP_CLIP = re.compile(r'_g(\d+)_c(\d+)$')
 
 
 def group_number(name):
@@ -102,8 +101,7 @@ def group_number(name):
     return int(m.group(1))
 
 
-def group_block(k, groups_per_split=7):
-    """The groups of test split k."""
+def group_block(k, groups_per_split=7):  # the groups of test split k
     return range(groups_per_split * (k - 1) + 1, groups_per_split * k + 1)
 
 
@@ -133,18 +131,12 @@ def group_splits(names, groups_per_split=7, num_splits=3):
             'video_source': {key: i for i, (_, _, key) in enumerate(sources)}}
 
 
-def ucf101_splits(names):
-    """UCF101's three official splits, class list and groups, from the names alone."""
-    return group_splits(names)
-
-
-_HMDB_SPLIT_FILE = re.compile(r'^(.+)_test_split(\d+)\.txt$')
+ucf101_splits = group_splits  # UCF101's three official splits come from the names alone
 
 
 def hmdb51_splits(names, official_dir):
     """HMDB51's splits from its official ``<class>_test_split<k>.txt`` files (lines ``video.avi
-    label``; 1 train, 2 test, 0 unused). Listed videos not in ``names`` come back in
-    ``'missing'``."""
+    label``; 1 train, 2 test, 0 unused); listed videos not in ``names`` are ``'missing'``."""
     files = sorted(p for p in Path(official_dir).iterdir() if _HMDB_SPLIT_FILE.match(p.name))
     if not files:
         raise UserError(f'--official {official_dir} holds no <class>_test_split<k>.txt files')
@@ -173,8 +165,7 @@ def hmdb51_splits(names, official_dir):
 
 
 def kinetics_splits(train_names, val_names):
-    """Kinetics: train_split.csv and val_split.csv list the two LMDBs' videos; the classes are
-    the class folders of both, sorted."""
+    """train_split.csv and val_split.csv list the two LMDBs' videos, classes: their folders."""
     classes = sorted({n.split('/')[0] for n in list(train_names) + list(val_names)})
     return {'classes': classes, 'splits': {'train_split': list(train_names),
                                           'val_split': list(val_names)}, 'video_source': None}
@@ -183,21 +174,18 @@ def kinetics_splits(train_names, val_names):
 def write_split_files(out_dir, derived, num_frames, overwrite=False):
     """Write ClassInd.txt, the split CSVs and video_source.json of ``derived`` into ``out_dir``,
     each under a temporary name first, renamed when all are written. Returns the paths."""
-    out_dir = Path(out_dir)
+    out_dir, source = Path(out_dir), derived.get('video_source')
     files = ['ClassInd.txt'] + [f'{s}.csv' for s in derived['splits']]
-    files += ['video_source.json'] if derived.get('video_source') is not None else []
-    targets = [out_dir / f for f in files]
-    existing = [p for p in targets if p.exists()]
+    files += ['video_source.json'] if source is not None else []
+    existing = [out_dir / f for f in files if (out_dir / f).exists()]
     if existing and not overwrite:
         raise UserError(f'{existing[0]} exists; pass --overwrite to replace it')
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = {p: p.with_name(p.name + '.tmp') for p in targets}
-    write_class_index(tmp[out_dir / 'ClassInd.txt'], derived['classes'])
+    write_class_index(out_dir / 'ClassInd.txt.tmp', derived['classes'])
     for split, names in derived['splits'].items():
-        write_split(tmp[out_dir / f'{split}.csv'], names, num_frames)
-    if derived.get('video_source') is not None:
-        tmp[out_dir / 'video_source.json'].write_text(
-            json.dumps(derived['video_source'], indent=0) + '\n')
-    for final, t in tmp.items():
-        t.replace(final)
-    return [str(p) for p in targets]
+        write_split(out_dir / f'{split}.csv.tmp', names, num_frames)
+    if source is not None:
+        (out_dir / 'video_source.json.tmp').write_text(json.dumps(source, indent=0) + '\n')
+    for f in files:
+        (out_dir / f'{f}.tmp').replace(out_dir / f)
+    return [str(out_dir / f) for f in files]
