@@ -7,6 +7,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _triple
 
 from dataset import augment
 from dataset.lmdb_video import decode_list, unpack_jpegs
@@ -51,24 +52,6 @@ def conv3d_planes(x, weight, bias, stride, padding):
     return None
 
 
-def max_pool3d_planes(x, kernel, stride, padding):
-    """``F.max_pool3d`` as a spatial then a temporal 2D max pooling (the same maxima, each window
-    scanned in the 3D kernel's order, so gradients reach the same element)."""
-    (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = kernel, stride, padding
-    b = x.shape[0]
-    if (kh, kw, sh, sw) != (1, 1, 1, 1):
-        x = from_frames(F.max_pool2d(as_frames(x), (kh, kw), (sh, sw), (ph, pw)), b)
-    if (kt, st) != (1, 1):
-        _, c, _, h, w = x.shape
-        y = F.max_pool2d(as_time(x), (kt, 1), (st, 1), (pt, 0))
-        x = y.view(b, c, y.shape[2], h, w)
-    return x
-
-
-def _triple(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3
-
-
 class _Planes:   # the 2D path (forward_planes) for a channels-last clip on a GPU
     def forward(self, x):
         return self.forward_planes(x) if use_planes(x) else super().forward(x)
@@ -97,10 +80,20 @@ class BatchNorm3d(_Planes, nn.BatchNorm3d):
 
 class MaxPool3d(_Planes, nn.MaxPool3d):
     def forward_planes(self, x):
+        """A spatial then a temporal 2D max pooling: the same maxima, each window scanned in the
+        3D kernel's order, so gradients reach the same element."""
         if self.ceil_mode or self.return_indices or _triple(self.dilation) != (1, 1, 1):
             return nn.MaxPool3d.forward(self, x)
-        return max_pool3d_planes(x, _triple(self.kernel_size), _triple(self.stride),
-                                 _triple(self.padding))
+        (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = map(
+            _triple, (self.kernel_size, self.stride, self.padding))
+        b = x.shape[0]
+        if (kh, kw, sh, sw) != (1, 1, 1, 1):
+            x = from_frames(F.max_pool2d(as_frames(x), (kh, kw), (sh, sw), (ph, pw)), b)
+        if (kt, st) != (1, 1):
+            _, c, _, h, w = x.shape
+            y = F.max_pool2d(as_time(x), (kt, 1), (st, 1), (pt, 0))
+            x = y.view(b, c, y.shape[2], h, w)
+        return x
 
 
 FAST = {nn.Conv3d: Conv3d, nn.BatchNorm3d: BatchNorm3d, nn.MaxPool3d: MaxPool3d}
