@@ -1,6 +1,6 @@
-"""The GPU fast path, imported only when ``--cuda_graph`` or ``--decode gpu`` asks for it: a
-step replayed from a CUDA graph with S3D's layers as 2D kernels, a prefetch thread, nvJPEG
-decoding. Each computes what the plain path does (tests/test_fast_path.py, test_layout.py)."""
+"""The GPU fast path, imported only when ``--cuda_graph`` or ``--decode gpu`` asks: a step
+replayed from a CUDA graph with S3D's layers as 2D kernels, a prefetch thread, nvJPEG decoding.
+Each computes what the plain path does (tests/test_fast_path.py, test_layout.py)."""
 import queue
 import threading
 
@@ -59,12 +59,11 @@ class _Planes:   # the 2D path (forward_planes) for a channels-last clip on a GP
 
 class Conv3d(_Planes, nn.Conv3d):
     def forward_planes(self, x):
+        y = None
         if self.groups == 1 and self.dilation == (1, 1, 1) and self.padding_mode == 'zeros' \
-                and isinstance(self.padding, tuple):
+                and isinstance(self.padding, tuple):   # not 'same'
             y = conv3d_planes(x, self.weight, self.bias, self.stride, self.padding)
-            if y is not None:
-                return y
-        return nn.Conv3d.forward(self, x)
+        return nn.Conv3d.forward(self, x) if y is None else y
 
 
 class BatchNorm3d(_Planes, nn.BatchNorm3d):
@@ -172,15 +171,7 @@ class Prefetcher:
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
 
-    def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                pass
-
-    def _work(self):
+    def _work(self):   # a put blocked on a full queue ends when close() drains it
         try:
             if self.stream is not None:
                 torch.cuda.set_device(self.device)   # the current device is per thread
@@ -191,10 +182,10 @@ class Prefetcher:
                     out, ready = self.fn(batch), self.stream and torch.cuda.Event()
                     if ready:
                         ready.record(self.stream)
-                self._put((out, ready))
-            self._put(self._END)
+                self.queue.put((out, ready))
+            self.queue.put(self._END)
         except BaseException as e:   # raised in the training thread
-            self._put(e)
+            self.queue.put(e)
 
     def __iter__(self):
         return self
@@ -202,7 +193,7 @@ class Prefetcher:
     def __next__(self):
         item = self.queue.get()
         if item is self._END:
-            self._put(self._END)   # stays at the end
+            self.queue.put(self._END)   # stays at the end
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
