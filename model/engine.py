@@ -117,7 +117,6 @@ def train(args, task):
     if args.resume:   # checked before anything is built: a changed flag is the likelier error
         ckpt = pretraining_checkpoint(args.resume, '--resume')
         check_resume(ckpt, args, info.world_size)
-
     seed_everything(args.seed + info.rank)
     dataset = build_dataset(
         args.dataset, 'train', **data_location(args), seq_len=args.seq_len, ds=args.ds,
@@ -126,7 +125,6 @@ def train(args, task):
         two_clip_strong_prob=args.two_clip_strong_prob, crop_scale=tuple(args.crop_area),
         local_segments=args.num_segments * (args.local_aug == 'independent'))
     loader = make_loader(dataset, args, info)
-
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = task.build_model(args)
     memory_format = torch.channels_last_3d if args.channels_last else torch.contiguous_format
@@ -141,7 +139,6 @@ def train(args, task):
     amp_dtype = amp_dtype_of(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     augment = DeviceAugment(args.photometric_on_flow, memory_format)
-
     exp_dir = Path(args.output_dir) / (
         f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
         f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
