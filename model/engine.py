@@ -234,14 +234,12 @@ def forward_backward(model, inputs, scaler, amp_dtype, cache_casts=True):
 
 
 def update(model, optimizer, scaler):
-    """Gradients averaged over processes (one flat all-reduce), then the optimiser step."""
     du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
 
 
 def train_step(model, inputs, optimizer, scaler, amp_dtype):
-    """One eager step: forward, backward, gradient average, update."""
     optimizer.zero_grad(set_to_none=True)
     loss, stats, ready = forward_backward(model, inputs, scaler, amp_dtype)
     if ready:
