@@ -12,10 +12,6 @@ from utils.misc import UserError, epoch_seed, seed_worker
 from .video_dataset import collate
 
 
-def sample_seed(seed, epoch, rank, position):   # of the sample at position in rank's shard
-    return (epoch_seed(seed, epoch, rank) * 10_000_019 + position) % 2 ** 63
-
-
 class SeededDataset(torch.utils.data.Dataset):
     """``dataset[index]`` drawn from a generator seeded for it alone; keys: ``(index, seed)``."""
 
@@ -48,8 +44,8 @@ class EpochBatches(Sampler):
         for epoch in range(self.start, self.end):
             self.shard.set_epoch(epoch)
             indices = list(self.shard)[:self.steps * self.batch_size]
-            keys = [(index, sample_seed(self.seed, epoch, self.rank, position))
-                    for position, index in enumerate(indices)]
+            root = epoch_seed(self.seed, epoch, self.rank) * 10_000_019
+            keys = [(index, (root + position) % 2 ** 63) for position, index in enumerate(indices)]
             for b in range(0, len(keys), self.batch_size):
                 yield keys[b:b + self.batch_size]
 
@@ -95,7 +91,6 @@ class TrainLoader:
 
 
 def make_loader(dataset, args, info):
-    """The ``TrainLoader`` of ``args`` (batch size, workers, seed, epochs) for this process."""
     return TrainLoader(dataset, args.batch_size, args.workers, args.seed, args.epochs,
                        rank=info.rank, world_size=info.world_size,
                        max_steps=args.iters_per_epoch, pin_memory=info.device.type == 'cuda')

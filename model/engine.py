@@ -25,17 +25,16 @@ from utils.run import (EpochMeter, add_runtime_args, amp_dtype_of, begin_epoch, 
 
 def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_size, epochs,
                     schedule):
-    """Flags of both pretraining scripts, with each script's own defaults; ``weights``: loss
-    term -> default weight, one flag ``--w_<term>`` each (docs/METHOD.md, Losses)."""
+    """Both scripts' flags, with each script's defaults; ``weights``: loss term -> default weight
+    of its flag ``--w_<term>`` (docs/METHOD.md, Losses)."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--config', help='TOML file of flag values (configs/); flags given here win')
     g = add_data_args(p, dataset, '<name>[-f][-2stream]-2clip, e.g. ucf101-2clip (RGB), '
                       'ucf101-f-2clip (flow), ucf101-2stream-2clip (both), demo-2clip (built-in)')
     g.add_argument('--local_aug', choices=['independent', 'shared'], default='independent',
-                   help='independent: each local clip gets its own crop, flip and colour, as the '
-                        "authors' scripts do; shared: local clips are cut out of the augmented "
-                        'views (docs/METHOD.md, Local clips)')
+                   help="independent: each local clip augmented on its own, as the authors'; "
+                        'shared: cut out of the augmented views (docs/METHOD.md, Local clips)')
     g.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
                    help='JPEG decoding by the data-loader workers or nvJPEG on the training GPU')
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
@@ -48,14 +47,13 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
                    help="the random resized crop's range of shares of the frame's area")
     g = p.add_argument_group('model')
     g.add_argument('--net', default='s3d', help='backbone: ' + ', '.join(BACKBONES))
-    g.add_argument('--moco-dim', '--moco_dim', dest='moco_dim', type=POSITIVE, default=128,
-                   help='embedding size D')
-    g.add_argument('--moco-k', '--moco_k', dest='moco_k', type=POSITIVE, default=2048,
-                   help='queue length K; a multiple of the global batch')
-    g.add_argument('--moco-m', '--moco_m', dest='moco_m', type=PROBABILITY, default=0.999,
-                   help='momentum of the key encoder')
-    g.add_argument('--moco-t', '--moco_t', dest='moco_t', type=POSITIVE_REAL, default=tau,
-                   help='temperature tau')
+    for name, kind, default, text in (
+            ('dim', POSITIVE, 128, 'embedding size D'),
+            ('k', POSITIVE, 2048, 'queue length K; a multiple of the global batch'),
+            ('m', PROBABILITY, 0.999, 'momentum of the key encoder'),
+            ('t', POSITIVE_REAL, tau, 'temperature tau')):
+        g.add_argument(f'--moco-{name}', f'--moco_{name}', dest=f'moco_{name}', type=kind,
+                       default=default, help=text)
     g.add_argument('--num_segments', type=POSITIVE, default=4, help='local clips L per view')
     g.add_argument('--bn_splits', type=POSITIVE, default=None,
                    help='groups of the shuffled key batch with their own BatchNorm statistics; '
@@ -101,11 +99,10 @@ def view_inputs(views, modality, args):
     """The two views of ``modality`` and, with ``--local_aug independent``, its local clips:
     view 1's first as the local query, view 2's L as keys (docs/METHOD.md, Local clips)."""
     x = views[modality]                              # B x 2 x 3 x T x S x S
-    out = {'view1': x[:, 0], 'view2': x[:, 1]}
-    if args.local_aug == 'independent':
-        local = views[modality + '_local']           # B x 2 x L x 3 x T/L x S x S
-        out.update(local1=local[:, 0, 0], local2=local[:, 1])
-    return out
+    if args.local_aug == 'shared':
+        return {'view1': x[:, 0], 'view2': x[:, 1]}
+    local = views[modality + '_local']               # B x 2 x L x 3 x T/L x S x S
+    return {'view1': x[:, 0], 'view2': x[:, 1], 'local1': local[:, 0, 0], 'local2': local[:, 1]}
 
 
 def train(args, task):
@@ -118,11 +115,8 @@ def train(args, task):
     check_args(args, global_batch, task, device)
     ckpt = None
     if args.resume:   # checked before anything is built: a changed flag is the likelier error
-        ckpt = load_checkpoint(args.resume, '--resume')
-        if not sub_state_dict(ckpt['state_dict'], 'encoder_q.'):
-            raise UserError(f'--resume {args.resume}: no encoder_q.* weights; not pretraining')
+        ckpt = pretraining_checkpoint(args.resume, '--resume')
         check_resume(ckpt, args, info.world_size)
-
     seed_everything(args.seed + info.rank)
     dataset = build_dataset(
         args.dataset, 'train', **data_location(args), seq_len=args.seq_len, ds=args.ds,
@@ -131,7 +125,6 @@ def train(args, task):
         two_clip_strong_prob=args.two_clip_strong_prob, crop_scale=tuple(args.crop_area),
         local_segments=args.num_segments * (args.local_aug == 'independent'))
     loader = make_loader(dataset, args, info)
-
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = task.build_model(args)
     memory_format = torch.channels_last_3d if args.channels_last else torch.contiguous_format
@@ -146,7 +139,6 @@ def train(args, task):
     amp_dtype = amp_dtype_of(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     augment = DeviceAugment(args.photometric_on_flow, memory_format)
-
     exp_dir = Path(args.output_dir) / (
         f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
         f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
@@ -168,7 +160,8 @@ def train(args, task):
         step = fast.GraphedStep(step, forward_backward, update, model, optimizer, scaler,
                                 amp_dtype, device)
     flow = dataset.lmdbs.get('flow')   # which optical flow the LMDB holds (prepare flow --method)
-    flow = f', flow by {flow.flow_method or "an unrecorded method (published: TV-L1)"}' if flow else ''
+    flow = (f', flow by {flow.flow_method or "an unrecorded method (published: TV-L1)"}'
+            if flow else '')
     writer = open_run(exp_dir, args, info, f'{info.world_size} process(es) on {device}, global '
                       f'batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos '
                       f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
@@ -241,14 +234,12 @@ def forward_backward(model, inputs, scaler, amp_dtype, cache_casts=True):
 
 
 def update(model, optimizer, scaler):
-    """Gradients averaged over processes (one flat all-reduce), then the optimiser step."""
     du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
 
 
 def train_step(model, inputs, optimizer, scaler, amp_dtype):
-    """One eager step: forward, backward, gradient average, update."""
     optimizer.zero_grad(set_to_none=True)
     loss, stats, ready = forward_backward(model, inputs, scaler, amp_dtype)
     if ready:
@@ -284,13 +275,17 @@ def check_args(args, global_batch, task, device):
     task.check_dataset(spec, args)
 
 
+def pretraining_checkpoint(path, flag):
+    ckpt = load_checkpoint(path, flag)
+    if not sub_state_dict(ckpt['state_dict'], 'encoder_q.'):
+        raise UserError(f'{flag} {path}: no encoder_q.* weights; is it a pretraining checkpoint?')
+    return ckpt
+
+
 def load_encoder(encoder, path, flag, modality):
     """Initialise an encoder from the query encoder of the pretraining checkpoint at ``path``,
     which must have been trained on ``modality`` (when its arguments say). Returns its epoch."""
-    ckpt = load_checkpoint(path, flag)
-    weights = sub_state_dict(ckpt['state_dict'], 'encoder_q.')
-    if not weights:
-        raise UserError(f'{flag} {path}: no encoder_q.* weights; is it a pretraining checkpoint?')
+    ckpt = pretraining_checkpoint(path, flag)
     check_modality(ckpt, modality, f'{flag} {path}')
-    load_exact(encoder, weights, f'{flag} {path}')
+    load_exact(encoder, sub_state_dict(ckpt['state_dict'], 'encoder_q.'), f'{flag} {path}')
     return ckpt.get('epoch')

@@ -1,12 +1,13 @@
-"""The GPU fast path, imported only when ``--cuda_graph`` or ``--decode gpu`` asks for it: a
-step replayed from a CUDA graph with S3D's layers as 2D kernels, a prefetch thread, nvJPEG
-decoding. Each computes what the plain path does (tests/test_fast_path.py, test_layout.py)."""
+"""The GPU fast path, imported only when ``--cuda_graph`` or ``--decode gpu`` asks: a step
+replayed from a CUDA graph with S3D's layers as 2D kernels, a prefetch thread, nvJPEG decoding.
+Each computes what the plain path does (tests/test_fast_path.py, test_layout.py)."""
 import queue
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _triple
 
 from dataset import augment
 from dataset.lmdb_video import decode_list, unpack_jpegs
@@ -51,24 +52,6 @@ def conv3d_planes(x, weight, bias, stride, padding):
     return None
 
 
-def max_pool3d_planes(x, kernel, stride, padding):
-    """``F.max_pool3d`` as a spatial then a temporal 2D max pooling (the same maxima, each window
-    scanned in the 3D kernel's order, so gradients reach the same element)."""
-    (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = kernel, stride, padding
-    b = x.shape[0]
-    if (kh, kw, sh, sw) != (1, 1, 1, 1):
-        x = from_frames(F.max_pool2d(as_frames(x), (kh, kw), (sh, sw), (ph, pw)), b)
-    if (kt, st) != (1, 1):
-        _, c, _, h, w = x.shape
-        y = F.max_pool2d(as_time(x), (kt, 1), (st, 1), (pt, 0))
-        x = y.view(b, c, y.shape[2], h, w)
-    return x
-
-
-def _triple(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3
-
-
 class _Planes:   # the 2D path (forward_planes) for a channels-last clip on a GPU
     def forward(self, x):
         return self.forward_planes(x) if use_planes(x) else super().forward(x)
@@ -76,12 +59,11 @@ class _Planes:   # the 2D path (forward_planes) for a channels-last clip on a GP
 
 class Conv3d(_Planes, nn.Conv3d):
     def forward_planes(self, x):
+        y = None
         if self.groups == 1 and self.dilation == (1, 1, 1) and self.padding_mode == 'zeros' \
-                and isinstance(self.padding, tuple):
+                and isinstance(self.padding, tuple):   # not 'same'
             y = conv3d_planes(x, self.weight, self.bias, self.stride, self.padding)
-            if y is not None:
-                return y
-        return nn.Conv3d.forward(self, x)
+        return nn.Conv3d.forward(self, x) if y is None else y
 
 
 class BatchNorm3d(_Planes, nn.BatchNorm3d):
@@ -97,10 +79,20 @@ class BatchNorm3d(_Planes, nn.BatchNorm3d):
 
 class MaxPool3d(_Planes, nn.MaxPool3d):
     def forward_planes(self, x):
+        """A spatial then a temporal 2D max pooling: the same maxima, each window scanned in the
+        3D kernel's order, so gradients reach the same element."""
         if self.ceil_mode or self.return_indices or _triple(self.dilation) != (1, 1, 1):
             return nn.MaxPool3d.forward(self, x)
-        return max_pool3d_planes(x, _triple(self.kernel_size), _triple(self.stride),
-                                 _triple(self.padding))
+        (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = map(
+            _triple, (self.kernel_size, self.stride, self.padding))
+        b = x.shape[0]
+        if (kh, kw, sh, sw) != (1, 1, 1, 1):
+            x = from_frames(F.max_pool2d(as_frames(x), (kh, kw), (sh, sw), (ph, pw)), b)
+        if (kt, st) != (1, 1):
+            _, c, _, h, w = x.shape
+            y = F.max_pool2d(as_time(x), (kt, 1), (st, 1), (pt, 0))
+            x = y.view(b, c, y.shape[2], h, w)
+        return x
 
 
 FAST = {nn.Conv3d: Conv3d, nn.BatchNorm3d: BatchNorm3d, nn.MaxPool3d: MaxPool3d}
@@ -179,15 +171,7 @@ class Prefetcher:
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
 
-    def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                pass
-
-    def _work(self):
+    def _work(self):   # a put blocked on a full queue ends when close() drains it
         try:
             if self.stream is not None:
                 torch.cuda.set_device(self.device)   # the current device is per thread
@@ -198,10 +182,10 @@ class Prefetcher:
                     out, ready = self.fn(batch), self.stream and torch.cuda.Event()
                     if ready:
                         ready.record(self.stream)
-                self._put((out, ready))
-            self._put(self._END)
+                self.queue.put((out, ready))
+            self.queue.put(self._END)
         except BaseException as e:   # raised in the training thread
-            self._put(e)
+            self.queue.put(e)
 
     def __iter__(self):
         return self
@@ -209,7 +193,7 @@ class Prefetcher:
     def __next__(self):
         item = self.queue.get()
         if item is self._END:
-            self._put(self._END)   # stays at the end
+            self.queue.put(self._END)   # stays at the end
             raise StopIteration
         if isinstance(item, BaseException):
             raise item

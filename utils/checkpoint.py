@@ -11,16 +11,15 @@ from .misc import UserError
 
 
 def save_checkpoint(state, path, *copies):
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half file.
-    Each of ``copies`` (e.g. ``last.pth.tar``) gets the same bytes, serialised once."""
-    path = Path(path)
-    _atomic_write(path, lambda f: torch.save(state, f))
+    """Written whole, then renamed: never a half file. ``copies`` (e.g. ``last.pth.tar``) get the
+    same bytes, serialised once."""
+    atomic_write(Path(path), lambda f: torch.save(state, f))
     for copy in copies:
         with open(path, 'rb') as src:
-            _atomic_write(Path(copy), lambda f: shutil.copyfileobj(src, f))
+            atomic_write(Path(copy), lambda f: shutil.copyfileobj(src, f))
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):   # write(file) to a temporary file in the folder, then rename
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
     try:
@@ -36,16 +35,14 @@ def _atomic_write(path, write):
 
 
 def load_checkpoint(path, flag='checkpoint', required=('state_dict',), what='checkpoint'):
-    """Load a ``torch.save``d dict with ``weights_only=True``; it must hold the ``required``
-    keys. Errors name the flag and the path."""
+    """A ``torch.save``d dict holding the ``required`` keys, loaded ``weights_only``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f'{flag}: no {what} at {path}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:   # pickle, zip and unpickler errors all mean an unreadable file
-        # The weights-only unpickler's reason, not its advice to load with weights_only=False.
-        text = str(e)
+        text = str(e)   # the unpickler's reason, not its advice to load with weights_only=False
         reason = re.search(r'WeightsUnpickler error:\s*(.+?)(?:\n\n|$)', text, re.S)
         text = reason.group(1).split('. ')[0].strip() if reason else text.split('\n')[0]
         raise UserError(f'{flag}: {path} is not a readable {what} ({type(e).__name__}: '
@@ -56,14 +53,12 @@ def load_checkpoint(path, flag='checkpoint', required=('state_dict',), what='che
     return ckpt
 
 
-def sub_state_dict(state_dict, prefix):
-    """Entries under ``prefix`` with the prefix removed (``encoder_q.`` -> the encoder's keys)."""
+def sub_state_dict(state_dict, prefix):   # 'encoder_q.' -> the query encoder's own keys
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def load_exact(module, state_dict, source, allowed_missing=()):
-    """Load ``state_dict`` into ``module``; any key but ``allowed_missing`` mismatching (missing,
-    unexpected or of another shape) is an error that lists them."""
+    """Any key but ``allowed_missing`` missing, unexpected or of another shape is an error."""
     own = module.state_dict()
     problems = {
         'missing': [k for k in own if k not in state_dict and k not in allowed_missing],

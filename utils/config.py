@@ -9,27 +9,22 @@ import tomllib
 class Ranged:
     """An argparse ``type``: an int or a float within bounds (an open bound is excluded)."""
 
-    def __init__(self, kind, low=None, high=None, low_open=False, high_open=False):
+    def __init__(self, kind, low, high=None, low_open=False, high_open=False):
         self.kind, self.low, self.high = kind, low, high
         self.low_open, self.high_open = low_open, high_open
         self.__name__ = kind.__name__   # argparse's "invalid int value" messages
-
-    def describe(self):
-        what = 'an integer' if self.kind is int else 'a number'
-        if self.low is not None and self.high is not None:
-            return (f'{what} in {"(" if self.low_open else "["}{self.low:g}, '
-                    f'{self.high:g}{")" if self.high_open else "]"}')
-        if self.low is not None:
-            return f'{what} {">" if self.low_open else ">="} {self.low:g}'
-        return f'{what} {"<" if self.high_open else "<="} {self.high:g}'
 
     def __call__(self, text):
         value = self.kind(text)   # ValueError: argparse says "invalid int value"
         low, high = self.low, self.high
         if not (math.isfinite(value)   # nan and inf pass every comparison or none
-                and (low is None or (value > low if self.low_open else value >= low))
+                and (value > low if self.low_open else value >= low)
                 and (high is None or (value < high if self.high_open else value <= high))):
-            raise argparse.ArgumentTypeError(f'{text} is not {self.describe()}')
+            what = 'an integer' if self.kind is int else 'a number'
+            bound = (f'{">" if self.low_open else ">="} {low:g}' if high is None else
+                     f'in {"(" if self.low_open else "["}{low:g}, {high:g}'
+                     f'{")" if self.high_open else "]"}')
+            raise argparse.ArgumentTypeError(f'{text} is not {what} {bound}')
         return value
 
 

@@ -14,7 +14,6 @@ from .misc import UserError
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device('cpu')
 
     @property
@@ -35,22 +34,21 @@ def init_distributed(device='auto', local_rank_flag=None):
         raise UserError('--device cuda was asked but no CUDA device is visible')
     rank, world = _env_int('RANK', 'SLURM_PROCID'), _env_int('WORLD_SIZE', 'SLURM_NTASKS')
     local = _env_int('LOCAL_RANK', 'SLURM_LOCALID')
-    local = local if local is not None else local_rank_flag or 0
     if rank is None or world is None or world <= 1:
         return DistInfo(device=torch.device('cuda', torch.cuda.current_device())
                         if device == 'cuda' else torch.device('cpu'))
     if 'MASTER_ADDR' not in os.environ:   # SLURM without torchrun
         raise UserError('distributed launch without MASTER_ADDR/MASTER_PORT; use torchrun, '
                         'torch.distributed.launch, or export them in the SLURM script')
+    dev = torch.device('cpu')
     if device == 'cuda':
+        local = local if local is not None else local_rank_flag or 0
         torch.cuda.set_device(local % torch.cuda.device_count())
         dev = torch.device('cuda', torch.cuda.current_device())
-    else:
-        dev = torch.device('cpu')
     if not dist.is_initialized():
-        dist.init_process_group('nccl' if device == 'cuda' else 'gloo', rank=rank,
-                                world_size=world, **({'device_id': dev} if device == 'cuda' else {}))
-    return DistInfo(rank, world, local, dev)
+        dist.init_process_group('nccl' if device == 'cuda' else 'gloo', rank=rank, world_size=world,
+                                **({'device_id': dev} if device == 'cuda' else {}))
+    return DistInfo(rank, world, dev)
 
 
 def world_size():

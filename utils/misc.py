@@ -13,9 +13,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class UserError(Exception):
-    """Bad input: a wrong flag, file, key or value, named in the message. Scripts print it as
-    ``error: <message>`` and exit with status 2; every other exception is a bug and keeps its
-    traceback."""
+    """Bad input (a wrong flag, file, key or value, named in the message): ``run_main`` prints
+    it as one line. Every other exception is a bug and keeps its traceback."""
 
 
 def git_revision():
@@ -34,16 +33,15 @@ def format_args(args):
     return '\n'.join(f'  {k}: {v}' for k, v in sorted(vars(args).items()))
 
 
-def plain_args(args):
-    """The arguments as plain types, storable in a ``weights_only`` checkpoint."""
+def plain_args(args):   # storable in a weights_only checkpoint
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else
                 list(v) if isinstance(v, (list, tuple)) else str(v))
             for k, v in vars(args).items()}
 
 
 def log_epoch(path, record):
-    """Append an epoch's record to a ``log.jsonl`` without the records of that epoch and later
-    ones (a resumed run trains them again): the log reads as one run. Written, then renamed."""
+    """Append an epoch's record, dropping those of that epoch and later (a resumed run trains
+    them again): the log reads as one run."""
     path = Path(path)
     lines = path.read_text().splitlines() if path.exists() else []
     kept = [line for line in lines
@@ -66,33 +64,29 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed, epoch, rank):
-    """The root of an epoch's randomness in process ``rank``, distinct for every (epoch, rank)."""
+def epoch_seed(seed, epoch, rank):   # distinct for every (epoch, rank)
     return (seed * 1_000_003 + epoch) * 1009 + rank
 
 
-def seed_worker(worker_id):
-    """numpy's and random's seeds in a data-loader worker, from torch's (distinct per worker)."""
+def seed_worker(worker_id):   # numpy's and random's seeds from torch's, distinct per worker
     np.random.seed(torch.initial_seed() % 2**32)
     random.seed(torch.initial_seed() % 2**32)
 
 
-def learning_rate(base_lr, epoch, schedule=(), warmup=()):
-    """Warm-up factors for the first epochs, then x0.1 at each epoch of ``schedule``."""
+def learning_rate(base_lr, epoch, schedule=(), warmup=()):   # warm-up factors, then x0.1 steps
     if epoch < len(warmup):
         return base_lr * warmup[epoch]
     return base_lr * 0.1 ** sum(epoch >= s for s in schedule)
 
 
-def topk_accuracy(logits, target, ks=(1, 5)):
-    """Share of rows whose target is among the top k logits, for each k (device tensors)."""
+def topk_accuracy(logits, target, ks=(1, 5)):   # device tensors
     hit = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == target[:, None]
     return [hit[:, :k].any(1).float().mean() for k in ks]
 
 
 def run_main(main):
-    """A script's entry point: bad input ends as ``error: ...`` with exit status 2, Ctrl-C with
-    status 130 after the script's own message (``CVTCL_TRACEBACK=1`` shows the traceback)."""
+    """Bad input ends as ``error: ...`` with status 2, Ctrl-C with status 130 after the script's
+    own message (``CVTCL_TRACEBACK=1`` shows the traceback)."""
     try:
         main()
     except UserError as e:

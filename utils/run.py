@@ -15,7 +15,6 @@ from .misc import UserError, epoch_seed, format_args, git_revision, plain_args
 
 
 def add_runtime_args(g):
-    """Device, precision and launcher flags every script shares."""
     g.add_argument('--device', choices=['auto', 'cpu', 'cuda'], default='auto',
                    help='auto = cuda when available')
     g.add_argument('--amp', choices=['auto', 'off', 'bf16', 'fp16'], default='auto',
@@ -34,8 +33,7 @@ def amp_dtype_of(args, device):
 
 
 def open_run(exp_dir, args, info, summary):
-    """Rank 0: make the folder, print the git revision, ``summary`` and arguments, store them,
-    open TensorBoard. Others: None."""
+    """Rank 0: make the folder, print and store the run's provenance, open TensorBoard."""
     if not info.is_main:
         return None
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -73,8 +71,7 @@ class EpochMeter:
         self.tic, self.seen, self.n = time.time(), 0, 0
 
     def update(self, iteration, loss, samples, lr, metrics, **postfix):
-        """After step ``iteration``: its loss and ``metrics`` (device scalars), ``samples`` over
-        all processes; ``postfix``: more for the bar."""
+        """``loss`` and ``metrics``: device scalars; ``samples``: over all processes."""
         self.first_bad = torch.where(~torch.isfinite(loss) & (self.first_bad < 0), iteration,
                                      self.first_bad)
         for k, v in {'loss': loss.detach(), **metrics}.items():
@@ -84,7 +81,7 @@ class EpochMeter:
         self.seen += samples
         self.bar.update(1)
         if self.n % self.print_freq == 0 or self.n == self.steps:
-            check_finite(self.first_bad)
+            self.check_finite()
             means = self.means(torch.stack(list(self.sums.values())))
             self.bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3g}',
                                  **postfix)
@@ -101,29 +98,29 @@ class EpochMeter:
     def close(self):
         """The epoch's means over every process."""
         self.bar.close()
-        check_finite(self.first_bad)
+        self.check_finite()
         totals = torch.stack(list(self.sums.values()))
         du.all_reduce_mean([totals])
         return self.means(totals)
 
-
-def check_finite(first_bad):
-    bad = first_bad.clone()
-    if du.world_size() > 1:  # stop every process together
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    if int(bad) >= 0:
-        raise FloatingPointError(f'non-finite loss at iteration {int(bad)}; the last good '
-                                 f'checkpoint is left as it was')
+    def check_finite(self):
+        bad = self.first_bad.clone()
+        if du.world_size() > 1:  # stop every process together
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if int(bad) >= 0:
+            raise FloatingPointError(f'non-finite loss at iteration {int(bad)}; the last good '
+                                     f'checkpoint is left as it was')
 
 
 def restore(ckpt, model, optimizer, scaler, args, info, say):
-    """Load ``ckpt``'s weights, optimizer and scaler state; return its folder, first epoch to
-    train and iteration count."""
+    """Load ``ckpt``'s state; returns its folder, the first epoch to train and the iteration."""
+    if ckpt['epoch'] + 1 >= args.epochs:
+        raise UserError(f'--resume {args.resume} ends at epoch {ckpt["epoch"]}: --epochs '
+                        f'{args.epochs} leaves nothing to train; give more epochs')
     load_exact(model, ckpt['state_dict'], f'--resume {args.resume}')
     optimizer.load_state_dict(ckpt['optimizer'])
     if 'scaler' in ckpt:
         scaler.load_state_dict(ckpt['scaler'])
-    check_epochs_left(args, ckpt['epoch'])
     say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {ckpt["iteration"]})'
         + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
     return Path(args.resume).resolve().parent, ckpt['epoch'] + 1, ckpt['iteration']
@@ -137,12 +134,6 @@ def check_fresh_run(exp_dir):
                         f'--output_dir (or delete the folder)')
 
 
-def check_epochs_left(args, last_epoch):   # a resumed run with nothing left to train
-    if last_epoch + 1 >= args.epochs:
-        raise UserError(f'--resume {args.resume} ends at epoch {last_epoch}: --epochs '
-                        f'{args.epochs} leaves nothing to train; give more epochs')
-
-
 # Flags a resumed run may change (where things are, hardware, speed, length, output); any other
 # change would make it another experiment.
 RESUME_MAY_CHANGE = {
@@ -154,7 +145,7 @@ RESUME_MAY_CHANGE = {
 
 def check_resume(ckpt, args, world_size):
     """A resumed run's flags (but ``RESUME_MAY_CHANGE``) and process count must be the
-    checkpoint's; the error lists each difference. A saved None (an old default) is not one."""
+    checkpoint's. A saved None (an old default) is no difference."""
     saved, now = ckpt.get('args') or {}, plain_args(args)
     changed = [f'--{k} {saved[k]!r} -> {now[k]!r}' for k in sorted(now)
                if saved.get(k) is not None and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
@@ -166,8 +157,7 @@ def check_resume(ckpt, args, world_size):
                         + '; '.join(changed) + '. Resume with the same flags, or start a new run')
 
 
-def keeps(epoch, keep_every):
-    """Whether ``--keep_every`` keeps ``epoch<epoch>.pth.tar`` (0-based, as CoCLR's names)."""
+def keeps(epoch, keep_every):   # epoch<epoch>.pth.tar, 0-based as CoCLR's names
     return keep_every > 0 and (epoch + 1) % keep_every == 0
 
 
