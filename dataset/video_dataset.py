@@ -227,8 +227,9 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
             crops = frames[:, t:t + h, l:l + w][index_on_device[v]]
         else:
             crops = torch.stack([frames[i].permute(1, 2, 0)[t:t + h, l:l + w] for i in idx])
-        out[v] = augment.resize_flip(crops.permute(0, 3, 1, 2), img_dim, bool(plan['flips'][v]),
-                                     is_flow=modality == 'flow', negate_flow=negate_flow_flip)
+        crops = augment.resize(crops.permute(0, 3, 1, 2), (img_dim, img_dim))
+        out[v] = (augment.flip_frames(crops, modality == 'flow', negate_flow_flip)
+                  if plan['flips'][v] else crops)
     return out
 
 
