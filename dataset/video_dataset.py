@@ -53,30 +53,21 @@ class DatasetName:
                    views=2 if '-2clip' in found else 1)
 
 
-def known_datasets(data_root):
-    root = Path(data_root)
-    return sorted({'demo'} | {d.name for d in (root.iterdir() if root.is_dir() else ())
-                              if d.is_dir() and any(d.glob(f'{d.name}_*frame*.lmdb'))})
-
-
-def layout(data_root, base, mode, split_dir=None):
+def layout(data_root, base, mode, split, split_dir=None):
     """Paths of a dataset folder for ``mode`` ('train' or 'test'); ``folder`` holds the split
-    files (``split_dir`` when given). Kinetics-style folders have one LMDB per part and the
-    split files {train,val}_split.csv, val being the test part."""
+    files (``split_dir`` when given), ``csv`` those of both modes, ``{train,test}_split0k.csv``.
+    Kinetics-style folders have one LMDB per part and the split files {train,val}_split.csv,
+    val being the test part."""
     data = Path(data_root) / base
     folder = Path(split_dir) if split_dir is not None else data
     kinetics = (any((data / f'{base}{kind}_frame_train.lmdb').exists() for kind in ('', '_tvl1'))
                 or (folder / 'train_split.csv').exists())
-    suffix = ('_train' if mode == 'train' else '_val') if kinetics else ''
+    part = {'train': 'train', 'test': 'val' if kinetics else 'test'}
+    suffix = f'_{part[mode]}' if kinetics else ''
+    number = '' if kinetics else f'{split:02d}'
     return {'folder': folder, 'rgb': data / f'{base}_frame{suffix}.lmdb',
-            'flow': data / f'{base}_tvl1_frame{suffix}.lmdb', 'kinetics': kinetics}
-
-
-def split_csv(info, mode, split):
-    """The split CSV of ``mode``: ``{train,test}_split0k.csv``, for Kinetics ``{train,val}_split.csv``."""
-    if info['kinetics']:
-        return info['folder'] / f'{"train" if mode == "train" else "val"}_split.csv'
-    return info['folder'] / f'{"train" if mode == "train" else "test"}_split{split:02d}.csv'
+            'flow': data / f'{base}_tvl1_frame{suffix}.lmdb', 'kinetics': kinetics,
+            'csv': {m: folder / f'{p}_split{number}.csv' for m, p in part.items()}}
 
 
 class VideoDataset(Dataset):
@@ -84,19 +75,17 @@ class VideoDataset(Dataset):
     and/or ``'flow'`` uint8 ``[V, T, 3, S, S]``, ``'strong'`` ``[V]``, ``'label'``, ``'source'``,
     ``'index'``, the plan, and with ``local_segments`` L ``'rgb_local'``/``'flow_local'``
     ``[2, L, T/L, 3, S, S]`` and ``'local_strong'`` ``[2, L]``. Test items: every window, short
-    side resized to ``test_size``, ``[W, T, 3, h, w]``."""
+    side resized to ``round(img_dim * 8 / 7)``, ``[W, T, 3, h, w]``."""
 
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
-                 views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
-                 strong_prob=0.0, two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
+                 views=1, seq_len=32, ds=1, img_dim=128, strict_min_frames=False, strong_prob=0.0,
+                 two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
                  crop_scale=(0.2, 1.0), decode='cpu', local_segments=0, description='dataset',
                  test_windows='all', stored_size=False):
         self.mode, self.views, self.seq_len, self.ds = mode, views, seq_len, ds
-        self.img_dim = img_dim
-        self.test_size = test_size or round(img_dim * 8 / 7)
+        self.img_dim, self.crop_scale, self.decode = img_dim, crop_scale, decode
         self.strong_prob, self.two_clip_prob = strong_prob, two_clip_prob
-        self.two_clip_strong_prob = two_clip_strong_prob
-        self.negate_flow_flip, self.crop_scale, self.decode = negate_flow_flip, crop_scale, decode
+        self.two_clip_strong_prob, self.negate_flow_flip = two_clip_strong_prob, negate_flow_flip
         if local_segments and (mode != 'train' or views != 2 or seq_len % local_segments):
             raise UserError(f'{description}: local clips need 2 views in train mode and '
                             f'--seq_len {seq_len} divisible by --num_segments {local_segments}')
@@ -137,15 +126,6 @@ class VideoDataset(Dataset):
         strong_first = bool(torch.rand(()) < 0.5)
         return False, torch.tensor([strong_first, not strong_first])
 
-    def _plan_views(self, n):
-        """Frame indices ``[V, T]`` and the strong flags ``[V]`` of one item's views."""
-        T, ds = self.seq_len, self.ds
-        if self.views == 1:
-            return sampler.train_indices(n, T, ds)[None], torch.rand(1) < self.strong_prob
-        two, strong = self._pair_strong()
-        clips = [sampler.train_indices(n, T, ds) for _ in range(1 + two)]
-        return torch.stack([clips[0], clips[-1]]), strong
-
     def _plan_geometry(self, item, h, w, lead, prefix=''):
         """Crop boxes and flips of ``lead`` clips, e.g. ``[V]`` views or ``[2, L]`` local clips."""
         n = math.prod(lead)
@@ -159,20 +139,25 @@ class VideoDataset(Dataset):
         n = self._length(name)
         if self.mode == 'test':
             # test_windows 'all': every window; 'random': one, drawn as training draws a clip.
-            # stored_size: frames as stored, else resized to a short side of test_size.
+            # stored_size: frames as stored, else resized to a short side of img_dim * 8 / 7.
             windows = (sampler.train_indices(n, self.seq_len, self.ds)[None]
                        if self.test_windows == 'random'
                        else sampler.test_windows(n, self.seq_len, self.ds))       # W x T
             unique, inverse = torch.unique(windows, return_inverse=True)
             for m, db in self.lmdbs.items():
-                frames = decode_frames(db.read_bytes(name, unique.tolist()), name=name,
-                                       indices=unique.tolist(), source=db.path)
+                frames = db.read(name, unique.tolist())
                 self._check_size(*frames.shape[-2:], name, db.path)
                 if not self.stored_size:
-                    frames = augment.resize_short_side(frames, self.test_size)
+                    frames = augment.resize_short_side(frames, round(self.img_dim * 8 / 7))
                 item[m] = frames[inverse]                         # W x T x 3 x h x w
             return item
-        indices, strong = self._plan_views(n)
+        if self.views == 1:
+            indices = sampler.train_indices(n, self.seq_len, self.ds)[None]          # V x T
+            strong = torch.rand(1) < self.strong_prob
+        else:   # two clips, or one clip seen twice
+            two, strong = self._pair_strong()
+            clips = [sampler.train_indices(n, self.seq_len, self.ds) for _ in range(1 + two)]
+            indices = torch.stack([clips[0], clips[-1]])
         unique, inverse = torch.unique(indices, return_inverse=True)   # decode each frame once
         jpegs = {m: db.read_bytes(name, unique.tolist()) for m, db in self.lmdbs.items()}
         first = next(iter(self.lmdbs))
@@ -265,13 +250,13 @@ def _split_names(info, spec, mode, split, first, dataset):
     """Names of the split's videos and the derived UCF101 splits (None unless derived): from the
     split CSV; for UCF101 without one, derived from the names in ``first``; for Kinetics without
     one, every video of ``first`` (its LMDB is one part)."""
-    csv = split_csv(info, mode, split)
+    csv = info['csv'][mode]
     if csv.exists():
         names = splits.read_split(csv)
         if not names:
             raise UserError(f'dataset {dataset!r}: split file {csv} lists no videos (rows of 0 '
                             f'frames do not count)')
-        train_csv = split_csv(info, 'train', split)
+        train_csv = info['csv']['train']
         if mode == 'test' and train_csv.exists():   # trained on, then scored as unseen?
             trained = set(splits.read_split(train_csv))
             both = [n for n in names if n in trained]
@@ -312,11 +297,13 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     if spec.base == 'demo':
         from .demo import ensure_demo
         ensure_demo(data_root)
-    info = layout(data_root, spec.base, mode, split_dir)
+    info = layout(data_root, spec.base, mode, split, split_dir)
     if rgb_lmdb is None and flow_lmdb is None and not info['folder'].is_dir():
+        known = {p.parent.name for p in data_root.glob('*/*frame*.lmdb')
+                 if p.name.startswith(p.parent.name + '_')}
         raise UserError(f'unknown dataset {spec.base!r} (from {name!r}): no folder '
                         f'{info["folder"]}. Known under {data_root}: '
-                        f'{", ".join(known_datasets(data_root))}')
+                        f'{", ".join(sorted(known | {"demo"}))}')
     paths = {'rgb': rgb_lmdb or info['rgb'], 'flow': flow_lmdb or info['flow']}
     for modality in ('rgb', 'flow'):
         if getattr(spec, modality) and not Path(paths[modality]).exists():
@@ -336,7 +323,8 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         # Without ClassInd.txt: the sorted class names of every video, so that train and test
         # number them alike (a Kinetics-style folder keeps the other part in another LMDB).
         every = set(first.names)
-        other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train', split_dir)
+        other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train', split,
+                       split_dir)
         if info['kinetics'] and other['rgb' if spec.rgb else 'flow'].exists():
             every.update(VideoLMDB(other['rgb' if spec.rgb else 'flow']).names)
         classes = {c: i for i, c in enumerate(derived['classes'] if derived else
