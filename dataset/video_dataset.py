@@ -95,11 +95,6 @@ class VideoDataset(Dataset):
         self.test_windows, self.stored_size = test_windows, stored_size
         if not names:
             raise UserError(f'{description}: the split lists no videos')
-        for db in self.lmdbs.values():
-            missing = [n for n in names if n not in db]
-            if missing:
-                raise UserError(f'{description}: {len(missing)} video(s) of the split are not in '
-                                f'{db.path}, e.g. {missing[0]!r}{holds_none(db)}')
         need = sampler.min_frames(seq_len, ds, strict_min_frames)
         keep = [i for i, n in enumerate(names) if self._length(n) >= need]
         self.dropped = sorted(set(names) - {names[i] for i in keep})
@@ -241,11 +236,6 @@ def collate(items):
     return batch
 
 
-def holds_none(db):
-    """``'; <path> holds no videos'`` for an empty LMDB (the likelier cause of a missing video)."""
-    return '' if len(db) else f'; {db.path} holds no videos'
-
-
 def _split_names(info, spec, mode, split, first, dataset):
     """Names of the split's videos and the derived UCF101 splits (None unless derived): from the
     split CSV; for UCF101 without one, derived from the names in ``first``; for Kinetics without
@@ -304,17 +294,20 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         raise UserError(f'unknown dataset {spec.base!r} (from {name!r}): no folder '
                         f'{info["folder"]}. Known under {data_root}: '
                         f'{", ".join(sorted(known | {"demo"}))}')
-    paths = {'rgb': rgb_lmdb or info['rgb'], 'flow': flow_lmdb or info['flow']}
-    for modality in ('rgb', 'flow'):
-        if getattr(spec, modality) and not Path(paths[modality]).exists():
-            raise UserError(f'dataset {name!r} needs the {modality} LMDB '
-                            f'{paths[modality]}, which does not exist')
-    first = VideoLMDB(paths['rgb'] if spec.rgb else paths['flow'])
+    paths = {m: path or info[m] for m, path in (('rgb', rgb_lmdb), ('flow', flow_lmdb))
+             if getattr(spec, m)}
+    for m, path in paths.items():
+        if not Path(path).exists():
+            raise UserError(f'dataset {name!r} needs the {m} LMDB {path}, which does not exist')
+    lmdbs = {m: VideoLMDB(path) for m, path in paths.items()}
+    first = next(iter(lmdbs.values()))   # RGB where there is RGB: its LMDB lists the videos
     names, derived = _split_names(info, spec, mode, split, first, name)
-    missing = [n for n in names if n not in first]
-    if missing:
-        raise UserError(f'dataset {name!r}: {len(missing)} video(s) of the {mode} split are not '
-                        f'in {first.path}, e.g. {missing[0]!r}{holds_none(first)}')
+    for db in lmdbs.values():
+        missing = [n for n in names if n not in db]
+        if missing:
+            empty = f'; {db.path} holds no videos' if not len(db) else ''   # the likelier cause
+            raise UserError(f'dataset {name!r}: {len(missing)} video(s) of the {mode} split are '
+                            f'not in {db.path}, e.g. {missing[0]!r}{empty}')
 
     class_file = info['folder'] / 'ClassInd.txt'
     if class_file.exists():
@@ -347,8 +340,8 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         sources = [index_of[n] for n in names]
 
     data = VideoDataset(
-        names=names, labels=labels, sources=sources, rgb_lmdb=first if spec.rgb else None,
-        flow_lmdb=(first if not spec.rgb else paths['flow']) if spec.flow else None,
+        names=names, labels=labels, sources=sources, rgb_lmdb=lmdbs.get('rgb'),
+        flow_lmdb=lmdbs.get('flow'),
         mode=mode, views=spec.views if mode == 'train' else 1, seq_len=seq_len, ds=ds,
         img_dim=img_dim, strict_min_frames=info['kinetics'], description=f'dataset {name!r}',
         **options)
