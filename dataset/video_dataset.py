@@ -13,15 +13,12 @@ from torch.utils.data import Dataset, default_collate
 from utils.config import NON_NEGATIVE, POSITIVE
 from utils.misc import PROJECT_ROOT, UserError
 from . import augment, sampler, splits
-from .lmdb_video import (VideoLMDB, check_same_size, decode_frames, decode_list, jpeg_size,
-                         merge_packed, pack_jpegs)
-
-DATA_ROOT_ENV = 'CVTCL_DATA_ROOT'
+from .lmdb_video import VideoLMDB, check_same_size, decode_list, jpeg_size, merge_packed, pack_jpegs
 
 
 def default_data_root():
     """``$CVTCL_DATA_ROOT`` if set, else ``data/`` in the project folder (not the working dir)."""
-    return Path(os.environ.get(DATA_ROOT_ENV) or PROJECT_ROOT / 'data')
+    return Path(os.environ.get('CVTCL_DATA_ROOT') or PROJECT_ROOT / 'data')
 
 
 @dataclass(frozen=True)
@@ -225,14 +222,13 @@ def collate(items):
     """Default collation, except that the uint8 views keep their channels-last memory and the
     packed JPEG bytes of ``decode='device'`` are merged per modality (``merge_packed``)."""
     special = ('jpeg', 'rgb', 'flow', 'rgb_local', 'flow_local')
-    jpegs = [item['jpeg'] for item in items] if 'jpeg' in items[0] else None
-    frames = {m: [item[m].movedim(-3, -1) for item in items] for m in special[1:] if m in items[0]}
-    batch = default_collate([{k: v for k, v in item.items() if k not in special}
-                             for item in items])
-    for m, hwc in frames.items():
-        batch[m] = default_collate(hwc).movedim(-1, -3)
-    if jpegs is not None:
-        batch['jpeg'] = {m: merge_packed([j[m] for j in jpegs]) for m in jpegs[0]}
+    batch = default_collate([{k: v for k, v in item.items() if k not in special} for item in items])
+    for m in special[1:]:
+        if m in items[0]:
+            batch[m] = default_collate([item[m].movedim(-3, -1) for item in items]).movedim(-1, -3)
+    if 'jpeg' in items[0]:
+        batch['jpeg'] = {m: merge_packed([item['jpeg'][m] for item in items])
+                         for m in items[0]['jpeg']}
     return batch
 
 
@@ -387,9 +383,7 @@ def modality_of(dataset, reverse=False):
     """'rgb' or 'flow': the modality a network trained with ``--dataset dataset`` sees (for
     two-stream CVTCL: the trained one, RGB unless ``reverse``)."""
     spec = DatasetName.parse(dataset)
-    if spec.rgb and spec.flow:
-        return 'flow' if reverse else 'rgb'
-    return 'rgb' if spec.rgb else 'flow'
+    return 'flow' if not spec.rgb or (spec.flow and reverse) else 'rgb'
 
 
 def recorded_modality(record):
