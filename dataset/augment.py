@@ -62,10 +62,9 @@ def resize(frames, size):
 
 def resize_short_side(frames, short):
     h, w = frames.shape[-2:]
-    if min(h, w) == short:
-        return frames
-    size = (short, max(1, round(w * short / h))) if h <= w else (max(1, round(h * short / w)), short)
-    return resize(frames, size)
+    if h <= w:
+        return resize(frames, (short, max(1, round(w * short / h))))
+    return resize(frames, (max(1, round(h * short / w)), short))
 
 
 def flip_frames(frames, is_flow=False, negate_flow=True):

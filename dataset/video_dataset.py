@@ -194,8 +194,7 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
     device = frames.device if stacked else frames[0].device
     if out is None:
         out = augment.channels_last_empty(*index.shape, size=img_dim, device=device)
-    if stacked:
-        index_on_device = index.to(device, non_blocking=True)
+    index_on_device = index.to(device, non_blocking=True)
     for v, idx in enumerate(index.tolist()):
         # Only each frame's crop is copied, into one channels-last batch the resize reads as it
         # is; on the device (launches cost more than bytes) in one indexing call per view.
@@ -337,10 +336,9 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
 
     data = VideoDataset(
         names=names, labels=labels, sources=sources, rgb_lmdb=lmdbs.get('rgb'),
-        flow_lmdb=lmdbs.get('flow'),
-        mode=mode, views=spec.views if mode == 'train' else 1, seq_len=seq_len, ds=ds,
-        img_dim=img_dim, strict_min_frames=info['kinetics'], description=f'dataset {name!r}',
-        **options)
+        flow_lmdb=lmdbs.get('flow'), mode=mode, views=spec.views if mode == 'train' else 1,
+        seq_len=seq_len, ds=ds, img_dim=img_dim, strict_min_frames=info['kinetics'],
+        description=f'dataset {name!r}', **options)
     data.num_classes, data.classes = len(classes), list(classes)
     return data
 
