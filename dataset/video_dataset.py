@@ -36,8 +36,7 @@ class DatasetName:
         # order: a name that differs (misordered or repeated suffixes) gets the right spelling.
         base, found = name, set()
         while suffix := next((s for s in cls.SUFFIXES if base.endswith(s)), None):
-            base = base[: -len(suffix)]
-            found.add(suffix)
+            base, found = base.removesuffix(suffix), found | {suffix}
         if not base:
             raise UserError(f'dataset {name!r}: no name before the suffixes')
         if '-f' in found and '-2stream' in found:
@@ -51,10 +50,9 @@ class DatasetName:
 
 
 def layout(data_root, base, mode, split, split_dir=None):
-    """Paths of a dataset folder for ``mode`` ('train' or 'test'); ``folder`` holds the split
-    files (``split_dir`` when given), ``csv`` those of both modes, ``{train,test}_split0k.csv``.
-    Kinetics-style folders have one LMDB per part and the split files {train,val}_split.csv,
-    val being the test part."""
+    """Paths of a dataset folder for ``mode`` ('train' or 'test'); ``folder`` (``split_dir`` if
+    given) holds the split files ``csv[mode]``, ``{train,test}_split0k.csv``; Kinetics-style
+    folders have one LMDB per part and {train,val}_split.csv, val being the test part."""
     data = Path(data_root) / base
     folder = Path(split_dir) if split_dir is not None else data
     kinetics = (any((data / f'{base}{kind}_frame_train.lmdb').exists() for kind in ('', '_tvl1'))
@@ -185,9 +183,8 @@ class VideoDataset(Dataset):
 
 def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None):
     """Decoded unique frames (a sequence of ``[3, H, W]`` as the decoder returns them, or one
-    ``[N, H, W, 3]`` tensor) -> views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory)
-    by a plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``), on any device; written
-    into ``out`` when given (e.g. the sample's slot of a batch)."""
+    ``[N, H, W, 3]`` tensor) -> views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory,
+    into ``out`` if given) by a plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``)."""
     index = plan['frame_index']
     stacked = isinstance(frames, torch.Tensor)   # [N, H, W, 3]: frames stacked on the device
     height, width = frames.shape[1:3] if stacked else frames[0].shape[-2:]
@@ -210,8 +207,7 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
 
 
 def local_plan(plan):
-    """The plan of an item's (or sample's) ``[2, L]`` local clips as one of ``2L`` views of
-    ``T/L`` frames each, for :func:`apply_views`."""
+    """The plan of the ``[2, L]`` local clips as one of ``2L`` views of ``T/L`` frames each."""
     lead = plan['local_strong'].shape
     return {'frame_index': plan['frame_index'].reshape(math.prod(lead), -1),
             'boxes': plan['local_boxes'].flatten(0, 1), 'flips': plan['local_flips'].flatten()}
@@ -303,7 +299,6 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
             empty = f'; {db.path} holds no videos' if not len(db) else ''   # the likelier cause
             raise UserError(f'dataset {name!r}: {len(missing)} video(s) of the {mode} split are '
                             f'not in {db.path}, e.g. {missing[0]!r}{empty}')
-
     class_file = info['folder'] / 'ClassInd.txt'
     if class_file.exists():
         classes = splits.read_class_index(class_file)
@@ -321,7 +316,6 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     if unknown:
         raise UserError(f'class {unknown.split("/")[0]!r} of video {unknown!r} is not in {class_file}')
     labels = [classes[n.split('/')[0]] for n in names]
-
     source_file = info['folder'] / 'video_source.json'
     source_of = (splits.read_video_source(source_file) if source_file.exists()
                  else derived['video_source'] if derived else None)
@@ -333,7 +327,6 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     else:
         index_of = {n: i for i, n in enumerate(first.names)}
         sources = [index_of[n] for n in names]
-
     data = VideoDataset(
         names=names, labels=labels, sources=sources, rgb_lmdb=lmdbs.get('rgb'),
         flow_lmdb=lmdbs.get('flow'), mode=mode, views=spec.views if mode == 'train' else 1,
