@@ -133,7 +133,7 @@ def decode_frames(jpegs, name='?', indices=None, source='?'):
     return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
 
 
-def check_same_size(imgs, name='?', indices=None, source='?'):
+def check_same_size(imgs, name, indices, source):
     """Every decoded frame of a video must have the first frame's size."""
     shapes = [tuple(im.shape[1:]) for im in imgs]
     j = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
@@ -160,7 +160,7 @@ def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):
         raise   # every frame decodes alone: not the data's fault
 
 
-def jpeg_size(jpeg, name='?', source='?'):
+def jpeg_size(jpeg, name, source):
     """``(height, width)`` from a JPEG's header, without decoding it."""
     try:
         w, h = Image.open(io.BytesIO(jpeg), formats=('JPEG',)).size

@@ -88,8 +88,6 @@ class VideoDataset(Dataset):
         self.lmdbs = {m: db if isinstance(db, VideoLMDB) else VideoLMDB(db)
                       for m, db in (('rgb', rgb_lmdb), ('flow', flow_lmdb)) if db is not None}
         self.test_windows, self.stored_size = test_windows, stored_size
-        if not names:
-            raise UserError(f'{description}: the split lists no videos')
         need = sampler.min_frames(seq_len, ds, strict_min_frames)
         keep = [i for i, n in enumerate(names) if self._length(n) >= need]
         self.dropped = sorted(set(names) - {names[i] for i in keep})
