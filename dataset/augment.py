@@ -192,8 +192,7 @@ class DeviceAugment:
     def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format,
                  photometric=None, seed=0):
         self.photometric = photometric or Photometric()
-        self.photometric_on_flow = photometric_on_flow
-        self.memory_format = memory_format
+        self.photometric_on_flow, self.memory_format = photometric_on_flow, memory_format
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch, device):

@@ -108,7 +108,7 @@ class VideoDataset(Dataset):
 
     def _pair_strong(self):
         """Whether a 2-view sample is two clips (share ``two_clip_prob``; each view strong with
-        ``two_clip_strong_prob``) or one clip seen twice (one view strong), and its flags ``[2]``."""
+        ``two_clip_strong_prob``) or one clip seen twice (one view strong); its flags ``[2]``."""
         if bool(torch.rand(()) < self.two_clip_prob):
             return True, torch.rand(2) < self.two_clip_strong_prob
         strong_first = bool(torch.rand(()) < 0.5)
