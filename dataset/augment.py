@@ -187,12 +187,15 @@ class DeviceAugment:
     -> float ``[B, V, 3, T, H, W]`` / ``[B, 2, L, 3, T/L, H, W]`` under the same keys, each clip in
     ``memory_format``. One draw per view (or local clip) serves its RGB and flow frames
     (``photometric_on_flow``, the reference's behaviour) or RGB only; draws come from the
-    augmenter's own generator, whatever else uses the global one."""
+    augmenter's own generator (``reseed``), whatever else uses the global one."""
 
     def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format,
                  photometric=None, seed=0):
         self.photometric = photometric or Photometric()
         self.photometric_on_flow, self.memory_format = photometric_on_flow, memory_format
+        self.reseed(seed)
+
+    def reseed(self, seed):
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch, device):
