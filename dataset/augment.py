@@ -11,17 +11,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def sample_crop(height, width, generator=None, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                swap_prob=0.5, tries=10):
+def sample_crop(height, width, generator=None, scale=(0.2, 1.0), swap_prob=0.5):
     """Random resized crop box ``(top, left, h, w)`` in fractions of the frame, as the reference
-    draws it (area in ``scale``, aspect uniform in ``ratio``, w/h swapped with ``swap_prob``);
-    after ``tries`` misses the centred square of the short side."""
+    draws it (area in ``scale``, aspect uniform in [3/4, 4/3], w/h swapped with ``swap_prob``);
+    after 10 misses the centred square of the short side."""
     def rand():
         return float(torch.rand((), generator=generator))
 
-    for _ in range(tries):
+    for _ in range(10):
         target = height * width * (scale[0] + (scale[1] - scale[0]) * rand())
-        aspect = ratio[0] + (ratio[1] - ratio[0]) * rand()
+        aspect = 3 / 4 + (4 / 3 - 3 / 4) * rand()
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if rand() < swap_prob:
             w, h = h, w
@@ -29,25 +28,21 @@ def sample_crop(height, width, generator=None, scale=(0.2, 1.0), ratio=(3 / 4, 4
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
             left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
             return top / height, left / width, h / height, w / width
-    return center_box(height, width)
-
-
-def center_box(height, width, size=None):
-    """The centred square of ``size`` pixels (default: the short side), in fractions."""
-    s = min(height, width) if size is None else size
+    s = min(height, width)
     return (height - s) // 2 / height, (width - s) // 2 / width, s / height, s / width
 
 
 def box_pixels(box, height, width):
     top, left, h, w = box
     t, l = int(round(top * height)), int(round(left * width))
-    return t, l, max(1, min(int(round(h * height)), height - t)), max(1, min(int(round(w * width)), width - l))
+    return (t, l, max(1, min(int(round(h * height)), height - t)),
+            max(1, min(int(round(w * width)), width - l)))
 
 
-def channels_last_empty(*lead, size, dtype=torch.uint8, device='cpu'):
+def channels_last_empty(*lead, size, device='cpu'):
     """An empty ``[*lead, 3, size, size]`` laid out ``[*lead, size, size, 3]`` in memory: views
     built so reach the model as channels-last-3D clips by a transpose, with no copy."""
-    return torch.empty(*lead, size, size, 3, dtype=dtype, device=device).movedim(-1, -3)
+    return torch.empty(*lead, size, size, 3, dtype=torch.uint8, device=device).movedim(-1, -3)
 
 
 def resize(frames, size):
@@ -67,10 +62,9 @@ def resize(frames, size):
 
 def resize_short_side(frames, short):
     h, w = frames.shape[-2:]
-    if min(h, w) == short:
-        return frames
-    size = (short, max(1, round(w * short / h))) if h <= w else (max(1, round(h * short / w)), short)
-    return resize(frames, size)
+    if h <= w:
+        return resize(frames, (short, max(1, round(w * short / h))))
+    return resize(frames, (max(1, round(h * short / w)), short))
 
 
 def flip_frames(frames, is_flow=False, negate_flow=True):
@@ -79,12 +73,6 @@ def flip_frames(frames, is_flow=False, negate_flow=True):
     if is_flow and negate_flow:
         frames[..., 0, :, :].bitwise_not_()   # for uint8, ~x == 255 - x, in one pass
     return frames
-
-
-def resize_flip(crops, size, flip, is_flow=False, negate_flow=True):
-    """uint8 crops ``[N, 3, h, w]`` -> ``[N, 3, size, size]``, flipped if ``flip``."""
-    out = resize(crops, (size, size))
-    return flip_frames(out, is_flow, negate_flow) if flip else out
 
 
 def _gray(x):
@@ -131,15 +119,13 @@ def _gaussian_blur(x, sigma, radius):
 class Photometric:
     """Strong views' photometric steps, batched: colour jitter (p ``jitter_prob``) in a random
     order, "grayscale" as the reference's (p ``gray_prob``: each frame becomes one of its
-    channels, drawn per frame), Gaussian blur (p ``blur_prob``); one draw per view (``sample``)
-    for any number of its modalities (``apply``)."""
+    channels, drawn per frame), Gaussian blur (p ``blur_prob``, sigma uniform in [0.1, 2]); one
+    draw per view (``sample``) for any number of its modalities (``apply``)."""
 
-    def __init__(self, jitter=0.4, hue=0.1, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5,
-                 sigma=(0.1, 2.0)):
+    def __init__(self, jitter=0.4, hue=0.1, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
         self.jitter, self.hue = jitter, hue
         self.jitter_prob, self.gray_prob, self.blur_prob = jitter_prob, gray_prob, blur_prob
-        self.sigma = sigma
-        self.radius = int(math.ceil(3 * sigma[1]))
+        self.radius = 6   # of the blur kernel: 3 x the largest sigma
 
     def sample(self, strong, generator=None, frames=1):
         """Parameters for ``[N]`` views of ``frames`` frames, drawn where ``strong`` lives."""
@@ -157,15 +143,14 @@ class Photometric:
             'gray': strong & (u(0, 1) < self.gray_prob),
             'channel': torch.randint(0, 3, (n, frames), generator=generator, device=dev),
             'blur': strong & (u(0, 1) < self.blur_prob),
-            'sigma': u(*self.sigma),
+            'sigma': u(0.1, 2.0),
         }
 
     def apply(self, x, p, inplace=False):
-        """float ``[N, T, 3, H, W]`` in [0, 1] -> same, augmented per view (in ``x`` if ``inplace``)."""
+        """float ``[N, T, 3, H, W]`` in [0, 1] -> same, augmented per view (in place if asked)."""
         if not inplace:
             x = x.clone()
-        factors, sigma = p['factors'].to(x.device), p['sigma'].to(x.device)
-        channel = p['channel'].to(x.device)
+        factors, sigma, channel = (p[k].to(x.device) for k in ('factors', 'sigma', 'channel'))
         for pos in range(4):
             for k in range(4):
                 m = p['jitter'] & (p['order'][:, pos] == k)
@@ -202,14 +187,12 @@ class DeviceAugment:
     -> float ``[B, V, 3, T, H, W]`` / ``[B, 2, L, 3, T/L, H, W]`` under the same keys, each clip in
     ``memory_format``. One draw per view (or local clip) serves its RGB and flow frames
     (``photometric_on_flow``, the reference's behaviour) or RGB only; draws come from the
-    augmenter's own generator (``reseed``), whatever else uses the global one.
-    """
+    augmenter's own generator (``reseed``), whatever else uses the global one."""
 
     def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format,
                  photometric=None, seed=0):
         self.photometric = photometric or Photometric()
-        self.photometric_on_flow = photometric_on_flow
-        self.memory_format = memory_format
+        self.photometric_on_flow, self.memory_format = photometric_on_flow, memory_format
         self.reseed(seed)
 
     def reseed(self, seed):

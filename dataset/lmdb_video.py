@@ -125,15 +125,15 @@ class VideoLMDB:
                              source=self.path)
 
 
-def decode_frames(jpegs, name='?', indices=None, source='?', device='cpu'):
+def decode_frames(jpegs, name='?', indices=None, source='?'):
     """Batched decode of JPEG byte strings -> ``[N, 3, H, W]`` (channels last in memory)."""
-    imgs = decode_list(jpegs, name, indices, source, device)
+    imgs = decode_list(jpegs, name, indices, source)
     check_same_size(imgs, name, indices, source)
     # The decoder hands out channels-last images: stacked as such, with no copy.
     return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
 
 
-def check_same_size(imgs, name='?', indices=None, source='?'):
+def check_same_size(imgs, name, indices, source):
     """Every decoded frame of a video must have the first frame's size."""
     shapes = [tuple(im.shape[1:]) for im in imgs]
     j = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
@@ -150,18 +150,17 @@ def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):
     try:
         return _decode_jpeg(data, device=device)
     except RuntimeError:
-        pass
-    for j, d in enumerate(data):  # find which frame is broken and say so
-        frame = indices[j] if indices is not None else j
-        try:
-            _decode_jpeg(d)
-        except RuntimeError as e:
-            raise UserError(f'{source}: frame {int(frame)} of video {name!r} is not a valid '
-                            f'JPEG ({str(e).splitlines()[0]})') from None
-    raise RuntimeError(f'{source}: decoding video {name!r} failed on {device}')
+        for j, d in enumerate(data):  # find which frame is broken and say so
+            try:
+                _decode_jpeg(d)
+            except RuntimeError as e:
+                frame = indices[j] if indices is not None else j
+                raise UserError(f'{source}: frame {int(frame)} of video {name!r} is not a valid '
+                                f'JPEG ({str(e).splitlines()[0]})') from None
+        raise   # every frame decodes alone: not the data's fault
 
 
-def jpeg_size(jpeg, name='?', source='?'):
+def jpeg_size(jpeg, name, source):
     """``(height, width)`` from a JPEG's header, without decoding it."""
     try:
         w, h = Image.open(io.BytesIO(jpeg), formats=('JPEG',)).size
@@ -205,9 +204,8 @@ class LMDBWriter:
             raise UserError(f'{self.path} exists; remove it or pass overwrite')
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._remove_tmp()
-        self._map_size = 1 << 30
         # No fsync per video: close() syncs once before the rename that publishes the file.
-        self._env = lmdb.open(self.tmp, subdir=False, map_size=self._map_size, meminit=False,
+        self._env = lmdb.open(self.tmp, subdir=False, map_size=1 << 30, meminit=False,
                               map_async=True, sync=False)
         self.names, self.vlen = [], []
 
@@ -220,14 +218,12 @@ class LMDBWriter:
         self.vlen.append(len(frames))
 
     def _put(self, key, value):
-        while True:
-            try:
-                with self._env.begin(write=True) as txn:
-                    txn.put(key, value)
-                return
-            except lmdb.MapFullError:
-                self._map_size *= 2
-                self._env.set_mapsize(self._map_size)
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.put(key, value)
+        except lmdb.MapFullError:   # a larger map, and again
+            self._env.set_mapsize(self._env.info()['map_size'] * 2)
+            self._put(key, value)
 
     def _remove_tmp(self):
         for p in (self.tmp, self.tmp + '-lock'):

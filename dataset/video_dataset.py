@@ -13,15 +13,12 @@ from torch.utils.data import Dataset, default_collate
 from utils.config import NON_NEGATIVE, POSITIVE
 from utils.misc import PROJECT_ROOT, UserError
 from . import augment, sampler, splits
-from .lmdb_video import (VideoLMDB, check_same_size, decode_frames, decode_list, jpeg_size,
-                         merge_packed, pack_jpegs)
-
-DATA_ROOT_ENV = 'CVTCL_DATA_ROOT'
+from .lmdb_video import VideoLMDB, check_same_size, decode_list, jpeg_size, merge_packed, pack_jpegs
 
 
 def default_data_root():
     """``$CVTCL_DATA_ROOT`` if set, else ``data/`` in the project folder (not the working dir)."""
-    return Path(os.environ.get(DATA_ROOT_ENV) or PROJECT_ROOT / 'data')
+    return Path(os.environ.get('CVTCL_DATA_ROOT') or PROJECT_ROOT / 'data')
 
 
 @dataclass(frozen=True)
@@ -39,8 +36,7 @@ class DatasetName:
         # order: a name that differs (misordered or repeated suffixes) gets the right spelling.
         base, found = name, set()
         while suffix := next((s for s in cls.SUFFIXES if base.endswith(s)), None):
-            base = base[: -len(suffix)]
-            found.add(suffix)
+            base, found = base.removesuffix(suffix), found | {suffix}
         if not base:
             raise UserError(f'dataset {name!r}: no name before the suffixes')
         if '-f' in found and '-2stream' in found:
@@ -53,30 +49,20 @@ class DatasetName:
                    views=2 if '-2clip' in found else 1)
 
 
-def known_datasets(data_root):
-    root = Path(data_root)
-    return sorted({'demo'} | {d.name for d in (root.iterdir() if root.is_dir() else ())
-                              if d.is_dir() and any(d.glob(f'{d.name}_*frame*.lmdb'))})
-
-
-def layout(data_root, base, mode, split_dir=None):
-    """Paths of a dataset folder for ``mode`` ('train' or 'test'); ``folder`` holds the split
-    files (``split_dir`` when given). Kinetics-style folders have one LMDB per part and the
-    split files {train,val}_split.csv, val being the test part."""
+def layout(data_root, base, mode, split, split_dir=None):
+    """Paths of a dataset folder for ``mode`` ('train' or 'test'); ``folder`` (``split_dir`` if
+    given) holds the split files ``csv[mode]``, ``{train,test}_split0k.csv``; Kinetics-style
+    folders have one LMDB per part and {train,val}_split.csv, val being the test part."""
     data = Path(data_root) / base
     folder = Path(split_dir) if split_dir is not None else data
     kinetics = (any((data / f'{base}{kind}_frame_train.lmdb').exists() for kind in ('', '_tvl1'))
                 or (folder / 'train_split.csv').exists())
-    suffix = ('_train' if mode == 'train' else '_val') if kinetics else ''
+    part = {'train': 'train', 'test': 'val' if kinetics else 'test'}
+    suffix = f'_{part[mode]}' if kinetics else ''
+    number = '' if kinetics else f'{split:02d}'
     return {'folder': folder, 'rgb': data / f'{base}_frame{suffix}.lmdb',
-            'flow': data / f'{base}_tvl1_frame{suffix}.lmdb', 'kinetics': kinetics}
-
-
-def split_csv(info, mode, split):
-    """The split CSV of ``mode``: ``{train,test}_split0k.csv``, for Kinetics ``{train,val}_split.csv``."""
-    if info['kinetics']:
-        return info['folder'] / f'{"train" if mode == "train" else "val"}_split.csv'
-    return info['folder'] / f'{"train" if mode == "train" else "test"}_split{split:02d}.csv'
+            'flow': data / f'{base}_tvl1_frame{suffix}.lmdb', 'kinetics': kinetics,
+            'csv': {m: folder / f'{p}_split{number}.csv' for m, p in part.items()}}
 
 
 class VideoDataset(Dataset):
@@ -84,19 +70,17 @@ class VideoDataset(Dataset):
     and/or ``'flow'`` uint8 ``[V, T, 3, S, S]``, ``'strong'`` ``[V]``, ``'label'``, ``'source'``,
     ``'index'``, the plan, and with ``local_segments`` L ``'rgb_local'``/``'flow_local'``
     ``[2, L, T/L, 3, S, S]`` and ``'local_strong'`` ``[2, L]``. Test items: every window, short
-    side resized to ``test_size``, ``[W, T, 3, h, w]``."""
+    side resized to ``round(img_dim * 8 / 7)``, ``[W, T, 3, h, w]``."""
 
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
-                 views=1, seq_len=32, ds=1, img_dim=128, test_size=None, strict_min_frames=False,
-                 strong_prob=0.0, two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
+                 views=1, seq_len=32, ds=1, img_dim=128, strict_min_frames=False, strong_prob=0.0,
+                 two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
                  crop_scale=(0.2, 1.0), decode='cpu', local_segments=0, description='dataset',
                  test_windows='all', stored_size=False):
         self.mode, self.views, self.seq_len, self.ds = mode, views, seq_len, ds
-        self.img_dim = img_dim
-        self.test_size = test_size or round(img_dim * 8 / 7)
+        self.img_dim, self.crop_scale, self.decode = img_dim, crop_scale, decode
         self.strong_prob, self.two_clip_prob = strong_prob, two_clip_prob
-        self.two_clip_strong_prob = two_clip_strong_prob
-        self.negate_flow_flip, self.crop_scale, self.decode = negate_flow_flip, crop_scale, decode
+        self.two_clip_strong_prob, self.negate_flow_flip = two_clip_strong_prob, negate_flow_flip
         if local_segments and (mode != 'train' or views != 2 or seq_len % local_segments):
             raise UserError(f'{description}: local clips need 2 views in train mode and '
                             f'--seq_len {seq_len} divisible by --num_segments {local_segments}')
@@ -104,13 +88,6 @@ class VideoDataset(Dataset):
         self.lmdbs = {m: db if isinstance(db, VideoLMDB) else VideoLMDB(db)
                       for m, db in (('rgb', rgb_lmdb), ('flow', flow_lmdb)) if db is not None}
         self.test_windows, self.stored_size = test_windows, stored_size
-        if not names:
-            raise UserError(f'{description}: the split lists no videos')
-        for db in self.lmdbs.values():
-            missing = [n for n in names if n not in db]
-            if missing:
-                raise UserError(f'{description}: {len(missing)} video(s) of the split are not in '
-                                f'{db.path}, e.g. {missing[0]!r}{holds_none(db)}')
         need = sampler.min_frames(seq_len, ds, strict_min_frames)
         keep = [i for i, n in enumerate(names) if self._length(n) >= need]
         self.dropped = sorted(set(names) - {names[i] for i in keep})
@@ -131,20 +108,11 @@ class VideoDataset(Dataset):
 
     def _pair_strong(self):
         """Whether a 2-view sample is two clips (share ``two_clip_prob``; each view strong with
-        ``two_clip_strong_prob``) or one clip seen twice (one view strong), and its flags ``[2]``."""
+        ``two_clip_strong_prob``) or one clip seen twice (one view strong); its flags ``[2]``."""
         if bool(torch.rand(()) < self.two_clip_prob):
             return True, torch.rand(2) < self.two_clip_strong_prob
         strong_first = bool(torch.rand(()) < 0.5)
         return False, torch.tensor([strong_first, not strong_first])
-
-    def _plan_views(self, n):
-        """Frame indices ``[V, T]`` and the strong flags ``[V]`` of one item's views."""
-        T, ds = self.seq_len, self.ds
-        if self.views == 1:
-            return sampler.train_indices(n, T, ds)[None], torch.rand(1) < self.strong_prob
-        two, strong = self._pair_strong()
-        clips = [sampler.train_indices(n, T, ds) for _ in range(1 + two)]
-        return torch.stack([clips[0], clips[-1]]), strong
 
     def _plan_geometry(self, item, h, w, lead, prefix=''):
         """Crop boxes and flips of ``lead`` clips, e.g. ``[V]`` views or ``[2, L]`` local clips."""
@@ -159,20 +127,25 @@ class VideoDataset(Dataset):
         n = self._length(name)
         if self.mode == 'test':
             # test_windows 'all': every window; 'random': one, drawn as training draws a clip.
-            # stored_size: frames as stored, else resized to a short side of test_size.
+            # stored_size: frames as stored, else resized to a short side of img_dim * 8 / 7.
             windows = (sampler.train_indices(n, self.seq_len, self.ds)[None]
                        if self.test_windows == 'random'
                        else sampler.test_windows(n, self.seq_len, self.ds))       # W x T
             unique, inverse = torch.unique(windows, return_inverse=True)
             for m, db in self.lmdbs.items():
-                frames = decode_frames(db.read_bytes(name, unique.tolist()), name=name,
-                                       indices=unique.tolist(), source=db.path)
+                frames = db.read(name, unique.tolist())
                 self._check_size(*frames.shape[-2:], name, db.path)
                 if not self.stored_size:
-                    frames = augment.resize_short_side(frames, self.test_size)
+                    frames = augment.resize_short_side(frames, round(self.img_dim * 8 / 7))
                 item[m] = frames[inverse]                         # W x T x 3 x h x w
             return item
-        indices, strong = self._plan_views(n)
+        if self.views == 1:
+            indices = sampler.train_indices(n, self.seq_len, self.ds)[None]          # V x T
+            strong = torch.rand(1) < self.strong_prob
+        else:   # two clips, or one clip seen twice
+            two, strong = self._pair_strong()
+            clips = [sampler.train_indices(n, self.seq_len, self.ds) for _ in range(1 + two)]
+            indices = torch.stack([clips[0], clips[-1]])
         unique, inverse = torch.unique(indices, return_inverse=True)   # decode each frame once
         jpegs = {m: db.read_bytes(name, unique.tolist()) for m, db in self.lmdbs.items()}
         first = next(iter(self.lmdbs))
@@ -208,17 +181,15 @@ class VideoDataset(Dataset):
 
 def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None):
     """Decoded unique frames (a sequence of ``[3, H, W]`` as the decoder returns them, or one
-    ``[N, H, W, 3]`` tensor) -> views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory)
-    by a plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``), on any device; written
-    into ``out`` when given (e.g. the sample's slot of a batch)."""
+    ``[N, H, W, 3]`` tensor) -> views ``[V, T, 3, img_dim, img_dim]`` (channels last in memory,
+    into ``out`` if given) by a plan (``frame_index [V, T]``, ``boxes [V, 4]``, ``flips [V]``)."""
     index = plan['frame_index']
     stacked = isinstance(frames, torch.Tensor)   # [N, H, W, 3]: frames stacked on the device
     height, width = frames.shape[1:3] if stacked else frames[0].shape[-2:]
     device = frames.device if stacked else frames[0].device
     if out is None:
         out = augment.channels_last_empty(*index.shape, size=img_dim, device=device)
-    if stacked:
-        index_on_device = index.to(device, non_blocking=True)
+    index_on_device = index.to(device, non_blocking=True)
     for v, idx in enumerate(index.tolist()):
         # Only each frame's crop is copied, into one channels-last batch the resize reads as it
         # is; on the device (launches cost more than bytes) in one indexing call per view.
@@ -227,14 +198,14 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
             crops = frames[:, t:t + h, l:l + w][index_on_device[v]]
         else:
             crops = torch.stack([frames[i].permute(1, 2, 0)[t:t + h, l:l + w] for i in idx])
-        out[v] = augment.resize_flip(crops.permute(0, 3, 1, 2), img_dim, bool(plan['flips'][v]),
-                                     is_flow=modality == 'flow', negate_flow=negate_flow_flip)
+        crops = augment.resize(crops.permute(0, 3, 1, 2), (img_dim, img_dim))
+        out[v] = (augment.flip_frames(crops, modality == 'flow', negate_flow_flip)
+                  if plan['flips'][v] else crops)
     return out
 
 
 def local_plan(plan):
-    """The plan of an item's (or sample's) ``[2, L]`` local clips as one of ``2L`` views of
-    ``T/L`` frames each, for :func:`apply_views`."""
+    """The plan of the ``[2, L]`` local clips as one of ``2L`` views of ``T/L`` frames each."""
     lead = plan['local_strong'].shape
     return {'frame_index': plan['frame_index'].reshape(math.prod(lead), -1),
             'boxes': plan['local_boxes'].flatten(0, 1), 'flips': plan['local_flips'].flatten()}
@@ -244,33 +215,27 @@ def collate(items):
     """Default collation, except that the uint8 views keep their channels-last memory and the
     packed JPEG bytes of ``decode='device'`` are merged per modality (``merge_packed``)."""
     special = ('jpeg', 'rgb', 'flow', 'rgb_local', 'flow_local')
-    jpegs = [item['jpeg'] for item in items] if 'jpeg' in items[0] else None
-    frames = {m: [item[m].movedim(-3, -1) for item in items] for m in special[1:] if m in items[0]}
-    batch = default_collate([{k: v for k, v in item.items() if k not in special}
-                             for item in items])
-    for m, hwc in frames.items():
-        batch[m] = default_collate(hwc).movedim(-1, -3)
-    if jpegs is not None:
-        batch['jpeg'] = {m: merge_packed([j[m] for j in jpegs]) for m in jpegs[0]}
+    batch = default_collate([{k: v for k, v in item.items() if k not in special} for item in items])
+    for m in special[1:]:
+        if m in items[0]:
+            batch[m] = default_collate([item[m].movedim(-3, -1) for item in items]).movedim(-1, -3)
+    if 'jpeg' in items[0]:
+        batch['jpeg'] = {m: merge_packed([item['jpeg'][m] for item in items])
+                         for m in items[0]['jpeg']}
     return batch
-
-
-def holds_none(db):
-    """``'; <path> holds no videos'`` for an empty LMDB (the likelier cause of a missing video)."""
-    return '' if len(db) else f'; {db.path} holds no videos'
 
 
 def _split_names(info, spec, mode, split, first, dataset):
     """Names of the split's videos and the derived UCF101 splits (None unless derived): from the
     split CSV; for UCF101 without one, derived from the names in ``first``; for Kinetics without
     one, every video of ``first`` (its LMDB is one part)."""
-    csv = split_csv(info, mode, split)
+    csv = info['csv'][mode]
     if csv.exists():
         names = splits.read_split(csv)
         if not names:
             raise UserError(f'dataset {dataset!r}: split file {csv} lists no videos (rows of 0 '
                             f'frames do not count)')
-        train_csv = split_csv(info, 'train', split)
+        train_csv = info['csv']['train']
         if mode == 'test' and train_csv.exists():   # trained on, then scored as unseen?
             trained = set(splits.read_split(train_csv))
             both = [n for n in names if n in trained]
@@ -311,23 +276,27 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     if spec.base == 'demo':
         from .demo import ensure_demo
         ensure_demo(data_root)
-    info = layout(data_root, spec.base, mode, split_dir)
+    info = layout(data_root, spec.base, mode, split, split_dir)
     if rgb_lmdb is None and flow_lmdb is None and not info['folder'].is_dir():
+        known = {p.parent.name for p in data_root.glob('*/*frame*.lmdb')
+                 if p.name.startswith(p.parent.name + '_')}
         raise UserError(f'unknown dataset {spec.base!r} (from {name!r}): no folder '
                         f'{info["folder"]}. Known under {data_root}: '
-                        f'{", ".join(known_datasets(data_root))}')
-    paths = {'rgb': rgb_lmdb or info['rgb'], 'flow': flow_lmdb or info['flow']}
-    for modality in ('rgb', 'flow'):
-        if getattr(spec, modality) and not Path(paths[modality]).exists():
-            raise UserError(f'dataset {name!r} needs the {modality} LMDB '
-                            f'{paths[modality]}, which does not exist')
-    first = VideoLMDB(paths['rgb'] if spec.rgb else paths['flow'])
+                        f'{", ".join(sorted(known | {"demo"}))}')
+    paths = {m: path or info[m] for m, path in (('rgb', rgb_lmdb), ('flow', flow_lmdb))
+             if getattr(spec, m)}
+    for m, path in paths.items():
+        if not Path(path).exists():
+            raise UserError(f'dataset {name!r} needs the {m} LMDB {path}, which does not exist')
+    lmdbs = {m: VideoLMDB(path) for m, path in paths.items()}
+    first = next(iter(lmdbs.values()))   # RGB where there is RGB: its LMDB lists the videos
     names, derived = _split_names(info, spec, mode, split, first, name)
-    missing = [n for n in names if n not in first]
-    if missing:
-        raise UserError(f'dataset {name!r}: {len(missing)} video(s) of the {mode} split are not '
-                        f'in {first.path}, e.g. {missing[0]!r}{holds_none(first)}')
-
+    for db in lmdbs.values():
+        missing = [n for n in names if n not in db]
+        if missing:
+            empty = f'; {db.path} holds no videos' if not len(db) else ''   # the likelier cause
+            raise UserError(f'dataset {name!r}: {len(missing)} video(s) of the {mode} split are '
+                            f'not in {db.path}, e.g. {missing[0]!r}{empty}')
     class_file = info['folder'] / 'ClassInd.txt'
     if class_file.exists():
         classes = splits.read_class_index(class_file)
@@ -335,7 +304,8 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         # Without ClassInd.txt: the sorted class names of every video, so that train and test
         # number them alike (a Kinetics-style folder keeps the other part in another LMDB).
         every = set(first.names)
-        other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train', split_dir)
+        other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train', split,
+                       split_dir)
         if info['kinetics'] and other['rgb' if spec.rgb else 'flow'].exists():
             every.update(VideoLMDB(other['rgb' if spec.rgb else 'flow']).names)
         classes = {c: i for i, c in enumerate(derived['classes'] if derived else
@@ -344,7 +314,6 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     if unknown:
         raise UserError(f'class {unknown.split("/")[0]!r} of video {unknown!r} is not in {class_file}')
     labels = [classes[n.split('/')[0]] for n in names]
-
     source_file = info['folder'] / 'video_source.json'
     source_of = (splits.read_video_source(source_file) if source_file.exists()
                  else derived['video_source'] if derived else None)
@@ -356,13 +325,11 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     else:
         index_of = {n: i for i, n in enumerate(first.names)}
         sources = [index_of[n] for n in names]
-
     data = VideoDataset(
-        names=names, labels=labels, sources=sources, rgb_lmdb=first if spec.rgb else None,
-        flow_lmdb=(first if not spec.rgb else paths['flow']) if spec.flow else None,
-        mode=mode, views=spec.views if mode == 'train' else 1, seq_len=seq_len, ds=ds,
-        img_dim=img_dim, strict_min_frames=info['kinetics'], description=f'dataset {name!r}',
-        **options)
+        names=names, labels=labels, sources=sources, rgb_lmdb=lmdbs.get('rgb'),
+        flow_lmdb=lmdbs.get('flow'), mode=mode, views=spec.views if mode == 'train' else 1,
+        seq_len=seq_len, ds=ds, img_dim=img_dim, strict_min_frames=info['kinetics'],
+        description=f'dataset {name!r}', **options)
     data.num_classes, data.classes = len(classes), list(classes)
     return data
 
@@ -405,9 +372,7 @@ def modality_of(dataset, reverse=False):
     """'rgb' or 'flow': the modality a network trained with ``--dataset dataset`` sees (for
     two-stream CVTCL: the trained one, RGB unless ``reverse``)."""
     spec = DatasetName.parse(dataset)
-    if spec.rgb and spec.flow:
-        return 'flow' if reverse else 'rgb'
-    return 'rgb' if spec.rgb else 'flow'
+    return 'flow' if not spec.rgb or (spec.flow and reverse) else 'rgb'
 
 
 def recorded_modality(record):

@@ -5,15 +5,17 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from dataset import augment
-from dataset.augment import (Photometric, box_pixels, center_box, flip_frames, normalize,
-                             resize_flip, resize_short_side, sample_crop)
+from dataset.augment import (Photometric, box_pixels, flip_frames, normalize, resize_short_side,
+                             sample_crop)
+from dataset.video_dataset import apply_views
 from helpers import position_frames
 
 
 def crop_resize_flip(frames, box, size, flip, is_flow=False, negate_flow=True):
-    """One view's geometry as the data paths apply it: ``box_pixels``, then ``resize_flip``."""
-    t, l, h, w = box_pixels(box, *frames.shape[-2:])
-    return resize_flip(frames[..., t:t + h, l:l + w], size, flip, is_flow, negate_flow)
+    """One view's geometry as the data paths apply it (``apply_views``)."""
+    plan = {'frame_index': torch.arange(len(frames))[None], 'boxes': torch.tensor([box]),
+            'flips': torch.tensor([flip])}
+    return apply_views(list(frames), plan, 'flow' if is_flow else 'rgb', size, negate_flow)[0]
 
 
 # ---------------------------------------------------------------------------------- crop boxes
@@ -71,7 +73,7 @@ def test_sample_crop_fallback_is_center_square():
     # resize and centre crop, i.e. the centred square of the short side.
     g = torch.Generator().manual_seed(0)
     box = sample_crop(10, 1000, generator=g)
-    assert box == center_box(10, 1000) == (0.0, 495 / 1000, 1.0, 10 / 1000)
+    assert box == (0.0, 495 / 1000, 1.0, 10 / 1000)
     assert box_pixels(box, 10, 1000) == (0, 495, 10, 10)
 
 
