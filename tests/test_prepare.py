@@ -558,3 +558,38 @@ def test_split_files_are_json_and_csv(tmp_path):
     assert json.loads((tmp_path / 'video_source.json').read_text()) == {
         'v_A_g01': 0, 'v_A_g08': 1, 'v_A_g15': 2}
     assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_kinetics_with_multi_word_classes_trains_and_evaluates(tmp_path, monkeypatch):
+    """A Kinetics layout with CoCLR's ClassInd.txt form (`index name`, names with blanks):
+    local InfoNCE pretrains on it, then a classifier finetunes from that checkpoint and is
+    tested and used for retrieval on the val split (a one-convolution backbone keeps it fast)."""
+    import local_nce
+    from backbone import BACKBONES
+    from eval import main_classifier
+    from test_pretrain import Tiny
+    monkeypatch.setitem(BACKBONES, 'tiny', Tiny)
+    kin = tmp_path / 'kin'
+    train = [f'{c}/{c[:3]}_{k}' for c in CLASS_ORDER for k in (1, 2)]
+    val = [f'{c}/{c[:3]}_{k}' for c in CLASS_ORDER for k in (3,)]
+    (kin / 'train_split.csv').write_text('\n'.join(
+        multi_word_videos(kin, 'kin_frame_train.lmdb', train)) + '\n')
+    (kin / 'val_split.csv').write_text('\n'.join(
+        multi_word_videos(kin, 'kin_frame_val.lmdb', val)) + '\n')
+    (kin / 'ClassInd.txt').write_text(''.join(f'{i + 1} {c}\n' for i, c in enumerate(CLASS_ORDER)))
+    common = ['--data_root', str(tmp_path), '--net', 'tiny', '--seq_len', '8', '--img_dim', '16',
+              '--batch_size', '2', '-j', '0', '--device', 'cpu', '--epochs', '1']
+    exp = local_nce.main(['--dataset', 'kin-2clip', *common, '--moco-k', '8',
+                          '--iters_per_epoch', '2', '--output_dir', str(tmp_path / 'pre')])
+    cls = main_classifier.main(['--dataset', 'kin', *common, '--train_what', 'ft',
+                                '--pretrain', str(exp / 'last.pth.tar'),
+                                '--output_dir', str(tmp_path / 'cls')])
+    report = main_classifier.main(['--dataset', 'kin', *common, '--train_what', 'ft', '--test',
+                                   str(cls / 'best.pth.tar'), '--center_crop',
+                                   '--output_dir', str(tmp_path / 'test')])
+    assert report['videos'] == len(val)
+    recall = main_classifier.main(['--dataset', 'kin', *common, '--test',
+                                   str(exp / 'last.pth.tar'), '--retrieval',
+                                   '--output_dir', str(tmp_path / 'ret')])
+    assert (recall['queries'], recall['gallery']) == (len(val), len(train))
+    assert recall['protocol'] == 'coclr' and set(recall['recall']) >= {'R@1', 'R@5'}
