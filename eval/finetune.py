@@ -16,10 +16,10 @@ from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint
-from utils.misc import (PROJECT_ROOT, UserError, interrupted_message, learning_rate, log_epoch,
-                        plain_args, seed_everything, topk_accuracy)
+from utils.misc import (PROJECT_ROOT, UserError, learning_rate, log_epoch, seed_everything,
+                        topk_accuracy)
 from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_fresh_run, check_resume,
-                       disk_use, open_run, restore, save_epoch)
+                       disk_use, epoch_state, guard_run, open_run, restore, save_epoch)
 
 VAL_SEED, VAL_SHARE = 666, 0.3   # CoCLR validates on this random share of the test split
 
@@ -116,7 +116,7 @@ def train(args, rt):
                       f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
                       + disk_use(model, args.epochs, args.keep_every,
                                  slots=2 if args.optim == 'adam' else 1, best=True))
-    try:
+    with guard_run(exp_dir, writer, say):
         for epoch in range(start_epoch, args.epochs):
             begin_epoch(args.seed, epoch, info.rank, augment)
             lr = learning_rate(args.lr, epoch, args.schedule)
@@ -140,18 +140,10 @@ def train(args, rt):
                 + (f' (best so far, {args.val_set} top1 {best_acc:.2f})' if is_best else ''))
             if info.is_main:
                 log_epoch(exp_dir / 'log.jsonl', record)
-                state = {'state_dict': model.state_dict(), 'epoch': epoch,
-                         'optimizer': optimizer.state_dict(), 'iteration': iteration,
-                         'best_acc': best_acc, 'best_epoch': best_epoch, 'val_set': val_desc,
-                         'scaler': scaler.state_dict(), 'classes': list(train_set.classes),
-                         'args': plain_args(args), 'world_size': info.world_size}
+                state = epoch_state(model, optimizer, scaler, args, info, epoch=epoch,
+                                    iteration=iteration, best_acc=best_acc, best_epoch=best_epoch,
+                                    val_set=val_desc, classes=list(train_set.classes))
                 previous = save_epoch(state, exp_dir, epoch, args.keep_every, previous, is_best)
-    except KeyboardInterrupt:
-        say(interrupted_message(exp_dir))
-        raise
-    finally:
-        if writer is not None:
-            writer.close()
     if frozen is not None:   # once, at the end, as MoCo's sanity check
         check_frozen(model.backbone, frozen)
     say(f'=> finished; checkpoints in {exp_dir}')

@@ -17,10 +17,10 @@ from utils import distributed as du
 from utils.checkpoint import load_checkpoint, load_exact, sub_state_dict
 from utils.config import (AREA, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, POSITIVE_REAL,
                           PROBABILITY)
-from utils.misc import (PROJECT_ROOT, UserError, interrupted_message, learning_rate, log_epoch,
-                        plain_args, seed_everything)
+from utils.misc import PROJECT_ROOT, UserError, learning_rate, log_epoch, seed_everything
 from utils.run import (EpochMeter, add_runtime_args, amp_dtype_of, begin_epoch, broadcast_state,
-                       check_fresh_run, check_resume, disk_use, open_run, restore, save_epoch)
+                       check_fresh_run, check_resume, disk_use, epoch_state, guard_run, open_run,
+                       restore, save_epoch)
 
 
 def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_size, epochs,
@@ -166,7 +166,7 @@ def train(args, task):
                       f'batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos '
                       f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
                       + disk_use(model, args.epochs, args.keep_every, args.save_freq))
-    try:
+    with guard_run(exp_dir, writer, say):
         for epoch in range(start_epoch, args.epochs):
             begin_epoch(args.seed, epoch, info.rank, augment)
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
@@ -183,17 +183,9 @@ def train(args, task):
                           {'epoch': epoch, 'iteration': iteration, 'lr': lr, **stats})
                 say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in stats.items()))
                 if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-                    state = {'state_dict': model.state_dict(), 'epoch': epoch,
-                             'optimizer': optimizer.state_dict(), 'iteration': iteration,
-                             'best_acc': best_acc, 'scaler': scaler.state_dict(),
-                             'args': plain_args(args), 'world_size': info.world_size}
+                    state = epoch_state(model, optimizer, scaler, args, info, epoch=epoch,
+                                        iteration=iteration, best_acc=best_acc)
                     previous = save_epoch(state, exp_dir, epoch, args.keep_every, previous)
-    except KeyboardInterrupt:
-        say(interrupted_message(exp_dir))
-        raise
-    finally:
-        if writer is not None:
-            writer.close()
     say(f'=> finished; checkpoints in {exp_dir}')
     du.cleanup()
     return exp_dir

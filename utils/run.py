@@ -4,6 +4,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from tqdm import tqdm
 
 from . import distributed as du
 from .checkpoint import load_exact, save_checkpoint
-from .misc import UserError, epoch_seed, format_args, git_revision, plain_args
+from .misc import (UserError, epoch_seed, format_args, git_revision, interrupted_message,
+                   plain_args)
 
 
 def add_runtime_args(g):
@@ -155,6 +157,27 @@ def check_resume(ckpt, args, world_size):
     if changed:
         raise UserError(f'--resume {args.resume} continues a run with other settings: '
                         + '; '.join(changed) + '. Resume with the same flags, or start a new run')
+
+
+@contextmanager
+def guard_run(exp_dir, writer, say):
+    """Around a run's epochs: Ctrl-C names the last good checkpoint; TensorBoard is closed."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        say(interrupted_message(exp_dir))
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def epoch_state(model, optimizer, scaler, args, info, **progress):
+    """A checkpoint's contents (docs/METHOD.md, Checkpoints): weights, optimiser and scaler
+    state, the run's arguments and process count, and ``progress`` (epoch, iteration, ...)."""
+    return {'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict(), 'args': plain_args(args),
+            'world_size': info.world_size, **progress}
 
 
 def keeps(epoch, keep_every):   # epoch<epoch>.pth.tar, 0-based as CoCLR's names
