@@ -40,7 +40,8 @@ def _open_env(path):
     real = os.path.realpath(path)
     key = (os.getpid(), real, os.stat(real).st_ino)
     for stale in [k for k in _ENVS if k[0] != key[0] or (k[1] == real and k != key)]:
-        _ENVS.pop(stale).close()  # inherited by a forked child (py-lmdb refuses to reopen), or replaced
+        # inherited by a forked child (py-lmdb refuses to reopen it), or replaced
+        _ENVS.pop(stale).close()
     if key not in _ENVS:
         env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
                         readahead=False, meminit=False, max_readers=1024)
@@ -217,6 +218,10 @@ class LMDBWriter:
         self.names.append(name)
         self.vlen.append(len(frames))
 
+    def put_meta(self, key, value):
+        """A metadata record ``__<key>__``, e.g. ``flow_method`` (``VideoLMDB.flow_method``)."""
+        self._put(f'__{key}__'.encode(), msgpack.dumps(value))
+
     def _put(self, key, value):
         try:
             with self._env.begin(write=True) as txn:
@@ -253,7 +258,7 @@ class LMDBWriter:
         self.close() if exc_type is None else self.abort()
 
 
-FLOW_BOUND = 20.0  # docs/METHOD.md, Data: flow is clipped to [-20, 20] pixels before it becomes a byte
+FLOW_BOUND = 20.0  # docs/METHOD.md, Data: flow clipped to [-20, 20] px before it becomes a byte
 
 
 def quantize_flow(flow):

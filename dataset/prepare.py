@@ -229,7 +229,7 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
             if i not in failed:
                 writer.put(name, msgpack.loads((work / f'{i:09d}.msgpack').read_bytes()))
         for key, value in (meta or {}).items():  # records such as __flow_method__
-            writer._put(f'__{key}__'.encode(), msgpack.dumps(value))
+            writer.put_meta(key, value)
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.replace(work / 'out.lmdb', args.out)
