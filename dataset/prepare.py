@@ -29,7 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import splits as split_files
+from dataset.augment import resize_short_side
 from dataset.lmdb_video import LMDBWriter, VideoLMDB, decode_frames, encode_frames, quantize_flow
+from utils.checkpoint import atomic_write
 from utils.config import NON_NEGATIVE, POSITIVE, Ranged
 from utils.misc import UserError
 
@@ -101,18 +103,6 @@ def read_frame_folder(folder):
     return jpegs
 
 
-def resize_short_side(img, short_side):
-    """Resize an ``H x W x C`` uint8 array so its shorter side is ``short_side`` (0: as is)."""
-    h, w = img.shape[:2]
-    if not short_side or min(h, w) == short_side:
-        return img
-    import cv2
-    size = ((max(1, round(w * short_side / h)), short_side) if h <= w
-            else (short_side, max(1, round(h * short_side / w))))
-    shrink = short_side < min(h, w)
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
 def decode_video(path, short_side=0, quality=90):
     """Every frame of a video file, decoded with PyAV, as JPEG bytes."""
     import av
@@ -123,8 +113,9 @@ def decode_video(path, short_side=0, quality=90):
         stream = container.streams.video[0]
         stream.thread_type = 'AUTO'
         for frame in container.decode(stream):
-            rgb = resize_short_side(frame.to_ndarray(format='rgb24'), short_side)
-            jpegs += encode_frames(torch.from_numpy(rgb).permute(2, 0, 1)[None], quality)
+            rgb = torch.from_numpy(frame.to_ndarray(format='rgb24')).permute(2, 0, 1)[None]
+            jpegs += encode_frames(resize_short_side(rgb, short_side) if short_side else rgb,
+                                   quality)
     if not jpegs:
         raise UserError('no frame could be decoded')
     return jpegs
@@ -150,8 +141,9 @@ def video_flow(source, method='tvl1', short_side=0, quality=95):
     # textured motion (fast: 3x faster again, 5x the error there; README, Data).
     flow = (cv2.optflow.DualTVL1OpticalFlow_create() if method == 'tvl1'
             else cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM))
-    gray = [cv2.cvtColor(resize_short_side(f.permute(1, 2, 0).numpy(), short_side),
-                         cv2.COLOR_RGB2GRAY) for f in frames]
+    if short_side:
+        frames = resize_short_side(frames, short_side)
+    gray = [cv2.cvtColor(f.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2GRAY) for f in frames]
     return [jpeg for a, b in zip(gray, gray[1:]) for jpeg in encode_frames(
         torch.from_numpy(quantize_flow(flow.calc(a, b, None).transpose(2, 0, 1)))[None], quality)]
 
@@ -202,9 +194,7 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
                             f'command again to finish it, or pass --overwrite to start over')
         shutil.rmtree(work)
     if not record.exists():
-        work.mkdir(parents=True, exist_ok=True)
-        (work / 'settings.tmp').write_text(json.dumps(settings))
-        os.replace(work / 'settings.tmp', record)
+        atomic_write(record, lambda f: f.write(json.dumps(settings).encode()))
     done = {int(p.stem) for p in work.glob('*.msgpack')}
     todo = [i for i in range(len(names)) if i not in done]
     if done:
@@ -217,8 +207,7 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
             if isinstance(result, str):
                 failed[i] = result
                 continue
-            (work / f'{i:09d}.tmp').write_bytes(msgpack.dumps(result))
-            os.replace(work / f'{i:09d}.tmp', work / f'{i:09d}.msgpack')
+            atomic_write(work / f'{i:09d}.msgpack', lambda f: f.write(msgpack.dumps(result)))
     skipped = [(names[i], reason) for i, reason in sorted(failed.items())]
     if len(skipped) == len(names):
         shutil.rmtree(work)
@@ -250,7 +239,7 @@ def run_frames(args):
 
 def run_videos(args):
     names, paths = list_class_entries(args.src, 'videos')
-    require('videos', 'av', *['cv2'] * bool(args.short_side))
+    require('videos', 'av')
     convert(args, names, paths, [1] * len(names), decode_video, 'video',
             short_side=args.short_side, quality=args.quality)
 
@@ -284,8 +273,6 @@ def run_splits(args):
         context = (f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
                    f'{args.val_lmdb} {len(dbs[1])}')
     elif args.dataset == 'hmdb51':
-        if not os.path.isdir(args.official):
-            raise UserError(f'--official {args.official}: no such directory')
         dbs = [open_lmdb(args.lmdb, '--lmdb')]
         derived = split_files.hmdb51_splits(dbs[0].names, args.official)
         missing = derived['missing']

@@ -91,8 +91,6 @@ def write_class_index(path, classes):
     Path(path).write_text(''.join(f'{i + 1} {c}\n' for i, c in enumerate(classes)))
 
 
-
-
 def group_number(name):
     """Sibling group of a UCF101-style name: ``'A/v_A_g08_c01'`` -> 8."""
     m = _GROUP_CLIP.search(name.split('/')[-1])
@@ -137,8 +135,9 @@ ucf101_splits = group_splits  # UCF101's three official splits come from the nam
 def hmdb51_splits(names, official_dir):
     """HMDB51's splits from its official ``<class>_test_split<k>.txt`` files (lines ``video.avi
     label``; 1 train, 2 test, 0 unused); listed videos not in ``names`` are ``'missing'``."""
-    files = sorted(p for p in Path(official_dir).iterdir() if _HMDB_SPLIT_FILE.match(p.name))
-    if not files:
+    files = sorted(p for p in Path(official_dir).glob('*_test_split*.txt')
+                   if _HMDB_SPLIT_FILE.match(p.name))
+    if not files:  # a missing folder included
         raise UserError(f'--official {official_dir} holds no <class>_test_split<k>.txt files')
     have = set(names)
     splits, missing, classes = {}, [], set()
