@@ -36,7 +36,13 @@ RGB_QUALITY, FLOW_QUALITY = 90, 95  # flow JPEGs carry numbers: keep the JPEG er
 VERSION = 6          # bump when the generator changes, so an old demo/ is not taken for new
 INFO_FILE = 'demo_info.json'
 
-_SHAPES = ('disc', 'square', 'diamond', 'ring', 'plus')  # all mirror symmetric
+# Signed distance to each shape's outline in object radii (negative inside); all mirror symmetric.
+_SHAPES = {'disc': lambda u, v: np.hypot(u, v) - 1,
+           'square': lambda u, v: np.maximum(np.abs(u), np.abs(v)) - 0.8,
+           'diamond': lambda u, v: (np.abs(u) + np.abs(v)) / math.sqrt(2) - 0.85,
+           'ring': lambda u, v: np.abs(np.hypot(u, v) - 0.7) - 0.3,
+           'plus': lambda u, v: np.minimum(np.maximum(np.abs(u) - 1, np.abs(v) - 0.35),
+                                           np.maximum(np.abs(u) - 0.35, np.abs(v) - 1))}
 _TEXTURES = ('flat', 'stripes', 'checker', 'rings')
 # Channel values: every background darker than every part of every object.
 BACKGROUND, OBJECT, OBJECT_TEXTURE = (10, 80), (170, 255), (40, 80)
@@ -67,7 +73,7 @@ class Clip:
 def _appearance(rng):
     fg1 = rng.uniform(*OBJECT, 3)
     fg2 = fg1 - rng.uniform(*OBJECT_TEXTURE, 3)  # the texture's darker colour, still > BACKGROUND
-    bg, shape = rng.uniform(*BACKGROUND, 3), _SHAPES[rng.integers(len(_SHAPES))]
+    bg, shape = rng.uniform(*BACKGROUND, 3), list(_SHAPES)[rng.integers(len(_SHAPES))]
     texture = (_TEXTURES[rng.integers(len(_TEXTURES))], float(rng.uniform(0.6, 1.2)),
                float(rng.uniform(0, math.pi)), float(rng.uniform(0, 2 * math.pi)))
     return Appearance(bg=bg, shape=shape, fg=np.stack([fg1, fg2]), fg_texture=texture)
@@ -79,8 +85,7 @@ def _motion(rng, cls, n):
     x0, y0 = rng.uniform(0, SIZE, 2)
     cx, cy = np.full(n, x0), np.full(n, y0)
     lo, hi = math.log(SCALE[0]), math.log(SCALE[1])
-    rate = 0.0
-    log_scale = np.full(n, rng.uniform(lo, hi))
+    rate, log_scale = 0.0, np.full(n, rng.uniform(lo, hi))
     if cls in ('MoveUp', 'MoveDown'):
         speed = rng.uniform(2, 3)
         cy = y0 + t * (speed if cls == 'MoveDown' else -speed)
@@ -127,20 +132,6 @@ def _pattern(texture, a, b):
     return 0.5 + 0.5 * np.cos(w * np.hypot(a, b) + phase)  # rings
 
 
-def _shape_distance(shape, u, v):
-    """Signed distance to the shape's outline in object radii (negative inside)."""
-    if shape == 'disc':
-        return np.hypot(u, v) - 1
-    if shape == 'square':
-        return np.maximum(np.abs(u), np.abs(v)) - 0.8
-    if shape == 'diamond':
-        return (np.abs(u) + np.abs(v)) / math.sqrt(2) - 0.85
-    if shape == 'ring':
-        return np.abs(np.hypot(u, v) - 0.7) - 0.3
-    return np.minimum(np.maximum(np.abs(u) - 1, np.abs(v) - 0.35),  # plus
-                      np.maximum(np.abs(u) - 0.35, np.abs(v) - 1))
-
-
 def render(clip):
     """RGB frames (uint8 ``[T, 3, H, W]``) and exact flow (float32 ``[T-1, 2, H, W]``, pixels)
     of one clip. The scene is a torus of period TILE: offsets wrap to the nearest copy."""
@@ -151,7 +142,7 @@ def render(clip):
     dy = wrap(pixels[None, :, None] - clip.cy[:, None, None].astype(f32))   # T x H x 1
     radius = np.exp(clip.log_scale).astype(f32)[:, None, None]
     u, v = dx / radius, dy / radius
-    inside = np.clip(0.5 - _shape_distance(look.shape, u, v) * radius, 0, 1)  # anti-aliased
+    inside = np.clip(0.5 - _SHAPES[look.shape](u, v) * radius, 0, 1)  # anti-aliased
     c0, c1 = (c.astype(f32)[:, None, None] for c in look.fg)
     fg = c0 + (c1 - c0) * _pattern(look.fg_texture, u, v)[..., None, :, :]     # T 3 H W
     bg = look.bg.astype(f32)[:, None, None]
@@ -162,16 +153,6 @@ def render(clip):
     flow_x = (np.diff(clip.cx).astype(f32)[:, None, None] + (ratio - 1) * dx[:-1]) * on_object
     flow_y = (np.diff(clip.cy).astype(f32)[:, None, None] + (ratio - 1) * dy[:-1]) * on_object
     return rgb, np.stack([flow_x, flow_y], 1)
-
-
-def make_demo(data_root, seed=0, overwrite=False):
-    """Build ``<data_root>/demo/`` anew (replacing one only if ``overwrite``); returns its path."""
-    folder = os.path.join(data_root, NAME)
-    if os.path.exists(folder):
-        if not overwrite:
-            raise UserError(f'{folder} exists; pass --overwrite to rebuild it')
-        shutil.rmtree(folder)
-    return ensure_demo(data_root, seed)
 
 
 def ensure_demo(data_root, seed=0):

@@ -49,17 +49,16 @@ def list_class_entries(src, kind):
     folders (``kind='frames'``) or video files (``'videos'``)."""
     if not os.path.isdir(src):
         raise UserError(f'--src {src}: no such directory')
-    found = {}
+    found, frames = {}, kind == 'frames'
     for path in sorted(Path(src).glob('[!.]*/[!.]*'),
                        key=lambda p: (natural_key(p.parent.name), natural_key(p.name))):
-        if path.is_dir() if kind == 'frames' else (path.suffix.lower() in VIDEO_EXTS
-                                                    and path.is_file()):
-            name = f'{path.parent.name}/{path.name if kind == "frames" else path.stem}'
+        if path.is_dir() if frames else path.is_file() and path.suffix.lower() in VIDEO_EXTS:
+            name = f'{path.parent.name}/{path.name if frames else path.stem}'
             if found.setdefault(name, str(path)) != str(path):
                 raise UserError(f'{path} and {found[name]} would both be video {name!r}')
     if not found:
-        raise UserError(f'--src {src} holds no ' + ('class/video/*.jpg frame folders' if kind ==
-                        'frames' else f'class/video files ({", ".join(VIDEO_EXTS)})'))
+        raise UserError(f'--src {src} holds no ' + ('class/video/*.jpg frame folders' if frames
+                        else f'class/video files ({", ".join(VIDEO_EXTS)})'))
     return [list(t) for t in zip(*found.items())]
 
 
@@ -206,29 +205,25 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
             bar.update(sizes[i])
             if isinstance(result, str):
                 failed[i] = result
-                continue
-            atomic_write(work / f'{i:09d}.msgpack', lambda f: f.write(msgpack.dumps(result)))
-    skipped = [(names[i], reason) for i, reason in sorted(failed.items())]
+            else:
+                atomic_write(work / f'{i:09d}.msgpack', lambda f: f.write(msgpack.dumps(result)))
+    skipped = [f'{names[i]}: {reason}' for i, reason in sorted(failed.items())]
     if len(skipped) == len(names):
         shutil.rmtree(work)
         raise UserError(f'none of the {len(names)} videos could be converted (first: '
-                        f'{skipped[0][0]}: {skipped[0][1]}); {args.out} not written')
-    with LMDBWriter(work / 'out.lmdb', overwrite=True) as writer:
+                        f'{skipped[0]}); {args.out} not written')
+    with LMDBWriter(args.out, overwrite=True) as writer:  # replaces args.out when complete
         for i, name in enumerate(names):
             if i not in failed:
                 writer.put(name, msgpack.loads((work / f'{i:09d}.msgpack').read_bytes()))
         for key, value in (meta or {}).items():  # records such as __flow_method__
             writer.put_meta(key, value)
-    if os.path.isdir(args.out):
-        shutil.rmtree(args.out)
-    os.replace(work / 'out.lmdb', args.out)
     shutil.rmtree(work)
     print(f'wrote {len(writer.names)} videos ({sum(writer.vlen)} frames) to {args.out}; '
           f'{len(todo) - len(failed)} computed in {time.perf_counter() - start:.1f} s, '
           f'{len(done)} done before')
     if skipped:
-        print(f'skipped {len(skipped)} unreadable video(s):', *(f'  {n}: {reason}'
-                                                              for n, reason in skipped), sep='\n')
+        print(f'skipped {len(skipped)} unreadable video(s):', *skipped, sep='\n  ')
 
 
 def run_frames(args):
@@ -269,7 +264,8 @@ def run_splits(args):
     later on) is an error."""
     if args.dataset == 'kinetics':
         dbs = [open_lmdb(args.train_lmdb, '--train_lmdb'), open_lmdb(args.val_lmdb, '--val_lmdb')]
-        derived = split_files.kinetics_splits(dbs[0].names, dbs[1].names)
+        derived = {'classes': sorted({n.split('/')[0] for db in dbs for n in db.names}),
+                   'splits': {'train_split': dbs[0].names, 'val_split': dbs[1].names}}
         context = (f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
                    f'{args.val_lmdb} {len(dbs[1])}')
     elif args.dataset == 'hmdb51':
@@ -302,8 +298,14 @@ def run_splits(args):
 def run_demo(args):
     from dataset import demo
     from dataset.video_dataset import default_data_root
+    root = args.data_root or default_data_root()
+    folder = os.path.join(root, demo.NAME)
+    if os.path.exists(folder):
+        if not args.overwrite:
+            raise UserError(f'{folder} exists; pass --overwrite to rebuild it')
+        shutil.rmtree(folder)
     start = time.perf_counter()
-    folder = demo.make_demo(args.data_root or default_data_root(), args.seed, args.overwrite)
+    demo.ensure_demo(root, args.seed)
     print(f'wrote {folder}: {len(demo.plan(args.seed))} videos of {len(demo.CLASSES)} classes '
           f'in {time.perf_counter() - start:.1f} s')
 

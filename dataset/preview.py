@@ -12,7 +12,7 @@ from torchvision.utils import make_grid, save_image
 
 from utils.config import POSITIVE
 from .augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
-from .video_dataset import DatasetName, build_dataset
+from .video_dataset import build_dataset, collate
 
 PAD, MARK = 2, 6   # pixels between tiles; width of the strip left of a row (with its margin)
 STRONG, WEAK = (0.85, 0.1, 0.1), (0.6, 0.6, 0.6)
@@ -23,17 +23,14 @@ def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=
     """Write a PNG of both augmented views of ``num`` samples of ``dataset_name`` (train mode),
     ``frames`` frames per view; returns ``(width, height)``. The samples and their augmentation
     follow ``seed``; the caller's random state is left as it was."""
-    spec = DatasetName.parse(dataset_name)
     data = build_dataset(dataset_name, 'train', data_root=data_root, seq_len=seq_len, ds=ds,
                          img_dim=img_dim, negate_flow_flip=not legacy_flow_flip)
-    modalities = [m for m in ('rgb', 'flow') if getattr(spec, m)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         picks = torch.randperm(len(data))[:num].sort().values.tolist()
-        items = [data[i] for i in picks]
-        batch = {m: torch.stack([it[m] for it in items]) for m in modalities}
-        batch['strong'] = torch.stack([it['strong'] for it in items])
+        batch = collate([data[i] for i in picks])
         augmented = DeviceAugment(photometric_on_flow)(batch, torch.device('cpu'))
+    modalities = [m for m in ('rgb', 'flow') if m in augmented]
     mean, std = (torch.tensor(x).view(3, 1, 1, 1) for x in (IMAGENET_MEAN, IMAGENET_STD))
     which = torch.linspace(0, seq_len - 1, min(frames, seq_len)).round().long()
     # [num, V, 3, T, S, S] normalised -> [num * V, M * F, 3, S, S] in [0, 1]: one row per view

@@ -1,12 +1,7 @@
 """Split CSVs, ClassInd.txt and video_source.json (docs/METHOD.md, Data): reading and deriving.
 
-Split CSV: no header, ``path,num_frames``; only the path's last two components (``class/video``)
-matter. ClassInd.txt: one class per line, as ``name``, ``index name`` or ``index,name`` (names
-may hold spaces, ``air drumming``, and equal the class folder's name); classes are numbered from
-0 in file order. video_source.json: ``{video: source id}``, the video named as ``v_X_gNN``
-(UCF101, without the clip suffix) or ``class/video`` (Kinetics). The derivations return
-``{'classes': [...], 'splits': {'train_split01': [names], ...}, 'video_source': {...} or None}``,
-which write_split_files writes into a folder.
+The derivations return ``{'classes': [...], 'splits': {'train_split01': [names], ...}}``, with
+``'video_source': {...}`` where there is one, which write_split_files writes into a folder.
 """
 import csv
 import json
@@ -27,11 +22,8 @@ def source_key(name):
 
 
 def read_split(path):
-    """Video names (``class/video``) of a split CSV, in file order. A row of 0 frames is skipped
-    (such a video makes no clip; CoCLR's HMDB51 CSVs list a few); a video listed twice is an
-    error (it would count twice in training and in the accuracy)."""
-    if not Path(path).is_file():
-        raise UserError(f'split file not found: {path}')
+    """Video names (``class/video``, the path's last two parts) of a split CSV, in file order;
+    a row of 0 frames makes no clip and is skipped."""
     line_of = {}
     with open(path, newline='') as f:
         for lineno, row in enumerate(csv.reader(f), 1):
@@ -52,8 +44,6 @@ def read_class_index(path):
     """``{class name: index}``, indices from 0 in file order. A file whose every line starts
     with a number and a blank or comma is read as ``index name``/``index,name``; otherwise each
     line is a whole name."""
-    if not Path(path).is_file():
-        raise UserError(f'class list not found: {path}')
     lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     if lines and all(_INDEXED.match(line) for line in lines):
         lines = [_INDEXED.match(line).group(1).strip() for line in lines]
@@ -160,14 +150,7 @@ def hmdb51_splits(names, official_dir):
         for part in ('train', 'test'):
             splits.setdefault(f'{part}_split{k}', [])
     return {'classes': sorted(classes), 'splits': dict(sorted(splits.items())),
-            'video_source': None, 'missing': sorted(set(missing))}
-
-
-def kinetics_splits(train_names, val_names):
-    """train_split.csv and val_split.csv list the two LMDBs' videos, classes: their folders."""
-    classes = sorted({n.split('/')[0] for n in list(train_names) + list(val_names)})
-    return {'classes': classes, 'splits': {'train_split': list(train_names),
-                                          'val_split': list(val_names)}, 'video_source': None}
+            'missing': sorted(set(missing))}
 
 
 def write_split_files(out_dir, derived, num_frames, overwrite=False):
