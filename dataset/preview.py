@@ -18,34 +18,6 @@ PAD, MARK = 2, 6   # pixels between tiles; width of the strip left of a row (wit
 STRONG, WEAK = (0.85, 0.1, 0.1), (0.6, 0.6, 0.6)
 
 
-def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=128, seed=0,
-                  frames=4, ds=1, photometric_on_flow=True, legacy_flow_flip=False):
-    """Write a PNG of both augmented views of ``num`` samples of ``dataset_name`` (train mode),
-    ``frames`` frames per view; returns ``(width, height)``. The samples and their augmentation
-    follow ``seed``; the caller's random state is left as it was."""
-    data = build_dataset(dataset_name, 'train', data_root=data_root, seq_len=seq_len, ds=ds,
-                         img_dim=img_dim, negate_flow_flip=not legacy_flow_flip)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        picks = torch.randperm(len(data))[:num].sort().values.tolist()
-        batch = collate([data[i] for i in picks])
-        augmented = DeviceAugment(photometric_on_flow)(batch, torch.device('cpu'))
-    modalities = [m for m in ('rgb', 'flow') if m in augmented]
-    mean, std = (torch.tensor(x).view(3, 1, 1, 1) for x in (IMAGENET_MEAN, IMAGENET_STD))
-    which = torch.linspace(0, seq_len - 1, min(frames, seq_len)).round().long()
-    # [num, V, 3, T, S, S] normalised -> [num * V, M * F, 3, S, S] in [0, 1]: one row per view
-    rows = torch.cat([(augmented[m] * std + mean)[:, :, :, which].transpose(2, 3)
-                      for m in modalities], 2).clamp(0, 1).flatten(0, 1)
-    grid = make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=PAD, pad_value=1.0)
-    canvas = torch.nn.functional.pad(grid, (MARK, 0), value=1.0)
-    for r, strong in enumerate(batch['strong'].flatten().tolist()):
-        top = PAD + r * (img_dim + PAD)
-        colour = torch.tensor(STRONG if strong else WEAK)
-        canvas[:, top:top + img_dim, :MARK - 1] = colour[:, None, None]
-    save_image(canvas, out, format='PNG')
-    return canvas.shape[2], canvas.shape[1]
-
-
 def add_parser(sub):
     p = sub.add_parser('preview', help='PNG of augmented training views of a dataset',
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,8 +44,27 @@ def add_parser(sub):
 
 
 def run(args):
-    size = write_preview(args.dataset, args.out, data_root=args.data_root, num=args.num,
-                         seq_len=args.seq_len, img_dim=args.img_dim, seed=args.seed,
-                         frames=args.frames, ds=args.ds, legacy_flow_flip=args.legacy_flow_flip,
-                         photometric_on_flow=args.photometric_on_flow)
-    print(f'wrote {args.out} ({size[0]}x{size[1]})')
+    """Write a PNG of both augmented views of ``--num`` samples (train mode), ``--frames`` frames
+    per view; the samples and their augmentation follow ``--seed``."""
+    data = build_dataset(args.dataset, 'train', data_root=args.data_root, seq_len=args.seq_len,
+                         ds=args.ds, img_dim=args.img_dim,
+                         negate_flow_flip=not args.legacy_flow_flip)
+    with torch.random.fork_rng(devices=[]):  # an in-process caller keeps its random state
+        torch.manual_seed(args.seed)
+        picks = torch.randperm(len(data))[:args.num].sort().values.tolist()
+        batch = collate([data[i] for i in picks])
+        augmented = DeviceAugment(args.photometric_on_flow)(batch, torch.device('cpu'))
+    modalities = [m for m in ('rgb', 'flow') if m in augmented]
+    mean, std = (torch.tensor(x).view(3, 1, 1, 1) for x in (IMAGENET_MEAN, IMAGENET_STD))
+    which = torch.linspace(0, args.seq_len - 1, min(args.frames, args.seq_len)).round().long()
+    # [num, V, 3, T, S, S] normalised -> [num * V, M * F, 3, S, S] in [0, 1]: one row per view
+    rows = torch.cat([(augmented[m] * std + mean)[:, :, :, which].transpose(2, 3)
+                      for m in modalities], 2).clamp(0, 1).flatten(0, 1)
+    grid = make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=PAD, pad_value=1.0)
+    canvas = torch.nn.functional.pad(grid, (MARK, 0), value=1.0)
+    for r, strong in enumerate(batch['strong'].flatten().tolist()):
+        top = PAD + r * (args.img_dim + PAD)
+        colour = torch.tensor(STRONG if strong else WEAK)
+        canvas[:, top:top + args.img_dim, :MARK - 1] = colour[:, None, None]
+    save_image(canvas, args.out, format='PNG')
+    print(f'wrote {args.out} ({canvas.shape[2]}x{canvas.shape[1]})')
