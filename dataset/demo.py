@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,8 +80,9 @@ def _appearance(rng):
     return Appearance(bg=bg, shape=shape, fg=np.stack([fg1, fg2]), fg_texture=texture)
 
 
-def _motion(rng, cls, n):
+def _motion(rng, cls):
     """``cx, cy, log_scale_rate, log_scale`` of one clip of ``cls`` (Clip's fields)."""
+    n = int(rng.integers(FRAMES[0], FRAMES[1] + 1))
     t = np.arange(n, dtype=np.float64)
     x0, y0 = rng.uniform(0, SIZE, 2)
     cx, cy = np.full(n, x0), np.full(n, y0)
@@ -111,9 +113,8 @@ def plan(seed=0):
         for g in range(1, GROUPS + 1):
             for c in range(1, CLIPS + 1):
                 rng = np.random.default_rng([seed, label, g, c])
-                n = int(rng.integers(FRAMES[0], FRAMES[1] + 1))
                 clips.append(Clip(f'{cls}/v_{cls}_g{g:02d}_c{c:02d}', looks[g],
-                                  *_motion(rng, cls, n)))
+                                  *_motion(rng, cls)))
     return clips
 
 
@@ -164,11 +165,10 @@ def ensure_demo(data_root, seed=0):
         if os.environ.get('LOCAL_RANK', '0') == '0':  # said once, so a mistyped path shows
             print(f'building the demo dataset in {os.path.abspath(folder)} (first use there)',
                   flush=True)
-        os.makedirs(data_root, exist_ok=True)
         # A sibling of demo/, so it can be renamed into place; not tempfile.mkdtemp, whose
         # folders are private (0700): this one becomes the dataset.
         tmp = os.path.join(data_root, f'.{NAME}.tmp-{os.getpid()}-{secrets.token_hex(4)}')
-        os.mkdir(tmp)
+        os.makedirs(tmp)
         try:
             clips = plan(seed)
             with LMDBWriter(os.path.join(tmp, f'{NAME}_frame.lmdb')) as rgb_out, \
@@ -178,25 +178,21 @@ def ensure_demo(data_root, seed=0):
                     rgb_out.put(clip.name, encode_frames(torch.from_numpy(rgb), RGB_QUALITY))
                     flow_out.put(clip.name, encode_frames(torch.from_numpy(quantize_flow(flow)),
                                                           FLOW_QUALITY))
-            derived = group_splits([c.name for c in clips], GROUPS_PER_SPLIT, num_splits=3)
-            write_split_files(tmp, derived, {c.name: c.num_frames for c in clips})
-            with open(os.path.join(tmp, INFO_FILE), 'w') as f:
-                json.dump({'version': VERSION, 'seed': seed, 'classes': list(CLASSES),
-                           'videos': len(clips), 'size': SIZE}, f, indent=1)
+            write_split_files(tmp, group_splits([c.name for c in clips], GROUPS_PER_SPLIT),
+                              {c.name: c.num_frames for c in clips})
+            Path(tmp, INFO_FILE).write_text(json.dumps({
+                'version': VERSION, 'seed': seed, 'classes': list(CLASSES), 'videos': len(clips),
+                'size': SIZE}, indent=1))
             os.rename(tmp, folder)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST)
                     and os.path.exists(folder)):  # another process renamed its copy first
                 raise
-    info_path = os.path.join(folder, INFO_FILE)
-    if not os.path.exists(info_path):
-        raise UserError(f'{folder} exists but is not a demo dataset (no {INFO_FILE}); remove it '
-                        f'to rebuild it')
-    with open(info_path) as f:
-        info = json.load(f)
+    info_file = Path(folder, INFO_FILE)
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}  # not a demo folder
     if info.get('version') != VERSION or info.get('seed') != seed:
-        raise UserError(f'{folder} was built with seed {info.get("seed")} by demo generator '
-                        f'version {info.get("version")}, asked: seed {seed}, version {VERSION}; '
+        raise UserError(f'{folder} is not the demo of seed {seed} by generator version {VERSION} '
+                        f'({INFO_FILE}: seed {info.get("seed")}, version {info.get("version")}); '
                         f'remove it to rebuild it')
     return folder

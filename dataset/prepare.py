@@ -74,14 +74,13 @@ def open_lmdb(path, flag):
         raise UserError(f'{flag}: {e}') from None
 
 
-def require(command, *modules):
+def require(command, name):
     """Import what a command needs once, before any work: one clear error, not one per video."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise UserError(f'prepare {command} needs {name} ({e}); install it with '
-                            f'`python -m pip install -r requirements-prepare.txt`') from None
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f'prepare {command} needs {name} ({e}); install it with '
+                        f'`python -m pip install -r requirements-prepare.txt`') from None
 
 
 def read_frame_folder(folder):
@@ -120,9 +119,7 @@ def decode_video(path, short_side=0, quality=90):
     return jpegs
 
 
-@functools.lru_cache(maxsize=2)
-def _lmdb(path):
-    return VideoLMDB(path)  # once per worker process: opening reads all the metadata
+_lmdb = functools.lru_cache(maxsize=2)(VideoLMDB)  # opened once per worker: it reads all names
 
 
 def video_flow(source, method='tvl1', short_side=0, quality=95):
@@ -242,8 +239,8 @@ def run_videos(args):
 def run_flow(args):
     if os.path.exists(args.src) and os.path.realpath(args.src) == os.path.realpath(args.out):
         raise UserError('--src and --out are the same path')
-    require('flow', 'cv2')
-    if args.method == 'tvl1' and not hasattr(importlib.import_module('cv2'), 'optflow'):
+    cv2 = require('flow', 'cv2')
+    if args.method == 'tvl1' and not hasattr(cv2, 'optflow'):
         raise UserError('--method tvl1 needs cv2.optflow from opencv-contrib-python-headless '
                         '(requirements-prepare.txt; uninstall other opencv-python packages, '
                         'which hide it), or use --method dis')
@@ -310,18 +307,17 @@ def run_demo(args):
           f'in {time.perf_counter() - start:.1f} s')
 
 
-def _command(sub, name, run, help, description='', src=None, out=None, workers=True):
+def _command(sub, name, run, help, description, src=None, out='video'):
+    """A subcommand; with ``src`` (the help of --src), one writing an ``out`` LMDB."""
     p = sub.add_parser(name, help=help, description=f'{help[0].upper()}{help[1:]}. {description}')
     if src:
         p.add_argument('--src', required=True, help=src)
-    if out:
-        p.add_argument('--out', required=True, metavar=out[0], help=out[1])
-    p.add_argument('--overwrite', action='store_true',
-                   help='replace existing outputs (default: refuse to touch them)')
-    if workers:
+        p.add_argument('--out', required=True, metavar='LMDB', help=f'{out} LMDB to write')
         p.add_argument('-j', '--workers', type=POSITIVE, default=min(8, os.cpu_count() or 1),
                        help='worker processes, one video each at a time; 1 works in this '
                             'process (default: %(default)s, the CPU count up to 8)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace existing outputs (default: refuse to touch them)')
     p.set_defaults(run=run)
     return p
 
@@ -340,17 +336,16 @@ def build_parser():
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     _command(sub, 'frames', run_frames, 'frame folders (class/video/*.jpg) -> RGB LMDB',
              'Frames in natural name order (img_9 before img_10), JPEG bytes as they are.',
-             'folder of class folders of video frame folders', ('LMDB', 'video LMDB to write'))
+             'folder of class folders of video frame folders')
     p = _command(sub, 'videos', run_videos, 'video files (class/video.avi ...) -> RGB LMDB',
                  'Every frame of class/video.{avi,mp4,mkv,webm,mov}, decoded with PyAV, stored '
-                 'as JPEG.', 'folder of class folders of videos', ('LMDB', 'video LMDB to write'))
+                 'as JPEG.', 'folder of class folders of videos')
     _encoding(p, 'storing them', 90)
     p = _command(sub, 'flow', run_flow, 'RGB LMDB or frame folders -> flow LMDB',
                  'Flow between consecutive grayscale frames (n frames give n-1), encoded as in '
                  'docs/METHOD.md (Data), the method recorded in __flow_method__; training reads '
                  '<name>_tvl1_frame.lmdb whatever the method, or --flow_lmdb.',
-                 'an RGB video LMDB, or a folder of class/video/*.jpg frame folders',
-                 ('LMDB', 'flow LMDB to write'))
+                 'an RGB video LMDB, or a folder of class/video/*.jpg frame folders', 'flow')
     p.add_argument('--method', choices=('tvl1', 'dis'), default='tvl1',
                    help="tvl1 (default): OpenCV contrib's TV-L1, as the published LMDBs; dis: "
                         "OpenCV's DIS (preset medium), ~90x faster, a little less accurate")
@@ -367,8 +362,9 @@ def build_parser():
              'listed videos missing from the LMDB are reported and left out.'),
             ('kinetics', 'train/val split from the two LMDBs',
              'train_split.csv and val_split.csv list the videos of the two LMDBs.')]:
-        d = _command(datasets, name, run_splits, help, description + ' Classes: the class folders, '
-                     'sorted.', out=('DIR', 'dataset folder to write into'), workers=False)
+        d = _command(datasets, name, run_splits, help,
+                     description + ' Classes: the class folders, sorted.')
+        d.add_argument('--out', required=True, metavar='DIR', help='dataset folder to write into')
         for flag in (['--train_lmdb', '--val_lmdb'] if name == 'kinetics' else ['--lmdb']):
             d.add_argument(flag, required=True, help='the RGB (or flow) LMDB')
         if name == 'hmdb51':
@@ -376,7 +372,7 @@ def build_parser():
                            help='folder of the official testTrainMulti_7030_splits files')
     p = _command(sub, 'demo', run_demo, 'build the synthetic demo dataset',
                  'DATA_ROOT/demo/: 300 small videos in 6 classes that differ only by motion, '
-                 'with exact flow and three splits (dataset/demo.py).', workers=False)
+                 'with exact flow and three splits (dataset/demo.py).')
     p.add_argument('--data_root', default=None, metavar='DIR',
                    help='folder to create demo/ in (default: $CVTCL_DATA_ROOT or data/ in the '
                         'project folder, where the training scripts look)')
