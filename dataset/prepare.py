@@ -277,12 +277,10 @@ def run_splits(args):
                    f'lists for them')
     else:
         dbs = [open_lmdb(args.lmdb, '--lmdb')]
-        if not dbs[0].names:
-            raise UserError(f'--lmdb {args.lmdb} holds no videos; no split file written')
         derived = split_files.ucf101_splits(dbs[0].names)
         groups = split_files.groups_text({split_files.group_number(n) for n in dbs[0].names})
         context = (f'--lmdb {args.lmdb} has videos of groups {groups}; test split k holds '
-                   f'groups 7(k-1)+1..7k')
+                   f'groups 7(k-1)+1..7k' if groups else f'--lmdb {args.lmdb} holds no videos')
     empty = [s for s, names in derived['splits'].items() if not names]
     if empty:
         raise UserError(f'{", ".join(empty)} would list no videos ({context}); no split file '
