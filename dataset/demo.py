@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dataset.lmdb_video import LMDBWriter, encode_frames, quantize_flow
-from dataset.splits import group_splits, write_split_files
+from dataset.splits import ucf101_splits, write_split_files
 from utils.misc import UserError
 
 NAME = 'demo'
@@ -66,10 +66,6 @@ class Clip:
     log_scale_rate: float   # log of the per-frame scale ratio (0 unless zooming)
     log_scale: np.ndarray   # [T] log radius in pixels
 
-    @property
-    def num_frames(self):
-        return len(self.cx)
-
 
 def _appearance(rng):
     fg1 = rng.uniform(*OBJECT, 3)
@@ -89,8 +85,7 @@ def _motion(rng, cls):
     lo, hi = math.log(SCALE[0]), math.log(SCALE[1])
     rate, log_scale = 0.0, np.full(n, rng.uniform(lo, hi))
     if cls in ('MoveUp', 'MoveDown'):
-        speed = rng.uniform(2, 3)
-        cy = y0 + t * (speed if cls == 'MoveDown' else -speed)
+        cy = y0 + t * rng.uniform(2, 3) * (1 if cls == 'MoveDown' else -1)  # 2-3 px a frame
     elif cls.startswith('Oscillate'):
         amp, period, phase = rng.uniform(4, 7), rng.uniform(16, 24), rng.uniform(0, 2 * math.pi)
         wave = amp * np.sin(2 * math.pi * t / period + phase)
@@ -108,14 +103,10 @@ def plan(seed=0):
     """Every clip of the demo, in LMDB order; each look (seed, group) and clip (seed, class,
     group, clip) has its own random stream."""
     looks = {g: _appearance(np.random.default_rng([seed, g])) for g in range(1, GROUPS + 1)}
-    clips = []
-    for label, cls in enumerate(CLASSES):
-        for g in range(1, GROUPS + 1):
-            for c in range(1, CLIPS + 1):
-                rng = np.random.default_rng([seed, label, g, c])
-                clips.append(Clip(f'{cls}/v_{cls}_g{g:02d}_c{c:02d}', looks[g],
-                                  *_motion(rng, cls)))
-    return clips
+    return [Clip(f'{cls}/v_{cls}_g{g:02d}_c{c:02d}', looks[g],
+                 *_motion(np.random.default_rng([seed, label, g, c]), cls))
+            for label, cls in enumerate(CLASSES)
+            for g in range(1, GROUPS + 1) for c in range(1, CLIPS + 1)]
 
 
 def _pattern(texture, a, b):
@@ -178,8 +169,8 @@ def ensure_demo(data_root, seed=0):
                     rgb_out.put(clip.name, encode_frames(torch.from_numpy(rgb), RGB_QUALITY))
                     flow_out.put(clip.name, encode_frames(torch.from_numpy(quantize_flow(flow)),
                                                           FLOW_QUALITY))
-            write_split_files(tmp, group_splits([c.name for c in clips], GROUPS_PER_SPLIT),
-                              {c.name: c.num_frames for c in clips})
+            write_split_files(tmp, ucf101_splits([c.name for c in clips], GROUPS_PER_SPLIT),
+                              {c.name: len(c.cx) for c in clips})
             Path(tmp, INFO_FILE).write_text(json.dumps({
                 'version': VERSION, 'seed': seed, 'classes': list(CLASSES), 'videos': len(clips),
                 'size': SIZE}, indent=1))

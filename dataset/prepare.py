@@ -151,8 +151,7 @@ def _init_worker():
 
 
 def _guarded(fn, kwargs, item):
-    """``(i, fn(task))``, or ``(i, reason)`` if the video is unusable: one broken video is
-    reported by name instead of ending a long run."""
+    """``(i, fn(task))``, or ``(i, reason)``: a broken video is listed, not the end of a run."""
     i, task = item
     try:
         return i, fn(task, **kwargs)
@@ -162,8 +161,7 @@ def _guarded(fn, kwargs, item):
 
 
 def parallel(fn, items, workers, **kwargs):
-    """``(i, result)`` of every ``(i, task)`` as it finishes, computed by ``workers`` spawned
-    processes (in this one when ``workers <= 1``)."""
+    """``(i, result)`` of every ``(i, task)`` as it finishes, in ``workers`` spawned processes."""
     job = functools.partial(_guarded, fn, kwargs)
     if workers <= 1 or len(items) <= 1:
         yield from map(job, items)

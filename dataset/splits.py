@@ -22,8 +22,7 @@ def source_key(name):
 
 
 def read_split(path):
-    """Video names (``class/video``, the path's last two parts) of a split CSV, in file order;
-    a row of 0 frames makes no clip and is skipped."""
+    """Video names (``class/video``) of a split CSV, in file order; rows of 0 frames skipped."""
     line_of = {}
     with open(path, newline='') as f:
         for lineno, row in enumerate(csv.reader(f), 1):
@@ -41,9 +40,8 @@ def read_split(path):
 
 
 def read_class_index(path):
-    """``{class name: index}``, indices from 0 in file order. A file whose every line starts
-    with a number and a blank or comma is read as ``index name``/``index,name``; otherwise each
-    line is a whole name."""
+    """``{class name: index}`` from 0 in file order; lines are ``index name``/``index,name`` if
+    every one starts with a number and a blank or comma, else whole names."""
     lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     if lines and all(_INDEXED.match(line) for line in lines):
         lines = [_INDEXED.match(line).group(1).strip() for line in lines]
@@ -104,10 +102,9 @@ def groups_text(groups):
     return ', '.join(f'g{a:02d}' if a == b else f'g{a:02d}-g{b:02d}' for a, b in runs)
 
 
-def group_splits(names, groups_per_split=7, num_splits=3):
-    """Test split k holds the groups of ``group_block(k)``, its train split every other video
-    (UCF101: blocks of 7). Classes sorted by name; video_source numbers the (class, group)
-    pairs from 0. Names keep their order."""
+def ucf101_splits(names, groups_per_split=7, num_splits=3):
+    """UCF101's splits from the names alone: test split k holds the groups ``group_block(k)``,
+    train split k the rest; video_source numbers the (class, group) pairs from 0."""
     groups = {n: group_number(n) for n in names}
     splits = {}
     for k in range(1, num_splits + 1):
@@ -119,9 +116,6 @@ def group_splits(names, groups_per_split=7, num_splits=3):
             'video_source': {key: i for i, (_, _, key) in enumerate(sources)}}
 
 
-ucf101_splits = group_splits  # UCF101's three official splits come from the names alone
-
-
 def hmdb51_splits(names, official_dir):
     """HMDB51's splits from its official ``<class>_test_split<k>.txt`` files (lines ``video.avi
     label``; 1 train, 2 test, 0 unused); listed videos not in ``names`` are ``'missing'``."""
@@ -129,8 +123,7 @@ def hmdb51_splits(names, official_dir):
                    if _HMDB_SPLIT_FILE.match(p.name))
     if not files:  # a missing folder included
         raise UserError(f'--official {official_dir} holds no <class>_test_split<k>.txt files')
-    have = set(names)
-    splits, missing, classes = {}, [], set()
+    have, splits, missing, classes = set(names), {}, [], set()
     for path in files:
         cls, k = _HMDB_SPLIT_FILE.match(path.name).groups()
         classes.add(cls)
@@ -144,11 +137,10 @@ def hmdb51_splits(names, official_dir):
             if name not in have:
                 missing.append(name)
                 continue
-            splits.setdefault(f'{("train", "test")[parts[1] == "2"]}_split{int(k):02d}',
-                              []).append(name)
-    for k in {s[-2:] for s in splits}:  # a split whose videos are all missing is still named
-        for part in ('train', 'test'):
-            splits.setdefault(f'{part}_split{k}', [])
+            # Both parts of split k are named, even one whose videos are all missing.
+            train, test = (splits.setdefault(f'{part}_split{int(k):02d}', [])
+                           for part in ('train', 'test'))
+            (test if parts[1] == '2' else train).append(name)
     return {'classes': sorted(classes), 'splits': dict(sorted(splits.items())),
             'missing': sorted(set(missing))}
 
