@@ -14,12 +14,13 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dataset.lmdb_video import LMDBWriter, encode_frames, quantize_flow
-from dataset.splits import group_splits, write_split_files
+from dataset.splits import ucf101_splits, write_split_files
 from utils.misc import UserError
 
 NAME = 'demo'
@@ -36,7 +37,13 @@ RGB_QUALITY, FLOW_QUALITY = 90, 95  # flow JPEGs carry numbers: keep the JPEG er
 VERSION = 6          # bump when the generator changes, so an old demo/ is not taken for new
 INFO_FILE = 'demo_info.json'
 
-_SHAPES = ('disc', 'square', 'diamond', 'ring', 'plus')  # all mirror symmetric
+# Signed distance to each shape's outline in object radii (negative inside); all mirror symmetric.
+_SHAPES = {'disc': lambda u, v: np.hypot(u, v) - 1,
+           'square': lambda u, v: np.maximum(np.abs(u), np.abs(v)) - 0.8,
+           'diamond': lambda u, v: (np.abs(u) + np.abs(v)) / math.sqrt(2) - 0.85,
+           'ring': lambda u, v: np.abs(np.hypot(u, v) - 0.7) - 0.3,
+           'plus': lambda u, v: np.minimum(np.maximum(np.abs(u) - 1, np.abs(v) - 0.35),
+                                           np.maximum(np.abs(u) - 0.35, np.abs(v) - 1))}
 _TEXTURES = ('flat', 'stripes', 'checker', 'rings')
 # Channel values: every background darker than every part of every object.
 BACKGROUND, OBJECT, OBJECT_TEXTURE = (10, 80), (170, 255), (40, 80)
@@ -59,31 +66,26 @@ class Clip:
     log_scale_rate: float   # log of the per-frame scale ratio (0 unless zooming)
     log_scale: np.ndarray   # [T] log radius in pixels
 
-    @property
-    def num_frames(self):
-        return len(self.cx)
-
 
 def _appearance(rng):
     fg1 = rng.uniform(*OBJECT, 3)
     fg2 = fg1 - rng.uniform(*OBJECT_TEXTURE, 3)  # the texture's darker colour, still > BACKGROUND
-    bg, shape = rng.uniform(*BACKGROUND, 3), _SHAPES[rng.integers(len(_SHAPES))]
+    bg, shape = rng.uniform(*BACKGROUND, 3), list(_SHAPES)[rng.integers(len(_SHAPES))]
     texture = (_TEXTURES[rng.integers(len(_TEXTURES))], float(rng.uniform(0.6, 1.2)),
                float(rng.uniform(0, math.pi)), float(rng.uniform(0, 2 * math.pi)))
     return Appearance(bg=bg, shape=shape, fg=np.stack([fg1, fg2]), fg_texture=texture)
 
 
-def _motion(rng, cls, n):
+def _motion(rng, cls):
     """``cx, cy, log_scale_rate, log_scale`` of one clip of ``cls`` (Clip's fields)."""
+    n = int(rng.integers(FRAMES[0], FRAMES[1] + 1))
     t = np.arange(n, dtype=np.float64)
     x0, y0 = rng.uniform(0, SIZE, 2)
     cx, cy = np.full(n, x0), np.full(n, y0)
     lo, hi = math.log(SCALE[0]), math.log(SCALE[1])
-    rate = 0.0
-    log_scale = np.full(n, rng.uniform(lo, hi))
+    rate, log_scale = 0.0, np.full(n, rng.uniform(lo, hi))
     if cls in ('MoveUp', 'MoveDown'):
-        speed = rng.uniform(2, 3)
-        cy = y0 + t * (speed if cls == 'MoveDown' else -speed)
+        cy = y0 + t * rng.uniform(2, 3) * (1 if cls == 'MoveDown' else -1)  # 2-3 px a frame
     elif cls.startswith('Oscillate'):
         amp, period, phase = rng.uniform(4, 7), rng.uniform(16, 24), rng.uniform(0, 2 * math.pi)
         wave = amp * np.sin(2 * math.pi * t / period + phase)
@@ -101,15 +103,10 @@ def plan(seed=0):
     """Every clip of the demo, in LMDB order; each look (seed, group) and clip (seed, class,
     group, clip) has its own random stream."""
     looks = {g: _appearance(np.random.default_rng([seed, g])) for g in range(1, GROUPS + 1)}
-    clips = []
-    for label, cls in enumerate(CLASSES):
-        for g in range(1, GROUPS + 1):
-            for c in range(1, CLIPS + 1):
-                rng = np.random.default_rng([seed, label, g, c])
-                n = int(rng.integers(FRAMES[0], FRAMES[1] + 1))
-                clips.append(Clip(f'{cls}/v_{cls}_g{g:02d}_c{c:02d}', looks[g],
-                                  *_motion(rng, cls, n)))
-    return clips
+    return [Clip(f'{cls}/v_{cls}_g{g:02d}_c{c:02d}', looks[g],
+                 *_motion(np.random.default_rng([seed, label, g, c]), cls))
+            for label, cls in enumerate(CLASSES)
+            for g in range(1, GROUPS + 1) for c in range(1, CLIPS + 1)]
 
 
 def _pattern(texture, a, b):
@@ -127,20 +124,6 @@ def _pattern(texture, a, b):
     return 0.5 + 0.5 * np.cos(w * np.hypot(a, b) + phase)  # rings
 
 
-def _shape_distance(shape, u, v):
-    """Signed distance to the shape's outline in object radii (negative inside)."""
-    if shape == 'disc':
-        return np.hypot(u, v) - 1
-    if shape == 'square':
-        return np.maximum(np.abs(u), np.abs(v)) - 0.8
-    if shape == 'diamond':
-        return (np.abs(u) + np.abs(v)) / math.sqrt(2) - 0.85
-    if shape == 'ring':
-        return np.abs(np.hypot(u, v) - 0.7) - 0.3
-    return np.minimum(np.maximum(np.abs(u) - 1, np.abs(v) - 0.35),  # plus
-                      np.maximum(np.abs(u) - 0.35, np.abs(v) - 1))
-
-
 def render(clip):
     """RGB frames (uint8 ``[T, 3, H, W]``) and exact flow (float32 ``[T-1, 2, H, W]``, pixels)
     of one clip. The scene is a torus of period TILE: offsets wrap to the nearest copy."""
@@ -151,7 +134,7 @@ def render(clip):
     dy = wrap(pixels[None, :, None] - clip.cy[:, None, None].astype(f32))   # T x H x 1
     radius = np.exp(clip.log_scale).astype(f32)[:, None, None]
     u, v = dx / radius, dy / radius
-    inside = np.clip(0.5 - _shape_distance(look.shape, u, v) * radius, 0, 1)  # anti-aliased
+    inside = np.clip(0.5 - _SHAPES[look.shape](u, v) * radius, 0, 1)  # anti-aliased
     c0, c1 = (c.astype(f32)[:, None, None] for c in look.fg)
     fg = c0 + (c1 - c0) * _pattern(look.fg_texture, u, v)[..., None, :, :]     # T 3 H W
     bg = look.bg.astype(f32)[:, None, None]
@@ -164,16 +147,6 @@ def render(clip):
     return rgb, np.stack([flow_x, flow_y], 1)
 
 
-def make_demo(data_root, seed=0, overwrite=False):
-    """Build ``<data_root>/demo/`` anew (replacing one only if ``overwrite``); returns its path."""
-    folder = os.path.join(data_root, NAME)
-    if os.path.exists(folder):
-        if not overwrite:
-            raise UserError(f'{folder} exists; pass --overwrite to rebuild it')
-        shutil.rmtree(folder)
-    return ensure_demo(data_root, seed)
-
-
 def ensure_demo(data_root, seed=0):
     """Path of ``<data_root>/demo/``, built first if missing. Safe when several processes
     (distributed ranks) call it at once: each builds a private copy and renames it into place;
@@ -183,11 +156,10 @@ def ensure_demo(data_root, seed=0):
         if os.environ.get('LOCAL_RANK', '0') == '0':  # said once, so a mistyped path shows
             print(f'building the demo dataset in {os.path.abspath(folder)} (first use there)',
                   flush=True)
-        os.makedirs(data_root, exist_ok=True)
         # A sibling of demo/, so it can be renamed into place; not tempfile.mkdtemp, whose
         # folders are private (0700): this one becomes the dataset.
         tmp = os.path.join(data_root, f'.{NAME}.tmp-{os.getpid()}-{secrets.token_hex(4)}')
-        os.mkdir(tmp)
+        os.makedirs(tmp)
         try:
             clips = plan(seed)
             with LMDBWriter(os.path.join(tmp, f'{NAME}_frame.lmdb')) as rgb_out, \
@@ -197,25 +169,21 @@ def ensure_demo(data_root, seed=0):
                     rgb_out.put(clip.name, encode_frames(torch.from_numpy(rgb), RGB_QUALITY))
                     flow_out.put(clip.name, encode_frames(torch.from_numpy(quantize_flow(flow)),
                                                           FLOW_QUALITY))
-            derived = group_splits([c.name for c in clips], GROUPS_PER_SPLIT, num_splits=3)
-            write_split_files(tmp, derived, {c.name: c.num_frames for c in clips})
-            with open(os.path.join(tmp, INFO_FILE), 'w') as f:
-                json.dump({'version': VERSION, 'seed': seed, 'classes': list(CLASSES),
-                           'videos': len(clips), 'size': SIZE}, f, indent=1)
+            write_split_files(tmp, ucf101_splits([c.name for c in clips], GROUPS_PER_SPLIT),
+                              {c.name: len(c.cx) for c in clips})
+            Path(tmp, INFO_FILE).write_text(json.dumps({
+                'version': VERSION, 'seed': seed, 'classes': list(CLASSES), 'videos': len(clips),
+                'size': SIZE}, indent=1))
             os.rename(tmp, folder)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST)
                     and os.path.exists(folder)):  # another process renamed its copy first
                 raise
-    info_path = os.path.join(folder, INFO_FILE)
-    if not os.path.exists(info_path):
-        raise UserError(f'{folder} exists but is not a demo dataset (no {INFO_FILE}); remove it '
-                        f'to rebuild it')
-    with open(info_path) as f:
-        info = json.load(f)
+    info_file = Path(folder, INFO_FILE)
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}  # not a demo folder
     if info.get('version') != VERSION or info.get('seed') != seed:
-        raise UserError(f'{folder} was built with seed {info.get("seed")} by demo generator '
-                        f'version {info.get("version")}, asked: seed {seed}, version {VERSION}; '
+        raise UserError(f'{folder} is not the demo of seed {seed} by generator version {VERSION} '
+                        f'({INFO_FILE}: seed {info.get("seed")}, version {info.get("version")}); '
                         f'remove it to rebuild it')
     return folder

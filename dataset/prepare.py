@@ -29,7 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import splits as split_files
+from dataset.augment import resize_short_side
 from dataset.lmdb_video import LMDBWriter, VideoLMDB, decode_frames, encode_frames, quantize_flow
+from utils.checkpoint import atomic_write
 from utils.config import NON_NEGATIVE, POSITIVE, Ranged
 from utils.misc import UserError
 
@@ -47,17 +49,16 @@ def list_class_entries(src, kind):
     folders (``kind='frames'``) or video files (``'videos'``)."""
     if not os.path.isdir(src):
         raise UserError(f'--src {src}: no such directory')
-    found = {}
+    found, frames = {}, kind == 'frames'
     for path in sorted(Path(src).glob('[!.]*/[!.]*'),
                        key=lambda p: (natural_key(p.parent.name), natural_key(p.name))):
-        if path.is_dir() if kind == 'frames' else (path.suffix.lower() in VIDEO_EXTS
-                                                    and path.is_file()):
-            name = f'{path.parent.name}/{path.name if kind == "frames" else path.stem}'
+        if path.is_dir() if frames else path.is_file() and path.suffix.lower() in VIDEO_EXTS:
+            name = f'{path.parent.name}/{path.name if frames else path.stem}'
             if found.setdefault(name, str(path)) != str(path):
                 raise UserError(f'{path} and {found[name]} would both be video {name!r}')
     if not found:
-        raise UserError(f'--src {src} holds no ' + ('class/video/*.jpg frame folders' if kind ==
-                        'frames' else f'class/video files ({", ".join(VIDEO_EXTS)})'))
+        raise UserError(f'--src {src} holds no ' + ('class/video/*.jpg frame folders' if frames
+                        else f'class/video files ({", ".join(VIDEO_EXTS)})'))
     return [list(t) for t in zip(*found.items())]
 
 
@@ -73,14 +74,13 @@ def open_lmdb(path, flag):
         raise UserError(f'{flag}: {e}') from None
 
 
-def require(command, *modules):
+def require(command, name):
     """Import what a command needs once, before any work: one clear error, not one per video."""
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise UserError(f'prepare {command} needs {name} ({e}); install it with '
-                            f'`python -m pip install -r requirements-prepare.txt`') from None
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f'prepare {command} needs {name} ({e}); install it with '
+                        f'`python -m pip install -r requirements-prepare.txt`') from None
 
 
 def read_frame_folder(folder):
@@ -101,18 +101,6 @@ def read_frame_folder(folder):
     return jpegs
 
 
-def resize_short_side(img, short_side):
-    """Resize an ``H x W x C`` uint8 array so its shorter side is ``short_side`` (0: as is)."""
-    h, w = img.shape[:2]
-    if not short_side or min(h, w) == short_side:
-        return img
-    import cv2
-    size = ((max(1, round(w * short_side / h)), short_side) if h <= w
-            else (short_side, max(1, round(h * short_side / w))))
-    shrink = short_side < min(h, w)
-    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
 def decode_video(path, short_side=0, quality=90):
     """Every frame of a video file, decoded with PyAV, as JPEG bytes."""
     import av
@@ -123,16 +111,15 @@ def decode_video(path, short_side=0, quality=90):
         stream = container.streams.video[0]
         stream.thread_type = 'AUTO'
         for frame in container.decode(stream):
-            rgb = resize_short_side(frame.to_ndarray(format='rgb24'), short_side)
-            jpegs += encode_frames(torch.from_numpy(rgb).permute(2, 0, 1)[None], quality)
+            rgb = torch.from_numpy(frame.to_ndarray(format='rgb24')).permute(2, 0, 1)[None]
+            jpegs += encode_frames(resize_short_side(rgb, short_side) if short_side else rgb,
+                                   quality)
     if not jpegs:
         raise UserError('no frame could be decoded')
     return jpegs
 
 
-@functools.lru_cache(maxsize=2)
-def _lmdb(path):
-    return VideoLMDB(path)  # once per worker process: opening reads all the metadata
+_lmdb = functools.lru_cache(maxsize=2)(VideoLMDB)  # opened once per worker: it reads all names
 
 
 def video_flow(source, method='tvl1', short_side=0, quality=95):
@@ -150,8 +137,9 @@ def video_flow(source, method='tvl1', short_side=0, quality=95):
     # textured motion (fast: 3x faster again, 5x the error there; README, Data).
     flow = (cv2.optflow.DualTVL1OpticalFlow_create() if method == 'tvl1'
             else cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM))
-    gray = [cv2.cvtColor(resize_short_side(f.permute(1, 2, 0).numpy(), short_side),
-                         cv2.COLOR_RGB2GRAY) for f in frames]
+    if short_side:
+        frames = resize_short_side(frames, short_side)
+    gray = [cv2.cvtColor(f.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2GRAY) for f in frames]
     return [jpeg for a, b in zip(gray, gray[1:]) for jpeg in encode_frames(
         torch.from_numpy(quantize_flow(flow.calc(a, b, None).transpose(2, 0, 1)))[None], quality)]
 
@@ -163,8 +151,7 @@ def _init_worker():
 
 
 def _guarded(fn, kwargs, item):
-    """``(i, fn(task))``, or ``(i, reason)`` if the video is unusable: one broken video is
-    reported by name instead of ending a long run."""
+    """``(i, fn(task))``, or ``(i, reason)``: a broken video is listed, not the end of a run."""
     i, task = item
     try:
         return i, fn(task, **kwargs)
@@ -174,8 +161,7 @@ def _guarded(fn, kwargs, item):
 
 
 def parallel(fn, items, workers, **kwargs):
-    """``(i, result)`` of every ``(i, task)`` as it finishes, computed by ``workers`` spawned
-    processes (in this one when ``workers <= 1``)."""
+    """``(i, result)`` of every ``(i, task)`` as it finishes, in ``workers`` spawned processes."""
     job = functools.partial(_guarded, fn, kwargs)
     if workers <= 1 or len(items) <= 1:
         yield from map(job, items)
@@ -202,9 +188,7 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
                             f'command again to finish it, or pass --overwrite to start over')
         shutil.rmtree(work)
     if not record.exists():
-        work.mkdir(parents=True, exist_ok=True)
-        (work / 'settings.tmp').write_text(json.dumps(settings))
-        os.replace(work / 'settings.tmp', record)
+        atomic_write(record, lambda f: f.write(json.dumps(settings).encode()))
     done = {int(p.stem) for p in work.glob('*.msgpack')}
     todo = [i for i in range(len(names)) if i not in done]
     if done:
@@ -216,30 +200,25 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
             bar.update(sizes[i])
             if isinstance(result, str):
                 failed[i] = result
-                continue
-            (work / f'{i:09d}.tmp').write_bytes(msgpack.dumps(result))
-            os.replace(work / f'{i:09d}.tmp', work / f'{i:09d}.msgpack')
-    skipped = [(names[i], reason) for i, reason in sorted(failed.items())]
+            else:
+                atomic_write(work / f'{i:09d}.msgpack', lambda f: f.write(msgpack.dumps(result)))
+    skipped = [f'{names[i]}: {reason}' for i, reason in sorted(failed.items())]
     if len(skipped) == len(names):
         shutil.rmtree(work)
         raise UserError(f'none of the {len(names)} videos could be converted (first: '
-                        f'{skipped[0][0]}: {skipped[0][1]}); {args.out} not written')
-    with LMDBWriter(work / 'out.lmdb', overwrite=True) as writer:
+                        f'{skipped[0]}); {args.out} not written')
+    with LMDBWriter(args.out, overwrite=True) as writer:  # replaces args.out when complete
         for i, name in enumerate(names):
             if i not in failed:
                 writer.put(name, msgpack.loads((work / f'{i:09d}.msgpack').read_bytes()))
         for key, value in (meta or {}).items():  # records such as __flow_method__
             writer.put_meta(key, value)
-    if os.path.isdir(args.out):
-        shutil.rmtree(args.out)
-    os.replace(work / 'out.lmdb', args.out)
     shutil.rmtree(work)
     print(f'wrote {len(writer.names)} videos ({sum(writer.vlen)} frames) to {args.out}; '
           f'{len(todo) - len(failed)} computed in {time.perf_counter() - start:.1f} s, '
           f'{len(done)} done before')
     if skipped:
-        print(f'skipped {len(skipped)} unreadable video(s):', *(f'  {n}: {reason}'
-                                                              for n, reason in skipped), sep='\n')
+        print(f'skipped {len(skipped)} unreadable video(s):', *skipped, sep='\n  ')
 
 
 def run_frames(args):
@@ -250,7 +229,7 @@ def run_frames(args):
 
 def run_videos(args):
     names, paths = list_class_entries(args.src, 'videos')
-    require('videos', 'av', *['cv2'] * bool(args.short_side))
+    require('videos', 'av')
     convert(args, names, paths, [1] * len(names), decode_video, 'video',
             short_side=args.short_side, quality=args.quality)
 
@@ -258,8 +237,8 @@ def run_videos(args):
 def run_flow(args):
     if os.path.exists(args.src) and os.path.realpath(args.src) == os.path.realpath(args.out):
         raise UserError('--src and --out are the same path')
-    require('flow', 'cv2')
-    if args.method == 'tvl1' and not hasattr(importlib.import_module('cv2'), 'optflow'):
+    cv2 = require('flow', 'cv2')
+    if args.method == 'tvl1' and not hasattr(cv2, 'optflow'):
         raise UserError('--method tvl1 needs cv2.optflow from opencv-contrib-python-headless '
                         '(requirements-prepare.txt; uninstall other opencv-python packages, '
                         'which hide it), or use --method dis')
@@ -280,12 +259,11 @@ def run_splits(args):
     later on) is an error."""
     if args.dataset == 'kinetics':
         dbs = [open_lmdb(args.train_lmdb, '--train_lmdb'), open_lmdb(args.val_lmdb, '--val_lmdb')]
-        derived = split_files.kinetics_splits(dbs[0].names, dbs[1].names)
+        derived = {'classes': sorted({n.split('/')[0] for db in dbs for n in db.names}),
+                   'splits': {'train_split': dbs[0].names, 'val_split': dbs[1].names}}
         context = (f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
                    f'{args.val_lmdb} {len(dbs[1])}')
     elif args.dataset == 'hmdb51':
-        if not os.path.isdir(args.official):
-            raise UserError(f'--official {args.official}: no such directory')
         dbs = [open_lmdb(args.lmdb, '--lmdb')]
         derived = split_files.hmdb51_splits(dbs[0].names, args.official)
         missing = derived['missing']
@@ -297,12 +275,10 @@ def run_splits(args):
                    f'lists for them')
     else:
         dbs = [open_lmdb(args.lmdb, '--lmdb')]
-        if not dbs[0].names:
-            raise UserError(f'--lmdb {args.lmdb} holds no videos; no split file written')
         derived = split_files.ucf101_splits(dbs[0].names)
         groups = split_files.groups_text({split_files.group_number(n) for n in dbs[0].names})
         context = (f'--lmdb {args.lmdb} has videos of groups {groups}; test split k holds '
-                   f'groups 7(k-1)+1..7k')
+                   f'groups 7(k-1)+1..7k' if groups else f'--lmdb {args.lmdb} holds no videos')
     empty = [s for s, names in derived['splits'].items() if not names]
     if empty:
         raise UserError(f'{", ".join(empty)} would list no videos ({context}); no split file '
@@ -315,24 +291,29 @@ def run_splits(args):
 def run_demo(args):
     from dataset import demo
     from dataset.video_dataset import default_data_root
+    root = args.data_root or default_data_root()
+    folder = os.path.join(root, demo.NAME)
+    if os.path.exists(folder):
+        if not args.overwrite:
+            raise UserError(f'{folder} exists; pass --overwrite to rebuild it')
+        shutil.rmtree(folder)
     start = time.perf_counter()
-    folder = demo.make_demo(args.data_root or default_data_root(), args.seed, args.overwrite)
+    demo.ensure_demo(root, args.seed)
     print(f'wrote {folder}: {len(demo.plan(args.seed))} videos of {len(demo.CLASSES)} classes '
           f'in {time.perf_counter() - start:.1f} s')
 
 
-def _command(sub, name, run, help, description='', src=None, out=None, workers=True):
+def _command(sub, name, run, help, description, src=None, out='video'):
+    """A subcommand; with ``src`` (the help of --src), one writing an ``out`` LMDB."""
     p = sub.add_parser(name, help=help, description=f'{help[0].upper()}{help[1:]}. {description}')
     if src:
         p.add_argument('--src', required=True, help=src)
-    if out:
-        p.add_argument('--out', required=True, metavar=out[0], help=out[1])
-    p.add_argument('--overwrite', action='store_true',
-                   help='replace existing outputs (default: refuse to touch them)')
-    if workers:
+        p.add_argument('--out', required=True, metavar='LMDB', help=f'{out} LMDB to write')
         p.add_argument('-j', '--workers', type=POSITIVE, default=min(8, os.cpu_count() or 1),
                        help='worker processes, one video each at a time; 1 works in this '
                             'process (default: %(default)s, the CPU count up to 8)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace existing outputs (default: refuse to touch them)')
     p.set_defaults(run=run)
     return p
 
@@ -351,17 +332,16 @@ def build_parser():
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     _command(sub, 'frames', run_frames, 'frame folders (class/video/*.jpg) -> RGB LMDB',
              'Frames in natural name order (img_9 before img_10), JPEG bytes as they are.',
-             'folder of class folders of video frame folders', ('LMDB', 'video LMDB to write'))
+             'folder of class folders of video frame folders')
     p = _command(sub, 'videos', run_videos, 'video files (class/video.avi ...) -> RGB LMDB',
                  'Every frame of class/video.{avi,mp4,mkv,webm,mov}, decoded with PyAV, stored '
-                 'as JPEG.', 'folder of class folders of videos', ('LMDB', 'video LMDB to write'))
+                 'as JPEG.', 'folder of class folders of videos')
     _encoding(p, 'storing them', 90)
     p = _command(sub, 'flow', run_flow, 'RGB LMDB or frame folders -> flow LMDB',
                  'Flow between consecutive grayscale frames (n frames give n-1), encoded as in '
                  'docs/METHOD.md (Data), the method recorded in __flow_method__; training reads '
                  '<name>_tvl1_frame.lmdb whatever the method, or --flow_lmdb.',
-                 'an RGB video LMDB, or a folder of class/video/*.jpg frame folders',
-                 ('LMDB', 'flow LMDB to write'))
+                 'an RGB video LMDB, or a folder of class/video/*.jpg frame folders', 'flow')
     p.add_argument('--method', choices=('tvl1', 'dis'), default='tvl1',
                    help="tvl1 (default): OpenCV contrib's TV-L1, as the published LMDBs; dis: "
                         "OpenCV's DIS (preset medium), ~90x faster, a little less accurate")
@@ -378,8 +358,9 @@ def build_parser():
              'listed videos missing from the LMDB are reported and left out.'),
             ('kinetics', 'train/val split from the two LMDBs',
              'train_split.csv and val_split.csv list the videos of the two LMDBs.')]:
-        d = _command(datasets, name, run_splits, help, description + ' Classes: the class folders, '
-                     'sorted.', out=('DIR', 'dataset folder to write into'), workers=False)
+        d = _command(datasets, name, run_splits, help,
+                     description + ' Classes: the class folders, sorted.')
+        d.add_argument('--out', required=True, metavar='DIR', help='dataset folder to write into')
         for flag in (['--train_lmdb', '--val_lmdb'] if name == 'kinetics' else ['--lmdb']):
             d.add_argument(flag, required=True, help='the RGB (or flow) LMDB')
         if name == 'hmdb51':
@@ -387,7 +368,7 @@ def build_parser():
                            help='folder of the official testTrainMulti_7030_splits files')
     p = _command(sub, 'demo', run_demo, 'build the synthetic demo dataset',
                  'DATA_ROOT/demo/: 300 small videos in 6 classes that differ only by motion, '
-                 'with exact flow and three splits (dataset/demo.py).', workers=False)
+                 'with exact flow and three splits (dataset/demo.py).')
     p.add_argument('--data_root', default=None, metavar='DIR',
                    help='folder to create demo/ in (default: $CVTCL_DATA_ROOT or data/ in the '
                         'project folder, where the training scripts look)')

@@ -8,65 +8,14 @@ step (un-normalised), flow (as stored, 128 = still) after RGB; a red strip marks
 import argparse
 
 import torch
-from PIL import Image
+from torchvision.utils import make_grid, save_image
 
 from utils.config import POSITIVE
 from .augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
-from .video_dataset import DatasetName, build_dataset
+from .video_dataset import build_dataset, collate
 
-PAD = 2          # pixels between tiles
-GAP = 8          # between the RGB and the flow frames of a row
-SEP = 6          # between samples
-MARK = 6         # the strong/weak strip
-BACKGROUND = 1.0
+PAD, MARK = 2, 6   # pixels between tiles; width of the strip left of a row (with its margin)
 STRONG, WEAK = (0.85, 0.1, 0.1), (0.6, 0.6, 0.6)
-
-
-def preview_size(num, views, frames, modalities, img_dim):
-    """``(width, height)`` in pixels of a preview of ``num`` samples."""
-    group = PAD + frames * (img_dim + PAD)
-    width = MARK + modalities * group + (modalities - 1) * GAP
-    height = PAD + num * views * (img_dim + PAD) + (num - 1) * SEP
-    return width, height
-
-
-def write_preview(dataset_name, out, data_root=None, num=4, seq_len=32, img_dim=128, seed=0,
-                  frames=4, ds=1, photometric_on_flow=True, legacy_flow_flip=False):
-    """Write a PNG of both augmented views of ``num`` samples of ``dataset_name`` (train mode),
-    ``frames`` frames per view; returns ``(width, height)``. The samples and their augmentation
-    follow ``seed``; the caller's random state is left as it was."""
-    spec = DatasetName.parse(dataset_name)
-    data = build_dataset(dataset_name, 'train', data_root=data_root, seq_len=seq_len, ds=ds,
-                         img_dim=img_dim, negate_flow_flip=not legacy_flow_flip)
-    modalities = [m for m in ('rgb', 'flow') if getattr(spec, m)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        picks = torch.randperm(len(data))[:num].sort().values.tolist()
-        items = [data[i] for i in picks]
-        batch = {m: torch.stack([it[m] for it in items]) for m in modalities}
-        batch['strong'] = torch.stack([it['strong'] for it in items])
-        augmented = DeviceAugment(photometric_on_flow)(batch, torch.device('cpu'))
-    mean, std = (torch.tensor(x).view(3, 1, 1, 1) for x in (IMAGENET_MEAN, IMAGENET_STD))
-    which = torch.linspace(0, seq_len - 1, min(frames, seq_len)).round().long()
-    # [num, V, 3, T, S, S] normalised -> [num, V, M, F, 3, S, S] in [0, 1]
-    views = torch.stack([(augmented[m] * std + mean)[:, :, :, which].transpose(2, 3)
-                         for m in modalities], 2).clamp(0, 1)
-    num, V, M, F = views.shape[:4]
-    width, height = preview_size(num, V, F, M, img_dim)
-    canvas = torch.full((3, height, width), BACKGROUND)
-    group = PAD + F * (img_dim + PAD)
-    for s in range(num):
-        for v in range(V):
-            top = PAD + (s * V + v) * (img_dim + PAD) + s * SEP
-            colour = STRONG if batch['strong'][s, v] else WEAK
-            canvas[:, top:top + img_dim, :MARK - 1] = torch.tensor(colour).view(3, 1, 1)
-            for m in range(M):
-                for f in range(F):
-                    left = MARK + m * (group + GAP) + PAD + f * (img_dim + PAD)
-                    canvas[:, top:top + img_dim, left:left + img_dim] = views[s, v, m, f]
-    pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    Image.fromarray(pixels).save(str(out), format='PNG')
-    return pixels.shape[1], pixels.shape[0]
 
 
 def add_parser(sub):
@@ -95,8 +44,27 @@ def add_parser(sub):
 
 
 def run(args):
-    size = write_preview(args.dataset, args.out, data_root=args.data_root, num=args.num,
-                         seq_len=args.seq_len, img_dim=args.img_dim, seed=args.seed,
-                         frames=args.frames, ds=args.ds, legacy_flow_flip=args.legacy_flow_flip,
-                         photometric_on_flow=args.photometric_on_flow)
-    print(f'wrote {args.out} ({size[0]}x{size[1]})')
+    """Write a PNG of both augmented views of ``--num`` samples (train mode), ``--frames`` frames
+    per view; the samples and their augmentation follow ``--seed``."""
+    data = build_dataset(args.dataset, 'train', data_root=args.data_root, seq_len=args.seq_len,
+                         ds=args.ds, img_dim=args.img_dim,
+                         negate_flow_flip=not args.legacy_flow_flip)
+    with torch.random.fork_rng(devices=[]):  # an in-process caller keeps its random state
+        torch.manual_seed(args.seed)
+        picks = torch.randperm(len(data))[:args.num].sort().values.tolist()
+        batch = collate([data[i] for i in picks])
+        augmented = DeviceAugment(args.photometric_on_flow)(batch, torch.device('cpu'))
+    modalities = [m for m in ('rgb', 'flow') if m in augmented]
+    mean, std = (torch.tensor(x).view(3, 1, 1, 1) for x in (IMAGENET_MEAN, IMAGENET_STD))
+    which = torch.linspace(0, args.seq_len - 1, min(args.frames, args.seq_len)).round().long()
+    # [num, V, 3, T, S, S] normalised -> [num * V, M * F, 3, S, S] in [0, 1]: one row per view
+    rows = torch.cat([(augmented[m] * std + mean)[:, :, :, which].transpose(2, 3)
+                      for m in modalities], 2).clamp(0, 1).flatten(0, 1)
+    grid = make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=PAD, pad_value=1.0)
+    canvas = torch.nn.functional.pad(grid, (MARK, 0), value=1.0)
+    for r, strong in enumerate(batch['strong'].flatten().tolist()):
+        top = PAD + r * (args.img_dim + PAD)
+        colour = torch.tensor(STRONG if strong else WEAK)
+        canvas[:, top:top + args.img_dim, :MARK - 1] = colour[:, None, None]
+    save_image(canvas, args.out, format='PNG')
+    print(f'wrote {args.out} ({canvas.shape[2]}x{canvas.shape[1]})')

@@ -1,12 +1,7 @@
 """Split CSVs, ClassInd.txt and video_source.json (docs/METHOD.md, Data): reading and deriving.
 
-Split CSV: no header, ``path,num_frames``; only the path's last two components (``class/video``)
-matter. ClassInd.txt: one class per line, as ``name``, ``index name`` or ``index,name`` (names
-may hold spaces, ``air drumming``, and equal the class folder's name); classes are numbered from
-0 in file order. video_source.json: ``{video: source id}``, the video named as ``v_X_gNN``
-(UCF101, without the clip suffix) or ``class/video`` (Kinetics). The derivations return
-``{'classes': [...], 'splits': {'train_split01': [names], ...}, 'video_source': {...} or None}``,
-which write_split_files writes into a folder.
+The derivations return ``{'classes': [...], 'splits': {'train_split01': [names], ...}}``, with
+``'video_source': {...}`` where there is one, which write_split_files writes into a folder.
 """
 import csv
 import json
@@ -27,11 +22,7 @@ def source_key(name):
 
 
 def read_split(path):
-    """Video names (``class/video``) of a split CSV, in file order. A row of 0 frames is skipped
-    (such a video makes no clip; CoCLR's HMDB51 CSVs list a few); a video listed twice is an
-    error (it would count twice in training and in the accuracy)."""
-    if not Path(path).is_file():
-        raise UserError(f'split file not found: {path}')
+    """Video names (``class/video``) of a split CSV, in file order; rows of 0 frames skipped."""
     line_of = {}
     with open(path, newline='') as f:
         for lineno, row in enumerate(csv.reader(f), 1):
@@ -49,11 +40,8 @@ def read_split(path):
 
 
 def read_class_index(path):
-    """``{class name: index}``, indices from 0 in file order. A file whose every line starts
-    with a number and a blank or comma is read as ``index name``/``index,name``; otherwise each
-    line is a whole name."""
-    if not Path(path).is_file():
-        raise UserError(f'class list not found: {path}')
+    """``{class name: index}`` from 0 in file order; lines are ``index name``/``index,name`` if
+    every one starts with a number and a blank or comma, else whole names."""
     lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     if lines and all(_INDEXED.match(line) for line in lines):
         lines = [_INDEXED.match(line).group(1).strip() for line in lines]
@@ -91,8 +79,6 @@ def write_class_index(path, classes):
     Path(path).write_text(''.join(f'{i + 1} {c}\n' for i, c in enumerate(classes)))
 
 
-
-
 def group_number(name):
     """Sibling group of a UCF101-style name: ``'A/v_A_g08_c01'`` -> 8."""
     m = _GROUP_CLIP.search(name.split('/')[-1])
@@ -116,10 +102,9 @@ def groups_text(groups):
     return ', '.join(f'g{a:02d}' if a == b else f'g{a:02d}-g{b:02d}' for a, b in runs)
 
 
-def group_splits(names, groups_per_split=7, num_splits=3):
-    """Test split k holds the groups of ``group_block(k)``, its train split every other video
-    (UCF101: blocks of 7). Classes sorted by name; video_source numbers the (class, group)
-    pairs from 0. Names keep their order."""
+def ucf101_splits(names, groups_per_split=7, num_splits=3):
+    """UCF101's splits from the names alone: test split k holds the groups ``group_block(k)``,
+    train split k the rest; video_source numbers the (class, group) pairs from 0."""
     groups = {n: group_number(n) for n in names}
     splits = {}
     for k in range(1, num_splits + 1):
@@ -131,17 +116,14 @@ def group_splits(names, groups_per_split=7, num_splits=3):
             'video_source': {key: i for i, (_, _, key) in enumerate(sources)}}
 
 
-ucf101_splits = group_splits  # UCF101's three official splits come from the names alone
-
-
 def hmdb51_splits(names, official_dir):
     """HMDB51's splits from its official ``<class>_test_split<k>.txt`` files (lines ``video.avi
     label``; 1 train, 2 test, 0 unused); listed videos not in ``names`` are ``'missing'``."""
-    files = sorted(p for p in Path(official_dir).iterdir() if _HMDB_SPLIT_FILE.match(p.name))
-    if not files:
+    files = sorted(p for p in Path(official_dir).glob('*_test_split*.txt')
+                   if _HMDB_SPLIT_FILE.match(p.name))
+    if not files:  # a missing folder included
         raise UserError(f'--official {official_dir} holds no <class>_test_split<k>.txt files')
-    have = set(names)
-    splits, missing, classes = {}, [], set()
+    have, splits, missing, classes = set(names), {}, [], set()
     for path in files:
         cls, k = _HMDB_SPLIT_FILE.match(path.name).groups()
         classes.add(cls)
@@ -155,20 +137,12 @@ def hmdb51_splits(names, official_dir):
             if name not in have:
                 missing.append(name)
                 continue
-            splits.setdefault(f'{("train", "test")[parts[1] == "2"]}_split{int(k):02d}',
-                              []).append(name)
-    for k in {s[-2:] for s in splits}:  # a split whose videos are all missing is still named
-        for part in ('train', 'test'):
-            splits.setdefault(f'{part}_split{k}', [])
+            # Both parts of split k are named, even one whose videos are all missing.
+            train, test = (splits.setdefault(f'{part}_split{int(k):02d}', [])
+                           for part in ('train', 'test'))
+            (test if parts[1] == '2' else train).append(name)
     return {'classes': sorted(classes), 'splits': dict(sorted(splits.items())),
-            'video_source': None, 'missing': sorted(set(missing))}
-
-
-def kinetics_splits(train_names, val_names):
-    """train_split.csv and val_split.csv list the two LMDBs' videos, classes: their folders."""
-    classes = sorted({n.split('/')[0] for n in list(train_names) + list(val_names)})
-    return {'classes': classes, 'splits': {'train_split': list(train_names),
-                                          'val_split': list(val_names)}, 'video_source': None}
+            'missing': sorted(set(missing))}
 
 
 def write_split_files(out_dir, derived, num_frames, overwrite=False):

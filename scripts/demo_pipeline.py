@@ -72,11 +72,10 @@ def main():
         ckpt['infonce', modality] = stage(
             'local_nce.py', '--config', f'configs/demo_{modality}.toml', *pre,
             folder=f'infonce_{modality}')[1] / 'last.pth.tar'
-    for modality, other in (('rgb', 'flow'), ('flow', 'rgb')):
-        mining = ckpt['infonce', other] if modality == 'rgb' else ckpt['cvtcl', 'rgb']
+    for modality, mining in (('rgb', ('infonce', 'flow')), ('flow', ('cvtcl', 'rgb'))):
         ckpt['cvtcl', modality] = stage(
             'local_coclr.py', '--config', f'configs/demo_coclr_{modality}.toml', *pre,
-            '--moco-k', prof['coclr_k'], '--pretrain', ckpt['infonce', modality], mining,
+            '--moco-k', prof['coclr_k'], '--pretrain', ckpt['infonce', modality], ckpt[mining],
             folder=f'cvtcl_{modality}')[1] / 'last.pth.tar'
 
     evalc = ['eval/main_classifier.py', '--config', 'configs/demo_finetune.toml',

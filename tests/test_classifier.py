@@ -13,7 +13,7 @@ import torch
 
 from dataset import LMDBWriter, encode_frames
 from helpers import coclr_reference
-from dataset.splits import group_splits, write_split_files
+from dataset.splits import ucf101_splits, write_split_files
 from eval import finetune, main_classifier
 from model.classifier import LinearClassifier, checkpoint_kind, head_layout, load_pretrained
 from model.moco import LocalInfoNCE
@@ -56,7 +56,7 @@ def make_tiny_dataset(root, name='tiny'):
                 c, rest = n.split('/')
                 g, k = int(rest.split('_g')[1][:2]), int(rest.split('_c')[-1])
                 out.put(n, encode_frames(_video(CLASSES.index(c), g, k, flow), quality=90))
-    write_split_files(folder, group_splits(names, groups_per_split=1, num_splits=3),
+    write_split_files(folder, ucf101_splits(names, groups_per_split=1, num_splits=3),
                       {n: FRAMES for n in names})
     return Path(root)
 

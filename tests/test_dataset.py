@@ -599,15 +599,24 @@ def test_building_the_demo_says_where(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------------------------- preview
 
-def test_preview_png(root, tmp_path):
-    from dataset.preview import preview_size, write_preview
+def test_preview_png(root, tmp_path, capsys):
+    from PIL import Image
+    from dataset.prepare import main
+    from dataset.preview import MARK, PAD, STRONG, WEAK
     out = tmp_path / 'preview.png'
-    write_preview('toy-2stream-2clip', out, data_root=root, num=3, seq_len=SEQ, img_dim=IMG,
-                  frames=4)
-    assert png_size(out) == preview_size(num=3, views=2, frames=4, modalities=2, img_dim=IMG)
+    common = ['--data_root', str(root), '--seq_len', str(SEQ), '--img_dim', str(IMG),
+              '--frames', '4']
+    assert main(['preview', '--dataset', 'toy-2stream-2clip', '--num', '3', '--out', str(out),
+                 *common]) == 0
     # 3 samples x 2 views as rows, 4 RGB + 4 flow frames per row, with a few pixels of margin.
-    width, height = png_size(out)
-    assert 8 * IMG < width < 8 * IMG + 60 and 6 * IMG < height < 6 * IMG + 40
+    size = (MARK + PAD + 8 * (IMG + PAD), PAD + 6 * (IMG + PAD))
+    assert png_size(out) == size
+    assert capsys.readouterr().out == f'wrote {out} ({size[0]}x{size[1]})\n'
+    # Each row is marked at its left: red for a strong view, grey for a weak one.
+    pixels = Image.open(out).convert('RGB')
+    marks = {pixels.getpixel((0, PAD + r * (IMG + PAD) + IMG // 2)) for r in range(6)}
+    assert marks and marks <= {tuple(int(c * 255 + 0.5) for c in m) for m in (STRONG, WEAK)}
+    assert pixels.getpixel((0, 0)) == (255, 255, 255)
     out1 = tmp_path / 'rgb.png'
-    write_preview('toy', out1, data_root=root, num=2, seq_len=SEQ, img_dim=IMG, frames=4)
-    assert png_size(out1) == preview_size(num=2, views=1, frames=4, modalities=1, img_dim=IMG)
+    assert main(['preview', '--dataset', 'toy', '--num', '2', '--out', str(out1), *common]) == 0
+    assert png_size(out1) == (MARK + PAD + 4 * (IMG + PAD), PAD + 2 * (IMG + PAD))
