@@ -1,15 +1,8 @@
-"""How evaluation reads videos (docs/METHOD.md, Evaluation): the shared flags, which videos, the
-views of each protocol, one pass of a network over every window and crop, the result files.
-
-``--protocol coclr`` (default) measures as CoCLR's evaluation did: windows at the stored frame
-size; crop i is a 224-pixel square (0: centre, 1-4: the corners, 5-9: the same flipped), scaled
-to --img_dim, then colour jitter (brightness, contrast, saturation 0.2, hue 0.1, random order)
-with probability 0.3, one draw per video and crop (CoCLR's transform sees all of a video's
-windows as one sequence). Frames under 224 pixels give crops of their short side.
-``--protocol clean``: frames resized to a short side of round(img_dim * 8 / 7), crops of
---img_dim, no jitter: deterministic.
-"""
+"""How evaluation reads videos: the shared flags, which videos, the test views of each
+--protocol (coclr: CoCLR's jittered 224-pixel crops; clean: deterministic), one pass of a network
+over every window and crop, the result files (docs/METHOD.md, Evaluation)."""
 import argparse
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,11 +11,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from backbone import MIN_SEGMENT_FRAMES
 from dataset.augment import Photometric, flip_frames, normalize, resize
-from dataset.video_dataset import DatasetName, VideoDataset, add_data_args
+from dataset.video_dataset import DatasetName, add_data_args
 from utils import distributed as du
 from utils.config import NON_NEGATIVE, POSITIVE
-from utils.misc import UserError, git_revision, plain_args
+from utils.misc import PROJECT_ROOT, UserError, git_revision, plain_args, topk_accuracy
 from utils.run import add_runtime_args, amp_dtype_of
 
 CROP = 224
@@ -51,6 +45,8 @@ def add_common_flags(parser):
 
 
 def start(args):
+    if args.seq_len < (need := MIN_SEGMENT_FRAMES.get(args.net, 1)):
+        raise UserError(f'--seq_len {args.seq_len}: --net {args.net} needs {need}+ frames')
     spec = DatasetName.parse(args.dataset)
     if spec.views != 1 or (spec.rgb and spec.flow):
         raise UserError(f'--dataset {args.dataset}: evaluation reads one modality and one clip '
@@ -84,22 +80,13 @@ def holdout_split(sources, fraction, seed=0):
             [i for i, s in enumerate(sources) if s in held])
 
 
-def test_mode(dataset, description, **options):
-    """The videos of a train-mode dataset read in test mode (a gallery, a held-out part)."""
-    test = VideoDataset(names=dataset.names, labels=dataset.labels, sources=dataset.sources,
-                        rgb_lmdb=dataset.lmdbs.get('rgb'), flow_lmdb=dataset.lmdbs.get('flow'),
-                        mode='test', seq_len=dataset.seq_len, ds=dataset.ds,
-                        img_dim=dataset.img_dim, negate_flow_flip=dataset.negate_flow_flip,
-                        description=description, **options)
-    test.num_classes, test.classes = dataset.num_classes, dataset.classes
-    return test
-
-
 class Videos(Dataset):
-    """The videos at ``indices`` of a single-modality dataset; items carry their ``position``."""
+    """The videos at ``indices`` of a single-modality dataset read in test mode (``test_options``:
+    VideoDataset's test_windows, stored_size); items carry their ``position``."""
 
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, list(indices)
+    def __init__(self, dataset, indices, **test_options):
+        self.dataset, self.indices = copy.copy(dataset), list(indices)   # dataset keeps its mode
+        vars(self.dataset).update(mode='test', **test_options)
         (self.modality,) = dataset.lmdbs
         self.names = [dataset.names[i] for i in self.indices]
         self.labels = [dataset.labels[i] for i in self.indices]
@@ -141,7 +128,8 @@ def to_input(clips, memory_format=torch.contiguous_format):
 
 
 class TestViews:
-    """Crop i of a video's windows as network input, by --protocol (module docstring)."""
+    """Crop i (0: centre, 1-4: the corners, 5-9: the same flipped) of a video's windows as
+    network input, as --protocol says (docs/METHOD.md, Evaluation)."""
 
     def __init__(self, args, modality):
         self.coclr, self.img_dim = args.protocol == 'coclr', args.img_dim
@@ -195,19 +183,24 @@ def autocast(rt):
 
 
 def video_accuracy(probs, labels, ks=(1, 5)):   # top-k percent of probs [V, C]
-    hit = probs.topk(min(max(ks), probs.shape[1]), dim=1).indices == labels[:, None]
-    return {f'top{k}': 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
+    return {f'top{k}': 100.0 * a.item() for k, a in zip(ks, topk_accuracy(probs, labels, ks))}
 
 
 def checkpoint_id(test):
     return 'random' if test == 'random' else str(Path(test).resolve())
 
 
-def result_path(args, default_dir, suffix):
-    """``<--output_dir or default_dir>/<checkpoint stem>_<suffix>.json``; the stem carries the
+def experiment_dir(args):   # the checkpoint's folder; <output_dir>/random_<net> for random
+    if args.test == 'random':
+        return Path(args.output_dir or PROJECT_ROOT / 'experiments') / f'random_{args.net}'
+    return Path(args.test).resolve().parent
+
+
+def result_path(args, suffix):
+    """``<--output_dir or experiment_dir>/<checkpoint stem>_<suffix>.json``; the stem carries the
     run folder's name in a shared --output_dir. A file there holding another checkpoint's result
     is an error before any work."""
-    out = Path(args.output_dir or default_dir)
+    out = Path(args.output_dir or experiment_dir(args))
     stem = 'random' if args.test == 'random' else Path(args.test).name.split('.')[0]
     if args.output_dir and args.test != 'random':
         stem = f'{Path(args.test).resolve().parent.name}_{stem}'

@@ -2,8 +2,6 @@
 the softmax of every window of a test video, averaged per crop, then over the crops; video-level
 top-1/top-5 (ten crops also report centre and five). Writes the result JSON and the per-video
 probabilities that merge_2stream_prob.py fuses."""
-from pathlib import Path
-
 import torch
 
 from dataset import build_dataset
@@ -33,8 +31,7 @@ def run(args, rt):
                         f'vs {test_set.classes[:2]})')
     model.to(rt.device, memory_format=rt.memory_format).eval()
     videos = clips.Videos(test_set, clips.spread_indices(len(test_set), args.max_videos))
-    result = clips.result_path(args, Path(args.test).resolve().parent,
-                               f'{args.dataset}_split{args.which_split}_{crops}')
+    result = clips.result_path(args, f'{args.dataset}_split{args.which_split}_{crops}')
     rt.say(f'=> git {git_revision()}\n=> test {source} (epoch {ckpt.get("epoch")}) on '
            f'{args.dataset} test split {args.which_split}: {len(videos)} videos, {crops} crop(s) '
            f'of every window, protocol {args.protocol}\n=> args:\n{format_args(args)}')
@@ -43,11 +40,9 @@ def run(args, rt):
     if not rt.is_main:
         return None
     labels = torch.tensor(videos.labels, device=probs.device)
-    summaries = {'center': probs[:, 0]}            # ten crops contain five, five the centre
-    if crops != 'center':
-        summaries['five'] = probs[:, :5].mean(1)
-    if crops == 'ten':
-        summaries['ten'] = probs.mean(1)
+    # Ten crops contain five, five the centre: the mean of each such first n.
+    summaries = {name: probs[:, :n].mean(1) for name, n in clips.NUM_CROPS.items()
+                 if n <= probs.shape[1]}
     results = {name: clips.video_accuracy(p, labels) for name, p in summaries.items()}
     prob_file = result.with_name(result.stem + '_prob.pth')
     meta = {'checkpoint': clips.checkpoint_id(args.test), 'crops': crops, 'dataset': args.dataset,

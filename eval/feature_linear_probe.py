@@ -13,7 +13,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from backbone import MIN_SEGMENT_FRAMES
 from eval import clips, retrieval
 from utils import distributed as du
 from utils.config import FRACTION, POSITIVE, POSITIVE_REAL, parse_args
@@ -40,14 +39,10 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    if args.seq_len < MIN_SEGMENT_FRAMES.get(args.net, 1):
-        parser.error(f'--seq_len {args.seq_len} is too short for --net {args.net}')
+    args = parse_args(build_parser(), argv)
     rt = clips.start(args)
     try:
-        path = clips.result_path(args, retrieval.experiment_dir(args),
-                                 f'feature_probe_{args.dataset}_split{args.which_split}')
+        path = clips.result_path(args, f'feature_probe_{args.dataset}_split{args.which_split}')
         rt.say(f'=> git {git_revision()}\n=> args:\n{format_args(args)}')
         what, weights, _, feats = retrieval.features(args, rt)
     finally:

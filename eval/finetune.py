@@ -1,6 +1,7 @@
 """Training a classifier (main_classifier.py --pretrain CKPT|random, or --resume): finetune the
 whole network (--train_what ft) or a linear probe of the frozen backbone (--train_what last);
 validation each --eval_freq epochs picks best.pth.tar (docs/METHOD.md, Evaluation)."""
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,8 +43,7 @@ def validation_videos(args, train_set, positions):
             f'so the best checkpoint is selected on test data)')
     kept, held = clips.holdout_split([train_set.sources[i] for i in positions], args.val_fraction,
                                      args.seed)
-    videos = clips.Videos(clips.test_mode(train_set, 'held-out train videos', **options),
-                          [positions[i] for i in held])
+    videos = clips.Videos(train_set, [positions[i] for i in held], **options)
     return [positions[i] for i in kept], videos, (
         f'held-out part of train split {k} ({len(held)} videos in {len(set(videos.sources))} '
         f'source groups, not trained on)')
@@ -70,10 +70,7 @@ def train(args, rt):
     positions, val_videos, val_desc = validation_videos(
         args, train_set, clips.spread_indices(len(train_set), args.max_videos))
     train_data = Subset(train_set, positions)
-    if len(train_data) < global_batch:
-        raise UserError(f'{len(train_data)} training videos, fewer than the global batch '
-                        f'{global_batch} (--batch_size x processes)')
-    loader = make_loader(train_data, args, info)
+    loader = make_loader(train_data, args, info)   # too few videos for a batch: an error
 
     torch.manual_seed(args.seed)   # the same initial head on every process
     model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
@@ -126,9 +123,9 @@ def train(args, rt):
                                                scaler, args, rt, epoch, iteration, writer)
             record = {'epoch': epoch, 'iteration': iteration, 'lr': lr,
                       **{f'train_{k}': v for k, v in stats.items()}}
-            last = epoch + 1 == args.epochs
             is_best = False
-            if val_videos is not None and ((epoch + 1) % args.eval_freq == 0 or last):
+            if val_videos is not None and ((epoch + 1) % args.eval_freq == 0
+                                           or epoch + 1 == args.epochs):
                 val = validate(model, val_videos, args, rt, epoch)
                 record.update({f'val_{k}': v for k, v in val.items()}, val_set=args.val_set)
                 if is_best := val['top1'] > best_acc or best_epoch < 0:
@@ -162,7 +159,6 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
                     iteration, writer):
     device = rt.device
     model.train()              # a linear probe's backbone stays in eval mode (LinearClassifier)
-    params = [p for g in optimizer.param_groups for p in g['params']]
     meter = EpochMeter(epoch, loader.steps, device, rt.is_main, writer, args.print_freq)
     for batch in loader.epoch(epoch):
         x = augment(batch, device)[modality][:, 0]                       # B x 3 x T x H x W
@@ -172,7 +168,7 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        du.all_reduce_mean([p.grad for p in params if p.grad is not None])
+        du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
         scaler.step(optimizer)
         scaler.update()
         top1, top5 = topk_accuracy(logits.detach(), target)
@@ -182,37 +178,33 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     return meter.close(), iteration
 
 
-class ValidationClips:
+def validation_clips(batch, protocol, img_dim, modality):
     """Collate of validation during finetuning: one clip per video. coclr: the dataset's one
     random window, a random crop of 20-100% of the frame area scaled to --img_dim (CoCLR's val
     mode); clean: the middle window's centre crop."""
-
-    def __init__(self, protocol, img_dim, modality):
-        self.coclr, self.img_dim, self.modality = protocol == 'coclr', img_dim, modality
-
-    def __call__(self, batch):
-        out, s = [], self.img_dim
-        for item in batch:
-            windows = item[self.modality]                              # W x T x 3 x h x w
-            frames = windows[len(windows) // 2]
-            h, w = frames.shape[-2:]
-            if self.coclr:
-                top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)
-                out.append(resize(frames[..., top:top + hh, left:left + ww], (s, s)))
-            else:
-                top, left = clips.crop_offsets(h, w, s)[0]
-                out.append(frames[..., top:top + s, left:left + s])
-        return {'clips': torch.stack(out),
-                'label': torch.tensor([item['label'] for item in batch]),
-                'position': torch.tensor([item['position'] for item in batch])}
+    out, s = [], img_dim
+    for item in batch:
+        windows = item[modality]                                       # W x T x 3 x h x w
+        frames = windows[len(windows) // 2]
+        h, w = frames.shape[-2:]
+        if protocol == 'coclr':
+            top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)
+            out.append(resize(frames[..., top:top + hh, left:left + ww], (s, s)))
+        else:
+            top, left = clips.crop_offsets(h, w, s)[0]
+            out.append(frames[..., top:top + s, left:left + s])
+    return {'clips': torch.stack(out),
+            'label': torch.tensor([item['label'] for item in batch]),
+            'position': torch.tensor([item['position'] for item in batch])}
 
 
 @torch.no_grad()
 def validate(model, videos, args, rt, epoch):
-    """Loss and top-1/top-5 (percent) of one clip per validation video (ValidationClips)."""
+    """Loss and top-1/top-5 (percent) of one clip per validation video (validation_clips)."""
     model.eval()
-    loader = clips.video_loader(videos, args.workers, args.batch_size,
-                                ValidationClips(args.protocol, args.img_dim, videos.modality))
+    collate = partial(validation_clips, protocol=args.protocol, img_dim=args.img_dim,
+                      modality=videos.modality)
+    loader = clips.video_loader(videos, args.workers, args.batch_size, collate)
     positions, logits = [], []
     for batch in tqdm(loader, desc=f'validate {epoch}', disable=not rt.is_main, dynamic_ncols=True):
         x = clips.to_input(batch['clips'].to(rt.device).float().div_(255), rt.memory_format)

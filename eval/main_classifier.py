@@ -8,7 +8,6 @@ Evaluation). One command line, three jobs:
 """
 import argparse
 
-from backbone import MIN_SEGMENT_FRAMES
 from eval import clips, crop_test, finetune, retrieval
 from model.classifier import HEADS
 from utils import distributed as du
@@ -42,7 +41,7 @@ def build_parser():
     g.add_argument('--val_set', choices=['test', 'holdout', 'none'], default='test',
                    help='what picks best.pth.tar: test = the test split (as the reference), '
                         'holdout = --val_fraction of the train split (whole source groups), none. '
-                        'One clip a video (see eval/finetune.py ValidationClips)')
+                        'One clip a video (see eval/finetune.py validation_clips)')
     g.add_argument('--val_fraction', type=FRACTION, default=0.1, help='--val_set holdout: share')
     g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0, help='0: whole epochs')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
@@ -67,8 +66,6 @@ def build_parser():
 
 def check_args(args, parser):
     """Which job the flags ask for: 'train', 'test' or 'retrieval' (or a parser error)."""
-    if args.seq_len < (need := MIN_SEGMENT_FRAMES.get(args.net, 1)):
-        parser.error(f'--seq_len {args.seq_len}: --net {args.net} needs {need}+ frames')
     crop = args.center_crop or args.five_crop or args.ten_crop
     if not args.test:
         if crop or args.retrieval:

@@ -1,14 +1,7 @@
 """Nearest-neighbour retrieval (main_classifier.py --test CKPT|random --retrieval) and the video
-features it shares with feature_linear_probe.py (docs/METHOD.md, Evaluation).
-
-A video's feature: the backbone's pooled output of its centre-crop views (L2-normalised per clip
-with --feature_l2norm, as the reference's linear-probe features are), averaged over its windows.
-Queries: every window of each test video. Gallery, --protocol coclr: the train split read as in
-training, one clip per video at a random start; --protocol clean: every window of each train
-video. Seeded: a run repeats. Each set is centred by its own mean and L2-normalised; R@k is the
-percent of queries with a gallery video of their class among the k most cosine-similar.
-Features are cached by the checkpoint's content and everything else they depend on.
-"""
+features it shares with feature_linear_probe.py: per video, the mean over its windows of the
+backbone's pooled centre-crop feature; cached by the checkpoint's content and everything else
+they depend on (docs/METHOD.md, Evaluation)."""
 import argparse
 import hashlib
 import json
@@ -23,7 +16,7 @@ from dataset.video_dataset import data_location, modality_of
 from eval import clips
 from model.classifier import backbone_weights, check_modality
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
-from utils.misc import PROJECT_ROOT, format_args, git_revision
+from utils.misc import format_args, git_revision
 
 KS = (1, 5, 10, 20, 50)
 CACHE_VERSION = 2   # bump when the extraction changes
@@ -75,12 +68,6 @@ def cache_file(folder, key):
     return Path(folder) / f'{key["dataset"]}_split{key["which_split"]}_{key["part"]}_{digest}.pth'
 
 
-def experiment_dir(args):   # the checkpoint's folder; <output_dir>/random_<net> for random
-    if args.test == 'random':
-        return Path(args.output_dir or PROJECT_ROOT / 'experiments') / f'random_{args.net}'
-    return Path(args.test).resolve().parent
-
-
 def load_backbone(args):
     """(backbone, description, weights id) of --test (pretraining or classifier checkpoint), or
     a seeded random backbone."""
@@ -100,10 +87,8 @@ def split_videos(args, part):   # queries ('test') or gallery ('train'), read as
     coclr = args.protocol == 'coclr'
     ds = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
                        ds=args.ds, img_dim=args.img_dim, stored_size=coclr)
-    if part == 'train':
-        ds = clips.test_mode(ds, f'dataset {args.dataset!r} (train split)', stored_size=coclr,
-                             test_windows='random' if coclr else 'all')
-    return clips.Videos(ds, clips.spread_indices(len(ds), args.max_videos))
+    return clips.Videos(ds, clips.spread_indices(len(ds), args.max_videos),
+                        test_windows='random' if coclr and part == 'train' else 'all')
 
 
 def features(args, rt):
@@ -114,7 +99,7 @@ def features(args, rt):
     videos, feats = {part: split_videos(args, part) for part in ('train', 'test')}, {}
     for part, v in videos.items():
         key = cache_key(args, part, weights, v)
-        path = cache_file(experiment_dir(args) / args.dirname, key)
+        path = cache_file(clips.experiment_dir(args) / args.dirname, key)
         cached = torch.load(path, map_location='cpu', weights_only=True) if path.exists() else {}
         if cached.get('key') == key:   # saved atomically: whole or absent
             rt.say(f'=> {part} features: cached {path}')
@@ -138,8 +123,7 @@ def features(args, rt):
 
 
 def run(args, rt):
-    result = clips.result_path(args, experiment_dir(args),
-                               f'retrieval_{args.dataset}_split{args.which_split}')
+    result = clips.result_path(args, f'retrieval_{args.dataset}_split{args.which_split}')
     rt.say(f'=> git {git_revision()}\n=> retrieval on {args.dataset} split {args.which_split}, '
            f'protocol {args.protocol}\n=> args:\n{format_args(args)}')
     what, weights, videos, feats = features(args, rt)
