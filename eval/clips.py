@@ -4,6 +4,7 @@ over every window and crop, the result files (docs/METHOD.md, Evaluation)."""
 import argparse
 import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ NUM_CROPS = {'center': 1, 'five': 5, 'ten': 10}
 
 
 def add_common_flags(parser):
-    """Data, model and run flags of every evaluation script (the names of pretraining)."""
+    """Data, model, run and output flags of every evaluation script (the names of pretraining)."""
     parser.add_argument('--config', help='TOML file of flag defaults (configs/); flags win')
     g = add_data_args(parser, 'ucf101', '<name> (RGB) or <name>-f (flow): ucf101, hmdb51, demo '
                       'or any folder under --data_root laid out as docs/METHOD.md, Data says')
@@ -42,9 +43,15 @@ def add_common_flags(parser):
                    help='clips per forward pass and process (training: the batch per process)')
     g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')
     add_runtime_args(g)
+    g.add_argument('--output_dir', default=None, help="results (default: the checkpoint's folder; "
+                   '--test random: experiments/random_<net>/); training: runs go to '
+                   '<output_dir>/<run>/ (default experiments/)')
 
 
-def start(args):
+@contextmanager
+def started(args):
+    """The run's settings (device, precision, main process, ``say``); the process group is
+    closed after."""
     if args.seq_len < (need := MIN_SEGMENT_FRAMES.get(args.net, 1)):
         raise UserError(f'--seq_len {args.seq_len}: --net {args.net} needs {need}+ frames')
     spec = DatasetName.parse(args.dataset)
@@ -52,11 +59,14 @@ def start(args):
         raise UserError(f'--dataset {args.dataset}: evaluation reads one modality and one clip '
                         f'per sample; use {spec.base} (RGB) or {spec.base}-f (flow)')
     info = du.init_distributed(args.device, args.local_rank)
-    return SimpleNamespace(
-        info=info, device=info.device, is_main=info.is_main,
-        amp_dtype=amp_dtype_of(args, info.device),
-        memory_format=torch.channels_last_3d if args.channels_last else torch.contiguous_format,
-        say=lambda *a: print(*a, flush=True) if info.is_main else None)
+    try:
+        yield SimpleNamespace(
+            info=info, device=info.device, is_main=info.is_main,
+            amp_dtype=amp_dtype_of(args, info.device),
+            memory_format=torch.channels_last_3d if args.channels_last else torch.contiguous_format,
+            say=lambda *a: print(*a, flush=True) if info.is_main else None)
+    finally:
+        du.cleanup()
 
 
 def spread_indices(n, max_videos=0):   # splits are sorted by class: spread evenly over them
@@ -101,8 +111,7 @@ class Videos(Dataset):
 
 def video_loader(videos, workers, batch_size=None, collate_fn=None):
     """In order (default: one video at a time), sharded over processes, shards padded equally."""
-    sampler = (DistributedSampler(videos, du.world_size(), du.get_rank(), shuffle=False)
-               if du.world_size() > 1 else None)
+    sampler = DistributedSampler(videos, du.world_size(), du.get_rank(), shuffle=False)
     return DataLoader(videos, batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_fn)
 
@@ -148,8 +157,7 @@ class TestViews:
         if i >= 5:
             x = flip_frames(x, self.is_flow, self.negate_flow)
         if self.coclr:
-            s = self.img_dim
-            x = resize(x.flatten(0, 1), (s, s)).reshape(*x.shape[:3], s, s)
+            x = resize(x.flatten(0, 1), (self.img_dim,) * 2).unflatten(0, x.shape[:2])
         x = x.float().div_(255)
         if self.jitter:
             x = self.photometric.apply(x, {k: v[[i] * len(x)] for k, v in params.items()}, True)

@@ -14,7 +14,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from eval import clips, retrieval
-from utils import distributed as du
 from utils.config import FRACTION, POSITIVE, POSITIVE_REAL, parse_args
 from utils.misc import format_args, git_revision, run_main
 
@@ -31,22 +30,16 @@ def build_parser():
     g.add_argument('--holdout_fraction', type=FRACTION, default=0.2,
                    help='share of the train videos (whole source groups) that chooses C')
     g.add_argument('--max_iter', type=POSITIVE, default=1000, help='iterations of the lbfgs solver')
-    g.add_argument('--output_dir', default=None,
-                   help="where the result JSON goes (default: the checkpoint's folder; for "
-                        '--test random: <output_dir or experiments/>/random_<net>/)')
     retrieval.add_feature_flags(p)
     return p
 
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    rt = clips.start(args)
-    try:
+    with clips.started(args) as rt:
         path = clips.result_path(args, f'feature_probe_{args.dataset}_split{args.which_split}')
         rt.say(f'=> git {git_revision()}\n=> args:\n{format_args(args)}')
         what, weights, _, feats = retrieval.features(args, rt)
-    finally:
-        du.cleanup()
     if not rt.is_main:
         return None
     x = {part: f['features'].double().numpy() for part, f in feats.items()}
@@ -59,8 +52,7 @@ def main(argv=None):
     # C: the best on held-out source groups of the train split (ties: the stronger regulariser).
     kept, held = clips.holdout_split(feats['train']['sources'].tolist(), args.holdout_fraction,
                                      args.seed)
-    scores = {C: 100.0 * float((probe(C, kept).predict(x['train'][held]) == y['train'][held])
-                               .mean()) for C in args.Cs}
+    scores = {C: 100.0 * probe(C, kept).score(x['train'][held], y['train'][held]) for C in args.Cs}
     C = max(scores, key=lambda c: (scores[c], -c))
     print('=> held-out accuracy by C: ' + ', '.join(f'C={c:g}: {a:.1f}' for c, a in scores.items()))
     if len(scores) > 1 and len(set(scores.values())) == 1:

@@ -157,12 +157,11 @@ def check_frozen(backbone, frozen):
 
 def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, rt, epoch,
                     iteration, writer):
-    device = rt.device
     model.train()              # a linear probe's backbone stays in eval mode (LinearClassifier)
-    meter = EpochMeter(epoch, loader.steps, device, rt.is_main, writer, args.print_freq)
+    meter = EpochMeter(epoch, loader.steps, rt.device, rt.is_main, writer, args.print_freq)
     for batch in loader.epoch(epoch):
-        x = augment(batch, device)[modality][:, 0]                       # B x 3 x T x H x W
-        target = batch['label'].to(device, non_blocking=True)
+        x = augment(batch, rt.device)[modality][:, 0]                    # B x 3 x T x H x W
+        target = batch['label'].to(rt.device, non_blocking=True)
         with clips.autocast(rt):
             logits = model(x).float()                                    # B x classes
         loss = F.cross_entropy(logits, target)

@@ -1,8 +1,7 @@
-"""Action recognition and retrieval on top of a pretrained network (docs/METHOD.md,
-Evaluation). One command line, three jobs:
-- train (eval/finetune.py): --pretrain CKPT|random (or --resume), --train_what ft|last;
-- test (eval/crop_test.py): --test CKPT --center_crop|--five_crop|--ten_crop;
-- retrieval (eval/retrieval.py): --test CKPT|random --retrieval.
+"""Action recognition and retrieval on a pretrained network, three jobs: training (--pretrain
+CKPT|random or --resume, --train_what ft|last; eval/finetune.py), the crop test (--test CKPT
+--center_crop|--five_crop|--ten_crop; eval/crop_test.py) and retrieval (--test CKPT|random
+--retrieval; eval/retrieval.py). docs/METHOD.md, Evaluation.
 
     python eval/main_classifier.py --config configs/demo_finetune.toml --pretrain CKPT
 """
@@ -10,7 +9,6 @@ import argparse
 
 from eval import clips, crop_test, finetune, retrieval
 from model.classifier import HEADS
-from utils import distributed as du
 from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE,
                           PROBABILITY, parse_args)
 from utils.misc import run_main
@@ -46,8 +44,6 @@ def build_parser():
     g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0, help='0: whole epochs')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     g = p.add_argument_group('output')
-    g.add_argument('--output_dir', default=None, help='training: runs go to <output_dir>/<run>/ '
-                   "(default experiments/); --test: results (default: the checkpoint's folder)")
     g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
     g.add_argument('--resume', default='', help='classifier checkpoint to continue from (exactly)')
     g.add_argument('--keep_every', type=NON_NEGATIVE, default=50,
@@ -74,12 +70,10 @@ def check_args(args, parser):
             parser.error('training needs --pretrain CHECKPOINT (or --pretrain random to train '
                          'from scratch, or --resume)')
         return 'train'
-    if args.retrieval and crop:
-        parser.error('--retrieval uses the center crop of every window; drop the crop flag')
+    if bool(crop) == args.retrieval:
+        parser.error('--test needs one of --center_crop, --five_crop, --ten_crop and --retrieval')
     if args.retrieval:
         return 'retrieval'
-    if not crop:
-        parser.error('--test needs --center_crop, --five_crop or --ten_crop (or --retrieval)')
     if args.test == 'random':
         parser.error('--test random is a baseline of --retrieval only')
     return 'test'
@@ -89,12 +83,9 @@ def main(argv=None):
     parser = build_parser()
     args = parse_args(parser, argv)
     job = check_args(args, parser)
-    rt = clips.start(args)
     jobs = {'train': finetune.train, 'test': crop_test.run, 'retrieval': retrieval.run}
-    try:
+    with clips.started(args) as rt:
         return jobs[job](args, rt)
-    finally:
-        du.cleanup()
 
 
 if __name__ == '__main__':

@@ -20,9 +20,10 @@ from utils.misc import UserError, run_main
 def load_probabilities(path, flag):
     data = load_checkpoint(path, flag, required=('names', 'labels', 'probs', 'classes'),
                            what='probability file of main_classifier.py --test')
-    if not len(data['names']) == len(data['probs']) == len(data['labels']):
-        raise UserError(f'{flag}: {path} is inconsistent: {len(data["names"])} names, '
-                        f'{len(data["probs"])} probabilities, {len(data["labels"])} labels')
+    names, probs, labels = data['names'], data['probs'], data['labels']
+    if not len(set(names)) == len(names) == len(probs) == len(labels):
+        raise UserError(f'{flag}: {path} is inconsistent: {len(names)} names ({len(set(names))} '
+                        f'different), {len(probs)} probabilities, {len(labels)} labels')
     return data
 
 
@@ -37,8 +38,6 @@ def merge(path1, path2):
         raise UserError(f'{path1} and {path2} are both {modality[0].upper()} streams; fusion '
                         f'needs the RGB and the flow stream')
     names1, names2 = list(first['names']), list(second['names'])
-    if len(set(names1)) < len(names1) or len(set(names2)) < len(names2):
-        raise UserError(f'{path1} or {path2} lists a video twice')
     only = [sorted(set(a) - set(b)) for a, b in ((names1, names2), (names2, names1))]
     if any(only):
         raise UserError(f'{path1} vs {path2}: the files hold different videos: ' + '; '.join(

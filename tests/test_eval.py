@@ -392,11 +392,11 @@ def test_retrieval_features_are_seeded(data_root, checkpoints, tmp_path):
     args = parse_args(main_classifier.build_parser(),
                       ['--test', str(checkpoints['pre0']), '--retrieval', '--dataset', 'tiny',
                        '--data_root', str(data_root), *TINY, '--max_videos', '4'])
-    rt = clips.start(args)
     runs = []
-    for seed, folder in ((0, 'a'), (0, 'b'), (1, 'c')):
-        args.seed, args.dirname = seed, str(tmp_path / folder)
-        runs.append(retrieval.features(args, rt)[3])
+    with clips.started(args) as rt:
+        for seed, folder in ((0, 'a'), (0, 'b'), (1, 'c')):
+            args.seed, args.dirname = seed, str(tmp_path / folder)
+            runs.append(retrieval.features(args, rt)[3])
     for part in ('train', 'test'):
         assert torch.equal(runs[0][part]['features'], runs[1][part]['features'])
         assert not torch.allclose(runs[0][part]['features'], runs[2][part]['features'])
