@@ -69,8 +69,7 @@ def train(args, rt):
                               negate_flow_flip=not args.legacy_flow_flip)
     positions, val_videos, val_desc = validation_videos(
         args, train_set, clips.spread_indices(len(train_set), args.max_videos))
-    train_data = Subset(train_set, positions)
-    loader = make_loader(train_data, args, info)   # too few videos for a batch: an error
+    loader = make_loader(Subset(train_set, positions), args, info)   # no batch: an error
 
     torch.manual_seed(args.seed)   # the same initial head on every process
     model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
@@ -108,7 +107,7 @@ def train(args, rt):
                             Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
     writer = open_run(exp_dir, args, info,
                       f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
-                      f'amp {rt.amp_dtype}\n=> train: {len(train_data)} videos of train split '
+                      f'amp {rt.amp_dtype}\n=> train: {len(positions)} videos of train split '
                       f'{args.which_split} ({len(train_set.dropped)} too short, dropped)\n'
                       f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
                       + disk_use(model, args.epochs, args.keep_every,

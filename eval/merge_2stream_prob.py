@@ -29,14 +29,13 @@ def load_probabilities(path, flag):
 
 def merge(path1, path2):
     """Top-1/top-5 of each stream and of the mean of their probabilities."""
-    if Path(path1).resolve() == Path(path2).resolve():
-        raise UserError(f'--prob1 and --prob2 are the same file ({path1}); fusion needs the '
-                        f'RGB and the flow stream')
     first, second = load_probabilities(path1, '--prob1'), load_probabilities(path2, '--prob2')
     modality = [recorded_modality(f.get('meta')) for f in (first, second)]
-    if modality[0] is not None and modality[0] == modality[1]:
-        raise UserError(f'{path1} and {path2} are both {modality[0].upper()} streams; fusion '
-                        f'needs the RGB and the flow stream')
+    same_file = Path(path1).resolve() == Path(path2).resolve()
+    if same_file or modality[0] is not None and modality[0] == modality[1]:
+        raise UserError(f'--prob1 {path1} and --prob2 {path2} are '
+                        + ('the same file' if same_file else f'both {modality[0].upper()} streams')
+                        + '; fusion needs the RGB and the flow stream')
     names1, names2 = list(first['names']), list(second['names'])
     only = [sorted(set(a) - set(b)) for a, b in ((names1, names2), (names2, names1))]
     if any(only):

@@ -48,29 +48,26 @@ def recall_line(dataset, split, recall, protocol):
             + ' '.join(f'R@{k}={v:.1f}' for k, v in recall.items()))
 
 
-def lmdb_identity(path):   # real path, size and modification time of the data file
-    path = Path(path).resolve()
-    st = (path / 'data.mdb' if path.is_dir() else path).stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-def cache_key(args, part, weights, videos):
+def cache_entry(args, part, weights, videos):
+    """(key, file) of a part's features; the key holds everything they depend on, each LMDB as
+    the real path, size and modification time of its data file."""
     flags = ('net', 'dataset', 'which_split', 'seq_len', 'ds', 'img_dim', 'feature_l2norm',
              'protocol', 'seed', 'photometric_on_flow', 'legacy_flow_flip')
-    return {'version': CACHE_VERSION, 'weights': weights, 'part': part,
-            **{k: getattr(args, k) for k in flags},
-            'videos': hashlib.sha256('\n'.join(videos.names).encode()).hexdigest(),
-            'lmdbs': {m: lmdb_identity(db.path) for m, db in videos.dataset.lmdbs.items()}}
-
-
-def cache_file(folder, key):
+    lmdbs = {}
+    for m, db in videos.dataset.lmdbs.items():
+        path = Path(db.path).resolve()
+        st = (path / 'data.mdb' if path.is_dir() else path).stat()
+        lmdbs[m] = [str(path), st.st_size, st.st_mtime_ns]
+    key = {'version': CACHE_VERSION, 'weights': weights, 'part': part,
+           **{k: getattr(args, k) for k in flags},
+           'videos': hashlib.sha256('\n'.join(videos.names).encode()).hexdigest(), 'lmdbs': lmdbs}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(folder) / f'{key["dataset"]}_split{key["which_split"]}_{key["part"]}_{digest}.pth'
+    folder = clips.experiment_dir(args) / args.dirname
+    return key, folder / f'{args.dataset}_split{args.which_split}_{part}_{digest}.pth'
 
 
 def load_backbone(args):
-    """(backbone, description, weights id) of --test (pretraining or classifier checkpoint), or
-    a seeded random backbone."""
+    """(backbone, description, weights id) of --test (any checkpoint) or a seeded random one."""
     torch.manual_seed(args.seed)
     backbone = build_backbone(args.net)
     if args.test == 'random':
@@ -93,13 +90,11 @@ def split_videos(args, part):   # queries ('test') or gallery ('train'), read as
 
 def features(args, rt):
     """(backbone description, weights id, {part: clips.Videos}, {part: {'features': [N, F],
-    'labels', 'sources', 'key'}}) of the train and test splits, from the cache when it holds
-    the exact key."""
+    'labels', 'sources', 'key'}}) of the train and test splits, cached."""
     backbone, what, weights = load_backbone(args)
     videos, feats = {part: split_videos(args, part) for part in ('train', 'test')}, {}
     for part, v in videos.items():
-        key = cache_key(args, part, weights, v)
-        path = cache_file(clips.experiment_dir(args) / args.dirname, key)
+        key, path = cache_entry(args, part, weights, v)
         cached = torch.load(path, map_location='cpu', weights_only=True) if path.exists() else {}
         if cached.get('key') == key:   # saved atomically: whole or absent
             rt.say(f'=> {part} features: cached {path}')

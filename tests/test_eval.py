@@ -381,10 +381,11 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
     assert elsewhere['recall'] == first['recall']
     args = parse_args(main_classifier.build_parser(),
                       ['--test', 'x', '--dataset', 'tiny', '--data_root', str(data_root), *TINY])
-    key = retrieval.cache_key(args, 'test', 'sha256:0', retrieval.split_videos(args, 'test'))
-    assert key['lmdbs'] == {'rgb': retrieval.lmdb_identity(lmdb)}
-    assert retrieval.cache_file(cache, key) != retrieval.cache_file(
-        cache, {**key, 'weights': 'sha256:1'})
+    queries = retrieval.split_videos(args, 'test')
+    key, path = retrieval.cache_entry(args, 'test', 'sha256:0', queries)
+    st = (lmdb / 'data.mdb' if lmdb.is_dir() else lmdb).stat()
+    assert key['lmdbs'] == {'rgb': [str(lmdb.resolve()), st.st_size, st.st_mtime_ns]}
+    assert path != retrieval.cache_entry(args, 'test', 'sha256:1', queries)[1]
 
 
 def test_retrieval_features_are_seeded(data_root, checkpoints, tmp_path):
