@@ -4,7 +4,7 @@ over every window and crop, the result files (docs/METHOD.md, Evaluation)."""
 import argparse
 import copy
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,8 +24,11 @@ CROP = 224
 NUM_CROPS = {'center': 1, 'five': 5, 'ten': 10}
 
 
-def add_common_flags(parser):
-    """Data, model, run and output flags of every evaluation script (the names of pretraining)."""
+def eval_parser(doc):
+    """A parser described by the first paragraph of ``doc``, with the data, model, run and output
+    flags of every evaluation script (the names of pretraining)."""
+    parser = argparse.ArgumentParser(description=doc.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--config', help='TOML file of flag defaults (configs/); flags win')
     g = add_data_args(parser, 'ucf101', '<name> (RGB) or <name>-f (flow): ucf101, hmdb51, demo '
                       'or any folder under --data_root laid out as docs/METHOD.md, Data says')
@@ -46,12 +49,12 @@ def add_common_flags(parser):
     g.add_argument('--output_dir', default=None, help="results (default: the checkpoint's folder; "
                    '--test random: experiments/random_<net>/); training: runs go to '
                    '<output_dir>/<run>/ (default experiments/)')
+    return parser
 
 
 @contextmanager
 def started(args):
-    """The run's settings (device, precision, main process, ``say``); the process group is
-    closed after."""
+    """The run's device, precision and main-process ``say``; the process group closes after."""
     if args.seq_len < (need := MIN_SEGMENT_FRAMES.get(args.net, 1)):
         raise UserError(f'--seq_len {args.seq_len}: --net {args.net} needs {need}+ frames')
     spec = DatasetName.parse(args.dataset)
@@ -213,14 +216,12 @@ def result_path(args, suffix):
     if args.output_dir and args.test != 'random':
         stem = f'{Path(args.test).resolve().parent.name}_{stem}'
     path = out / f'{stem}_{suffix}{"_clean" if args.protocol == "clean" else ""}.json'
-    if path.exists():
-        try:
-            old = json.loads(path.read_text()).get('checkpoint')
-        except (ValueError, AttributeError):
-            old = None
-        if old not in (None, checkpoint_id(args.test)):
-            raise UserError(f'{path} holds the result of another checkpoint ({old}); give '
-                            f'--test {args.test} another --output_dir')
+    old = None
+    with suppress(FileNotFoundError, ValueError, AttributeError):   # none, or not our JSON
+        old = json.loads(path.read_text()).get('checkpoint')
+    if old not in (None, checkpoint_id(args.test)):
+        raise UserError(f'{path} holds the result of another checkpoint ({old}); give '
+                        f'--test {args.test} another --output_dir')
     out.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -1,7 +1,6 @@
-"""Testing a classifier (main_classifier.py --test CKPT --center_crop|--five_crop|--ten_crop):
-the softmax of every window of a test video, averaged per crop, then over the crops; video-level
-top-1/top-5 (ten crops also report centre and five). Writes the result JSON and the per-video
-probabilities that merge_2stream_prob.py fuses."""
+"""The crop test (main_classifier.py --test CKPT --center_crop|--five_crop|--ten_crop): video-level
+top-1/top-5 of the softmax averaged over windows and crops (ten also reports centre and five);
+writes the result JSON and the per-video probabilities that merge_2stream_prob.py fuses."""
 import torch
 
 from dataset import build_dataset
@@ -18,8 +17,7 @@ def run(args, rt):
     if checkpoint_kind(ckpt['state_dict'], source) == 'pretrain':
         raise UserError(f'{source} is a pretraining checkpoint (encoder_q.*): it has no '
                         f'classifier. Finetune or linear-probe it first, or use --retrieval')
-    modality = modality_of(args.dataset)
-    check_modality(ckpt, modality, source)
+    check_modality(ckpt, modality_of(args.dataset), source)
     test_set = build_dataset(args.dataset, 'test', **data_location(args), seq_len=args.seq_len,
                              ds=args.ds, img_dim=args.img_dim,
                              stored_size=args.protocol == 'coclr')
@@ -36,7 +34,7 @@ def run(args, rt):
            f'{args.dataset} test split {args.which_split}: {len(videos)} videos, {crops} crop(s) '
            f'of every window, protocol {args.protocol}\n=> args:\n{format_args(args)}')
     probs = clips.video_outputs(lambda x: model(x).float().softmax(1), videos,
-                                clips.TestViews(args, modality), crops, rt, args)
+                                clips.TestViews(args, videos.modality), crops, rt, args)
     if not rt.is_main:
         return None
     labels = torch.tensor(videos.labels, device=probs.device)

@@ -1,13 +1,10 @@
-"""Linear probe on frozen video features with scikit-learn: a logistic regression on the features
-of ``--test`` (one per video, the same extraction and cache as ``main_classifier.py
---retrieval``), its inverse regularisation C chosen on a held-out part of the train split (whole
-source groups), then refit on the whole train split; reports test top-1/top-5.
+"""Linear probe on frozen video features (those of main_classifier.py --retrieval, same cache):
+scikit-learn's logistic regression, its inverse regularisation C chosen on held-out source groups
+of the train split, then refit on the whole train split; reports test top-1/top-5.
 
     python eval/feature_linear_probe.py --net s3d --dataset ucf101 --seq_len 32 --ds 1 \\
         --test CKPT
 """
-import argparse
-
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -19,9 +16,7 @@ from utils.misc import format_args, git_revision, run_main
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    clips.add_common_flags(p)
+    p = clips.eval_parser(__doc__)
     g = p.add_argument_group('linear probe')
     g.add_argument('--test', required=True, help='checkpoint whose backbone gives the features '
                    '(pretraining or classifier), or "random"')

@@ -192,7 +192,6 @@ def validation_clips(batch, protocol, img_dim, modality):
             top, left = clips.crop_offsets(h, w, s)[0]
             out.append(frames[..., top:top + s, left:left + s])
     return {'clips': torch.stack(out),
-            'label': torch.tensor([item['label'] for item in batch]),
             'position': torch.tensor([item['position'] for item in batch])}
 
 

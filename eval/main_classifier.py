@@ -5,8 +5,6 @@ CKPT|random or --resume, --train_what ft|last; eval/finetune.py), the crop test 
 
     python eval/main_classifier.py --config configs/demo_finetune.toml --pretrain CKPT
 """
-import argparse
-
 from eval import clips, crop_test, finetune, retrieval
 from model.classifier import HEADS
 from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE,
@@ -15,9 +13,7 @@ from utils.misc import run_main
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    clips.add_common_flags(p)
+    p = clips.eval_parser(__doc__)
     g = p.add_argument_group('classifier training')
     g.add_argument('--train_what', choices=HEADS, default='last',
                    help='ft: finetune the whole network (dropout + linear head); last: linear '

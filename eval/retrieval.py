@@ -18,7 +18,6 @@ from model.classifier import backbone_weights, check_modality
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from utils.misc import format_args, git_revision
 
-KS = (1, 5, 10, 20, 50)
 CACHE_VERSION = 2   # bump when the extraction changes
 
 
@@ -38,7 +37,7 @@ def nearest(query, gallery, k):   # [Q, k] indices of the most similar gallery r
     return (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1).indices
 
 
-def recall_at_k(query, query_labels, gallery, gallery_labels, ks=KS):   # k > gallery: all of it
+def recall_at_k(query, query_labels, gallery, gallery_labels, ks=(1, 5, 10, 20, 50)):
     hit = gallery_labels[nearest(query, gallery, max(ks))] == query_labels[:, None]
     return {k: 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
