@@ -42,11 +42,6 @@ def recall_at_k(query, query_labels, gallery, gallery_labels, ks=(1, 5, 10, 20, 
     return {k: 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
 
-def recall_line(dataset, split, recall, protocol):
-    return (f'retrieval {dataset} split{split} (protocol {protocol}): '
-            + ' '.join(f'R@{k}={v:.1f}' for k, v in recall.items()))
-
-
 def cache_entry(args, part, weights, videos):
     """(key, file) of a part's features; the key holds everything they depend on, each LMDB as
     the real path, size and modification time of its data file."""
@@ -130,6 +125,6 @@ def run(args, rt):
         'weights': weights, 'backbone': what, 'protocol': args.protocol, 'dataset': args.dataset,
         'split': args.which_split, 'queries': len(videos['test']), 'gallery': len(videos['train']),
         'recall': {f'R@{k}': v for k, v in recall.items()}})
-    print(f'=> results {result}\n'
-          + recall_line(args.dataset, args.which_split, recall, args.protocol))
+    print(f'=> results {result}\nretrieval {args.dataset} split{args.which_split} (protocol '
+          f'{args.protocol}): ' + ' '.join(f'R@{k}={v:.1f}' for k, v in recall.items()))
     return report

@@ -244,8 +244,6 @@ def test_each_set_is_centred_by_its_own_mean():
                                      retrieval.center_normalize(train), train_labels)
     base, shifted = recall(test, train), recall(test - 3.0, train + 7.0)
     assert base == shifted and list(base) == [1, 5, 10, 20, 50]
-    assert retrieval.recall_line('ucf101', 1, {1: 12.345, 5: 50.0}, 'coclr') == \
-        'retrieval ucf101 split1 (protocol coclr): R@1=12.3 R@5=50.0'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +350,10 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
               '--max_videos', '4')
     first = _eval(data_root, '--test', str(checkpoints['pre0']), *common)
     out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1].startswith('retrieval tiny split1 (protocol coclr): R@1=')
+    # The last line: every R@k of the result file, one decimal.
+    assert out.strip().splitlines()[-1] == 'retrieval tiny split1 (protocol coclr): ' + ' '.join(
+        f'{k}={v:.1f}' for k, v in first['recall'].items())
+    assert list(first['recall']) == ['R@1', 'R@5', 'R@10', 'R@20', 'R@50']
     assert first['protocol'] == 'coclr'
     assert first['queries'] == 4 and first['gallery'] == 4
     files = sorted(cache.iterdir())
