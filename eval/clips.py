@@ -25,8 +25,8 @@ NUM_CROPS = {'center': 1, 'five': 5, 'ten': 10}
 
 
 def eval_parser(doc):
-    """A parser described by the first paragraph of ``doc``, with the data, model, run and output
-    flags of every evaluation script (the names of pretraining)."""
+    """A parser described by the first paragraph of ``doc``, with the data, model, run, output and
+    feature flags of every evaluation script (the names of pretraining)."""
     parser = argparse.ArgumentParser(description=doc.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--config', help='TOML file of flag defaults (configs/); flags win')
@@ -49,6 +49,11 @@ def eval_parser(doc):
     g.add_argument('--output_dir', default=None, help="results (default: the checkpoint's folder; "
                    '--test random: experiments/random_<net>/); training: runs go to '
                    '<output_dir>/<run>/ (default experiments/)')
+    g = parser.add_argument_group('features (retrieval, feature linear probe)')
+    g.add_argument('--dirname', default='features', help='feature cache folder (relative: in the '
+                   "checkpoint's folder, or in <output_dir>/random_<net>/ for --test random)")
+    g.add_argument('--feature_l2norm', action=argparse.BooleanOptionalAction, default=True,
+                   help="L2-normalise each clip's feature before the mean over windows")
     return parser
 
 

@@ -25,7 +25,6 @@ def build_parser():
     g.add_argument('--holdout_fraction', type=FRACTION, default=0.2,
                    help='share of the train videos (whole source groups) that chooses C')
     g.add_argument('--max_iter', type=POSITIVE, default=1000, help='iterations of the lbfgs solver')
-    retrieval.add_feature_flags(p)
     return p
 
 

@@ -176,16 +176,16 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     return meter.close(), iteration
 
 
-def validation_clips(batch, protocol, img_dim, modality):
+def validation_clips(batch, args, modality):
     """Collate of validation during finetuning: one clip per video. coclr: the dataset's one
     random window, a random crop of 20-100% of the frame area scaled to --img_dim (CoCLR's val
     mode); clean: the middle window's centre crop."""
-    out, s = [], img_dim
+    out, s = [], args.img_dim
     for item in batch:
         windows = item[modality]                                       # W x T x 3 x h x w
         frames = windows[len(windows) // 2]
         h, w = frames.shape[-2:]
-        if protocol == 'coclr':
+        if args.protocol == 'coclr':
             top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)
             out.append(resize(frames[..., top:top + hh, left:left + ww], (s, s)))
         else:
@@ -199,8 +199,7 @@ def validation_clips(batch, protocol, img_dim, modality):
 def validate(model, videos, args, rt, epoch):
     """Loss and top-1/top-5 (percent) of one clip per validation video (validation_clips)."""
     model.eval()
-    collate = partial(validation_clips, protocol=args.protocol, img_dim=args.img_dim,
-                      modality=videos.modality)
+    collate = partial(validation_clips, args=args, modality=videos.modality)
     loader = clips.video_loader(videos, args.workers, args.batch_size, collate)
     positions, logits = [], []
     for batch in tqdm(loader, desc=f'validate {epoch}', disable=not rt.is_main, dynamic_ncols=True):

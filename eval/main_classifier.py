@@ -52,7 +52,6 @@ def build_parser():
     crops.add_argument('--five_crop', action='store_true', help='center + 4 corners')
     crops.add_argument('--ten_crop', action='store_true', help='five crops and their flips')
     g.add_argument('--retrieval', action='store_true', help='test videos query train videos')
-    retrieval.add_feature_flags(p)
     return p
 
 

@@ -1,7 +1,6 @@
-"""Two-stream late fusion: average the per-video probabilities of an RGB and a flow test run
-(``main_classifier.py --test ... --ten_crop`` writes them as ``*_prob.pth``) and report
-top-1/top-5 of each stream and of the fusion. The files must hold the same videos (any order),
-labels and classes.
+"""Two-stream late fusion: top-1/top-5 of the mean of the per-video probabilities of an RGB and a
+flow test run (``*_prob.pth`` of ``main_classifier.py --test``) and of each stream alone. The
+files must hold the same videos (any order), labels and classes.
 
     python eval/merge_2stream_prob.py --prob1 RGB_prob.pth --prob2 FLOW_prob.pth
 """

@@ -2,7 +2,6 @@
 features it shares with feature_linear_probe.py: per video, the mean over its windows of the
 backbone's pooled centre-crop feature; cached by the checkpoint's content and everything else
 they depend on (docs/METHOD.md, Evaluation)."""
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -19,14 +18,6 @@ from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
 from utils.misc import format_args, git_revision
 
 CACHE_VERSION = 2   # bump when the extraction changes
-
-
-def add_feature_flags(parser):
-    g = parser.add_argument_group('features (retrieval, feature linear probe)')
-    g.add_argument('--dirname', default='features', help='feature cache folder (relative: in the '
-                   "checkpoint's folder, or in <output_dir>/random_<net>/ for --test random)")
-    g.add_argument('--feature_l2norm', action=argparse.BooleanOptionalAction, default=True,
-                   help="L2-normalise each clip's feature before the mean over windows")
 
 
 def center_normalize(x):

@@ -213,7 +213,7 @@ def test_coclr_gallery_and_validation_subset(data_root):
     _, videos, desc = finetune.validation_videos(args, None, [0, 1])
     _, again, _ = finetune.validation_videos(args, None, [0, 1])
     assert len(videos) == 2 and videos.names == again.names and 'TEST split 1' in desc
-    batch = finetune.validation_clips([videos[0], videos[1]], 'coclr', 32, 'rgb')
+    batch = finetune.validation_clips([videos[0], videos[1]], args, 'rgb')   # --img_dim 32
     assert batch['clips'].shape == (2, 8, 3, 32, 32) and batch['position'].tolist() == [0, 1]
 
 
