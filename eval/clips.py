@@ -5,6 +5,7 @@ import argparse
 import copy
 import json
 from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,7 +60,8 @@ def eval_parser(doc):
 
 @contextmanager
 def started(args):
-    """The run's device, precision and main-process ``say``; the process group closes after."""
+    """The run's device, precision (``autocast()``) and main-process ``say``; the process group
+    closes after."""
     if args.seq_len < (need := MIN_SEGMENT_FRAMES.get(args.net, 1)):
         raise UserError(f'--seq_len {args.seq_len}: --net {args.net} needs {need}+ frames')
     spec = DatasetName.parse(args.dataset)
@@ -67,10 +69,12 @@ def started(args):
         raise UserError(f'--dataset {args.dataset}: evaluation reads one modality and one clip '
                         f'per sample; use {spec.base} (RGB) or {spec.base}-f (flow)')
     info = du.init_distributed(args.device, args.local_rank)
+    amp_dtype = amp_dtype_of(args, info.device)
     try:
         yield SimpleNamespace(
-            info=info, device=info.device, is_main=info.is_main,
-            amp_dtype=amp_dtype_of(args, info.device),
+            info=info, device=info.device, is_main=info.is_main, amp_dtype=amp_dtype,
+            autocast=partial(torch.autocast, info.device.type, dtype=amp_dtype or torch.float32,
+                             enabled=amp_dtype is not None),
             memory_format=torch.channels_last_3d if args.channels_last else torch.contiguous_format,
             say=lambda *a: print(*a, flush=True) if info.is_main else None)
     finally:
@@ -184,16 +188,11 @@ def video_outputs(fn, videos, views, crops, rt, args, desc='test'):
         windows = item[videos.modality].to(rt.device, non_blocking=True)   # W x T x 3 x H x W
         params = views.draw(n)
         x = torch.cat([views(windows, i, params, rt.memory_format) for i in range(n)])
-        with autocast(rt):
+        with rt.autocast():
             out = torch.cat([fn(batch).float() for batch in x.split(args.batch_size)])
         positions.append(item['position'])
         rows.append(out.view(n, len(windows), -1).mean(1))                  # n x D
     return gather_rows(torch.tensor(positions, device=rt.device), torch.stack(rows), len(videos))
-
-
-def autocast(rt):
-    return torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32,
-                          enabled=rt.amp_dtype is not None)
 
 
 def video_accuracy(probs, labels, ks=(1, 5)):   # top-k percent of probs [V, C]
@@ -211,9 +210,8 @@ def experiment_dir(args):   # the checkpoint's folder; <output_dir>/random_<net>
 
 
 def result_path(args, suffix):
-    """``<--output_dir or experiment_dir>/<checkpoint stem>_<suffix>.json``; the stem carries the
-    run folder's name in a shared --output_dir. A file there holding another checkpoint's result
-    is an error before any work."""
+    """``<--output_dir or experiment_dir>/<checkpoint stem>_<suffix>.json`` (the stem names the
+    run folder too in a shared --output_dir); one holding another checkpoint's result: an error."""
     out = Path(args.output_dir or experiment_dir(args))
     stem = 'random' if args.test == 'random' else Path(args.test).name.split('.')[0]
     if args.output_dir and args.test != 'random':

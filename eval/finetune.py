@@ -161,7 +161,7 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     for batch in loader.epoch(epoch):
         x = augment(batch, rt.device)[modality][:, 0]                    # B x 3 x T x H x W
         target = batch['label'].to(rt.device, non_blocking=True)
-        with clips.autocast(rt):
+        with rt.autocast():
             logits = model(x).float()                                    # B x classes
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
@@ -204,7 +204,7 @@ def validate(model, videos, args, rt, epoch):
     positions, logits = [], []
     for batch in tqdm(loader, desc=f'validate {epoch}', disable=not rt.is_main, dynamic_ncols=True):
         x = clips.to_input(batch['clips'].to(rt.device).float().div_(255), rt.memory_format)
-        with clips.autocast(rt):
+        with rt.autocast():
             logits.append(model(x).float())
         positions.append(batch['position'].to(rt.device))
     logits = clips.gather_rows(torch.cat(positions), torch.cat(logits), len(videos))

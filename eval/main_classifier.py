@@ -62,8 +62,7 @@ def check_args(args, parser):
         if crop or args.retrieval:
             parser.error('--center_crop/--five_crop/--ten_crop/--retrieval need --test CKPT')
         if not args.pretrain and not args.resume:
-            parser.error('training needs --pretrain CHECKPOINT (or --pretrain random to train '
-                         'from scratch, or --resume)')
+            parser.error('training needs --pretrain CHECKPOINT|random or --resume CHECKPOINT')
         return 'train'
     if bool(crop) == args.retrieval:
         parser.error('--test needs one of --center_crop, --five_crop, --ten_crop and --retrieval')

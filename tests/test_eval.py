@@ -4,6 +4,7 @@ subset, retrieval recall and its feature cache, two-stream fusion, the --test an
 jobs end to end on a tiny real dataset, and the seed README's evaluation commands (run verbatim
 from eval/ and from the project root, with --data_root and small-run overrides appended).
 """
+import contextlib
 import json
 import os
 import shlex
@@ -144,7 +145,7 @@ def test_video_outputs_average_windows_per_crop():
     values = [[10, 20, 60], [200]]                        # video 0: 3 windows, video 1: one
     videos = clips.Videos(_Windows(values), [1, 0])       # positions: video 1 first
     rt = SimpleNamespace(device=torch.device('cpu'), memory_format=torch.contiguous_format,
-                         amp_dtype=None, is_main=False)
+                         autocast=contextlib.nullcontext, is_main=False)
     out = clips.video_outputs(lambda x: x[:, :, 0, 0, 0], videos, views_of('clean', 8), 'five',
                               rt, SimpleNamespace(workers=0, batch_size=2))
     assert out.shape == (2, 5, 3)
