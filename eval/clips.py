@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from backbone import MIN_SEGMENT_FRAMES
 from dataset.augment import Photometric, flip_frames, normalize, resize
-from dataset.video_dataset import DatasetName, add_data_args
+from dataset import build_dataset
+from dataset.video_dataset import DatasetName, add_data_args, data_location
 from utils import distributed as du
 from utils.config import NON_NEGATIVE, POSITIVE
 from utils.misc import PROJECT_ROOT, UserError, git_revision, plain_args, topk_accuracy
 from utils.run import add_runtime_args, amp_dtype_of
 
-CROP = 224
 NUM_CROPS = {'center': 1, 'five': 5, 'ten': 10}
 
 
@@ -102,6 +102,16 @@ def holdout_split(sources, fraction, seed=0):
             [i for i, s in enumerate(sources) if s in held])
 
 
+def split_videos(args, part):
+    """The test views' videos of split ``part``, read as --protocol says: coclr: frames as stored,
+    one random clip per train video (the retrieval gallery); clean: every window, resized."""
+    coclr = args.protocol == 'coclr'
+    data = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
+                         ds=args.ds, img_dim=args.img_dim, stored_size=coclr)
+    return Videos(data, spread_indices(len(data), args.max_videos),
+                  test_windows='random' if coclr and part == 'train' else 'all')
+
+
 class Videos(Dataset):
     """The videos at ``indices`` of a single-modality dataset read in test mode (``test_options``:
     VideoDataset's test_windows, stored_size); items carry their ``position``."""
@@ -161,7 +171,7 @@ class TestViews:
     def __call__(self, windows, i, params, memory_format=torch.contiguous_format):
         """uint8 windows ``[W, T, 3, H, W]`` -> float ``[W, 3, T, s, s]``."""
         h, w = windows.shape[-2:]
-        size = min(CROP, h, w) if self.coclr else self.img_dim
+        size = min(224, h, w) if self.coclr else self.img_dim   # CoCLR's crops: 224 pixels
         top, left = crop_offsets(h, w, size)[i % 5]
         x = windows[..., top:top + size, left:left + size]
         if i >= 5:

@@ -3,8 +3,7 @@ top-1/top-5 of the softmax averaged over windows and crops (ten also reports cen
 writes the result JSON and the per-video probabilities that merge_2stream_prob.py fuses."""
 import torch
 
-from dataset import build_dataset
-from dataset.video_dataset import data_location, modality_of
+from dataset.video_dataset import modality_of
 from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -18,17 +17,14 @@ def run(args, rt):
         raise UserError(f'{source} is a pretraining checkpoint (encoder_q.*): it has no '
                         f'classifier. Finetune or linear-probe it first, or use --retrieval')
     check_modality(ckpt, modality_of(args.dataset), source)
-    test_set = build_dataset(args.dataset, 'test', **data_location(args), seq_len=args.seq_len,
-                             ds=args.ds, img_dim=args.img_dim,
-                             stored_size=args.protocol == 'coclr')
-    model = LinearClassifier(args.net, test_set.num_classes, args.train_what, args.dropout)
+    videos = clips.split_videos(args, 'test')
+    classes = videos.dataset.classes
+    model = LinearClassifier(args.net, len(classes), args.train_what, args.dropout)
     load_pretrained(model, ckpt['state_dict'], source)    # another class count: shape error
-    if list(ckpt.get('classes', test_set.classes)) != list(test_set.classes):
-        raise UserError(f'{source} was trained on other classes than the '
-                        f'{len(test_set.classes)} of {args.dataset} (e.g. {ckpt["classes"][:2]} '
-                        f'vs {test_set.classes[:2]})')
+    if list(ckpt.get('classes', classes)) != classes:
+        raise UserError(f'{source} was trained on other classes than the {len(classes)} of '
+                        f'{args.dataset} (e.g. {ckpt["classes"][:2]} vs {classes[:2]})')
     model.to(rt.device, memory_format=rt.memory_format).eval()
-    videos = clips.Videos(test_set, clips.spread_indices(len(test_set), args.max_videos))
     result = clips.result_path(args, f'{args.dataset}_split{args.which_split}_{crops}')
     rt.say(f'=> git {git_revision()}\n=> test {source} (epoch {ckpt.get("epoch")}) on '
            f'{args.dataset} test split {args.which_split}: {len(videos)} videos, {crops} crop(s) '
@@ -46,7 +42,7 @@ def run(args, rt):
     meta = {'checkpoint': clips.checkpoint_id(args.test), 'crops': crops, 'dataset': args.dataset,
             'split': args.which_split, 'protocol': args.protocol}
     save_checkpoint({'names': videos.names, 'labels': torch.tensor(videos.labels),
-                     'probs': summaries[crops].cpu(), 'classes': test_set.classes, 'meta': meta},
+                     'probs': summaries[crops].cpu(), 'classes': classes, 'meta': meta},
                     prob_file)
     report = clips.write_result(result, args, {**meta, 'epoch': ckpt.get('epoch'),
                                                'videos': len(videos), 'results': results,

@@ -32,14 +32,14 @@ def validation_videos(args, train_set, positions):
     coclr, k = args.protocol == 'coclr', args.which_split
     options = dict(stored_size=True, test_windows='random') if coclr else {}
     if args.val_set == 'test':
-        test = build_dataset(args.dataset, 'test', **data_location(args), seq_len=args.seq_len,
-                             ds=args.ds, img_dim=args.img_dim, **options)
-        chosen = clips.spread_indices(len(test), args.max_videos)
-        if coclr:
-            order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(VAL_SEED))
-            chosen = sorted(chosen[i] for i in order[:max(1, round(VAL_SHARE * len(chosen)))])
-        return positions, clips.Videos(test, chosen), (
-            f'TEST split {k} ({len(chosen)} videos; the reference validates on the test split, '
+        videos = clips.split_videos(args, 'test')
+        if coclr:   # CoCLR's val mode: a fixed random share of the test split, one clip each
+            order = torch.randperm(len(videos), generator=torch.Generator().manual_seed(VAL_SEED))
+            share = order[:max(1, round(VAL_SHARE * len(videos)))]
+            videos = clips.Videos(videos.dataset, sorted(videos.indices[i] for i in share),
+                                  test_windows='random')
+        return positions, videos, (
+            f'TEST split {k} ({len(videos)} videos; the reference validates on the test split, '
             f'so the best checkpoint is selected on test data)')
     kept, held = clips.holdout_split([train_set.sources[i] for i in positions], args.val_fraction,
                                      args.seed)

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from backbone import build_backbone
-from dataset import build_dataset
-from dataset.video_dataset import data_location, modality_of
+from dataset.video_dataset import modality_of
 from eval import clips
 from model.classifier import backbone_weights, check_modality
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
@@ -65,19 +64,11 @@ def load_backbone(args):
     return backbone, f'{args.test} (epoch {ckpt.get("epoch")})', f'sha256:{digest}'
 
 
-def split_videos(args, part):   # queries ('test') or gallery ('train'), read as --protocol says
-    coclr = args.protocol == 'coclr'
-    ds = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
-                       ds=args.ds, img_dim=args.img_dim, stored_size=coclr)
-    return clips.Videos(ds, clips.spread_indices(len(ds), args.max_videos),
-                        test_windows='random' if coclr and part == 'train' else 'all')
-
-
 def features(args, rt):
     """(backbone description, weights id, {part: clips.Videos}, {part: {'features': [N, F],
     'labels', 'sources', 'key'}}) of the train and test splits, cached."""
     backbone, what, weights = load_backbone(args)
-    videos, feats = {part: split_videos(args, part) for part in ('train', 'test')}, {}
+    videos, feats = {part: clips.split_videos(args, part) for part in ('train', 'test')}, {}
     for part, v in videos.items():
         key, path = cache_entry(args, part, weights, v)
         cached = torch.load(path, map_location='cpu', weights_only=True) if path.exists() else {}

@@ -199,13 +199,13 @@ def test_coclr_gallery_and_validation_subset(data_root):
     args = parse_args(main_classifier.build_parser(),
                       ['--test', 'x', '--retrieval', '--dataset', 'tiny', '--data_root',
                        str(data_root), *TINY])
-    gallery = retrieval.split_videos(args, 'train')
+    gallery = clips.split_videos(args, 'train')
     assert len(gallery) == 12 and all(gallery[i]['rgb'].shape == (1, 8, 3, 36, 44)
                                       for i in range(12))
-    queries = retrieval.split_videos(args, 'test')
+    queries = clips.split_videos(args, 'test')
     assert len(queries) == 6 and queries[0]['rgb'].shape[0] > 1     # every window
     args.protocol = 'clean'
-    clean = retrieval.split_videos(args, 'train')[0]['rgb']      # every window, resized
+    clean = clips.split_videos(args, 'train')[0]['rgb']      # every window, resized
     assert clean.shape[0] > 1 and clean.shape[-2:] == (37, 45)
     # Validation during finetuning: a fixed random 30% of the test split, one clip each.
     args = parse_args(main_classifier.build_parser(),
@@ -385,7 +385,7 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
     assert elsewhere['recall'] == first['recall']
     args = parse_args(main_classifier.build_parser(),
                       ['--test', 'x', '--dataset', 'tiny', '--data_root', str(data_root), *TINY])
-    queries = retrieval.split_videos(args, 'test')
+    queries = clips.split_videos(args, 'test')
     key, path = retrieval.cache_entry(args, 'test', 'sha256:0', queries)
     st = (lmdb / 'data.mdb' if lmdb.is_dir() else lmdb).stat()
     assert key['lmdbs'] == {'rgb': [str(lmdb.resolve()), st.st_size, st.st_mtime_ns]}
