@@ -1,6 +1,5 @@
-"""How evaluation reads videos: the shared flags, which videos, the test views of each
---protocol (coclr: CoCLR's jittered 224-pixel crops; clean: deterministic), one pass of a network
-over every window and crop, the result files (docs/METHOD.md, Evaluation)."""
+"""How evaluation reads videos: shared flags, which videos, the test views of each --protocol, one
+pass of a network over every window and crop, result files (docs/METHOD.md, Evaluation)."""
 import argparse
 import copy
 import json
@@ -60,8 +59,7 @@ def eval_parser(doc):
 
 @contextmanager
 def started(args):
-    """The run's device, precision (``autocast()``) and main-process ``say``; the process group
-    closes after."""
+    """The run's device, ``autocast()`` and main-process ``say``; closes the process group after."""
     if args.seq_len < (need := MIN_SEGMENT_FRAMES.get(args.net, 1)):
         raise UserError(f'--seq_len {args.seq_len}: --net {args.net} needs {need}+ frames')
     spec = DatasetName.parse(args.dataset)

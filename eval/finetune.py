@@ -177,13 +177,11 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
 
 
 def validation_clips(batch, args, modality):
-    """Collate of validation during finetuning: one clip per video. coclr: the dataset's one
-    random window, a random crop of 20-100% of the frame area scaled to --img_dim (CoCLR's val
-    mode); clean: the middle window's centre crop."""
+    """Validation's collate, a clip per video. coclr: its one random window, a random crop (20-100%
+    of the area) scaled to --img_dim, CoCLR's val mode; clean: the middle window's centre crop."""
     out, s = [], args.img_dim
     for item in batch:
-        windows = item[modality]                                       # W x T x 3 x h x w
-        frames = windows[len(windows) // 2]
+        frames = item[modality][len(item[modality]) // 2]             # T x 3 x h x w
         h, w = frames.shape[-2:]
         if args.protocol == 'coclr':
             top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)

@@ -1,7 +1,6 @@
 """Nearest-neighbour retrieval (main_classifier.py --test CKPT|random --retrieval) and the video
-features it shares with feature_linear_probe.py: per video, the mean over its windows of the
-backbone's pooled centre-crop feature; cached by the checkpoint's content and everything else
-they depend on (docs/METHOD.md, Evaluation)."""
+features it shares with feature_linear_probe.py: the mean over a video's windows of the pooled
+centre-crop feature, cached by checkpoint content and settings (docs/METHOD.md, Evaluation)."""
 import hashlib
 import json
 from pathlib import Path
