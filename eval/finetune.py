@@ -122,9 +122,9 @@ def train(args, rt):
                                                scaler, args, rt, epoch, iteration, writer)
             record = {'epoch': epoch, 'iteration': iteration, 'lr': lr,
                       **{f'train_{k}': v for k, v in stats.items()}}
+            last = epoch + 1 == args.epochs
             is_best = False
-            if val_videos is not None and ((epoch + 1) % args.eval_freq == 0
-                                           or epoch + 1 == args.epochs):
+            if val_videos is not None and ((epoch + 1) % args.eval_freq == 0 or last):
                 val = validate(model, val_videos, args, rt, epoch)
                 record.update({f'val_{k}': v for k, v in val.items()}, val_set=args.val_set)
                 if is_best := val['top1'] > best_acc or best_epoch < 0:
