@@ -1,16 +1,10 @@
-"""How evaluation reads videos (docs/METHOD.md, Evaluation): the shared flags, which videos, the
-views of each protocol, one pass of a network over every window and crop, the result files.
-
-``--protocol coclr`` (default) measures as CoCLR's evaluation did: windows at the stored frame
-size; crop i is a 224-pixel square (0: centre, 1-4: the corners, 5-9: the same flipped), scaled
-to --img_dim, then colour jitter (brightness, contrast, saturation 0.2, hue 0.1, random order)
-with probability 0.3, one draw per video and crop (CoCLR's transform sees all of a video's
-windows as one sequence). Frames under 224 pixels give crops of their short side.
-``--protocol clean``: frames resized to a short side of round(img_dim * 8 / 7), crops of
---img_dim, no jitter: deterministic.
-"""
+"""How evaluation reads videos: shared flags, which videos, the test views of each --protocol, one
+pass of a network over every window and crop, result files (docs/METHOD.md, Evaluation)."""
 import argparse
+import copy
 import json
+from contextlib import contextmanager, suppress
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,19 +12,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from backbone import MIN_SEGMENT_FRAMES
 from dataset.augment import Photometric, flip_frames, normalize, resize
-from dataset.video_dataset import DatasetName, VideoDataset, add_data_args
+from dataset import build_dataset
+from dataset.video_dataset import DatasetName, add_data_args, data_location
 from utils import distributed as du
 from utils.config import NON_NEGATIVE, POSITIVE
-from utils.misc import UserError, git_revision, plain_args
+from utils.misc import PROJECT_ROOT, UserError, git_revision, plain_args, topk_accuracy
 from utils.run import add_runtime_args, amp_dtype_of
 
-CROP = 224
 NUM_CROPS = {'center': 1, 'five': 5, 'ten': 10}
 
 
-def add_common_flags(parser):
-    """Data, model and run flags of every evaluation script (the names of pretraining)."""
+def eval_parser(doc):
+    """A parser described by the first paragraph of ``doc``, with the data, model, run, output and
+    feature flags of every evaluation script (the names of pretraining)."""
+    parser = argparse.ArgumentParser(description=doc.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--config', help='TOML file of flag defaults (configs/); flags win')
     g = add_data_args(parser, 'ucf101', '<name> (RGB) or <name>-f (flow): ucf101, hmdb51, demo '
                       'or any folder under --data_root laid out as docs/METHOD.md, Data says')
@@ -48,19 +46,37 @@ def add_common_flags(parser):
                    help='clips per forward pass and process (training: the batch per process)')
     g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')
     add_runtime_args(g)
+    g.add_argument('--output_dir', default=None, help="results (default: the checkpoint's folder; "
+                   '--test random: experiments/random_<net>/); training: runs go to '
+                   '<output_dir>/<run>/ (default experiments/)')
+    g = parser.add_argument_group('features (retrieval, feature linear probe)')
+    g.add_argument('--dirname', default='features', help='feature cache folder (relative: in the '
+                   "checkpoint's folder, or in <output_dir>/random_<net>/ for --test random)")
+    g.add_argument('--feature_l2norm', action=argparse.BooleanOptionalAction, default=True,
+                   help="L2-normalise each clip's feature before the mean over windows")
+    return parser
 
 
-def start(args):
+@contextmanager
+def started(args):
+    """The run's device, ``autocast()`` and main-process ``say``; closes the process group after."""
+    if args.seq_len < (need := MIN_SEGMENT_FRAMES.get(args.net, 1)):
+        raise UserError(f'--seq_len {args.seq_len}: --net {args.net} needs {need}+ frames')
     spec = DatasetName.parse(args.dataset)
     if spec.views != 1 or (spec.rgb and spec.flow):
         raise UserError(f'--dataset {args.dataset}: evaluation reads one modality and one clip '
                         f'per sample; use {spec.base} (RGB) or {spec.base}-f (flow)')
     info = du.init_distributed(args.device, args.local_rank)
-    return SimpleNamespace(
-        info=info, device=info.device, is_main=info.is_main,
-        amp_dtype=amp_dtype_of(args, info.device),
-        memory_format=torch.channels_last_3d if args.channels_last else torch.contiguous_format,
-        say=lambda *a: print(*a, flush=True) if info.is_main else None)
+    amp_dtype = amp_dtype_of(args, info.device)
+    try:
+        yield SimpleNamespace(
+            info=info, device=info.device, is_main=info.is_main, amp_dtype=amp_dtype,
+            autocast=partial(torch.autocast, info.device.type, dtype=amp_dtype or torch.float32,
+                             enabled=amp_dtype is not None),
+            memory_format=torch.channels_last_3d if args.channels_last else torch.contiguous_format,
+            say=lambda *a: print(*a, flush=True) if info.is_main else None)
+    finally:
+        du.cleanup()
 
 
 def spread_indices(n, max_videos=0):   # splits are sorted by class: spread evenly over them
@@ -84,22 +100,23 @@ def holdout_split(sources, fraction, seed=0):
             [i for i, s in enumerate(sources) if s in held])
 
 
-def test_mode(dataset, description, **options):
-    """The videos of a train-mode dataset read in test mode (a gallery, a held-out part)."""
-    test = VideoDataset(names=dataset.names, labels=dataset.labels, sources=dataset.sources,
-                        rgb_lmdb=dataset.lmdbs.get('rgb'), flow_lmdb=dataset.lmdbs.get('flow'),
-                        mode='test', seq_len=dataset.seq_len, ds=dataset.ds,
-                        img_dim=dataset.img_dim, negate_flow_flip=dataset.negate_flow_flip,
-                        description=description, **options)
-    test.num_classes, test.classes = dataset.num_classes, dataset.classes
-    return test
+def split_videos(args, part):
+    """The test views' videos of split ``part``, read as --protocol says: coclr: frames as stored,
+    one random clip per train video (the retrieval gallery); clean: every window, resized."""
+    coclr = args.protocol == 'coclr'
+    data = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
+                         ds=args.ds, img_dim=args.img_dim, stored_size=coclr)
+    return Videos(data, spread_indices(len(data), args.max_videos),
+                  test_windows='random' if coclr and part == 'train' else 'all')
 
 
 class Videos(Dataset):
-    """The videos at ``indices`` of a single-modality dataset; items carry their ``position``."""
+    """The videos at ``indices`` of a single-modality dataset read in test mode (``test_options``:
+    VideoDataset's test_windows, stored_size); items carry their ``position``."""
 
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, list(indices)
+    def __init__(self, dataset, indices, **test_options):
+        self.dataset, self.indices = copy.copy(dataset), list(indices)   # dataset keeps its mode
+        vars(self.dataset).update(mode='test', **test_options)
         (self.modality,) = dataset.lmdbs
         self.names = [dataset.names[i] for i in self.indices]
         self.labels = [dataset.labels[i] for i in self.indices]
@@ -114,8 +131,7 @@ class Videos(Dataset):
 
 def video_loader(videos, workers, batch_size=None, collate_fn=None):
     """In order (default: one video at a time), sharded over processes, shards padded equally."""
-    sampler = (DistributedSampler(videos, du.world_size(), du.get_rank(), shuffle=False)
-               if du.world_size() > 1 else None)
+    sampler = DistributedSampler(videos, du.world_size(), du.get_rank(), shuffle=False)
     return DataLoader(videos, batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_fn)
 
@@ -127,10 +143,8 @@ def gather_rows(positions, values, total):   # every process's rows, placed by p
 
 
 def crop_offsets(height, width, size):
-    """(top, left) of the centre, top-left, top-right, bottom-left, bottom-right crops."""
-    if size > min(height, width):
-        raise UserError(f'a crop of {size} pixels from frames of {height}x{width}; use a '
-                        f'smaller --img_dim')
+    """(top, left) of the centre, top-left, top-right, bottom-left, bottom-right crops; test-mode
+    frames are never smaller than the crop (stored: >= --img_dim, else resized 8/7 larger)."""
     bottom, right = height - size, width - size
     return [(bottom // 2, right // 2), (0, 0), (0, right), (bottom, 0), (bottom, right)]
 
@@ -141,7 +155,8 @@ def to_input(clips, memory_format=torch.contiguous_format):
 
 
 class TestViews:
-    """Crop i of a video's windows as network input, by --protocol (module docstring)."""
+    """Crop i (0: centre, 1-4: the corners, 5-9: the same flipped) of a video's windows as
+    network input, as --protocol says (docs/METHOD.md, Evaluation)."""
 
     def __init__(self, args, modality):
         self.coclr, self.img_dim = args.protocol == 'coclr', args.img_dim
@@ -154,14 +169,13 @@ class TestViews:
     def __call__(self, windows, i, params, memory_format=torch.contiguous_format):
         """uint8 windows ``[W, T, 3, H, W]`` -> float ``[W, 3, T, s, s]``."""
         h, w = windows.shape[-2:]
-        size = min(CROP, h, w) if self.coclr else self.img_dim
+        size = min(224, h, w) if self.coclr else self.img_dim   # CoCLR's crops: 224 pixels
         top, left = crop_offsets(h, w, size)[i % 5]
         x = windows[..., top:top + size, left:left + size]
         if i >= 5:
             x = flip_frames(x, self.is_flow, self.negate_flow)
         if self.coclr:
-            s = self.img_dim
-            x = resize(x.flatten(0, 1), (s, s)).reshape(*x.shape[:3], s, s)
+            x = resize(x.flatten(0, 1), (self.img_dim,) * 2).unflatten(0, x.shape[:2])
         x = x.float().div_(255)
         if self.jitter:
             x = self.photometric.apply(x, {k: v[[i] * len(x)] for k, v in params.items()}, True)
@@ -182,44 +196,41 @@ def video_outputs(fn, videos, views, crops, rt, args, desc='test'):
         windows = item[videos.modality].to(rt.device, non_blocking=True)   # W x T x 3 x H x W
         params = views.draw(n)
         x = torch.cat([views(windows, i, params, rt.memory_format) for i in range(n)])
-        with autocast(rt):
+        with rt.autocast():
             out = torch.cat([fn(batch).float() for batch in x.split(args.batch_size)])
         positions.append(item['position'])
         rows.append(out.view(n, len(windows), -1).mean(1))                  # n x D
     return gather_rows(torch.tensor(positions, device=rt.device), torch.stack(rows), len(videos))
 
 
-def autocast(rt):
-    return torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32,
-                          enabled=rt.amp_dtype is not None)
-
-
 def video_accuracy(probs, labels, ks=(1, 5)):   # top-k percent of probs [V, C]
-    hit = probs.topk(min(max(ks), probs.shape[1]), dim=1).indices == labels[:, None]
-    return {f'top{k}': 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
+    return {f'top{k}': 100.0 * a.item() for k, a in zip(ks, topk_accuracy(probs, labels, ks))}
 
 
 def checkpoint_id(test):
     return 'random' if test == 'random' else str(Path(test).resolve())
 
 
-def result_path(args, default_dir, suffix):
-    """``<--output_dir or default_dir>/<checkpoint stem>_<suffix>.json``; the stem carries the
-    run folder's name in a shared --output_dir. A file there holding another checkpoint's result
-    is an error before any work."""
-    out = Path(args.output_dir or default_dir)
+def experiment_dir(args):   # the checkpoint's folder; <output_dir>/random_<net> for random
+    if args.test == 'random':
+        return Path(args.output_dir or PROJECT_ROOT / 'experiments') / f'random_{args.net}'
+    return Path(args.test).resolve().parent
+
+
+def result_path(args, suffix):
+    """``<--output_dir or experiment_dir>/<checkpoint stem>_<suffix>.json`` (the stem names the
+    run folder too in a shared --output_dir); one holding another checkpoint's result: an error."""
+    out = Path(args.output_dir or experiment_dir(args))
     stem = 'random' if args.test == 'random' else Path(args.test).name.split('.')[0]
     if args.output_dir and args.test != 'random':
         stem = f'{Path(args.test).resolve().parent.name}_{stem}'
     path = out / f'{stem}_{suffix}{"_clean" if args.protocol == "clean" else ""}.json'
-    if path.exists():
-        try:
-            old = json.loads(path.read_text()).get('checkpoint')
-        except (ValueError, AttributeError):
-            old = None
-        if old not in (None, checkpoint_id(args.test)):
-            raise UserError(f'{path} holds the result of another checkpoint ({old}); give '
-                            f'--test {args.test} another --output_dir')
+    old = None
+    with suppress(FileNotFoundError, ValueError, AttributeError):   # none, or not our JSON
+        old = json.loads(path.read_text()).get('checkpoint')
+    if old not in (None, checkpoint_id(args.test)):
+        raise UserError(f'{path} holds the result of another checkpoint ({old}); give '
+                        f'--test {args.test} another --output_dir')
     out.mkdir(parents=True, exist_ok=True)
     return path
 

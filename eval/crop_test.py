@@ -1,13 +1,9 @@
-"""Testing a classifier (main_classifier.py --test CKPT --center_crop|--five_crop|--ten_crop):
-the softmax of every window of a test video, averaged per crop, then over the crops; video-level
-top-1/top-5 (ten crops also report centre and five). Writes the result JSON and the per-video
-probabilities that merge_2stream_prob.py fuses."""
-from pathlib import Path
-
+"""The crop test (main_classifier.py --test CKPT --center_crop|--five_crop|--ten_crop): video-level
+top-1/top-5 of the softmax averaged over windows and crops (ten also reports centre and five);
+writes the result JSON and the per-video probabilities that merge_2stream_prob.py fuses."""
 import torch
 
-from dataset import build_dataset
-from dataset.video_dataset import data_location, modality_of
+from dataset.video_dataset import modality_of
 from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -20,40 +16,33 @@ def run(args, rt):
     if checkpoint_kind(ckpt['state_dict'], source) == 'pretrain':
         raise UserError(f'{source} is a pretraining checkpoint (encoder_q.*): it has no '
                         f'classifier. Finetune or linear-probe it first, or use --retrieval')
-    modality = modality_of(args.dataset)
-    check_modality(ckpt, modality, source)
-    test_set = build_dataset(args.dataset, 'test', **data_location(args), seq_len=args.seq_len,
-                             ds=args.ds, img_dim=args.img_dim,
-                             stored_size=args.protocol == 'coclr')
-    model = LinearClassifier(args.net, test_set.num_classes, args.train_what, args.dropout)
+    check_modality(ckpt, modality_of(args.dataset), source)
+    videos = clips.split_videos(args, 'test')
+    classes = videos.dataset.classes
+    model = LinearClassifier(args.net, len(classes), args.train_what, args.dropout)
     load_pretrained(model, ckpt['state_dict'], source)    # another class count: shape error
-    if list(ckpt.get('classes', test_set.classes)) != list(test_set.classes):
-        raise UserError(f'{source} was trained on other classes than the '
-                        f'{len(test_set.classes)} of {args.dataset} (e.g. {ckpt["classes"][:2]} '
-                        f'vs {test_set.classes[:2]})')
+    if list(ckpt.get('classes', classes)) != classes:
+        raise UserError(f'{source} was trained on other classes than the {len(classes)} of '
+                        f'{args.dataset} (e.g. {ckpt["classes"][:2]} vs {classes[:2]})')
     model.to(rt.device, memory_format=rt.memory_format).eval()
-    videos = clips.Videos(test_set, clips.spread_indices(len(test_set), args.max_videos))
-    result = clips.result_path(args, Path(args.test).resolve().parent,
-                               f'{args.dataset}_split{args.which_split}_{crops}')
+    result = clips.result_path(args, f'{args.dataset}_split{args.which_split}_{crops}')
     rt.say(f'=> git {git_revision()}\n=> test {source} (epoch {ckpt.get("epoch")}) on '
            f'{args.dataset} test split {args.which_split}: {len(videos)} videos, {crops} crop(s) '
            f'of every window, protocol {args.protocol}\n=> args:\n{format_args(args)}')
     probs = clips.video_outputs(lambda x: model(x).float().softmax(1), videos,
-                                clips.TestViews(args, modality), crops, rt, args)
+                                clips.TestViews(args, videos.modality), crops, rt, args)
     if not rt.is_main:
         return None
     labels = torch.tensor(videos.labels, device=probs.device)
-    summaries = {'center': probs[:, 0]}            # ten crops contain five, five the centre
-    if crops != 'center':
-        summaries['five'] = probs[:, :5].mean(1)
-    if crops == 'ten':
-        summaries['ten'] = probs.mean(1)
+    # Ten crops contain five, five the centre: the mean of each such first n.
+    summaries = {name: probs[:, :n].mean(1) for name, n in clips.NUM_CROPS.items()
+                 if n <= probs.shape[1]}
     results = {name: clips.video_accuracy(p, labels) for name, p in summaries.items()}
     prob_file = result.with_name(result.stem + '_prob.pth')
     meta = {'checkpoint': clips.checkpoint_id(args.test), 'crops': crops, 'dataset': args.dataset,
             'split': args.which_split, 'protocol': args.protocol}
     save_checkpoint({'names': videos.names, 'labels': torch.tensor(videos.labels),
-                     'probs': summaries[crops].cpu(), 'classes': test_set.classes, 'meta': meta},
+                     'probs': summaries[crops].cpu(), 'classes': classes, 'meta': meta},
                     prob_file)
     report = clips.write_result(result, args, {**meta, 'epoch': ckpt.get('epoch'),
                                                'videos': len(videos), 'results': results,

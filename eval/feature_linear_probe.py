@@ -1,29 +1,22 @@
-"""Linear probe on frozen video features with scikit-learn: a logistic regression on the features
-of ``--test`` (one per video, the same extraction and cache as ``main_classifier.py
---retrieval``), its inverse regularisation C chosen on a held-out part of the train split (whole
-source groups), then refit on the whole train split; reports test top-1/top-5.
+"""Linear probe on frozen video features (those of main_classifier.py --retrieval, same cache):
+scikit-learn's logistic regression, its inverse regularisation C chosen on held-out source groups
+of the train split, then refit on the whole train split; reports test top-1/top-5.
 
     python eval/feature_linear_probe.py --net s3d --dataset ucf101 --seq_len 32 --ds 1 \\
         --test CKPT
 """
-import argparse
-
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from backbone import MIN_SEGMENT_FRAMES
 from eval import clips, retrieval
-from utils import distributed as du
 from utils.config import FRACTION, POSITIVE, POSITIVE_REAL, parse_args
 from utils.misc import format_args, git_revision, run_main
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    clips.add_common_flags(p)
+    p = clips.eval_parser(__doc__)
     g = p.add_argument_group('linear probe')
     g.add_argument('--test', required=True, help='checkpoint whose backbone gives the features '
                    '(pretraining or classifier), or "random"')
@@ -32,26 +25,15 @@ def build_parser():
     g.add_argument('--holdout_fraction', type=FRACTION, default=0.2,
                    help='share of the train videos (whole source groups) that chooses C')
     g.add_argument('--max_iter', type=POSITIVE, default=1000, help='iterations of the lbfgs solver')
-    g.add_argument('--output_dir', default=None,
-                   help="where the result JSON goes (default: the checkpoint's folder; for "
-                        '--test random: <output_dir or experiments/>/random_<net>/)')
-    retrieval.add_feature_flags(p)
     return p
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    if args.seq_len < MIN_SEGMENT_FRAMES.get(args.net, 1):
-        parser.error(f'--seq_len {args.seq_len} is too short for --net {args.net}')
-    rt = clips.start(args)
-    try:
-        path = clips.result_path(args, retrieval.experiment_dir(args),
-                                 f'feature_probe_{args.dataset}_split{args.which_split}')
+    args = parse_args(build_parser(), argv)
+    with clips.started(args) as rt:
+        path = clips.result_path(args, f'feature_probe_{args.dataset}_split{args.which_split}')
         rt.say(f'=> git {git_revision()}\n=> args:\n{format_args(args)}')
         what, weights, _, feats = retrieval.features(args, rt)
-    finally:
-        du.cleanup()
     if not rt.is_main:
         return None
     x = {part: f['features'].double().numpy() for part, f in feats.items()}
@@ -64,8 +46,7 @@ def main(argv=None):
     # C: the best on held-out source groups of the train split (ties: the stronger regulariser).
     kept, held = clips.holdout_split(feats['train']['sources'].tolist(), args.holdout_fraction,
                                      args.seed)
-    scores = {C: 100.0 * float((probe(C, kept).predict(x['train'][held]) == y['train'][held])
-                               .mean()) for C in args.Cs}
+    scores = {C: 100.0 * probe(C, kept).score(x['train'][held], y['train'][held]) for C in args.Cs}
     C = max(scores, key=lambda c: (scores[c], -c))
     print('=> held-out accuracy by C: ' + ', '.join(f'C={c:g}: {a:.1f}' for c, a in scores.items()))
     if len(scores) > 1 and len(set(scores.values())) == 1:

@@ -1,6 +1,7 @@
 """Training a classifier (main_classifier.py --pretrain CKPT|random, or --resume): finetune the
 whole network (--train_what ft) or a linear probe of the frozen backbone (--train_what last);
 validation each --eval_freq epochs picks best.pth.tar (docs/METHOD.md, Evaluation)."""
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,19 +32,18 @@ def validation_videos(args, train_set, positions):
     coclr, k = args.protocol == 'coclr', args.which_split
     options = dict(stored_size=True, test_windows='random') if coclr else {}
     if args.val_set == 'test':
-        test = build_dataset(args.dataset, 'test', **data_location(args), seq_len=args.seq_len,
-                             ds=args.ds, img_dim=args.img_dim, **options)
-        chosen = clips.spread_indices(len(test), args.max_videos)
-        if coclr:
-            order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(VAL_SEED))
-            chosen = sorted(chosen[i] for i in order[:max(1, round(VAL_SHARE * len(chosen)))])
-        return positions, clips.Videos(test, chosen), (
-            f'TEST split {k} ({len(chosen)} videos; the reference validates on the test split, '
+        videos = clips.split_videos(args, 'test')
+        if coclr:   # CoCLR's val mode: a fixed random share of the test split, one clip each
+            order = torch.randperm(len(videos), generator=torch.Generator().manual_seed(VAL_SEED))
+            share = order[:max(1, round(VAL_SHARE * len(videos)))]
+            videos = clips.Videos(videos.dataset, sorted(videos.indices[i] for i in share),
+                                  test_windows='random')
+        return positions, videos, (
+            f'TEST split {k} ({len(videos)} videos; the reference validates on the test split, '
             f'so the best checkpoint is selected on test data)')
     kept, held = clips.holdout_split([train_set.sources[i] for i in positions], args.val_fraction,
                                      args.seed)
-    videos = clips.Videos(clips.test_mode(train_set, 'held-out train videos', **options),
-                          [positions[i] for i in held])
+    videos = clips.Videos(train_set, [positions[i] for i in held], **options)
     return [positions[i] for i in kept], videos, (
         f'held-out part of train split {k} ({len(held)} videos in {len(set(videos.sources))} '
         f'source groups, not trained on)')
@@ -69,11 +69,7 @@ def train(args, rt):
                               negate_flow_flip=not args.legacy_flow_flip)
     positions, val_videos, val_desc = validation_videos(
         args, train_set, clips.spread_indices(len(train_set), args.max_videos))
-    train_data = Subset(train_set, positions)
-    if len(train_data) < global_batch:
-        raise UserError(f'{len(train_data)} training videos, fewer than the global batch '
-                        f'{global_batch} (--batch_size x processes)')
-    loader = make_loader(train_data, args, info)
+    loader = make_loader(Subset(train_set, positions), args, info)   # no batch: an error
 
     torch.manual_seed(args.seed)   # the same initial head on every process
     model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
@@ -111,7 +107,7 @@ def train(args, rt):
                             Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
     writer = open_run(exp_dir, args, info,
                       f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
-                      f'amp {rt.amp_dtype}\n=> train: {len(train_data)} videos of train split '
+                      f'amp {rt.amp_dtype}\n=> train: {len(positions)} videos of train split '
                       f'{args.which_split} ({len(train_set.dropped)} too short, dropped)\n'
                       f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
                       + disk_use(model, args.epochs, args.keep_every,
@@ -160,19 +156,17 @@ def check_frozen(backbone, frozen):
 
 def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, rt, epoch,
                     iteration, writer):
-    device = rt.device
     model.train()              # a linear probe's backbone stays in eval mode (LinearClassifier)
-    params = [p for g in optimizer.param_groups for p in g['params']]
-    meter = EpochMeter(epoch, loader.steps, device, rt.is_main, writer, args.print_freq)
+    meter = EpochMeter(epoch, loader.steps, rt.device, rt.is_main, writer, args.print_freq)
     for batch in loader.epoch(epoch):
-        x = augment(batch, device)[modality][:, 0]                       # B x 3 x T x H x W
-        target = batch['label'].to(device, non_blocking=True)
-        with clips.autocast(rt):
+        x = augment(batch, rt.device)[modality][:, 0]                    # B x 3 x T x H x W
+        target = batch['label'].to(rt.device, non_blocking=True)
+        with rt.autocast():
             logits = model(x).float()                                    # B x classes
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        du.all_reduce_mean([p.grad for p in params if p.grad is not None])
+        du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
         scaler.step(optimizer)
         scaler.update()
         top1, top5 = topk_accuracy(logits.detach(), target)
@@ -182,41 +176,33 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     return meter.close(), iteration
 
 
-class ValidationClips:
-    """Collate of validation during finetuning: one clip per video. coclr: the dataset's one
-    random window, a random crop of 20-100% of the frame area scaled to --img_dim (CoCLR's val
-    mode); clean: the middle window's centre crop."""
-
-    def __init__(self, protocol, img_dim, modality):
-        self.coclr, self.img_dim, self.modality = protocol == 'coclr', img_dim, modality
-
-    def __call__(self, batch):
-        out, s = [], self.img_dim
-        for item in batch:
-            windows = item[self.modality]                              # W x T x 3 x h x w
-            frames = windows[len(windows) // 2]
-            h, w = frames.shape[-2:]
-            if self.coclr:
-                top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)
-                out.append(resize(frames[..., top:top + hh, left:left + ww], (s, s)))
-            else:
-                top, left = clips.crop_offsets(h, w, s)[0]
-                out.append(frames[..., top:top + s, left:left + s])
-        return {'clips': torch.stack(out),
-                'label': torch.tensor([item['label'] for item in batch]),
-                'position': torch.tensor([item['position'] for item in batch])}
+def validation_clips(batch, args, modality):
+    """Validation's collate, a clip per video. coclr: its one random window, a random crop (20-100%
+    of the area) scaled to --img_dim, CoCLR's val mode; clean: the middle window's centre crop."""
+    out, s = [], args.img_dim
+    for item in batch:
+        frames = item[modality][len(item[modality]) // 2]             # T x 3 x h x w
+        h, w = frames.shape[-2:]
+        if args.protocol == 'coclr':
+            top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)
+            out.append(resize(frames[..., top:top + hh, left:left + ww], (s, s)))
+        else:
+            top, left = clips.crop_offsets(h, w, s)[0]
+            out.append(frames[..., top:top + s, left:left + s])
+    return {'clips': torch.stack(out),
+            'position': torch.tensor([item['position'] for item in batch])}
 
 
 @torch.no_grad()
 def validate(model, videos, args, rt, epoch):
-    """Loss and top-1/top-5 (percent) of one clip per validation video (ValidationClips)."""
+    """Loss and top-1/top-5 (percent) of one clip per validation video (validation_clips)."""
     model.eval()
-    loader = clips.video_loader(videos, args.workers, args.batch_size,
-                                ValidationClips(args.protocol, args.img_dim, videos.modality))
+    collate = partial(validation_clips, args=args, modality=videos.modality)
+    loader = clips.video_loader(videos, args.workers, args.batch_size, collate)
     positions, logits = [], []
     for batch in tqdm(loader, desc=f'validate {epoch}', disable=not rt.is_main, dynamic_ncols=True):
         x = clips.to_input(batch['clips'].to(rt.device).float().div_(255), rt.memory_format)
-        with clips.autocast(rt):
+        with rt.autocast():
             logits.append(model(x).float())
         positions.append(batch['position'].to(rt.device))
     logits = clips.gather_rows(torch.cat(positions), torch.cat(logits), len(videos))

@@ -1,26 +1,19 @@
-"""Action recognition and retrieval on top of a pretrained network (docs/METHOD.md,
-Evaluation). One command line, three jobs:
-- train (eval/finetune.py): --pretrain CKPT|random (or --resume), --train_what ft|last;
-- test (eval/crop_test.py): --test CKPT --center_crop|--five_crop|--ten_crop;
-- retrieval (eval/retrieval.py): --test CKPT|random --retrieval.
+"""Action recognition and retrieval on a pretrained network, three jobs: training (--pretrain
+CKPT|random or --resume, --train_what ft|last; eval/finetune.py), the crop test (--test CKPT
+--center_crop|--five_crop|--ten_crop; eval/crop_test.py) and retrieval (--test CKPT|random
+--retrieval; eval/retrieval.py). docs/METHOD.md, Evaluation.
 
     python eval/main_classifier.py --config configs/demo_finetune.toml --pretrain CKPT
 """
-import argparse
-
-from backbone import MIN_SEGMENT_FRAMES
 from eval import clips, crop_test, finetune, retrieval
 from model.classifier import HEADS
-from utils import distributed as du
 from utils.config import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE,
                           PROBABILITY, parse_args)
 from utils.misc import run_main
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    clips.add_common_flags(p)
+    p = clips.eval_parser(__doc__)
     g = p.add_argument_group('classifier training')
     g.add_argument('--train_what', choices=HEADS, default='last',
                    help='ft: finetune the whole network (dropout + linear head); last: linear '
@@ -42,13 +35,11 @@ def build_parser():
     g.add_argument('--val_set', choices=['test', 'holdout', 'none'], default='test',
                    help='what picks best.pth.tar: test = the test split (as the reference), '
                         'holdout = --val_fraction of the train split (whole source groups), none. '
-                        'One clip a video (see eval/finetune.py ValidationClips)')
+                        'One clip a video (see eval/finetune.py validation_clips)')
     g.add_argument('--val_fraction', type=FRACTION, default=0.1, help='--val_set holdout: share')
     g.add_argument('--iters_per_epoch', type=NON_NEGATIVE, default=0, help='0: whole epochs')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     g = p.add_argument_group('output')
-    g.add_argument('--output_dir', default=None, help='training: runs go to <output_dir>/<run>/ '
-                   "(default experiments/); --test: results (default: the checkpoint's folder)")
     g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
     g.add_argument('--resume', default='', help='classifier checkpoint to continue from (exactly)')
     g.add_argument('--keep_every', type=NON_NEGATIVE, default=50,
@@ -61,28 +52,22 @@ def build_parser():
     crops.add_argument('--five_crop', action='store_true', help='center + 4 corners')
     crops.add_argument('--ten_crop', action='store_true', help='five crops and their flips')
     g.add_argument('--retrieval', action='store_true', help='test videos query train videos')
-    retrieval.add_feature_flags(p)
     return p
 
 
 def check_args(args, parser):
     """Which job the flags ask for: 'train', 'test' or 'retrieval' (or a parser error)."""
-    if args.seq_len < (need := MIN_SEGMENT_FRAMES.get(args.net, 1)):
-        parser.error(f'--seq_len {args.seq_len}: --net {args.net} needs {need}+ frames')
     crop = args.center_crop or args.five_crop or args.ten_crop
     if not args.test:
         if crop or args.retrieval:
             parser.error('--center_crop/--five_crop/--ten_crop/--retrieval need --test CKPT')
         if not args.pretrain and not args.resume:
-            parser.error('training needs --pretrain CHECKPOINT (or --pretrain random to train '
-                         'from scratch, or --resume)')
+            parser.error('training needs --pretrain CHECKPOINT|random or --resume CHECKPOINT')
         return 'train'
-    if args.retrieval and crop:
-        parser.error('--retrieval uses the center crop of every window; drop the crop flag')
+    if bool(crop) == args.retrieval:
+        parser.error('--test needs one of --center_crop, --five_crop, --ten_crop and --retrieval')
     if args.retrieval:
         return 'retrieval'
-    if not crop:
-        parser.error('--test needs --center_crop, --five_crop or --ten_crop (or --retrieval)')
     if args.test == 'random':
         parser.error('--test random is a baseline of --retrieval only')
     return 'test'
@@ -92,12 +77,9 @@ def main(argv=None):
     parser = build_parser()
     args = parse_args(parser, argv)
     job = check_args(args, parser)
-    rt = clips.start(args)
     jobs = {'train': finetune.train, 'test': crop_test.run, 'retrieval': retrieval.run}
-    try:
+    with clips.started(args) as rt:
         return jobs[job](args, rt)
-    finally:
-        du.cleanup()
 
 
 if __name__ == '__main__':

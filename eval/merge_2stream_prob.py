@@ -1,7 +1,6 @@
-"""Two-stream late fusion: average the per-video probabilities of an RGB and a flow test run
-(``main_classifier.py --test ... --ten_crop`` writes them as ``*_prob.pth``) and report
-top-1/top-5 of each stream and of the fusion. The files must hold the same videos (any order),
-labels and classes.
+"""Two-stream late fusion: top-1/top-5 of the mean of the per-video probabilities of an RGB and a
+flow test run (``*_prob.pth`` of ``main_classifier.py --test``) and of each stream alone. The
+files must hold the same videos (any order), labels and classes.
 
     python eval/merge_2stream_prob.py --prob1 RGB_prob.pth --prob2 FLOW_prob.pth
 """
@@ -20,25 +19,23 @@ from utils.misc import UserError, run_main
 def load_probabilities(path, flag):
     data = load_checkpoint(path, flag, required=('names', 'labels', 'probs', 'classes'),
                            what='probability file of main_classifier.py --test')
-    if not len(data['names']) == len(data['probs']) == len(data['labels']):
-        raise UserError(f'{flag}: {path} is inconsistent: {len(data["names"])} names, '
-                        f'{len(data["probs"])} probabilities, {len(data["labels"])} labels')
+    names, probs, labels = data['names'], data['probs'], data['labels']
+    if not len(set(names)) == len(names) == len(probs) == len(labels):
+        raise UserError(f'{flag}: {path} is inconsistent: {len(names)} names ({len(set(names))} '
+                        f'different), {len(probs)} probabilities, {len(labels)} labels')
     return data
 
 
 def merge(path1, path2):
     """Top-1/top-5 of each stream and of the mean of their probabilities."""
-    if Path(path1).resolve() == Path(path2).resolve():
-        raise UserError(f'--prob1 and --prob2 are the same file ({path1}); fusion needs the '
-                        f'RGB and the flow stream')
     first, second = load_probabilities(path1, '--prob1'), load_probabilities(path2, '--prob2')
     modality = [recorded_modality(f.get('meta')) for f in (first, second)]
-    if modality[0] is not None and modality[0] == modality[1]:
-        raise UserError(f'{path1} and {path2} are both {modality[0].upper()} streams; fusion '
-                        f'needs the RGB and the flow stream')
+    same_file = Path(path1).resolve() == Path(path2).resolve()
+    if same_file or modality[0] is not None and modality[0] == modality[1]:
+        raise UserError(f'--prob1 {path1} and --prob2 {path2} are '
+                        + ('the same file' if same_file else f'both {modality[0].upper()} streams')
+                        + '; fusion needs the RGB and the flow stream')
     names1, names2 = list(first['names']), list(second['names'])
-    if len(set(names1)) < len(names1) or len(set(names2)) < len(names2):
-        raise UserError(f'{path1} or {path2} lists a video twice')
     only = [sorted(set(a) - set(b)) for a, b in ((names1, names2), (names2, names1))]
     if any(only):
         raise UserError(f'{path1} vs {path2}: the files hold different videos: ' + '; '.join(

@@ -1,15 +1,6 @@
 """Nearest-neighbour retrieval (main_classifier.py --test CKPT|random --retrieval) and the video
-features it shares with feature_linear_probe.py (docs/METHOD.md, Evaluation).
-
-A video's feature: the backbone's pooled output of its centre-crop views (L2-normalised per clip
-with --feature_l2norm, as the reference's linear-probe features are), averaged over its windows.
-Queries: every window of each test video. Gallery, --protocol coclr: the train split read as in
-training, one clip per video at a random start; --protocol clean: every window of each train
-video. Seeded: a run repeats. Each set is centred by its own mean and L2-normalised; R@k is the
-percent of queries with a gallery video of their class among the k most cosine-similar.
-Features are cached by the checkpoint's content and everything else they depend on.
-"""
-import argparse
+features it shares with feature_linear_probe.py: the mean over a video's windows of the pooled
+centre-crop feature, cached by checkpoint content and settings (docs/METHOD.md, Evaluation)."""
 import hashlib
 import json
 from pathlib import Path
@@ -18,23 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from backbone import build_backbone
-from dataset import build_dataset
-from dataset.video_dataset import data_location, modality_of
+from dataset.video_dataset import modality_of
 from eval import clips
 from model.classifier import backbone_weights, check_modality
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint
-from utils.misc import PROJECT_ROOT, format_args, git_revision
+from utils.misc import format_args, git_revision
 
-KS = (1, 5, 10, 20, 50)
 CACHE_VERSION = 2   # bump when the extraction changes
-
-
-def add_feature_flags(parser):
-    g = parser.add_argument_group('features (retrieval, feature linear probe)')
-    g.add_argument('--dirname', default='features', help='feature cache folder (relative: in the '
-                   "checkpoint's folder, or in <output_dir>/random_<net>/ for --test random)")
-    g.add_argument('--feature_l2norm', action=argparse.BooleanOptionalAction, default=True,
-                   help="L2-normalise each clip's feature before the mean over windows")
 
 
 def center_normalize(x):
@@ -45,45 +26,31 @@ def nearest(query, gallery, k):   # [Q, k] indices of the most similar gallery r
     return (query @ gallery.T).topk(min(k, gallery.shape[0]), dim=1).indices
 
 
-def recall_at_k(query, query_labels, gallery, gallery_labels, ks=KS):   # k > gallery: all of it
+def recall_at_k(query, query_labels, gallery, gallery_labels, ks=(1, 5, 10, 20, 50)):
     hit = gallery_labels[nearest(query, gallery, max(ks))] == query_labels[:, None]
     return {k: 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
 
-def recall_line(dataset, split, recall, protocol):
-    return (f'retrieval {dataset} split{split} (protocol {protocol}): '
-            + ' '.join(f'R@{k}={v:.1f}' for k, v in recall.items()))
-
-
-def lmdb_identity(path):   # real path, size and modification time of the data file
-    path = Path(path).resolve()
-    st = (path / 'data.mdb' if path.is_dir() else path).stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-def cache_key(args, part, weights, videos):
+def cache_entry(args, part, weights, videos):
+    """(key, file) of a part's features; the key holds everything they depend on, each LMDB as
+    the real path, size and modification time of its data file."""
     flags = ('net', 'dataset', 'which_split', 'seq_len', 'ds', 'img_dim', 'feature_l2norm',
              'protocol', 'seed', 'photometric_on_flow', 'legacy_flow_flip')
-    return {'version': CACHE_VERSION, 'weights': weights, 'part': part,
-            **{k: getattr(args, k) for k in flags},
-            'videos': hashlib.sha256('\n'.join(videos.names).encode()).hexdigest(),
-            'lmdbs': {m: lmdb_identity(db.path) for m, db in videos.dataset.lmdbs.items()}}
-
-
-def cache_file(folder, key):
+    lmdbs = {}
+    for m, db in videos.dataset.lmdbs.items():
+        path = Path(db.path).resolve()
+        st = (path / 'data.mdb' if path.is_dir() else path).stat()
+        lmdbs[m] = [str(path), st.st_size, st.st_mtime_ns]
+    key = {'version': CACHE_VERSION, 'weights': weights, 'part': part,
+           **{k: getattr(args, k) for k in flags},
+           'videos': hashlib.sha256('\n'.join(videos.names).encode()).hexdigest(), 'lmdbs': lmdbs}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(folder) / f'{key["dataset"]}_split{key["which_split"]}_{key["part"]}_{digest}.pth'
-
-
-def experiment_dir(args):   # the checkpoint's folder; <output_dir>/random_<net> for random
-    if args.test == 'random':
-        return Path(args.output_dir or PROJECT_ROOT / 'experiments') / f'random_{args.net}'
-    return Path(args.test).resolve().parent
+    folder = clips.experiment_dir(args) / args.dirname
+    return key, folder / f'{args.dataset}_split{args.which_split}_{part}_{digest}.pth'
 
 
 def load_backbone(args):
-    """(backbone, description, weights id) of --test (pretraining or classifier checkpoint), or
-    a seeded random backbone."""
+    """(backbone, description, weights id) of --test (any checkpoint) or a seeded random one."""
     torch.manual_seed(args.seed)
     backbone = build_backbone(args.net)
     if args.test == 'random':
@@ -96,25 +63,13 @@ def load_backbone(args):
     return backbone, f'{args.test} (epoch {ckpt.get("epoch")})', f'sha256:{digest}'
 
 
-def split_videos(args, part):   # queries ('test') or gallery ('train'), read as --protocol says
-    coclr = args.protocol == 'coclr'
-    ds = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
-                       ds=args.ds, img_dim=args.img_dim, stored_size=coclr)
-    if part == 'train':
-        ds = clips.test_mode(ds, f'dataset {args.dataset!r} (train split)', stored_size=coclr,
-                             test_windows='random' if coclr else 'all')
-    return clips.Videos(ds, clips.spread_indices(len(ds), args.max_videos))
-
-
 def features(args, rt):
     """(backbone description, weights id, {part: clips.Videos}, {part: {'features': [N, F],
-    'labels', 'sources', 'key'}}) of the train and test splits, from the cache when it holds
-    the exact key."""
+    'labels', 'sources', 'key'}}) of the train and test splits, cached."""
     backbone, what, weights = load_backbone(args)
-    videos, feats = {part: split_videos(args, part) for part in ('train', 'test')}, {}
+    videos, feats = {part: clips.split_videos(args, part) for part in ('train', 'test')}, {}
     for part, v in videos.items():
-        key = cache_key(args, part, weights, v)
-        path = cache_file(experiment_dir(args) / args.dirname, key)
+        key, path = cache_entry(args, part, weights, v)
         cached = torch.load(path, map_location='cpu', weights_only=True) if path.exists() else {}
         if cached.get('key') == key:   # saved atomically: whole or absent
             rt.say(f'=> {part} features: cached {path}')
@@ -138,8 +93,7 @@ def features(args, rt):
 
 
 def run(args, rt):
-    result = clips.result_path(args, experiment_dir(args),
-                               f'retrieval_{args.dataset}_split{args.which_split}')
+    result = clips.result_path(args, f'retrieval_{args.dataset}_split{args.which_split}')
     rt.say(f'=> git {git_revision()}\n=> retrieval on {args.dataset} split {args.which_split}, '
            f'protocol {args.protocol}\n=> args:\n{format_args(args)}')
     what, weights, videos, feats = features(args, rt)
@@ -152,6 +106,6 @@ def run(args, rt):
         'weights': weights, 'backbone': what, 'protocol': args.protocol, 'dataset': args.dataset,
         'split': args.which_split, 'queries': len(videos['test']), 'gallery': len(videos['train']),
         'recall': {f'R@{k}': v for k, v in recall.items()}})
-    print(f'=> results {result}\n'
-          + recall_line(args.dataset, args.which_split, recall, args.protocol))
+    print(f'=> results {result}\nretrieval {args.dataset} split{args.which_split} (protocol '
+          f'{args.protocol}): ' + ' '.join(f'R@{k}={v:.1f}' for k, v in recall.items()))
     return report

@@ -4,6 +4,7 @@ subset, retrieval recall and its feature cache, two-stream fusion, the --test an
 jobs end to end on a tiny real dataset, and the seed README's evaluation commands (run verbatim
 from eval/ and from the project root, with --data_root and small-run overrides appended).
 """
+import contextlib
 import json
 import os
 import shlex
@@ -99,8 +100,6 @@ def test_clean_crops_are_img_dim_of_the_resized_frame_and_flow_flips_negate():
     assert torch.allclose(flow[0, 0, 0, 0], 255 - torch.arange(9., 3, -1), atol=1e-3)
     legacy = pixels(views_of('clean', 6, 'flow', legacy_flow_flip=True)(windows, 5, None))
     assert torch.allclose(legacy[0, 0, 0, 0], torch.arange(9., 3, -1), atol=1e-3)
-    with pytest.raises(UserError, match='crop of 12 pixels'):
-        views_of('clean', 12)(windows, 0, None)
 
 
 def test_coclr_jitter_one_draw_per_video_and_crop_with_probability_0_3():
@@ -146,7 +145,7 @@ def test_video_outputs_average_windows_per_crop():
     values = [[10, 20, 60], [200]]                        # video 0: 3 windows, video 1: one
     videos = clips.Videos(_Windows(values), [1, 0])       # positions: video 1 first
     rt = SimpleNamespace(device=torch.device('cpu'), memory_format=torch.contiguous_format,
-                         amp_dtype=None, is_main=False)
+                         autocast=contextlib.nullcontext, is_main=False)
     out = clips.video_outputs(lambda x: x[:, :, 0, 0, 0], videos, views_of('clean', 8), 'five',
                               rt, SimpleNamespace(workers=0, batch_size=2))
     assert out.shape == (2, 5, 3)
@@ -190,19 +189,23 @@ def test_one_random_clip_per_video_at_stored_size(tmp_path):
     assert min(starts) >= 0 and max(starts) < 30 - 8 and len(set(starts)) > 5
     every = VideoDataset(**common)[0]['rgb']
     assert every.shape == (8, 4, 3, 18, 22)                  # windows at step 3, short side 18
+    # Frames as small as --img_dim still give whole clean crops of it (read 8/7 larger).
+    big = VideoDataset(**{**common, 'img_dim': 36})[0]['rgb']
+    for i in range(10):
+        assert views_of('clean', 36)(big, i, None).shape == (len(big), 3, 4, 36, 36)
 
 
 def test_coclr_gallery_and_validation_subset(data_root):
     args = parse_args(main_classifier.build_parser(),
                       ['--test', 'x', '--retrieval', '--dataset', 'tiny', '--data_root',
                        str(data_root), *TINY])
-    gallery = retrieval.split_videos(args, 'train')
+    gallery = clips.split_videos(args, 'train')
     assert len(gallery) == 12 and all(gallery[i]['rgb'].shape == (1, 8, 3, 36, 44)
                                       for i in range(12))
-    queries = retrieval.split_videos(args, 'test')
+    queries = clips.split_videos(args, 'test')
     assert len(queries) == 6 and queries[0]['rgb'].shape[0] > 1     # every window
     args.protocol = 'clean'
-    clean = retrieval.split_videos(args, 'train')[0]['rgb']      # every window, resized
+    clean = clips.split_videos(args, 'train')[0]['rgb']      # every window, resized
     assert clean.shape[0] > 1 and clean.shape[-2:] == (37, 45)
     # Validation during finetuning: a fixed random 30% of the test split, one clip each.
     args = parse_args(main_classifier.build_parser(),
@@ -211,7 +214,7 @@ def test_coclr_gallery_and_validation_subset(data_root):
     _, videos, desc = finetune.validation_videos(args, None, [0, 1])
     _, again, _ = finetune.validation_videos(args, None, [0, 1])
     assert len(videos) == 2 and videos.names == again.names and 'TEST split 1' in desc
-    batch = finetune.ValidationClips('coclr', 32, 'rgb')([videos[0], videos[1]])
+    batch = finetune.validation_clips([videos[0], videos[1]], args, 'rgb')   # --img_dim 32
     assert batch['clips'].shape == (2, 8, 3, 32, 32) and batch['position'].tolist() == [0, 1]
 
 
@@ -242,8 +245,6 @@ def test_each_set_is_centred_by_its_own_mean():
                                      retrieval.center_normalize(train), train_labels)
     base, shifted = recall(test, train), recall(test - 3.0, train + 7.0)
     assert base == shifted and list(base) == [1, 5, 10, 20, 50]
-    assert retrieval.recall_line('ucf101', 1, {1: 12.345, 5: 50.0}, 'coclr') == \
-        'retrieval ucf101 split1 (protocol coclr): R@1=12.3 R@5=50.0'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +351,10 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
               '--max_videos', '4')
     first = _eval(data_root, '--test', str(checkpoints['pre0']), *common)
     out = capsys.readouterr().out
-    assert out.strip().splitlines()[-1].startswith('retrieval tiny split1 (protocol coclr): R@1=')
+    # The last line: every R@k of the result file, one decimal.
+    assert out.strip().splitlines()[-1] == 'retrieval tiny split1 (protocol coclr): ' + ' '.join(
+        f'{k}={v:.1f}' for k, v in first['recall'].items())
+    assert list(first['recall']) == ['R@1', 'R@5', 'R@10', 'R@20', 'R@50']
     assert first['protocol'] == 'coclr'
     assert first['queries'] == 4 and first['gallery'] == 4
     files = sorted(cache.iterdir())
@@ -381,10 +385,11 @@ def test_retrieval_cache_is_keyed_by_checkpoint_content(data_root, checkpoints, 
     assert elsewhere['recall'] == first['recall']
     args = parse_args(main_classifier.build_parser(),
                       ['--test', 'x', '--dataset', 'tiny', '--data_root', str(data_root), *TINY])
-    key = retrieval.cache_key(args, 'test', 'sha256:0', retrieval.split_videos(args, 'test'))
-    assert key['lmdbs'] == {'rgb': retrieval.lmdb_identity(lmdb)}
-    assert retrieval.cache_file(cache, key) != retrieval.cache_file(
-        cache, {**key, 'weights': 'sha256:1'})
+    queries = clips.split_videos(args, 'test')
+    key, path = retrieval.cache_entry(args, 'test', 'sha256:0', queries)
+    st = (lmdb / 'data.mdb' if lmdb.is_dir() else lmdb).stat()
+    assert key['lmdbs'] == {'rgb': [str(lmdb.resolve()), st.st_size, st.st_mtime_ns]}
+    assert path != retrieval.cache_entry(args, 'test', 'sha256:1', queries)[1]
 
 
 def test_retrieval_features_are_seeded(data_root, checkpoints, tmp_path):
@@ -392,11 +397,11 @@ def test_retrieval_features_are_seeded(data_root, checkpoints, tmp_path):
     args = parse_args(main_classifier.build_parser(),
                       ['--test', str(checkpoints['pre0']), '--retrieval', '--dataset', 'tiny',
                        '--data_root', str(data_root), *TINY, '--max_videos', '4'])
-    rt = clips.start(args)
     runs = []
-    for seed, folder in ((0, 'a'), (0, 'b'), (1, 'c')):
-        args.seed, args.dirname = seed, str(tmp_path / folder)
-        runs.append(retrieval.features(args, rt)[3])
+    with clips.started(args) as rt:
+        for seed, folder in ((0, 'a'), (0, 'b'), (1, 'c')):
+            args.seed, args.dirname = seed, str(tmp_path / folder)
+            runs.append(retrieval.features(args, rt)[3])
     for part in ('train', 'test'):
         assert torch.equal(runs[0][part]['features'], runs[1][part]['features'])
         assert not torch.allclose(runs[0][part]['features'], runs[2][part]['features'])
