@@ -126,22 +126,20 @@ class VideoLMDB:
                              source=self.path)
 
 
-def decode_frames(jpegs, name='?', indices=None, source='?'):
-    """Batched decode of JPEG byte strings -> ``[N, 3, H, W]`` (channels last in memory)."""
+def decode_frames(jpegs, name='?', indices=None, source='?', stack=True):
+    """JPEGs of one video -> ``[N, 3, H, W]`` (channels last in memory), or if not ``stack`` the
+    list of ``[3, H, W]`` as decoded; a frame of another size than the first is an error."""
     imgs = decode_list(jpegs, name, indices, source)
-    check_same_size(imgs, name, indices, source)
-    # The decoder hands out channels-last images: stacked as such, with no copy.
-    return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
-
-
-def check_same_size(imgs, name, indices, source):
-    """Every decoded frame of a video must have the first frame's size."""
     shapes = [tuple(im.shape[1:]) for im in imgs]
-    j = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
+    j = next((j for j, shape in enumerate(shapes) if shape != shapes[0]), None)
     if j is not None:
         frame = indices[j] if indices is not None else j
         raise UserError(f'{source}: frame {int(frame)} of video {name!r} is {shapes[j]}, '
                         f'earlier frames {shapes[0]}')
+    if not stack:
+        return imgs
+    # The decoder hands out channels-last images: stacked as such, with no copy.
+    return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
 
 
 def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):
@@ -183,11 +181,9 @@ def unpack_jpegs(data, offsets):
 def merge_packed(packed):
     """Several ``pack_jpegs`` results -> one ``(data, offsets, counts)``: a batch leaves a worker
     as three tensors, not two per sample (each costs a ~0.5 ms file-descriptor handshake)."""
-    data = torch.cat([d for d, _ in packed])
-    starts = torch.tensor([0] + [len(d) for d, _ in packed[:-1]]).cumsum(0)
-    offsets = torch.cat([o[:-1] + s for (_, o), s in zip(packed, starts)]
-                        + [torch.tensor([len(data)])])
-    return data, offsets, torch.tensor([len(o) - 1 for _, o in packed])
+    sizes = torch.cat([torch.zeros(1, dtype=torch.long)] + [o.diff() for _, o in packed])
+    return (torch.cat([d for d, _ in packed]), sizes.cumsum(0),
+            torch.tensor([len(o) - 1 for _, o in packed]))
 
 
 def encode_frames(frames, quality=90):
