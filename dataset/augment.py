@@ -51,8 +51,7 @@ def resize(frames, size):
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
     if frames.device.type == 'cpu':
-        # uint8 channels-last images (a crop of decoded frames is one) are resized directly,
-        # several times cheaper than through float.
+        # uint8 channels-last images (as crops of decoded frames) directly: several times faster
         x = frames if frames.stride(-3) == 1 else frames.contiguous(memory_format=torch.channels_last)
         return F.interpolate(x, size=size, mode='bicubic', align_corners=False, antialias=True)
     x = F.interpolate(frames.float(), size=size, mode='bicubic', align_corners=False,
@@ -75,16 +74,15 @@ def flip_frames(frames, is_flow=False, negate_flow=True):
     return frames
 
 
-def _gray(x):
-    # ITU-R 601 luma with PIL's weights (contrast and saturation, as PIL computes them).
-    return (0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :])
-
-
 def _jitter(x, k, f):
     """Colour-jitter step ``k`` (brightness, contrast, saturation, hue) with factor ``f``."""
+    if k == 0:
+        return (f * x).clamp_(0, 1)
     if k == 3:
         return _hue(x, f)
-    target = 0 if k == 0 else _gray(x).mean(dim=(-3, -2, -1), keepdim=True) if k == 1 else _gray(x)
+    # ITU-R 601 luma with PIL's weights (contrast and saturation, as PIL computes them).
+    gray = 0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :]
+    target = gray.mean(dim=(-3, -2, -1), keepdim=True) if k == 1 else gray
     return (f * x + (1 - f) * target).clamp_(0, 1)
 
 
@@ -117,10 +115,8 @@ def _gaussian_blur(x, sigma, radius):
 
 
 class Photometric:
-    """Strong views' photometric steps, batched: colour jitter (p ``jitter_prob``) in a random
-    order, "grayscale" as the reference's (p ``gray_prob``: each frame becomes one of its
-    channels, drawn per frame), Gaussian blur (p ``blur_prob``, sigma uniform in [0.1, 2]); one
-    draw per view (``sample``) for any number of its modalities (``apply``)."""
+    """Strong views' photometric steps (docs/METHOD.md, Augmentation), batched: one draw per view
+    (``sample``) for any number of its modalities (``apply``)."""
 
     def __init__(self, jitter=0.4, hue=0.1, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
         self.jitter, self.hue = jitter, hue
@@ -174,20 +170,17 @@ def _on_views(x, mask, fn):
 
 def normalize(x):
     """ImageNet mean/std on ``[..., 3, H, W]`` float in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
     return (x - mean) / std
 
 
 class DeviceAugment:
-    """The device side of a batch: uint8 views -> photometric (strong views) -> normalised float.
-
-    ``batch[m]`` uint8 ``[B, V, T, 3, H, W]`` with ``batch['strong']`` ``[B, V]``, local clips
-    ``batch[m + '_local']`` ``[B, 2, L, T/L, 3, H, W]`` with ``batch['local_strong']`` ``[B, 2, L]``
-    -> float ``[B, V, 3, T, H, W]`` / ``[B, 2, L, 3, T/L, H, W]`` under the same keys, each clip in
-    ``memory_format``. One draw per view (or local clip) serves its RGB and flow frames
-    (``photometric_on_flow``, the reference's behaviour) or RGB only; draws come from the
-    augmenter's own generator (``reseed``), whatever else uses the global one."""
+    """The device side of a batch: uint8 ``batch[m]`` ``[B, V, T, 3, H, W]`` and local clips
+    ``batch[m + '_local']`` ``[B, 2, L, T/L, 3, H, W]`` -> normalised float ``[B, V, 3, T, H, W]``
+    / ``[B, 2, L, 3, T/L, H, W]`` in ``memory_format``; the photometric steps on the views that
+    ``batch['strong']`` / ``batch['local_strong']`` mark, one draw for a view's RGB and (if
+    ``photometric_on_flow``) flow, from the augmenter's own generator (``reseed``)."""
 
     def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format,
                  photometric=None, seed=0):

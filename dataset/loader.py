@@ -1,10 +1,7 @@
-"""The training loader: one stream of seeded batches from the first epoch to the last.
-
-Each sample is drawn from a generator seeded for it alone (run seed, epoch, rank, position), so it
-does not depend on the workers, and a resumed run repeats the uninterrupted one. One iterator
-serves all epochs: the workers make the next epoch's first batches while this epoch ends
-(bench/loader_epochs.py: a fifth of each demo epoch was spent waiting otherwise).
-"""
+"""The training loader: seeded batches (docs/METHOD.md, Sampling: a seed per sample, so a resumed
+run repeats the uninterrupted one) in one stream over all epochs: the workers make the next
+epoch's first batches while this epoch ends (bench/loader_epochs.py: a fifth of each demo epoch
+was spent waiting otherwise)."""
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
@@ -17,9 +14,6 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset):
         self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, key):
         index, seed = key
@@ -36,9 +30,6 @@ class EpochBatches(Sampler):
         self.shard, self.batch_size, self.steps = shard, batch_size, steps
         self.seed, self.rank = seed, rank
         self.start = self.end = 0
-
-    def __len__(self):
-        return max(self.end - self.start, 0) * self.steps
 
     def __iter__(self):
         for epoch in range(self.start, self.end):

@@ -12,12 +12,9 @@ def min_frames(seq_len, ds, strict=False):
 
 
 def _padded(num_frames, seq_len, ds):
-    # Frames 0, ds, 2ds, ... that exist, right-aligned; missing leading slots repeat frame 0.
-    seq = torch.arange(seq_len) * ds
-    seq = seq[seq < num_frames]
-    out = torch.zeros(seq_len, dtype=torch.long)
-    out[seq_len - len(seq):] = seq
-    return out
+    # Frames 0, ds, 2ds, ... that exist (n <= window), right-aligned; leading slots repeat frame 0.
+    missing = seq_len - (num_frames + ds - 1) // ds
+    return (torch.arange(seq_len) - missing).clamp(min=0) * ds
 
 
 def train_indices(num_frames, seq_len, ds, generator=None):
