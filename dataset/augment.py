@@ -15,14 +15,12 @@ def sample_crop(height, width, generator=None, scale=(0.2, 1.0), swap_prob=0.5):
     """Random resized crop box ``(top, left, h, w)`` in fractions of the frame, as the reference
     draws it (area in ``scale``, aspect uniform in [3/4, 4/3], w/h swapped with ``swap_prob``);
     after 10 misses the centred square of the short side."""
-    def rand():
-        return float(torch.rand((), generator=generator))
-
     for _ in range(10):
-        target = height * width * (scale[0] + (scale[1] - scale[0]) * rand())
-        aspect = 3 / 4 + (4 / 3 - 3 / 4) * rand()
+        area, aspect, swap = torch.rand(3, generator=generator).tolist()
+        target = height * width * (scale[0] + (scale[1] - scale[0]) * area)
+        aspect = 3 / 4 + (4 / 3 - 3 / 4) * aspect
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if rand() < swap_prob:
+        if swap < swap_prob:
             w, h = h, w
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator))

@@ -200,10 +200,12 @@ class LMDBWriter:
         if os.path.exists(self.path) and not overwrite:
             raise UserError(f'{self.path} exists; remove it or pass overwrite')
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._remove_tmp()
-        # No fsync per video: close() syncs once before the rename that publishes the file.
+        if os.path.exists(self.tmp):   # left by an interrupted run
+            os.remove(self.tmp)
+        # One writer, so no lock file; no fsync per video: close() syncs once before the rename
+        # that publishes the file.
         self._env = lmdb.open(self.tmp, subdir=False, map_size=1 << 30, meminit=False,
-                              map_async=True, sync=False)
+                              map_async=True, sync=False, lock=False)
         self.names, self.vlen = [], []
 
     def put(self, name, frames):
@@ -226,32 +228,26 @@ class LMDBWriter:
             self._env.set_mapsize(self._env.info()['map_size'] * 2)
             self._put(key, value)
 
-    def _remove_tmp(self):
-        for p in (self.tmp, self.tmp + '-lock'):
-            if os.path.exists(p):
-                os.remove(p)
-
     def close(self):
-        self._put(b'__keys__', msgpack.dumps([b'%09d' % i for i in range(len(self.names))]))
-        self._put(b'__len__', msgpack.dumps(len(self.names)))
-        self._put(b'__order__', msgpack.dumps(self.names))
-        self._put(b'__vlen__', msgpack.dumps(self.vlen))
+        self.put_meta('keys', [b'%09d' % i for i in range(len(self.names))])
+        self.put_meta('len', len(self.names))
+        self.put_meta('order', self.names)
+        self.put_meta('vlen', self.vlen)
         self._env.sync(True)
         self._env.close()
         if os.path.isdir(self.path):
             shutil.rmtree(self.path)
         os.replace(self.tmp, self.path)
-        self._remove_tmp()
-
-    def abort(self):
-        self._env.close()
-        self._remove_tmp()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.close() if exc_type is None else self.abort()
+        if exc_type is None:
+            self.close()
+        else:   # interrupted: nothing is published
+            self._env.close()
+            os.remove(self.tmp)
 
 
 FLOW_BOUND = 20.0  # docs/METHOD.md, Data: flow clipped to [-20, 20] px before it becomes a byte
@@ -264,8 +260,3 @@ def quantize_flow(flow):
     scale = 255 / (2 * FLOW_BOUND)
     q = np.rint((np.clip(flow, -FLOW_BOUND, FLOW_BOUND) + FLOW_BOUND) * scale).astype(np.uint8)
     return np.concatenate([q, np.full_like(q[..., :1, :, :], 128)], axis=-3)
-
-
-def dequantize_flow(frames):
-    """uint8 flow frames ``[..., 3, H, W]`` (tensor) -> flow in pixels, float ``[..., 2, H, W]``."""
-    return frames[..., :2, :, :].float() * (2 * FLOW_BOUND / 255) - FLOW_BOUND

@@ -32,8 +32,7 @@ class DatasetName:
 
     @classmethod
     def parse(cls, name):
-        # Strip the trailing suffixes in any order, then rebuild the name in the grammar's
-        # order: a name that differs (misordered or repeated suffixes) gets the right spelling.
+        # Strip the suffixes in any order: a name not in the grammar's order gets its spelling.
         base, found = name, set()
         while suffix := next((s for s in cls.SUFFIXES if base.endswith(s)), None):
             base, found = base.removesuffix(suffix), found | {suffix}
@@ -50,9 +49,8 @@ class DatasetName:
 
 
 def layout(data_root, base, split, split_dir=None):
-    """Paths of a dataset folder (docs/METHOD.md, Data), ``csv``, ``rgb`` and ``flow`` by mode
-    ('train', 'test'); ``folder`` (``split_dir`` if given) holds the split files. Kinetics-style
-    folders have one LMDB per part and {train,val}_split.csv, val being the test part."""
+    """Paths of a dataset folder (docs/METHOD.md, Data): ``csv``, ``rgb`` and ``flow`` by mode
+    ('train', 'test', Kinetics' val); ``folder`` (``split_dir`` if given) holds the split files."""
     data = Path(data_root) / base
     folder = Path(split_dir) if split_dir is not None else data
     kinetics = (any((data / f'{base}{kind}_frame_train.lmdb').exists() for kind in ('', '_tvl1'))
@@ -153,8 +151,7 @@ class VideoDataset(Dataset):
         item.update(strong=strong, frame_index=inverse)
         self._plan_geometry(item, h, w, (self.views,))
         if self.local_segments:
-            # Local clip j of a view: its j-th run of T/L frames, with its own crop, flip and
-            # strong/weak draw, as a 2-view sample of its own (docs/METHOD.md, Local clips).
+            # Local clip j of a view: its j-th T/L frames (docs/METHOD.md, Local clips).
             L = self.local_segments
             item['local_strong'] = torch.stack([self._pair_strong()[1] for _ in range(L)], 1)
             self._plan_geometry(item, h, w, (2, L), 'local_')
@@ -184,10 +181,9 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
     index = plan['frame_index']
     stacked = isinstance(frames, torch.Tensor)   # [N, H, W, 3]: frames stacked on the device
     height, width = frames.shape[1:3] if stacked else frames[0].shape[-2:]
-    device = frames.device if stacked else frames[0].device
     if out is None:
-        out = augment.channels_last_empty(*index.shape, size=img_dim, device=device)
-    index_on_device = index.to(device, non_blocking=True)
+        out = augment.channels_last_empty(*index.shape, size=img_dim, device=frames[0].device)
+    index_on_device = index.to(frames[0].device, non_blocking=True)
     for v, idx in enumerate(index.tolist()):
         # Only each frame's crop is copied, into one channels-last batch the resize reads as it
         # is; on the device (launches cost more than bytes) in one indexing call per view.
@@ -223,9 +219,8 @@ def collate(items):
 
 
 def _split_names(info, spec, mode, split, first, dataset):
-    """Names of the split's videos and their derived UCF101 sources (None unless derived): from
-    the split CSV; for UCF101 without one, derived from the names in ``first``; for Kinetics
-    without one, every video of ``first`` (its LMDB is one part)."""
+    """(names, derived sources or None): from the split CSV; without one, UCF101's derived from
+    the names in ``first``, Kinetics' every video of ``first`` (its LMDB is one part)."""
     csv = info['csv'][mode]
     if csv.exists():
         names = splits.read_split(csv)
