@@ -50,8 +50,9 @@ def resize(frames, size):
         return frames
     if frames.device.type == 'cpu':
         # uint8 channels-last images (as crops of decoded frames) directly: several times faster
-        x = frames if frames.stride(-3) == 1 else frames.contiguous(memory_format=torch.channels_last)
-        return F.interpolate(x, size=size, mode='bicubic', align_corners=False, antialias=True)
+        if frames.stride(-3) != 1:
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(frames, size=size, mode='bicubic', align_corners=False, antialias=True)
     x = F.interpolate(frames.float(), size=size, mode='bicubic', align_corners=False,
                       antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8)

@@ -122,8 +122,7 @@ class VideoLMDB:
 
     def read(self, name, indices):
         """Decoded RGB frames: uint8 tensor ``[len(indices), 3, H, W]``."""
-        return decode_frames(self.read_bytes(name, indices), name=name, indices=indices,
-                             source=self.path)
+        return decode_frames(self.read_bytes(name, indices), name, indices, self.path)
 
 
 def decode_frames(jpegs, name='?', indices=None, source='?', stack=True):

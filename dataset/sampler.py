@@ -27,9 +27,8 @@ def train_indices(num_frames, seq_len, ds, generator=None):
 
 
 def test_windows(num_frames, seq_len, ds):
-    """Every clip of a video for testing: windows at a step of ``window/2 - 1``; ``[W, seq_len]``."""
+    """Test clips of a video, ``[W, seq_len]``: every window at a step of ``window/2 - 1``."""
     window = seq_len * ds
     if num_frames <= window:
         return _padded(num_frames, seq_len, ds)[None]
-    starts = torch.arange(0, num_frames - window + 1, max(window // 2 - 1, 1))
-    return starts[:, None] + torch.arange(seq_len)[None] * ds
+    return torch.arange(num_frames).unfold(0, window, max(window // 2 - 1, 1))[:, ::ds]

@@ -2,7 +2,6 @@
 ``<name>[-f][-2stream][-2clip]`` (``-f`` flow only, ``-2stream`` RGB and flow, ``-2clip`` two views
 per video); any ``<name>`` whose folder has the layout of docs/METHOD.md, Data, works."""
 import argparse
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +78,11 @@ class VideoDataset(Dataset):
         if local_segments and (mode != 'train' or views != 2 or seq_len % local_segments):
             raise UserError(f'{description}: local clips need 2 views in train mode and '
                             f'--seq_len {seq_len} divisible by --num_segments {local_segments}')
-        self.mode, self.views, self.seq_len, self.ds = mode, views, seq_len, ds
-        self.img_dim, self.crop_scale, self.decode = img_dim, crop_scale, decode
+        self.mode, self.views, self.seq_len, self.ds, self.decode = mode, views, seq_len, ds, decode
+        self.img_dim, self.crop_scale, self.test_windows = img_dim, crop_scale, test_windows
         self.strong_prob, self.two_clip_prob = strong_prob, two_clip_prob
         self.two_clip_strong_prob, self.negate_flow_flip = two_clip_strong_prob, negate_flow_flip
-        self.local_segments, self.test_windows = local_segments, test_windows
-        self.stored_size = stored_size
+        self.local_segments, self.stored_size = local_segments, stored_size
         self.lmdbs = {m: db if isinstance(db, VideoLMDB) else VideoLMDB(db)
                       for m, db in (('rgb', rgb_lmdb), ('flow', flow_lmdb)) if db is not None}
         need = sampler.min_frames(seq_len, ds, strict_min_frames)
@@ -113,7 +111,7 @@ class VideoDataset(Dataset):
 
     def _plan_geometry(self, item, h, w, lead, prefix=''):
         """Crop boxes and flips of ``lead`` clips, e.g. ``[V]`` views or ``[2, L]`` local clips."""
-        n = math.prod(lead)
+        n = torch.Size(lead).numel()
         boxes = [augment.sample_crop(h, w, scale=self.crop_scale) for _ in range(n)]
         item[prefix + 'boxes'] = torch.tensor(boxes).view(*lead, 4)
         item[prefix + 'flips'] = (torch.rand(n) < 0.5).view(lead)
@@ -298,7 +296,8 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         classes = {c: i for i, c in enumerate(sorted({n.split('/')[0] for n in every}))}
     unknown = next((n for n in names if n.split('/')[0] not in classes), None)
     if unknown:
-        raise UserError(f'class {unknown.split("/")[0]!r} of video {unknown!r} is not in {class_file}')
+        raise UserError(f'class {unknown.split("/")[0]!r} of video {unknown!r} is not in '
+                        f'{class_file}')
     labels = [classes[n.split('/')[0]] for n in names]
     source_file = info['folder'] / 'video_source.json'
     source_of = (splits.read_video_source(source_file) if source_file.exists()
@@ -324,16 +323,14 @@ def add_data_args(parser, dataset_default, dataset_help):
     """The data flags every script shares (same names in pretraining and evaluation)."""
     g = parser.add_argument_group('data')
     g.add_argument('--dataset', default=dataset_default, help=dataset_help)
-    g.add_argument('--data_root',
-                   help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
-                        'data/ in the project folder')
+    g.add_argument('--data_root', help='folder holding <name>/<name>_frame.lmdb ...; default '
+                   '$CVTCL_DATA_ROOT or data/ in the project folder')
     g.add_argument('--which_split', type=POSITIVE, default=1,
                    help='split k: train_split0k.csv / test_split0k.csv')
     g.add_argument('--seq_len', type=POSITIVE, default=32, help='frames per clip')
     g.add_argument('--ds', type=POSITIVE, default=1, help='frame stride of a clip')
-    g.add_argument('--img_dim', type=POSITIVE, default=128,
-                   help='crop size in pixels; test frames are resized to a short side of '
-                        'round(img_dim * 8 / 7) before cropping')
+    g.add_argument('--img_dim', type=POSITIVE, default=128, help='crop size in pixels; test '
+                   'frames are resized to a short side of round(img_dim * 8 / 7) before cropping')
     g.add_argument('-j', '--workers', type=NON_NEGATIVE, default=8,
                    help='data-loader workers per process')
     g.add_argument('--legacy_flow_flip', action=argparse.BooleanOptionalAction, default=False,
@@ -362,8 +359,7 @@ def modality_of(dataset, reverse=False):
 
 
 def recorded_modality(record):
-    """The modality that saved arguments (a checkpoint's ``args``, a result file's ``meta``)
-    record through ``dataset`` and ``reverse``; None when they record none."""
+    """The modality of saved arguments (a checkpoint's ``args``, a result's ``meta``) or None."""
     try:
         return modality_of(record['dataset'], record.get('reverse'))
     except (TypeError, KeyError, AttributeError, UserError):
