@@ -103,13 +103,11 @@ def _gaussian_blur(x, sigma, radius):
     n, t, c, hh, ww = x.shape
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
-    k = k / k.sum(1, keepdim=True)                                  # [N, K]
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)[:, None, :, None]   # [N*3, 1, K, 1]
     # Fold views into channels so one grouped convolution blurs each view with its own kernel.
     y = x.permute(1, 0, 2, 3, 4).reshape(t, n * c, hh, ww)
-    kh = k.repeat_interleave(c, 0)[:, None, :, None]                # [N*3, 1, K, 1]
-    kw = k.repeat_interleave(c, 0)[:, None, None, :]                # [N*3, 1, 1, K]
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode='reflect'), kh, groups=n * c)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode='reflect'), kw, groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode='reflect'), k, groups=n * c)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode='reflect'), k.mT, groups=n * c)
     return y.reshape(t, n, c, hh, ww).permute(1, 0, 2, 3, 4)
 
 

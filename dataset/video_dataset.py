@@ -225,14 +225,13 @@ def _split_names(info, spec, mode, split, first, dataset):
         if not names:
             raise UserError(f'dataset {dataset!r}: split file {csv} lists no videos (rows of 0 '
                             f'frames do not count)')
-        train_csv = info['csv']['train']
-        if mode == 'test' and train_csv.exists():   # trained on, then scored as unseen?
-            trained = set(splits.read_split(train_csv))
-            both = [n for n in names if n in trained]
-            if both:
-                raise UserError(f'dataset {dataset!r}: {len(both)} video(s) are in both '
-                                f'{train_csv} and {csv}, e.g. {both[0]!r}; a test video must '
-                                f'not be a training video')
+        train_csv = info['csv']['train']   # a test video trained on would be scored as unseen
+        trained = set(splits.read_split(train_csv)) if mode == 'test' and train_csv.exists() else ()
+        both = [n for n in names if n in trained]
+        if both:
+            raise UserError(f'dataset {dataset!r}: {len(both)} video(s) are in both {train_csv} '
+                            f'and {csv}, e.g. {both[0]!r}; a test video must not be a training '
+                            f'video')
         return names, None
     if spec.base.startswith('ucf101'):
         # The published UCF101 tars hold no split files; they follow from the names.
