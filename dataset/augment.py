@@ -1,7 +1,5 @@
-"""Augmentation (docs/METHOD.md, Data). Geometry (crop, resize, flip) runs on uint8 frames where
-they are decoded, one draw per view for all its frames, RGB and flow (boxes are relative, so
-modalities of different sizes stay aligned); the photometric steps of "strong" views and the
-normalisation run batched on the training device."""
+"""Augmentation (docs/METHOD.md, Augmentation): geometry on uint8 frames where they are decoded
+(boxes relative to the frame); photometric steps and normalisation batched on the device."""
 import math
 
 import torch

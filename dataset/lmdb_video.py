@@ -1,7 +1,5 @@
-"""Video LMDB in the format of the published CoCLR/CVTCL tars (docs/METHOD.md, Data): key
-``b'%09d' % i`` -> msgpack array of the JPEG frames of video i; metadata ``__keys__`` (insertion
-order), ``__len__``, ``__order__`` (names ``class/video``, name i under key i) and ``__vlen__``
-(frame counts aligned with ``__keys__``, *not* with ``__order__``)."""
+"""Video LMDB in the format of the published CoCLR/CVTCL tars (docs/METHOD.md, Data): video i of
+``__order__`` under key ``b'%09d' % i``; ``__vlen__`` follows ``__keys__``, *not* ``__order__``."""
 import io
 import os
 import shutil
@@ -77,18 +75,15 @@ class VideoLMDB:
             raise UserError(f'{self.path}: LMDB has no {", ".join(missing)} record; it is not a '
                             f'video LMDB of the CoCLR format (docs/METHOD.md, Data), or was '
                             f'written by an interrupted run')
-        keys = [_to_str(k) for k in msgpack.loads(meta[b'__keys__'])]
-        vlen = [int(v) for v in msgpack.loads(meta[b'__vlen__'])]
+        frames_of_key = dict(zip((_to_str(k) for k in msgpack.loads(meta[b'__keys__'])),
+                                 (int(v) for v in msgpack.loads(meta[b'__vlen__']))))
         self.names = [_to_str(n) for n in msgpack.loads(meta[b'__order__'])]
-        if len(keys) != len(vlen):
-            raise UserError(f'{self.path}: __keys__ has {len(keys)} entries but __vlen__ '
-                            f'has {len(vlen)}')
-        frames_of_key = dict(zip(keys, vlen))
         self._index = {n: i for i, n in enumerate(self.names)}
         lost = next((i for i in range(len(self.names)) if '%09d' % i not in frames_of_key), None)
-        if lost is not None:
+        if lost is not None:   # also where __vlen__ is shorter than __keys__
             raise UserError(f'{self.path}: video {self.names[lost]!r} (position {lost} of '
-                            f'__order__) has no key {lost:09d} in __keys__')
+                            f'__order__) has no key {lost:09d} in __keys__ with a frame count '
+                            f'in __vlen__')
         self._num_frames = [frames_of_key['%09d' % i] for i in range(len(self.names))]
         self._env = self._pid = None
 

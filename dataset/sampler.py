@@ -1,6 +1,5 @@
-"""The one frame sampler (docs/METHOD.md, Data): the frame indices of a clip, ``seq_len`` frames
-at stride ``ds`` spanning ``window = seq_len * ds`` frames; a video of at most ``window`` frames
-is padded on the left with its first frame."""
+"""The one frame sampler (docs/METHOD.md, Sampling): a clip's frame indices, ``seq_len`` frames at
+stride ``ds`` spanning ``window = seq_len * ds``."""
 import torch
 
 

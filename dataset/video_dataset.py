@@ -150,9 +150,9 @@ class VideoDataset(Dataset):
         self._plan_geometry(item, h, w, (self.views,))
         if self.local_segments:
             # Local clip j of a view: its j-th T/L frames (docs/METHOD.md, Local clips).
-            L = self.local_segments
-            item['local_strong'] = torch.stack([self._pair_strong()[1] for _ in range(L)], 1)
-            self._plan_geometry(item, h, w, (2, L), 'local_')
+            item['local_strong'] = torch.stack(
+                [self._pair_strong()[1] for _ in range(self.local_segments)], 1)
+            self._plan_geometry(item, h, w, (2, self.local_segments), 'local_')
         if self.decode == 'device':
             # Workers only read bytes; decoding and geometry happen batched on the GPU.
             item['jpeg'] = {m: pack_jpegs(b) for m, b in jpegs.items()}
@@ -256,8 +256,8 @@ def _split_names(info, spec, mode, split, first, dataset):
                     f'`python -m dataset.prepare splits ...` (see README, Data)')
 
 
-def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, split=1,
-                  rgb_lmdb=None, flow_lmdb=None, split_dir=None, **options):
+def build_dataset(name, mode, *, data_root=None, split=1, rgb_lmdb=None, flow_lmdb=None,
+                  split_dir=None, **options):
     """The dataset named ``name`` in ``mode`` ('train' or 'test'). ``rgb_lmdb``/``flow_lmdb``/
     ``split_dir`` override the layout under ``data_root``; other options go to VideoDataset."""
     data_root = Path(data_root) if data_root is not None else default_data_root()
@@ -312,8 +312,7 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     data = VideoDataset(
         names=names, labels=labels, sources=sources, rgb_lmdb=lmdbs.get('rgb'),
         flow_lmdb=lmdbs.get('flow'), mode=mode, views=spec.views if mode == 'train' else 1,
-        seq_len=seq_len, ds=ds, img_dim=img_dim, strict_min_frames=info['kinetics'],
-        description=f'dataset {name!r}', **options)
+        strict_min_frames=info['kinetics'], description=f'dataset {name!r}', **options)
     data.num_classes, data.classes = len(classes), list(classes)
     return data
 
