@@ -31,7 +31,7 @@ class DatasetName:
 
     @classmethod
     def parse(cls, name):
-        # Strip the suffixes in any order: a name not in the grammar's order gets its spelling.
+        # Strip the suffixes in any order; a name that misorders or repeats them gets the right one.
         base, found = name, set()
         while suffix := next((s for s in cls.SUFFIXES if base.endswith(s)), None):
             base, found = base.removesuffix(suffix), found | {suffix}
