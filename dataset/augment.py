@@ -1,7 +1,5 @@
-"""Augmentation (docs/METHOD.md, Data). Geometry (crop, resize, flip) runs on uint8 frames where
-they are decoded, one draw per view for all its frames, RGB and flow (boxes are relative, so
-modalities of different sizes stay aligned); the photometric steps of "strong" views and the
-normalisation run batched on the training device."""
+"""Augmentation (docs/METHOD.md, Augmentation): geometry on uint8 frames where they are decoded
+(boxes relative to the frame); photometric steps and normalisation batched on the device."""
 import math
 
 import torch
@@ -15,14 +13,12 @@ def sample_crop(height, width, generator=None, scale=(0.2, 1.0), swap_prob=0.5):
     """Random resized crop box ``(top, left, h, w)`` in fractions of the frame, as the reference
     draws it (area in ``scale``, aspect uniform in [3/4, 4/3], w/h swapped with ``swap_prob``);
     after 10 misses the centred square of the short side."""
-    def rand():
-        return float(torch.rand((), generator=generator))
-
     for _ in range(10):
-        target = height * width * (scale[0] + (scale[1] - scale[0]) * rand())
-        aspect = 3 / 4 + (4 / 3 - 3 / 4) * rand()
+        area, aspect, swap = torch.rand(3, generator=generator).tolist()
+        target = height * width * (scale[0] + (scale[1] - scale[0]) * area)
+        aspect = 3 / 4 + (4 / 3 - 3 / 4) * aspect
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if rand() < swap_prob:
+        if swap < swap_prob:
             w, h = h, w
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
@@ -51,10 +47,10 @@ def resize(frames, size):
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
     if frames.device.type == 'cpu':
-        # uint8 channels-last images (a crop of decoded frames is one) are resized directly,
-        # several times cheaper than through float.
-        x = frames if frames.stride(-3) == 1 else frames.contiguous(memory_format=torch.channels_last)
-        return F.interpolate(x, size=size, mode='bicubic', align_corners=False, antialias=True)
+        # uint8 channels-last images (as crops of decoded frames) directly: several times faster
+        if frames.stride(-3) != 1:
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(frames, size=size, mode='bicubic', align_corners=False, antialias=True)
     x = F.interpolate(frames.float(), size=size, mode='bicubic', align_corners=False,
                       antialias=True)
     return x.round_().clamp_(0, 255).to(torch.uint8)
@@ -75,16 +71,15 @@ def flip_frames(frames, is_flow=False, negate_flow=True):
     return frames
 
 
-def _gray(x):
-    # ITU-R 601 luma with PIL's weights (contrast and saturation, as PIL computes them).
-    return (0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :])
-
-
 def _jitter(x, k, f):
     """Colour-jitter step ``k`` (brightness, contrast, saturation, hue) with factor ``f``."""
+    if k == 0:
+        return (f * x).clamp_(0, 1)
     if k == 3:
         return _hue(x, f)
-    target = 0 if k == 0 else _gray(x).mean(dim=(-3, -2, -1), keepdim=True) if k == 1 else _gray(x)
+    # ITU-R 601 luma with PIL's weights (contrast and saturation, as PIL computes them).
+    gray = 0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :]
+    target = gray.mean(dim=(-3, -2, -1), keepdim=True) if k == 1 else gray
     return (f * x + (1 - f) * target).clamp_(0, 1)
 
 
@@ -106,21 +101,17 @@ def _gaussian_blur(x, sigma, radius):
     n, t, c, hh, ww = x.shape
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
-    k = k / k.sum(1, keepdim=True)                                  # [N, K]
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)[:, None, :, None]   # [N*3, 1, K, 1]
     # Fold views into channels so one grouped convolution blurs each view with its own kernel.
     y = x.permute(1, 0, 2, 3, 4).reshape(t, n * c, hh, ww)
-    kh = k.repeat_interleave(c, 0)[:, None, :, None]                # [N*3, 1, K, 1]
-    kw = k.repeat_interleave(c, 0)[:, None, None, :]                # [N*3, 1, 1, K]
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode='reflect'), kh, groups=n * c)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode='reflect'), kw, groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode='reflect'), k, groups=n * c)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode='reflect'), k.mT, groups=n * c)
     return y.reshape(t, n, c, hh, ww).permute(1, 0, 2, 3, 4)
 
 
 class Photometric:
-    """Strong views' photometric steps, batched: colour jitter (p ``jitter_prob``) in a random
-    order, "grayscale" as the reference's (p ``gray_prob``: each frame becomes one of its
-    channels, drawn per frame), Gaussian blur (p ``blur_prob``, sigma uniform in [0.1, 2]); one
-    draw per view (``sample``) for any number of its modalities (``apply``)."""
+    """Strong views' photometric steps (docs/METHOD.md, Augmentation), batched: one draw per view
+    (``sample``) for any number of its modalities (``apply``)."""
 
     def __init__(self, jitter=0.4, hue=0.1, jitter_prob=0.8, gray_prob=0.2, blur_prob=0.5):
         self.jitter, self.hue = jitter, hue
@@ -174,20 +165,17 @@ def _on_views(x, mask, fn):
 
 def normalize(x):
     """ImageNet mean/std on ``[..., 3, H, W]`` float in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
     return (x - mean) / std
 
 
 class DeviceAugment:
-    """The device side of a batch: uint8 views -> photometric (strong views) -> normalised float.
-
-    ``batch[m]`` uint8 ``[B, V, T, 3, H, W]`` with ``batch['strong']`` ``[B, V]``, local clips
-    ``batch[m + '_local']`` ``[B, 2, L, T/L, 3, H, W]`` with ``batch['local_strong']`` ``[B, 2, L]``
-    -> float ``[B, V, 3, T, H, W]`` / ``[B, 2, L, 3, T/L, H, W]`` under the same keys, each clip in
-    ``memory_format``. One draw per view (or local clip) serves its RGB and flow frames
-    (``photometric_on_flow``, the reference's behaviour) or RGB only; draws come from the
-    augmenter's own generator (``reseed``), whatever else uses the global one."""
+    """The device side of a batch: uint8 ``batch[m]`` ``[B, V, T, 3, H, W]`` and local clips
+    ``batch[m + '_local']`` ``[B, 2, L, T/L, 3, H, W]`` -> normalised float ``[B, V, 3, T, H, W]``
+    / ``[B, 2, L, 3, T/L, H, W]`` in ``memory_format``; the photometric steps on the views that
+    ``batch['strong']`` / ``batch['local_strong']`` mark, one draw for a view's RGB and (if
+    ``photometric_on_flow``) flow, from the augmenter's own generator (``reseed``)."""
 
     def __init__(self, photometric_on_flow=True, memory_format=torch.contiguous_format,
                  photometric=None, seed=0):

@@ -1,7 +1,5 @@
-"""Video LMDB in the format of the published CoCLR/CVTCL tars (docs/METHOD.md, Data): key
-``b'%09d' % i`` -> msgpack array of the JPEG frames of video i; metadata ``__keys__`` (insertion
-order), ``__len__``, ``__order__`` (names ``class/video``, name i under key i) and ``__vlen__``
-(frame counts aligned with ``__keys__``, *not* with ``__order__``)."""
+"""Video LMDB in the format of the published CoCLR/CVTCL tars (docs/METHOD.md, Data): video i of
+``__order__`` under key ``b'%09d' % i``; ``__vlen__`` follows ``__keys__``, *not* ``__order__``."""
 import io
 import os
 import shutil
@@ -77,18 +75,15 @@ class VideoLMDB:
             raise UserError(f'{self.path}: LMDB has no {", ".join(missing)} record; it is not a '
                             f'video LMDB of the CoCLR format (docs/METHOD.md, Data), or was '
                             f'written by an interrupted run')
-        keys = [_to_str(k) for k in msgpack.loads(meta[b'__keys__'])]
-        vlen = [int(v) for v in msgpack.loads(meta[b'__vlen__'])]
+        frames_of_key = dict(zip((_to_str(k) for k in msgpack.loads(meta[b'__keys__'])),
+                                 (int(v) for v in msgpack.loads(meta[b'__vlen__']))))
         self.names = [_to_str(n) for n in msgpack.loads(meta[b'__order__'])]
-        if len(keys) != len(vlen):
-            raise UserError(f'{self.path}: __keys__ has {len(keys)} entries but __vlen__ '
-                            f'has {len(vlen)}')
-        frames_of_key = dict(zip(keys, vlen))
         self._index = {n: i for i, n in enumerate(self.names)}
         lost = next((i for i in range(len(self.names)) if '%09d' % i not in frames_of_key), None)
-        if lost is not None:
+        if lost is not None:   # also where __vlen__ is shorter than __keys__
             raise UserError(f'{self.path}: video {self.names[lost]!r} (position {lost} of '
-                            f'__order__) has no key {lost:09d} in __keys__')
+                            f'__order__) has no key {lost:09d} in __keys__ with a frame count '
+                            f'in __vlen__')
         self._num_frames = [frames_of_key['%09d' % i] for i in range(len(self.names))]
         self._env = self._pid = None
 
@@ -122,26 +117,23 @@ class VideoLMDB:
 
     def read(self, name, indices):
         """Decoded RGB frames: uint8 tensor ``[len(indices), 3, H, W]``."""
-        return decode_frames(self.read_bytes(name, indices), name=name, indices=indices,
-                             source=self.path)
+        return decode_frames(self.read_bytes(name, indices), name, indices, self.path)
 
 
-def decode_frames(jpegs, name='?', indices=None, source='?'):
-    """Batched decode of JPEG byte strings -> ``[N, 3, H, W]`` (channels last in memory)."""
+def decode_frames(jpegs, name='?', indices=None, source='?', stack=True):
+    """JPEGs of one video -> ``[N, 3, H, W]`` (channels last in memory), or if not ``stack`` the
+    list of ``[3, H, W]`` as decoded; a frame of another size than the first is an error."""
     imgs = decode_list(jpegs, name, indices, source)
-    check_same_size(imgs, name, indices, source)
-    # The decoder hands out channels-last images: stacked as such, with no copy.
-    return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
-
-
-def check_same_size(imgs, name, indices, source):
-    """Every decoded frame of a video must have the first frame's size."""
     shapes = [tuple(im.shape[1:]) for im in imgs]
-    j = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
+    j = next((j for j, shape in enumerate(shapes) if shape != shapes[0]), None)
     if j is not None:
         frame = indices[j] if indices is not None else j
         raise UserError(f'{source}: frame {int(frame)} of video {name!r} is {shapes[j]}, '
                         f'earlier frames {shapes[0]}')
+    if not stack:
+        return imgs
+    # The decoder hands out channels-last images: stacked as such, with no copy.
+    return torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
 
 
 def decode_list(jpegs, name='?', indices=None, source='?', device='cpu'):
@@ -183,11 +175,9 @@ def unpack_jpegs(data, offsets):
 def merge_packed(packed):
     """Several ``pack_jpegs`` results -> one ``(data, offsets, counts)``: a batch leaves a worker
     as three tensors, not two per sample (each costs a ~0.5 ms file-descriptor handshake)."""
-    data = torch.cat([d for d, _ in packed])
-    starts = torch.tensor([0] + [len(d) for d, _ in packed[:-1]]).cumsum(0)
-    offsets = torch.cat([o[:-1] + s for (_, o), s in zip(packed, starts)]
-                        + [torch.tensor([len(data)])])
-    return data, offsets, torch.tensor([len(o) - 1 for _, o in packed])
+    sizes = torch.cat([torch.zeros(1, dtype=torch.long)] + [o.diff() for _, o in packed])
+    return (torch.cat([d for d, _ in packed]), sizes.cumsum(0),
+            torch.tensor([len(o) - 1 for _, o in packed]))
 
 
 def encode_frames(frames, quality=90):
@@ -204,10 +194,12 @@ class LMDBWriter:
         if os.path.exists(self.path) and not overwrite:
             raise UserError(f'{self.path} exists; remove it or pass overwrite')
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._remove_tmp()
-        # No fsync per video: close() syncs once before the rename that publishes the file.
+        if os.path.exists(self.tmp):   # left by an interrupted run
+            os.remove(self.tmp)
+        # One writer, so no lock file; no fsync per video: close() syncs once before the rename
+        # that publishes the file.
         self._env = lmdb.open(self.tmp, subdir=False, map_size=1 << 30, meminit=False,
-                              map_async=True, sync=False)
+                              map_async=True, sync=False, lock=False)
         self.names, self.vlen = [], []
 
     def put(self, name, frames):
@@ -230,32 +222,26 @@ class LMDBWriter:
             self._env.set_mapsize(self._env.info()['map_size'] * 2)
             self._put(key, value)
 
-    def _remove_tmp(self):
-        for p in (self.tmp, self.tmp + '-lock'):
-            if os.path.exists(p):
-                os.remove(p)
-
     def close(self):
-        self._put(b'__keys__', msgpack.dumps([b'%09d' % i for i in range(len(self.names))]))
-        self._put(b'__len__', msgpack.dumps(len(self.names)))
-        self._put(b'__order__', msgpack.dumps(self.names))
-        self._put(b'__vlen__', msgpack.dumps(self.vlen))
+        self.put_meta('keys', [b'%09d' % i for i in range(len(self.names))])
+        self.put_meta('len', len(self.names))
+        self.put_meta('order', self.names)
+        self.put_meta('vlen', self.vlen)
         self._env.sync(True)
         self._env.close()
         if os.path.isdir(self.path):
             shutil.rmtree(self.path)
         os.replace(self.tmp, self.path)
-        self._remove_tmp()
-
-    def abort(self):
-        self._env.close()
-        self._remove_tmp()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.close() if exc_type is None else self.abort()
+        if exc_type is None:
+            self.close()
+        else:   # interrupted: nothing is published
+            self._env.close()
+            os.remove(self.tmp)
 
 
 FLOW_BOUND = 20.0  # docs/METHOD.md, Data: flow clipped to [-20, 20] px before it becomes a byte
@@ -268,8 +254,3 @@ def quantize_flow(flow):
     scale = 255 / (2 * FLOW_BOUND)
     q = np.rint((np.clip(flow, -FLOW_BOUND, FLOW_BOUND) + FLOW_BOUND) * scale).astype(np.uint8)
     return np.concatenate([q, np.full_like(q[..., :1, :, :], 128)], axis=-3)
-
-
-def dequantize_flow(frames):
-    """uint8 flow frames ``[..., 3, H, W]`` (tensor) -> flow in pixels, float ``[..., 2, H, W]``."""
-    return frames[..., :2, :, :].float() * (2 * FLOW_BOUND / 255) - FLOW_BOUND

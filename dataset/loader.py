@@ -1,10 +1,7 @@
-"""The training loader: one stream of seeded batches from the first epoch to the last.
-
-Each sample is drawn from a generator seeded for it alone (run seed, epoch, rank, position), so it
-does not depend on the workers, and a resumed run repeats the uninterrupted one. One iterator
-serves all epochs: the workers make the next epoch's first batches while this epoch ends
-(bench/loader_epochs.py: a fifth of each demo epoch was spent waiting otherwise).
-"""
+"""The training loader: seeded batches (docs/METHOD.md, Sampling: a seed per sample, so a resumed
+run repeats the uninterrupted one) in one stream over all epochs: the workers make the next
+epoch's first batches while this epoch ends (bench/loader_epochs.py: a fifth of each demo epoch
+was spent waiting otherwise)."""
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
@@ -18,9 +15,6 @@ class SeededDataset(torch.utils.data.Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
 
-    def __len__(self):
-        return len(self.dataset)
-
     def __getitem__(self, key):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
@@ -29,22 +23,18 @@ class SeededDataset(torch.utils.data.Dataset):
 
 
 class EpochBatches(Sampler):
-    """``steps`` batches of ``(index, seed)`` keys of ``rank``'s shard of each epoch's shuffle,
-    for epochs ``start`` to ``end - 1``."""
+    """``steps`` batches of ``(index, seed)`` keys for epochs ``start`` to ``end - 1``, from
+    ``shard`` (a DistributedSampler: the rank's part of each epoch's shuffle, the run's seed)."""
 
-    def __init__(self, shard, batch_size, steps, seed, rank):
+    def __init__(self, shard, batch_size, steps):
         self.shard, self.batch_size, self.steps = shard, batch_size, steps
-        self.seed, self.rank = seed, rank
         self.start = self.end = 0
-
-    def __len__(self):
-        return max(self.end - self.start, 0) * self.steps
 
     def __iter__(self):
         for epoch in range(self.start, self.end):
             self.shard.set_epoch(epoch)
             indices = list(self.shard)[:self.steps * self.batch_size]
-            root = epoch_seed(self.seed, epoch, self.rank) * 10_000_019
+            root = epoch_seed(self.shard.seed, epoch, self.shard.rank) * 10_000_019
             keys = [(index, (root + position) % 2 ** 63) for position, index in enumerate(indices)]
             for b in range(0, len(keys), self.batch_size):
                 yield keys[b:b + self.batch_size]
@@ -65,7 +55,7 @@ class TrainLoader:
                             f'of {batch_size} (--batch_size)')
         self.steps = min(whole, max_steps) if max_steps else whole
         self.epochs = epochs
-        self.batches = EpochBatches(shard, batch_size, self.steps, seed, rank)
+        self.batches = EpochBatches(shard, batch_size, self.steps)
         self.loader = DataLoader(SeededDataset(dataset), batch_sampler=self.batches,
                                  num_workers=workers, pin_memory=pin_memory,
                                  worker_init_fn=seed_worker, collate_fn=collate,

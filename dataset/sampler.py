@@ -1,6 +1,5 @@
-"""The one frame sampler (docs/METHOD.md, Data): the frame indices of a clip, ``seq_len`` frames
-at stride ``ds`` spanning ``window = seq_len * ds`` frames; a video of at most ``window`` frames
-is padded on the left with its first frame."""
+"""The one frame sampler (docs/METHOD.md, Sampling): a clip's frame indices, ``seq_len`` frames at
+stride ``ds`` spanning ``window = seq_len * ds``."""
 import torch
 
 
@@ -12,12 +11,9 @@ def min_frames(seq_len, ds, strict=False):
 
 
 def _padded(num_frames, seq_len, ds):
-    # Frames 0, ds, 2ds, ... that exist, right-aligned; missing leading slots repeat frame 0.
-    seq = torch.arange(seq_len) * ds
-    seq = seq[seq < num_frames]
-    out = torch.zeros(seq_len, dtype=torch.long)
-    out[seq_len - len(seq):] = seq
-    return out
+    # Frames 0, ds, 2ds, ... that exist (n <= window), right-aligned; leading slots repeat frame 0.
+    missing = seq_len - (num_frames + ds - 1) // ds
+    return (torch.arange(seq_len) - missing).clamp(min=0) * ds
 
 
 def train_indices(num_frames, seq_len, ds, generator=None):
@@ -30,9 +26,8 @@ def train_indices(num_frames, seq_len, ds, generator=None):
 
 
 def test_windows(num_frames, seq_len, ds):
-    """Every clip of a video for testing: windows at a step of ``window/2 - 1``; ``[W, seq_len]``."""
+    """Test clips of a video, ``[W, seq_len]``: every window at a step of ``window/2 - 1``."""
     window = seq_len * ds
     if num_frames <= window:
         return _padded(num_frames, seq_len, ds)[None]
-    starts = torch.arange(0, num_frames - window + 1, max(window // 2 - 1, 1))
-    return starts[:, None] + torch.arange(seq_len)[None] * ds
+    return torch.arange(num_frames).unfold(0, window, max(window // 2 - 1, 1))[:, ::ds]

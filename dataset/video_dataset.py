@@ -2,7 +2,6 @@
 ``<name>[-f][-2stream][-2clip]`` (``-f`` flow only, ``-2stream`` RGB and flow, ``-2clip`` two views
 per video); any ``<name>`` whose folder has the layout of docs/METHOD.md, Data, works."""
 import argparse
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from torch.utils.data import Dataset, default_collate
 from utils.config import NON_NEGATIVE, POSITIVE
 from utils.misc import PROJECT_ROOT, UserError
 from . import augment, sampler, splits
-from .lmdb_video import VideoLMDB, check_same_size, decode_list, jpeg_size, merge_packed, pack_jpegs
+from .lmdb_video import VideoLMDB, decode_frames, jpeg_size, merge_packed, pack_jpegs
 
 
 def default_data_root():
@@ -32,8 +31,7 @@ class DatasetName:
 
     @classmethod
     def parse(cls, name):
-        # Strip the trailing suffixes in any order, then rebuild the name in the grammar's
-        # order: a name that differs (misordered or repeated suffixes) gets the right spelling.
+        # Strip the suffixes in any order; a name that misorders or repeats them gets the right one.
         base, found = name, set()
         while suffix := next((s for s in cls.SUFFIXES if base.endswith(s)), None):
             base, found = base.removesuffix(suffix), found | {suffix}
@@ -49,20 +47,20 @@ class DatasetName:
                    views=2 if '-2clip' in found else 1)
 
 
-def layout(data_root, base, mode, split, split_dir=None):
-    """Paths of a dataset folder for ``mode`` ('train' or 'test'); ``folder`` (``split_dir`` if
-    given) holds the split files ``csv[mode]``, ``{train,test}_split0k.csv``; Kinetics-style
-    folders have one LMDB per part and {train,val}_split.csv, val being the test part."""
+def layout(data_root, base, split, split_dir=None):
+    """Paths of a dataset folder (docs/METHOD.md, Data): ``csv``, ``rgb`` and ``flow`` by mode
+    ('train', 'test', Kinetics' val); ``folder`` (``split_dir`` if given) holds the split files."""
     data = Path(data_root) / base
     folder = Path(split_dir) if split_dir is not None else data
     kinetics = (any((data / f'{base}{kind}_frame_train.lmdb').exists() for kind in ('', '_tvl1'))
                 or (folder / 'train_split.csv').exists())
     part = {'train': 'train', 'test': 'val' if kinetics else 'test'}
-    suffix = f'_{part[mode]}' if kinetics else ''
     number = '' if kinetics else f'{split:02d}'
-    return {'folder': folder, 'rgb': data / f'{base}_frame{suffix}.lmdb',
-            'flow': data / f'{base}_tvl1_frame{suffix}.lmdb', 'kinetics': kinetics,
-            'csv': {m: folder / f'{p}_split{number}.csv' for m, p in part.items()}}
+    lmdb = {m: f'_frame_{p}.lmdb' if kinetics else '_frame.lmdb' for m, p in part.items()}
+    return {'folder': folder, 'kinetics': kinetics,
+            'csv': {m: folder / f'{p}_split{number}.csv' for m, p in part.items()},
+            'rgb': {m: data / f'{base}{end}' for m, end in lmdb.items()},
+            'flow': {m: data / f'{base}_tvl1{end}' for m, end in lmdb.items()}}
 
 
 class VideoDataset(Dataset):
@@ -77,27 +75,25 @@ class VideoDataset(Dataset):
                  two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
                  crop_scale=(0.2, 1.0), decode='cpu', local_segments=0, description='dataset',
                  test_windows='all', stored_size=False):
-        self.mode, self.views, self.seq_len, self.ds = mode, views, seq_len, ds
-        self.img_dim, self.crop_scale, self.decode = img_dim, crop_scale, decode
-        self.strong_prob, self.two_clip_prob = strong_prob, two_clip_prob
-        self.two_clip_strong_prob, self.negate_flow_flip = two_clip_strong_prob, negate_flow_flip
         if local_segments and (mode != 'train' or views != 2 or seq_len % local_segments):
             raise UserError(f'{description}: local clips need 2 views in train mode and '
                             f'--seq_len {seq_len} divisible by --num_segments {local_segments}')
-        self.local_segments = local_segments
+        self.mode, self.views, self.seq_len, self.ds, self.decode = mode, views, seq_len, ds, decode
+        self.img_dim, self.crop_scale, self.test_windows = img_dim, crop_scale, test_windows
+        self.strong_prob, self.two_clip_prob = strong_prob, two_clip_prob
+        self.two_clip_strong_prob, self.negate_flow_flip = two_clip_strong_prob, negate_flow_flip
+        self.local_segments, self.stored_size = local_segments, stored_size
         self.lmdbs = {m: db if isinstance(db, VideoLMDB) else VideoLMDB(db)
                       for m, db in (('rgb', rgb_lmdb), ('flow', flow_lmdb)) if db is not None}
-        self.test_windows, self.stored_size = test_windows, stored_size
         need = sampler.min_frames(seq_len, ds, strict_min_frames)
-        keep = [i for i, n in enumerate(names) if self._length(n) >= need]
-        self.dropped = sorted(set(names) - {names[i] for i in keep})
-        if not keep:
+        lengths = [self._length(n) for n in names]
+        if max(lengths) < need:
             raise UserError(f'{description}: no video has the {need} frames a clip of --seq_len '
-                            f'{seq_len} at --ds {ds} needs (longest: '
-                            f'{max(self._length(n) for n in names)})')
-        self.names = [names[i] for i in keep]
-        self.labels = [int(labels[i]) for i in keep]
-        self.sources = [int(sources[i]) for i in keep]
+                            f'{seq_len} at --ds {ds} needs (longest: {max(lengths)})')
+        keep = [i for i, k in enumerate(lengths) if k >= need]
+        self.dropped = sorted(names[i] for i, k in enumerate(lengths) if k < need)
+        self.names, self.labels, self.sources = (
+            [column[i] for i in keep] for column in (names, labels, sources))
 
     def _length(self, name):
         # Two-stream: the flow video is usually one frame shorter; use the shorter length.
@@ -107,8 +103,7 @@ class VideoDataset(Dataset):
         return len(self.names)
 
     def _pair_strong(self):
-        """Whether a 2-view sample is two clips (share ``two_clip_prob``; each view strong with
-        ``two_clip_strong_prob``) or one clip seen twice (one view strong); its flags ``[2]``."""
+        """(two clips?, strong flags ``[2]``) of a 2-view sample (docs/METHOD.md, Augmentation)."""
         if bool(torch.rand(()) < self.two_clip_prob):
             return True, torch.rand(2) < self.two_clip_strong_prob
         strong_first = bool(torch.rand(()) < 0.5)
@@ -116,7 +111,7 @@ class VideoDataset(Dataset):
 
     def _plan_geometry(self, item, h, w, lead, prefix=''):
         """Crop boxes and flips of ``lead`` clips, e.g. ``[V]`` views or ``[2, L]`` local clips."""
-        n = math.prod(lead)
+        n = torch.Size(lead).numel()
         boxes = [augment.sample_crop(h, w, scale=self.crop_scale) for _ in range(n)]
         item[prefix + 'boxes'] = torch.tensor(boxes).view(*lead, 4)
         item[prefix + 'flips'] = (torch.rand(n) < 0.5).view(lead)
@@ -154,18 +149,16 @@ class VideoDataset(Dataset):
         item.update(strong=strong, frame_index=inverse)
         self._plan_geometry(item, h, w, (self.views,))
         if self.local_segments:
-            # Local clip j of a view: its j-th run of T/L frames, with its own crop, flip and
-            # strong/weak draw, as a 2-view sample of its own (docs/METHOD.md, Local clips).
-            L = self.local_segments
-            item['local_strong'] = torch.stack([self._pair_strong()[1] for _ in range(L)], 1)
-            self._plan_geometry(item, h, w, (2, L), 'local_')
+            # Local clip j of a view: its j-th T/L frames (docs/METHOD.md, Local clips).
+            item['local_strong'] = torch.stack(
+                [self._pair_strong()[1] for _ in range(self.local_segments)], 1)
+            self._plan_geometry(item, h, w, (2, self.local_segments), 'local_')
         if self.decode == 'device':
             # Workers only read bytes; decoding and geometry happen batched on the GPU.
             item['jpeg'] = {m: pack_jpegs(b) for m, b in jpegs.items()}
             return item
         for m, b in jpegs.items():
-            frames = decode_list(b, name=name, indices=unique.tolist(), source=self.lmdbs[m].path)
-            check_same_size(frames, name, unique.tolist(), self.lmdbs[m].path)
+            frames = decode_frames(b, name, unique.tolist(), self.lmdbs[m].path, stack=False)
             item[m] = apply_views(frames, item, m, self.img_dim, self.negate_flow_flip)
             if self.local_segments:
                 item[m + '_local'] = apply_views(frames, local_plan(item), m, self.img_dim,
@@ -186,10 +179,9 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
     index = plan['frame_index']
     stacked = isinstance(frames, torch.Tensor)   # [N, H, W, 3]: frames stacked on the device
     height, width = frames.shape[1:3] if stacked else frames[0].shape[-2:]
-    device = frames.device if stacked else frames[0].device
     if out is None:
-        out = augment.channels_last_empty(*index.shape, size=img_dim, device=device)
-    index_on_device = index.to(device, non_blocking=True)
+        out = augment.channels_last_empty(*index.shape, size=img_dim, device=frames[0].device)
+    index_on_device = index.to(frames[0].device, non_blocking=True)
     for v, idx in enumerate(index.tolist()):
         # Only each frame's crop is copied, into one channels-last batch the resize reads as it
         # is; on the device (launches cost more than bytes) in one indexing call per view.
@@ -206,8 +198,7 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
 
 def local_plan(plan):
     """The plan of the ``[2, L]`` local clips as one of ``2L`` views of ``T/L`` frames each."""
-    lead = plan['local_strong'].shape
-    return {'frame_index': plan['frame_index'].reshape(math.prod(lead), -1),
+    return {'frame_index': plan['frame_index'].reshape(plan['local_flips'].numel(), -1),
             'boxes': plan['local_boxes'].flatten(0, 1), 'flips': plan['local_flips'].flatten()}
 
 
@@ -226,31 +217,29 @@ def collate(items):
 
 
 def _split_names(info, spec, mode, split, first, dataset):
-    """Names of the split's videos and the derived UCF101 splits (None unless derived): from the
-    split CSV; for UCF101 without one, derived from the names in ``first``; for Kinetics without
-    one, every video of ``first`` (its LMDB is one part)."""
+    """(names, derived sources or None): from the split CSV; without one, UCF101's derived from
+    the names in ``first``, Kinetics' every video of ``first`` (its LMDB is one part)."""
     csv = info['csv'][mode]
     if csv.exists():
         names = splits.read_split(csv)
         if not names:
             raise UserError(f'dataset {dataset!r}: split file {csv} lists no videos (rows of 0 '
                             f'frames do not count)')
-        train_csv = info['csv']['train']
-        if mode == 'test' and train_csv.exists():   # trained on, then scored as unseen?
-            trained = set(splits.read_split(train_csv))
-            both = [n for n in names if n in trained]
-            if both:
-                raise UserError(f'dataset {dataset!r}: {len(both)} video(s) are in both '
-                                f'{train_csv} and {csv}, e.g. {both[0]!r}; a test video must '
-                                f'not be a training video')
+        train_csv = info['csv']['train']   # a test video trained on would be scored as unseen
+        trained = set(splits.read_split(train_csv)) if mode == 'test' and train_csv.exists() else ()
+        both = [n for n in names if n in trained]
+        if both:
+            raise UserError(f'dataset {dataset!r}: {len(both)} video(s) are in both {train_csv} '
+                            f'and {csv}, e.g. {both[0]!r}; a test video must not be a training '
+                            f'video')
         return names, None
     if spec.base.startswith('ucf101'):
         # The published UCF101 tars hold no split files; they follow from the names.
         derived = splits.ucf101_splits(first.names)
-        if f'{mode}_split{split:02d}' not in derived['splits']:
+        names = derived['splits'].get(f'{mode}_split{split:02d}')
+        if names is None:
             raise UserError(f'dataset {dataset!r}: UCF101 has splits 1, 2 and 3, not '
                             f'--which_split {split}')
-        names = derived['splits'][f'{mode}_split{split:02d}']
         if not names:
             block = splits.groups_text(splits.group_block(split))
             why = (f'{first.path} holds no videos' if not len(first)
@@ -258,7 +247,7 @@ def _split_names(info, spec, mode, split, first, dataset):
                    else f'every video of {first.path} is of groups {block}, its test split')
             raise UserError(f'dataset {dataset!r}: the {mode} split {split} derived from the '
                             f'video names is empty: {why}')
-        return names, derived
+        return names, derived['video_source']
     if info['kinetics']:
         if not len(first):
             raise UserError(f'dataset {dataset!r}: {first.path} holds no videos')
@@ -267,8 +256,8 @@ def _split_names(info, spec, mode, split, first, dataset):
                     f'`python -m dataset.prepare splits ...` (see README, Data)')
 
 
-def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, split=1,
-                  rgb_lmdb=None, flow_lmdb=None, split_dir=None, **options):
+def build_dataset(name, mode, *, data_root=None, split=1, rgb_lmdb=None, flow_lmdb=None,
+                  split_dir=None, **options):
     """The dataset named ``name`` in ``mode`` ('train' or 'test'). ``rgb_lmdb``/``flow_lmdb``/
     ``split_dir`` override the layout under ``data_root``; other options go to VideoDataset."""
     data_root = Path(data_root) if data_root is not None else default_data_root()
@@ -276,21 +265,17 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     if spec.base == 'demo':
         from .demo import ensure_demo
         ensure_demo(data_root)
-    info = layout(data_root, spec.base, mode, split, split_dir)
+    info = layout(data_root, spec.base, split, split_dir)
     if rgb_lmdb is None and flow_lmdb is None and not info['folder'].is_dir():
         known = {p.parent.name for p in data_root.glob('*/*frame*.lmdb')
                  if p.name.startswith(p.parent.name + '_')}
         raise UserError(f'unknown dataset {spec.base!r} (from {name!r}): no folder '
                         f'{info["folder"]}. Known under {data_root}: '
                         f'{", ".join(sorted(known | {"demo"}))}')
-    paths = {m: path or info[m] for m, path in (('rgb', rgb_lmdb), ('flow', flow_lmdb))
-             if getattr(spec, m)}
-    for m, path in paths.items():
-        if not Path(path).exists():
-            raise UserError(f'dataset {name!r} needs the {m} LMDB {path}, which does not exist')
-    lmdbs = {m: VideoLMDB(path) for m, path in paths.items()}
+    lmdbs = {m: VideoLMDB(path or info[m][mode])
+             for m, path in (('rgb', rgb_lmdb), ('flow', flow_lmdb)) if getattr(spec, m)}
     first = next(iter(lmdbs.values()))   # RGB where there is RGB: its LMDB lists the videos
-    names, derived = _split_names(info, spec, mode, split, first, name)
+    names, derived_sources = _split_names(info, spec, mode, split, first, name)
     for db in lmdbs.values():
         missing = [n for n in names if n not in db]
         if missing:
@@ -304,19 +289,18 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
         # Without ClassInd.txt: the sorted class names of every video, so that train and test
         # number them alike (a Kinetics-style folder keeps the other part in another LMDB).
         every = set(first.names)
-        other = layout(data_root, spec.base, 'test' if mode == 'train' else 'train', split,
-                       split_dir)
-        if info['kinetics'] and other['rgb' if spec.rgb else 'flow'].exists():
-            every.update(VideoLMDB(other['rgb' if spec.rgb else 'flow']).names)
-        classes = {c: i for i, c in enumerate(derived['classes'] if derived else
-                                              sorted({n.split('/')[0] for n in every}))}
+        other = info['rgb' if spec.rgb else 'flow']['test' if mode == 'train' else 'train']
+        if info['kinetics'] and other.exists():
+            every.update(VideoLMDB(other).names)
+        classes = {c: i for i, c in enumerate(sorted({n.split('/')[0] for n in every}))}
     unknown = next((n for n in names if n.split('/')[0] not in classes), None)
     if unknown:
-        raise UserError(f'class {unknown.split("/")[0]!r} of video {unknown!r} is not in {class_file}')
+        raise UserError(f'class {unknown.split("/")[0]!r} of video {unknown!r} is not in '
+                        f'{class_file}')
     labels = [classes[n.split('/')[0]] for n in names]
     source_file = info['folder'] / 'video_source.json'
     source_of = (splits.read_video_source(source_file) if source_file.exists()
-                 else derived['video_source'] if derived else None)
+                 else derived_sources)
     if source_of is not None:
         try:
             sources = [int(source_of[splits.source_key(n)]) for n in names]
@@ -328,8 +312,7 @@ def build_dataset(name, mode, *, data_root=None, seq_len=32, ds=1, img_dim=128, 
     data = VideoDataset(
         names=names, labels=labels, sources=sources, rgb_lmdb=lmdbs.get('rgb'),
         flow_lmdb=lmdbs.get('flow'), mode=mode, views=spec.views if mode == 'train' else 1,
-        seq_len=seq_len, ds=ds, img_dim=img_dim, strict_min_frames=info['kinetics'],
-        description=f'dataset {name!r}', **options)
+        strict_min_frames=info['kinetics'], description=f'dataset {name!r}', **options)
     data.num_classes, data.classes = len(classes), list(classes)
     return data
 
@@ -338,16 +321,14 @@ def add_data_args(parser, dataset_default, dataset_help):
     """The data flags every script shares (same names in pretraining and evaluation)."""
     g = parser.add_argument_group('data')
     g.add_argument('--dataset', default=dataset_default, help=dataset_help)
-    g.add_argument('--data_root',
-                   help='folder holding <name>/<name>_frame.lmdb ...; default $CVTCL_DATA_ROOT or '
-                        'data/ in the project folder')
+    g.add_argument('--data_root', help='folder holding <name>/<name>_frame.lmdb ...; default '
+                   '$CVTCL_DATA_ROOT or data/ in the project folder')
     g.add_argument('--which_split', type=POSITIVE, default=1,
                    help='split k: train_split0k.csv / test_split0k.csv')
     g.add_argument('--seq_len', type=POSITIVE, default=32, help='frames per clip')
     g.add_argument('--ds', type=POSITIVE, default=1, help='frame stride of a clip')
-    g.add_argument('--img_dim', type=POSITIVE, default=128,
-                   help='crop size in pixels; test frames are resized to a short side of '
-                        'round(img_dim * 8 / 7) before cropping')
+    g.add_argument('--img_dim', type=POSITIVE, default=128, help='crop size in pixels; test '
+                   'frames are resized to a short side of round(img_dim * 8 / 7) before cropping')
     g.add_argument('-j', '--workers', type=NON_NEGATIVE, default=8,
                    help='data-loader workers per process')
     g.add_argument('--legacy_flow_flip', action=argparse.BooleanOptionalAction, default=False,
@@ -376,8 +357,7 @@ def modality_of(dataset, reverse=False):
 
 
 def recorded_modality(record):
-    """The modality that saved arguments (a checkpoint's ``args``, a result file's ``meta``)
-    record through ``dataset`` and ``reverse``; None when they record none."""
+    """The modality of saved arguments (a checkpoint's ``args``, a result's ``meta``) or None."""
     try:
         return modality_of(record['dataset'], record.get('reverse'))
     except (TypeError, KeyError, AttributeError, UserError):

@@ -157,6 +157,12 @@ class ReadFrames(Dataset):
         return {'frames': frames, 'pid': os.getpid()}
 
 
+def dequantize_flow(frames):
+    """uint8 flow frames ``[..., 3, H, W]`` (tensor) -> flow in pixels, float ``[..., 2, H, W]``:
+    channels 0 and 1 map [0, 255] linearly to [-20, 20] px (docs/METHOD.md, Data)."""
+    return frames[..., :2, :, :].float() * (40 / 255) - 20
+
+
 def png_size(path):
     """``(width, height)`` of a PNG file, read from its IHDR chunk."""
     with open(path, 'rb') as f:

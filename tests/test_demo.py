@@ -9,8 +9,8 @@ import pytest
 
 from dataset import demo
 from dataset.lmdb_video import VideoLMDB
-from dataset.lmdb_video import dequantize_flow
 from utils.misc import UserError
+from helpers import dequantize_flow
 from dataset.splits import (group_number, read_class_index, read_split, read_video_source,
                             source_key)
 

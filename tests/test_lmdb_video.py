@@ -199,6 +199,23 @@ def test_missing_metadata(tmp_path, videos, key):
         VideoLMDB(path)
 
 
+@pytest.mark.parametrize('vlen', [[7, 4], [7, 4, 11, 5]], ids=['short', 'long'])
+def test_inconsistent_frame_counts(tmp_path, videos, vlen):
+    # __vlen__ shorter than __keys__: a video without a frame count is refused by name. Longer:
+    # the counts of the keys are read, the extra one is ignored.
+    path = write_raw_lmdb(tmp_path / 'v.lmdb', videos, omit=('__vlen__',))
+    env = lmdb.open(path, subdir=False)
+    with env.begin(write=True) as txn:
+        txn.put(b'__vlen__', msgpack.packb(vlen))
+    env.close()
+    if len(vlen) < 3:
+        with pytest.raises(UserError, match=r"'Run/v_Run_g01_c03' \(position 2 of __order__\) "
+                                            r"has no key 000000002"):
+            VideoLMDB(path)
+    else:
+        assert [VideoLMDB(path).num_frames(n) for n in LENGTHS] == list(LENGTHS.values())
+
+
 def test_not_an_lmdb(tmp_path):
     path = tmp_path / 'junk.lmdb'
     path.write_bytes(b'this is not an LMDB' * 100)

@@ -16,9 +16,10 @@ from PIL import Image
 
 from dataset import demo
 from dataset.lmdb_video import LMDBWriter, VideoLMDB, encode_frames
-from dataset.lmdb_video import dequantize_flow, quantize_flow
+from dataset.lmdb_video import quantize_flow
 from dataset.prepare import main
 from dataset.splits import read_class_index, read_split, read_video_source, ucf101_splits
+from helpers import dequantize_flow
 
 av = pytest.importorskip('av')
 cv2 = pytest.importorskip('cv2')
