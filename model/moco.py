@@ -12,14 +12,13 @@ import torch.nn.functional as F
 
 from backbone import build_backbone
 from utils import distributed as du
-from utils.misc import UserError, topk_accuracy
+from utils.misc import topk_accuracy
 from . import losses
 
 
 class Encoder(nn.Sequential):
-    """backbone -> global average pool -> 1x1x1 conv (F->F) -> ReLU -> 1x1x1 conv (F->D).
-
-    ``[B, C, T, H, W]`` -> ``[B, D]``, L2-normalised. Keys ``0.<backbone>``, ``2.*``, ``4.*``."""
+    """backbone -> average pool -> 1x1x1 conv (F->F) -> ReLU -> 1x1x1 conv (F->D), L2-normalised:
+    ``[B, C, T, H, W]`` -> ``[B, D]``. Keys ``0.<backbone>``, ``2.*``, ``4.*``."""
 
     def __init__(self, net, dim):
         backbone = build_backbone(net)
@@ -34,8 +33,6 @@ class Encoder(nn.Sequential):
 def split_segments(x, num_segments):
     """``[B, C, T, H, W]`` -> ``[B*L, C, T/L, H, W]``: the L consecutive local segments."""
     b, c, t, h, w = x.shape
-    if t % num_segments:
-        raise UserError(f'--seq_len {t} is not divisible into {num_segments} local segments')
     s = t // num_segments
     return x.view(b, c, num_segments, s, h, w).transpose(1, 2).reshape(b * num_segments, c, s, h, w)
 
@@ -56,8 +53,6 @@ class MoCo(nn.Module):
         self.K, self.m, self.tau = K, m, tau
         self.num_segments, self.bn_splits = num_segments, bn_splits
         self.weights = dict(self.WEIGHTS if weights is None else weights)
-        if set(self.weights) != set(self.WEIGHTS):
-            raise ValueError(f'weights {sorted(self.weights)}: terms are {sorted(self.WEIGHTS)}')
         self.encoder_q = Encoder(net, dim)
         self.encoder_k = Encoder(net, dim)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
@@ -82,16 +77,14 @@ class MoCo(nn.Module):
         perm = du.broadcast(torch.randperm(x_all.shape[0], device=x.device))
         x_mine = x_all[perm[rank * b:(rank + 1) * b]]
         k = torch.cat([self.encoder_k(chunk) for chunk in x_mine.chunk(self.bn_splits)])
-        k_all = du.all_gather(k) if du.world_size() > 1 else k
-        return k_all[torch.argsort(perm)][rank * b:(rank + 1) * b]
+        return du.all_gather(k)[torch.argsort(perm)][rank * b:(rank + 1) * b]
 
     @torch.no_grad()
     def enqueue(self, keys, **extra_queues):
         """Write the keys ``[B, D]`` of every process at ``queue_ptr`` (kept on the device), and
         the same slots of the ``extra_queues`` buffers."""
         keys = du.all_gather(keys)
-        n = keys.shape[0]
-        assert self.K % n == 0, 'checked at start-up: --moco-k a multiple of the global batch'
+        n = keys.shape[0]   # K is a multiple of n (engine.check_args)
         slots = self.queue_ptr + torch.arange(n, device=keys.device)
         self.queue.index_copy_(1, slots, keys.T.to(self.queue.dtype))
         for name, values in extra_queues.items():
@@ -101,11 +94,9 @@ class MoCo(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
 
     def embed(self, view1, view2, local1, local2):
-        """fp32 ``(q, q_local, k, k_local)``: ``[B, D]`` each but k_local ``[B, L, D]``.
-
-        q encodes view 1, k view 2 (key encoder), q_local ``local1`` (view 1's first local clip)
-        and k_local ``local2`` (view 2's L local clips, as one batch). Local clips left None are
-        cut from the views (``--local_aug shared``)."""
+        """fp32 ``(q, q_local, k, k_local)``, ``[B, D]`` each but k_local ``[B, L, D]``: view 1,
+        ``local1`` (view 1's first local clip), view 2 and ``local2`` (its L local clips, keys).
+        Local clips left None are cut from the views (``--local_aug shared``)."""
         b, L = view1.shape[0], self.num_segments
         local2 = split_segments(view2, L) if local2 is None else local2.flatten(0, 1)
         if local1 is None:
@@ -151,15 +142,14 @@ class LocalCoCLR(MoCo):
     """
     WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
 
-    def __init__(self, net='s3d', dim=128, K=2048, m=0.999, tau=0.07, num_segments=4,
-                 bn_splits=1, weights=None, topk=5, self_mask_prob=0.9):
-        super().__init__(net, dim, K, m, tau, num_segments, bn_splits, weights)
+    def __init__(self, net='s3d', dim=128, *args, topk=5, self_mask_prob=0.9, **kwargs):
+        super().__init__(net, dim, *args, **kwargs)
         self.topk, self.self_mask_prob = topk, self_mask_prob
         self.sampler = Encoder(net, dim)
         self.sampler.requires_grad_(False)
-        self.register_buffer('queue_second', F.normalize(torch.randn(dim, K), dim=0))
-        self.register_buffer('queue_vname', torch.full((K,), -1, dtype=torch.long))
-        self.register_buffer('queue_label', torch.full((K,), -1, dtype=torch.long))
+        self.register_buffer('queue_second', F.normalize(torch.randn(dim, self.K), dim=0))
+        self.register_buffer('queue_vname', torch.full((self.K,), -1, dtype=torch.long))
+        self.register_buffer('queue_label', torch.full((self.K,), -1, dtype=torch.long))
 
     def train(self, mode=True):
         super().train(mode)

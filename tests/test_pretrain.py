@@ -164,6 +164,7 @@ def test_non_finite_loss_stops_with_iteration(data_root, tmp_path):
     (['--dataset', 'nosuch-2clip'], 'Known under'),
     (['--dataset', 'ucf101'], 'needs two views'),
     (['--seq_len', '16'], 'needs at least 8'),
+    (['--seq_len', '36'], '--seq_len 36 is not divisible into --num_segments 4'),
     (['--bn_splits', '3'], '--batch_size 4 does not split into --bn_splits 3 groups'),
 ])
 def test_bad_arguments(data_root, tmp_path, flags, message):
