@@ -51,13 +51,6 @@ def log_epoch(path, record):
     os.replace(tmp, path)
 
 
-def interrupted_message(exp_dir):
-    last = Path(exp_dir) / 'last.pth.tar'
-    if last.exists():
-        return f'\n=> interrupted; the last good checkpoint is {last}'
-    return f'\n=> interrupted before the first checkpoint; nothing to resume in {exp_dir}'
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -12,8 +12,7 @@ from tqdm import tqdm
 
 from . import distributed as du
 from .checkpoint import load_exact, save_checkpoint
-from .misc import (UserError, epoch_seed, format_args, git_revision, interrupted_message,
-                   plain_args)
+from .misc import UserError, epoch_seed, format_args, git_revision, plain_args
 
 
 def add_runtime_args(g):
@@ -165,7 +164,9 @@ def guard_run(exp_dir, writer, say):
     try:
         yield
     except KeyboardInterrupt:
-        say(interrupted_message(exp_dir))
+        last = Path(exp_dir) / 'last.pth.tar'
+        say(f'\n=> interrupted; the last good checkpoint is {last}' if last.exists() else
+            f'\n=> interrupted before the first checkpoint; nothing to resume in {exp_dir}')
         raise
     finally:
         if writer is not None:
