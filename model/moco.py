@@ -1,11 +1,7 @@
-"""The MoCo core and the two pretraining models (docs/METHOD.md, Model and Losses).
-
-``LocalInfoNCE`` (``local_nce.py``): global InfoNCE plus the inter and intra local losses.
-``LocalCoCLR`` (``local_coclr.py``): CVTCL, CoCLR's multi-positive loss (extra positives mined by
-a frozen ``sampler`` of the other modality) plus the same local losses.
-``forward`` returns ``(loss, stats)``: the weighted total and detached scalars (``loss_<term>``,
-``top1``, ``top5``, ``inter_top1``, CoCLR's ``mining_acc``). State-dict keys equal CoCLR's.
-"""
+"""The MoCo core and the two pretraining models, ``LocalInfoNCE`` (``local_nce.py``) and
+``LocalCoCLR`` (``local_coclr.py``) (docs/METHOD.md, Model, Losses and CVTCL). ``forward``
+returns ``(loss, stats)``: the weighted total and detached scalars (``loss_<term>``, ``top1``,
+``top5``, ``inter_top1``, CoCLR's ``mining_acc``). State-dict keys equal CoCLR's."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,18 +28,13 @@ class Encoder(nn.Sequential):
 
 def split_segments(x, num_segments):
     """``[B, C, T, H, W]`` -> ``[B*L, C, T/L, H, W]``: the L consecutive local segments."""
-    b, c, t, h, w = x.shape
-    s = t // num_segments
-    return x.view(b, c, num_segments, s, h, w).transpose(1, 2).reshape(b * num_segments, c, s, h, w)
+    return x.unflatten(2, (num_segments, -1)).transpose(1, 2).flatten(0, 1)
 
 
 class MoCo(nn.Module):
     """Query encoder, momentum key encoder, queue ``[D, K]`` and shuffle-BN (He et al., MoCo).
-
-    dim: D; K: queue length; m: momentum; tau: temperature; num_segments: local clips L;
-    bn_splits: BatchNorm groups of the shuffled key batch in one process; weights: loss term ->
-    weight (``WEIGHTS`` when None).
-    """
+    m: momentum; tau: temperature; num_segments: local clips L; bn_splits: BatchNorm groups of
+    the shuffled key batch in one process; weights: loss term -> weight (default ``WEIGHTS``)."""
     WEIGHTS = {}
     ready = True   # whether a batch may take a gradient step (CoCLR waits for a full queue)
 
@@ -68,9 +59,8 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def shuffled_keys(self, x):
-        """Key embeddings ``[B, D]`` of ``x`` with shuffle-BN, in the order of ``x``: gather,
-        shuffle with one permutation, encode this process's slice in ``bn_splits`` groups (so
-        one GPU or the CPU gets shuffle-BN too), gather, unshuffle."""
+        """Key embeddings ``[B, D]`` of ``x`` with shuffle-BN, in the order of ``x``, each process's
+        slice in ``bn_splits`` groups (docs/METHOD.md, Model)."""
         b = x.shape[0]
         rank = du.get_rank()
         x_all = du.all_gather(x)
@@ -133,13 +123,10 @@ class LocalInfoNCE(MoCo):
 
 
 class LocalCoCLR(MoCo):
-    """CVTCL: CoCLR's multi-positive loss + inter + intra (docs/METHOD.md, CVTCL).
-
-    topk: positives mined per row by the sampler once the queue is full; self_mask_prob:
-    probability that a batch drops the self positive where other positives exist. Queues
-    ``[K]`` beside ``queue``: ``queue_second`` ``[D, K]`` the sampler's embeddings,
-    ``queue_vname`` source ids (-1: empty slot), ``queue_label`` class labels (-1: unknown).
-    """
+    """CVTCL: CoCLR's multi-positive loss + inter + intra (docs/METHOD.md, CVTCL). topk:
+    positives mined per row once the queue is full; self_mask_prob: probability that a batch
+    drops the self positive. Queues beside ``queue``: the sampler's embeddings, source ids (-1:
+    empty slot) and class labels (-1: unknown)."""
     WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
 
     def __init__(self, net='s3d', dim=128, *args, topk=5, self_mask_prob=0.9, **kwargs):
