@@ -16,14 +16,11 @@ from model.moco import LocalCoCLR
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
 from utils.misc import UserError, run_main
 
-WEIGHTS = LocalCoCLR.WEIGHTS   # the default weight of each loss term (flags --w_<term>)
-
-
 def build_model(args):
     return LocalCoCLR(net=args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                       tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
-                      weights={t: getattr(args, f'w_{t}') for t in WEIGHTS}, topk=args.topk,
-                      self_mask_prob=args.self_mask_prob)
+                      weights={t: getattr(args, f'w_{t}') for t in LocalCoCLR.WEIGHTS},
+                      topk=args.topk, self_mask_prob=args.self_mask_prob)
 
 
 def load_pretrained(model, args):
@@ -55,8 +52,8 @@ def check_dataset(spec, args):
 
 def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2stream-2clip',
-                                    weights=WEIGHTS, tau=0.07, lr=1e-3, warmup=[], batch_size=32,
-                                    epochs=100, schedule=[80])
+                                    weights=LocalCoCLR.WEIGHTS, tau=0.07, lr=1e-3, warmup=[],
+                                    batch_size=32, epochs=100, schedule=[80])
     g = parser.add_argument_group('CVTCL (cross-view co-training)')
     g.add_argument('--model', default='coclr', choices=['coclr'],
                    help='coclr: CoCLR loss + inter + intra (set --w_inter 0 --w_intra 0 for '

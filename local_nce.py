@@ -12,13 +12,10 @@ from model.moco import LocalInfoNCE
 from utils.config import parse_args
 from utils.misc import UserError, run_main
 
-WEIGHTS = LocalInfoNCE.WEIGHTS   # the default weight of each loss term (flags --w_<term>)
-
-
 def build_model(args):
     return LocalInfoNCE(args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                         tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
-                        weights={t: getattr(args, f'w_{t}') for t in WEIGHTS})
+                        weights={t: getattr(args, f'w_{t}') for t in LocalInfoNCE.WEIGHTS})
 
 
 def load_pretrained(model, args):
@@ -41,7 +38,7 @@ def check_dataset(spec, args):
 
 def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2clip',
-                                    weights=WEIGHTS, tau=0.1, lr=5e-4,
+                                    weights=LocalInfoNCE.WEIGHTS, tau=0.1, lr=5e-4,
                                     warmup=[0.01, 0.05, 0.1, 0.5], batch_size=8, epochs=300,
                                     schedule=[250, 280])
     parser.add_argument('--model', default='infonce', choices=['infonce'],

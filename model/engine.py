@@ -243,8 +243,6 @@ def check_args(args, global_batch, task, device):
     spec, frames = DatasetName.parse(args.dataset), args.seq_len // args.num_segments
     need = MIN_SEGMENT_FRAMES.get(args.net, 1)
     for bad, message in (
-        (args.net not in BACKBONES,
-         f'--net {args.net!r} is unknown; known: {", ".join(BACKBONES)}'),
         (args.moco_k % global_batch, f'--moco-k {args.moco_k} is not a multiple of the global '
          f'batch {global_batch} (--batch_size {args.batch_size} x '
          f'{global_batch // args.batch_size} processes); use --moco-k '

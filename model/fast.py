@@ -173,10 +173,8 @@ class Prefetcher:
                 if self.stop.is_set():
                     return
                 with torch.cuda.stream(self.stream):   # None (the CPU): no stream
-                    out, ready = self.fn(batch), self.stream and torch.cuda.Event()
-                    if ready:
-                        ready.record(self.stream)
-                self.queue.put((out, ready))
+                    out = self.fn(batch)
+                self.queue.put((out, self.stream and self.stream.record_event()))
             self.queue.put(self._END)
         except BaseException as e:   # raised in the training thread
             self.queue.put(e)
