@@ -14,7 +14,7 @@ from dataset.video_dataset import modality_of
 from model import engine
 from model.moco import LocalCoCLR
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
-from utils.misc import UserError, run_main
+from utils.misc import run_main
 
 def build_model(args):
     return LocalCoCLR(net=args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
@@ -42,12 +42,6 @@ def inputs(views, batch, device, args):
     return {**engine.view_inputs(views, main, args), 'other_view2': views[other][:, 1],
             'source': batch['source'].to(device, non_blocking=True),
             'label': batch['label'].to(device, non_blocking=True)}
-
-
-def check_dataset(spec, args):
-    if not (spec.rgb and spec.flow):
-        raise UserError(f'--dataset {args.dataset}: CVTCL needs RGB and flow together; use '
-                        f'{spec.base}-2stream-2clip')
 
 
 def get_parser():
@@ -79,7 +73,7 @@ def main(argv=None):
         parser.error(f'--topk {args.topk} mines more positives than the queue holds '
                      f'(--moco-k {args.moco_k})')
     return engine.train(args, engine.Task('coclr', build_model, load_pretrained, inputs,
-                                          check_dataset))
+                                          two_stream=True))
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ from dataset.video_dataset import modality_of
 from model import engine
 from model.moco import LocalInfoNCE
 from utils.config import parse_args
-from utils.misc import UserError, run_main
+from utils.misc import run_main
 
 def build_model(args):
     return LocalInfoNCE(args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
@@ -30,12 +30,6 @@ def inputs(views, batch, device, args):
     return engine.view_inputs(views, modality_of(args.dataset), args)
 
 
-def check_dataset(spec, args):
-    if spec.rgb and spec.flow:
-        raise UserError(f'--dataset {args.dataset}: local_nce.py trains one modality; use '
-                        f'{spec.base}-2clip (RGB) or {spec.base}-f-2clip (flow)')
-
-
 def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2clip',
                                     weights=LocalInfoNCE.WEIGHTS, tau=0.1, lr=5e-4,
@@ -52,7 +46,7 @@ def get_parser():
 def main(argv=None):
     args = parse_args(get_parser(), argv)
     return engine.train(args, engine.Task('infonce', build_model, load_pretrained, inputs,
-                                          check_dataset))
+                                          two_stream=False))
 
 
 if __name__ == '__main__':

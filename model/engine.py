@@ -91,8 +91,8 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
 
 
 # What differs between the scripts: run-name stem, args -> model, (model, args) -> None,
-# (augmented views, batch, device, args) -> forward keywords, (DatasetName, args) -> None.
-Task = namedtuple('Task', 'name build_model load_pretrained inputs check_dataset')
+# (augmented views, batch, device, args) -> forward keywords, whether it takes RGB and flow.
+Task = namedtuple('Task', 'name build_model load_pretrained inputs two_stream')
 
 
 def view_inputs(views, modality, args):
@@ -259,10 +259,13 @@ def check_args(args, global_batch, task, device):
          f'local clips of {frames} frames; --net {args.net} needs at least {need}'),
         (args.decode == 'gpu' and (device.type != 'cuda' or args.local_aug == 'independent'),
          '--decode gpu needs a CUDA device (--device cuda) and decodes the views only: add '
-         '--local_aug shared')):
+         '--local_aug shared'),
+        (spec.rgb and spec.flow and not task.two_stream, f'--dataset {args.dataset}: local_nce.py '
+         f'trains one modality; use {spec.base}-2clip (RGB) or {spec.base}-f-2clip (flow)'),
+        (task.two_stream and not (spec.rgb and spec.flow), f'--dataset {args.dataset}: CVTCL needs '
+         f'RGB and flow together; use {spec.base}-2stream-2clip')):
         if bad:
             raise UserError(message)
-    task.check_dataset(spec, args)
 
 
 def pretraining_checkpoint(path, flag):

@@ -163,6 +163,7 @@ def test_non_finite_loss_stops_with_iteration(data_root, tmp_path):
     (['--net', 'vgg'], "known: s3d, s3dg, r50"),
     (['--dataset', 'nosuch-2clip'], 'Known under'),
     (['--dataset', 'ucf101'], 'needs two views'),
+    (['--dataset', 'ucf101-2stream-2clip'], 'local_nce.py trains one modality; use ucf101-2clip'),
     (['--seq_len', '16'], 'needs at least 8'),
     (['--seq_len', '34'], '--seq_len 34 is not divisible into --num_segments 4'),
     (['--bn_splits', '3'], '--batch_size 4 does not split into --bn_splits 3 groups'),
@@ -503,7 +504,7 @@ def _replica(rank, data_root, out, port):
                       ['--dataset', 'ucf101-2clip', '--data_root', data_root, *TINY,
                        '--net', 'tiny', '--seq_len', '8', '--output_dir', out, '--epochs', '2'])
     engine.train(args, engine.Task('infonce', build, local_nce.load_pretrained,
-                                   local_nce.inputs, local_nce.check_dataset))
+                                   local_nce.inputs, two_stream=False))
     torch.save(built[0].state_dict(), Path(out) / f'rank{rank}.pt')
 
 
