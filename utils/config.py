@@ -1,6 +1,7 @@
 """Command-line flags with TOML config files (``--config FILE``): the file's values become flags
 placed before the command line's, so argparse checks them all and the command line wins."""
 import argparse
+import copy
 import math
 import sys
 import tomllib
@@ -42,16 +43,13 @@ def _check(parser, tokens):
     unknown tokens). Abbreviations are refused; a required flag missing is no error here."""
     def refuse(message):   # argparse's own exits (a missing required flag)
         raise argparse.ArgumentError(None, message)
-    saved = parser.exit_on_error, parser.allow_abbrev
-    parser.exit_on_error = parser.allow_abbrev = False
-    parser.error = refuse
+    checker = copy.copy(parser)
+    checker.exit_on_error = checker.allow_abbrev = False
+    checker.error = refuse
     try:
-        return None, parser.parse_known_args(tokens)[1]
+        return None, checker.parse_known_args(tokens)[1]
     except argparse.ArgumentError as e:
         return (str(e) if e.argument_name else None), []
-    finally:
-        del parser.error
-        parser.exit_on_error, parser.allow_abbrev = saved
 
 
 def _tokens(key, value):
