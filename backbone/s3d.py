@@ -79,8 +79,6 @@ class SepInception(nn.Module):
                                      SepConv3d(b1_reduce, b1, kernel_size=3, padding=1))
         self.branch2 = nn.Sequential(Unit3d(in_planes, b2_reduce),
                                      SepConv3d(b2_reduce, b2, kernel_size=3, padding=1))
-        # Zero-padded max pooling would be equivalent here (the input is post-ReLU), but
-        # MaxPool3d pads with -inf, which is what CoCLR does.
         self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1),
                                      Unit3d(in_planes, b3))
         self.gating = gating
