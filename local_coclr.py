@@ -10,11 +10,11 @@ positives for CoCLR's multi-positive loss, plus the inter and intra local tempor
 """
 import argparse
 
-from dataset.video_dataset import modality_of
 from model import engine
 from model.moco import LocalCoCLR
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
 from utils.misc import run_main
+
 
 def build_model(args):
     return LocalCoCLR(net=args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
@@ -24,8 +24,7 @@ def build_model(args):
 
 
 def load_pretrained(model, args):
-    main = modality_of(args.dataset, args.reverse)
-    other = 'rgb' if main == 'flow' else 'flow'
+    main, other = ('flow', 'rgb') if args.reverse else ('rgb', 'flow')
     roles = ((model.encoder_q, 'trained network', main), (model.sampler, 'sampler', other))
     for path, (encoder, role, modality) in zip(args.pretrain, roles):
         if path == 'random':
@@ -34,7 +33,6 @@ def load_pretrained(model, args):
         epoch = engine.load_encoder(encoder, path, f'--pretrain ({role}, {modality.upper()})',
                                     modality)
         print(f'=> {role} initialised from {path} (epoch {epoch})')
-    model.encoder_k.load_state_dict(model.encoder_q.state_dict())
 
 
 def inputs(views, batch, device, args):

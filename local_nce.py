@@ -12,6 +12,7 @@ from model.moco import LocalInfoNCE
 from utils.config import parse_args
 from utils.misc import run_main
 
+
 def build_model(args):
     return LocalInfoNCE(args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                         tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
@@ -22,7 +23,6 @@ def load_pretrained(model, args):
     if args.pretrain:
         epoch = engine.load_encoder(model.encoder_q, args.pretrain, '--pretrain',
                                     modality_of(args.dataset))
-        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
         print(f'=> initialised from {args.pretrain} (epoch {epoch})')
 
 

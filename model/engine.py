@@ -149,7 +149,8 @@ def train(args, task):
         previous = exp_dir / f'epoch{ckpt["epoch"]}.pth.tar'
     else:
         check_fresh_run(exp_dir)
-        task.load_pretrained(model, args)
+        task.load_pretrained(model, args)   # the query encoder (and CoCLR's sampler)
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
     broadcast_state(model)
     step = partial(train_step, model, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype)
     to_inputs = partial(batch_inputs, task=task, augment=augment, device=device, args=args)
