@@ -10,11 +10,10 @@ from torch import nn
 
 class Bottleneck(nn.Module):
     """1x1 (3x1x1 if ``temporal``) -> 1x3x3 (spatial stride) -> 1x1 (x4 channels), + shortcut."""
-    expansion = 4
 
     def __init__(self, in_planes, planes, stride=1, temporal=False):
         super().__init__()
-        out_planes = planes * self.expansion
+        out_planes = planes * 4
         kt = 3 if temporal else 1
         self.conv1 = nn.Conv3d(in_planes, planes, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
         self.bn1 = nn.BatchNorm3d(planes)

@@ -1,8 +1,5 @@
-"""The losses (docs/METHOD.md, Losses) as pure functions on L2-normalised embeddings.
-
-Shapes: B batch, D embedding dim, K queue length, L local segments; ``queue`` is ``[D, K]`` (as
-CoCLR). Logits are dot products / ``tau``; a plain InfoNCE row has its positive at index 0.
-"""
+"""The losses (docs/METHOD.md, Losses) as pure functions on L2-normalised embeddings. Shapes:
+B batch, D embedding dim, K queue length, L local segments; ``queue`` is ``[D, K]`` (as CoCLR)."""
 import torch
 import torch.nn.functional as F
 

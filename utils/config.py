@@ -53,8 +53,7 @@ def _check(parser, tokens):
 
 
 def _tokens(key, value):
-    """A TOML ``key = value`` as command-line tokens: true -> ``--key``, false -> ``--no-key``,
-    a list -> ``--key v1 v2 ...``, anything else -> ``--key=value``."""
+    """A TOML ``key = value`` as command-line tokens."""
     if isinstance(value, bool):
         return [f'--{key}' if value else f'--no-{key}']
     if isinstance(value, list):
