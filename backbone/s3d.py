@@ -81,16 +81,12 @@ class SepInception(nn.Module):
                                      SepConv3d(b2_reduce, b2, kernel_size=3, padding=1))
         self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1),
                                      Unit3d(in_planes, b3))
-        self.gating = gating
-        if gating:   # keys gating_b0 .. gating_b3
-            for i, channels in enumerate((b0, b1, b2, b3)):
-                setattr(self, f"gating_b{i}", SelfGating(channels))
+        for i, channels in enumerate((b0, b1, b2, b3)):   # S3D-G's keys gating_b0 .. gating_b3
+            setattr(self, f"gating_b{i}", SelfGating(channels) if gating else nn.Identity())
 
     def forward(self, x):
-        outs = [self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)]
-        if self.gating:
-            outs = [getattr(self, f"gating_b{i}")(out) for i, out in enumerate(outs)]
-        return torch.cat(outs, dim=1)
+        branches = (self.branch0, self.branch1, self.branch2, self.branch3)
+        return torch.cat([getattr(self, f"gating_b{i}")(b(x)) for i, b in enumerate(branches)], 1)
 
 
 class S3D(nn.Module):

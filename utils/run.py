@@ -87,9 +87,8 @@ class EpochMeter:
             self.bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3g}',
                                  **postfix)
             if self.writer is not None:
-                for k, v in means.items():
+                for k, v in {**means, 'lr': lr}.items():
                     self.writer.add_scalar(f'train/{k}', v, iteration + 1)
-                self.writer.add_scalar('train/lr', lr, iteration + 1)
 
     def means(self, totals):
         out = {k: v / self.counts[k] for k, v in zip(self.sums, totals.tolist())}
