@@ -73,10 +73,8 @@ def parse_args(parser, argv=None):
     try:
         with open(path, 'rb') as f:
             config = tomllib.load(f)
-    except OSError as e:
-        parser.error(f'--config {path}: {e.strerror}')
-    except tomllib.TOMLDecodeError as e:
-        parser.error(f'--config {path}: {e}')
+    except (OSError, tomllib.TOMLDecodeError) as e:   # a missing file, or not TOML
+        parser.error(f'--config {path}: {e.strerror if isinstance(e, OSError) else e}')
     where = f'(from --config {path})'
     tokens = []
     for key, value in config.items():
