@@ -81,9 +81,8 @@ class MaxPool3d(_Planes, nn.MaxPool3d):
             return nn.MaxPool3d.forward(self, x)
         (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = map(
             _triple, (self.kernel_size, self.stride, self.padding))
-        b = x.shape[0]
         if (kh, kw, sh, sw) != (1, 1, 1, 1):
-            x = from_frames(F.max_pool2d(as_frames(x), (kh, kw), (sh, sw), (ph, pw)), b)
+            x = from_frames(F.max_pool2d(as_frames(x), (kh, kw), (sh, sw), (ph, pw)), x.shape[0])
         if (kt, st) != (1, 1):
             x = F.max_pool2d(as_time(x), (kt, 1), (st, 1), (pt, 0)).unflatten(3, x.shape[3:])
         return x
@@ -215,8 +214,7 @@ def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
         if device.type == 'cuda':   # nvJPEG writes from its own stream without waiting for
             torch.cuda.current_stream(device).synchronize()   # this one's frees
         decoded = decode_list(flat, name='batch', source=m, device=device)
-        b, v, t = batch['frame_index'].shape
-        out = augment.channels_last_empty(b, v, t, size=img_dim, device=device)
+        out = augment.channels_last_empty(*batch['frame_index'].shape, size=img_dim, device=device)
         frames = iter(decoded)
         for i, count in enumerate(counts.tolist()):
             plan = {k: batch[k][i] for k in ('frame_index', 'boxes', 'flips')}   # on the host

@@ -73,12 +73,10 @@ class MoCo(nn.Module):
     def enqueue(self, keys, **extra_queues):
         """Write the keys ``[B, D]`` of every process at ``queue_ptr`` (kept on the device), and
         the same slots of the ``extra_queues`` buffers."""
-        keys = du.all_gather(keys)
-        n = keys.shape[0]   # K is a multiple of n (engine.check_args)
+        n = keys.shape[0] * du.world_size()   # K is a multiple of n (engine.check_args)
         slots = self.queue_ptr + torch.arange(n, device=keys.device)
-        self.queue.index_copy_(1, slots, keys.T.to(self.queue.dtype))
-        for name, values in extra_queues.items():
-            buffer = getattr(self, name)
+        for name, values in {'queue': keys, **extra_queues}.items():
+            buffer = getattr(self, name)   # the queue index last
             buffer.index_copy_(buffer.dim() - 1, slots,
                                du.all_gather(values).movedim(0, -1).to(buffer.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
