@@ -96,7 +96,6 @@ class S3D(nn.Module):
 
     def __init__(self, in_channels=3, gating=False):
         super().__init__()
-        self.gating = gating
         # Attribute order fixes the state-dict order: each named stage is registered right
         # before the blockN container that reuses it, as in CoCLR.
         self.Conv_1a = SepConv3d(in_channels, 64, kernel_size=7, stride=2, padding=3)
@@ -108,23 +107,23 @@ class S3D(nn.Module):
         self.block2 = nn.Sequential(self.MaxPool_2a, self.Conv_2b, self.Conv_2c)
 
         self.MaxPool_3a = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
-        self.block3 = self._stage(self.MaxPool_3a, ["Mixed_3b", "Mixed_3c"])
+        self.block3 = self._stage(self.MaxPool_3a, ["Mixed_3b", "Mixed_3c"], gating)
 
         self.MaxPool_4a = nn.MaxPool3d(3, stride=2, padding=1)
-        self.block4 = self._stage(self.MaxPool_4a,
-                                  ["Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"])
+        self.block4 = self._stage(
+            self.MaxPool_4a, ["Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"], gating)
 
         self.MaxPool_5a = nn.MaxPool3d(2, stride=2)
-        self.block5 = self._stage(self.MaxPool_5a, ["Mixed_5b", "Mixed_5c"])
+        self.block5 = self._stage(self.MaxPool_5a, ["Mixed_5b", "Mixed_5c"], gating)
         # CoCLR's initialisation: N(0, 0.01) convolutions (the original S3D uses a truncated
         # normal); BatchNorm and the gating Linear layers keep PyTorch's default.
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.normal_(m.weight, mean=0.0, std=0.01)
 
-    def _stage(self, pool, names):   # each Mixed block under its own name, then in blockN
+    def _stage(self, pool, names, gating):   # each Mixed block under its own name, then in blockN
         for name in names:
-            setattr(self, name, SepInception(*_MIXED[name], gating=self.gating))
+            setattr(self, name, SepInception(*_MIXED[name], gating=gating))
         return nn.Sequential(pool, *(getattr(self, name) for name in names))
 
     def forward(self, x):

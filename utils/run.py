@@ -53,10 +53,9 @@ def begin_epoch(seed, epoch, rank, augment):
     augment.reseed(2 * root + 1)
 
 
-@torch.no_grad()
-def broadcast_state(model):
-    for t in list(model.parameters()) + list(model.buffers()):
-        du.broadcast(t.data, 0)
+def broadcast_state(model):   # rank 0's weights and buffers (detached, sharing their storage)
+    for t in model.state_dict().values():
+        du.broadcast(t, 0)
 
 
 class EpochMeter:
