@@ -130,10 +130,9 @@ def train(args, task):
     memory_format = torch.channels_last_3d if args.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     torch.backends.cudnn.benchmark = device.type == 'cuda'
-    if args.compile:
-        for name in ('encoder_q', 'encoder_k', 'sampler'):   # keys stay CoCLR's
-            if hasattr(model, name):
-                getattr(model, name).compile(dynamic=True)
+    if args.compile:   # each encoder (the model's children) in place: the keys stay CoCLR's
+        for encoder in model.children():
+            encoder.compile(dynamic=True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  weight_decay=args.wd, fused=device.type == 'cuda')
     amp_dtype = amp_dtype_of(args, device)
