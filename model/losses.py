@@ -46,8 +46,7 @@ def coclr_positive_mask(sampler_emb, queue_second, source, queue_source, topk, m
     mask_queue = siblings.clone()
     topk_index = None
     if topk > 0:
-        sim = sampler_emb @ queue_second                          # B x K
-        sim = sim.masked_fill(siblings, float('-inf'))
+        sim = (sampler_emb @ queue_second).masked_fill(siblings, float('-inf'))   # B x K
         topk_index = sim.topk(topk, dim=1).indices                # B x topk
         mask_queue.scatter_(1, topk_index, True)
     self_col = ~(mask_queue.any(1, keepdim=True) & mask_self)
