@@ -10,25 +10,21 @@ positives for CoCLR's multi-positive loss, plus the inter and intra local tempor
 """
 import argparse
 
-from dataset.video_dataset import modality_of
 from model import engine
 from model.moco import LocalCoCLR
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
-from utils.misc import UserError, run_main
-
-WEIGHTS = LocalCoCLR.WEIGHTS   # the default weight of each loss term (flags --w_<term>)
+from utils.misc import run_main
 
 
 def build_model(args):
     return LocalCoCLR(net=args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                       tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
-                      weights={t: getattr(args, f'w_{t}') for t in WEIGHTS}, topk=args.topk,
-                      self_mask_prob=args.self_mask_prob)
+                      weights={t: getattr(args, f'w_{t}') for t in LocalCoCLR.WEIGHTS},
+                      topk=args.topk, self_mask_prob=args.self_mask_prob)
 
 
 def load_pretrained(model, args):
-    main = modality_of(args.dataset, args.reverse)
-    other = 'rgb' if main == 'flow' else 'flow'
+    main, other = ('flow', 'rgb') if args.reverse else ('rgb', 'flow')
     roles = ((model.encoder_q, 'trained network', main), (model.sampler, 'sampler', other))
     for path, (encoder, role, modality) in zip(args.pretrain, roles):
         if path == 'random':
@@ -37,7 +33,6 @@ def load_pretrained(model, args):
         epoch = engine.load_encoder(encoder, path, f'--pretrain ({role}, {modality.upper()})',
                                     modality)
         print(f'=> {role} initialised from {path} (epoch {epoch})')
-    model.encoder_k.load_state_dict(model.encoder_q.state_dict())
 
 
 def inputs(views, batch, device, args):
@@ -47,16 +42,10 @@ def inputs(views, batch, device, args):
             'label': batch['label'].to(device, non_blocking=True)}
 
 
-def check_dataset(spec, args):
-    if not (spec.rgb and spec.flow):
-        raise UserError(f'--dataset {args.dataset}: CVTCL needs RGB and flow together; use '
-                        f'{spec.base}-2stream-2clip')
-
-
 def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2stream-2clip',
-                                    weights=WEIGHTS, tau=0.07, lr=1e-3, warmup=[], batch_size=32,
-                                    epochs=100, schedule=[80])
+                                    weights=LocalCoCLR.WEIGHTS, tau=0.07, lr=1e-3, warmup=[],
+                                    batch_size=32, epochs=100, schedule=[80])
     g = parser.add_argument_group('CVTCL (cross-view co-training)')
     g.add_argument('--model', default='coclr', choices=['coclr'],
                    help='coclr: CoCLR loss + inter + intra (set --w_inter 0 --w_intra 0 for '
@@ -82,7 +71,7 @@ def main(argv=None):
         parser.error(f'--topk {args.topk} mines more positives than the queue holds '
                      f'(--moco-k {args.moco_k})')
     return engine.train(args, engine.Task('coclr', build_model, load_pretrained, inputs,
-                                          check_dataset))
+                                          two_stream=True))
 
 
 if __name__ == '__main__':

@@ -10,22 +10,19 @@ from dataset.video_dataset import modality_of
 from model import engine
 from model.moco import LocalInfoNCE
 from utils.config import parse_args
-from utils.misc import UserError, run_main
-
-WEIGHTS = LocalInfoNCE.WEIGHTS   # the default weight of each loss term (flags --w_<term>)
+from utils.misc import run_main
 
 
 def build_model(args):
     return LocalInfoNCE(args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                         tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
-                        weights={t: getattr(args, f'w_{t}') for t in WEIGHTS})
+                        weights={t: getattr(args, f'w_{t}') for t in LocalInfoNCE.WEIGHTS})
 
 
 def load_pretrained(model, args):
     if args.pretrain:
         epoch = engine.load_encoder(model.encoder_q, args.pretrain, '--pretrain',
                                     modality_of(args.dataset))
-        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
         print(f'=> initialised from {args.pretrain} (epoch {epoch})')
 
 
@@ -33,15 +30,9 @@ def inputs(views, batch, device, args):
     return engine.view_inputs(views, modality_of(args.dataset), args)
 
 
-def check_dataset(spec, args):
-    if spec.rgb and spec.flow:
-        raise UserError(f'--dataset {args.dataset}: local_nce.py trains one modality; use '
-                        f'{spec.base}-2clip (RGB) or {spec.base}-f-2clip (flow)')
-
-
 def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2clip',
-                                    weights=WEIGHTS, tau=0.1, lr=5e-4,
+                                    weights=LocalInfoNCE.WEIGHTS, tau=0.1, lr=5e-4,
                                     warmup=[0.01, 0.05, 0.1, 0.5], batch_size=8, epochs=300,
                                     schedule=[250, 280])
     parser.add_argument('--model', default='infonce', choices=['infonce'],
@@ -55,7 +46,7 @@ def get_parser():
 def main(argv=None):
     args = parse_args(get_parser(), argv)
     return engine.train(args, engine.Task('infonce', build_model, load_pretrained, inputs,
-                                          check_dataset))
+                                          two_stream=False))
 
 
 if __name__ == '__main__':

@@ -28,37 +28,30 @@ _MIXED = {
 class Unit3d(nn.Module):
     """Conv3d (no bias) -> BatchNorm -> ReLU. Keys: ``conv``, ``bn``."""
 
-    def __init__(self, in_planes: int, out_planes: int, kernel_size=1, stride=1, padding=0):
+    def __init__(self, in_planes, out_planes, kernel_size=1, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv3d(in_planes, out_planes, kernel_size, stride, padding, bias=False)
         self.bn = nn.BatchNorm3d(out_planes)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return self.relu(self.bn(self.conv(x)))
 
 
 class SepConv3d(nn.Module):
-    """Separable k x k x k convolution: (1,k,k) conv, BN, ReLU, then (k,1,1) conv, BN, ReLU.
+    """(1,k,k) conv, BN, ReLU, then (k,1,1) conv, BN, ReLU; ``stride`` in time and space.
+    Registered conv1, conv2, bn1, bn2: CoCLR's state-dict order."""
 
-    ``stride`` is an int (same in time and space) or a (t, s) pair. Registration order
-    conv1, conv2, bn1, bn2 follows CoCLR's state-dict order.
-    [B, C_in, T, H, W] -> [B, C_out, T / t, H / s, W / s]
-    """
-
-    def __init__(self, in_planes: int, out_planes: int, kernel_size: int, stride=1, padding=0):
+    def __init__(self, in_planes, out_planes, kernel_size, stride=1, padding=0):
         super().__init__()
-        t_stride, s_stride = (stride, stride) if isinstance(stride, int) else stride
-        k, p = kernel_size, padding
-        self.conv1 = nn.Conv3d(in_planes, out_planes, (1, k, k), (1, s_stride, s_stride),
-                               (0, p, p), bias=False)
-        self.conv2 = nn.Conv3d(out_planes, out_planes, (k, 1, 1), (t_stride, 1, 1),
-                               (p, 0, 0), bias=False)
+        k, s, p = kernel_size, stride, padding
+        self.conv1 = nn.Conv3d(in_planes, out_planes, (1, k, k), (1, s, s), (0, p, p), bias=False)
+        self.conv2 = nn.Conv3d(out_planes, out_planes, (k, 1, 1), (s, 1, 1), (p, 0, 0), bias=False)
         self.bn1 = nn.BatchNorm3d(out_planes)
         self.bn2 = nn.BatchNorm3d(out_planes)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(x)))
 
@@ -66,11 +59,11 @@ class SepConv3d(nn.Module):
 class SelfGating(nn.Module):
     """S3D-G feature gating: x * sigmoid(W mean_{T,H,W}(x) + b), one weight per channel."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels):
         super().__init__()
         self.fc = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         gate = torch.sigmoid(self.fc(x.mean(dim=(2, 3, 4))))  # B x C
         return x * gate[:, :, None, None, None]
 
@@ -78,7 +71,7 @@ class SelfGating(nn.Module):
 class SepInception(nn.Module):
     """Inception block with separable 3x3x3 convolutions and optional self-gating per branch."""
 
-    def __init__(self, in_planes: int, planes: tuple, gating: bool = False):
+    def __init__(self, in_planes, planes, gating=False):
         super().__init__()
         b0, b1_reduce, b1, b2_reduce, b2, b3 = planes
         self.branch0 = nn.Sequential(Unit3d(in_planes, b0))
@@ -86,33 +79,23 @@ class SepInception(nn.Module):
                                      SepConv3d(b1_reduce, b1, kernel_size=3, padding=1))
         self.branch2 = nn.Sequential(Unit3d(in_planes, b2_reduce),
                                      SepConv3d(b2_reduce, b2, kernel_size=3, padding=1))
-        # Zero-padded max pooling would be equivalent here (the input is post-ReLU), but
-        # MaxPool3d pads with -inf, which is what CoCLR does.
         self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1),
                                      Unit3d(in_planes, b3))
-        self.gating = gating
-        if gating:   # keys gating_b0 .. gating_b3
-            for i, channels in enumerate((b0, b1, b2, b3)):
-                setattr(self, f"gating_b{i}", SelfGating(channels))
+        for i, channels in enumerate((b0, b1, b2, b3)):   # S3D-G's keys gating_b0 .. gating_b3
+            setattr(self, f"gating_b{i}", SelfGating(channels) if gating else nn.Identity())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)]
-        if self.gating:
-            outs = [getattr(self, f"gating_b{i}")(out) for i, out in enumerate(outs)]
-        return torch.cat(outs, dim=1)
+    def forward(self, x):
+        branches = (self.branch0, self.branch1, self.branch2, self.branch3)
+        return torch.cat([getattr(self, f"gating_b{i}")(b(x)) for i, b in enumerate(branches)], 1)
 
 
 class S3D(nn.Module):
-    """S3D (``gating=False``) or S3D-G (``gating=True``) without pooling or head.
-
-    Total stride 8 in time (Conv_1a, MaxPool_4a, MaxPool_5a) and 32 in space:
-    [B, in_channels, T, H, W] -> [B, 1024, T/8, H/32, W/32] for sizes divisible by those.
-    """
+    """S3D or S3D-G (``gating``): ``[B, in_channels, T, H, W]`` -> ``[B, 1024, T/8, H/32, W/32]``
+    (Conv_1a, MaxPool_4a and MaxPool_5a stride in time); no pooling or head."""
     feature_dim = 1024
 
-    def __init__(self, in_channels: int = 3, gating: bool = False):
+    def __init__(self, in_channels=3, gating=False):
         super().__init__()
-        self.gating = gating
         # Attribute order fixes the state-dict order: each named stage is registered right
         # before the blockN container that reuses it, as in CoCLR.
         self.Conv_1a = SepConv3d(in_channels, 64, kernel_size=7, stride=2, padding=3)
@@ -124,30 +107,24 @@ class S3D(nn.Module):
         self.block2 = nn.Sequential(self.MaxPool_2a, self.Conv_2b, self.Conv_2c)
 
         self.MaxPool_3a = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
-        self.block3 = self._stage(self.MaxPool_3a, ["Mixed_3b", "Mixed_3c"])
+        self.block3 = self._stage(self.MaxPool_3a, ["Mixed_3b", "Mixed_3c"], gating)
 
         self.MaxPool_4a = nn.MaxPool3d(3, stride=2, padding=1)
-        self.block4 = self._stage(self.MaxPool_4a,
-                                  ["Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"])
+        self.block4 = self._stage(
+            self.MaxPool_4a, ["Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"], gating)
 
         self.MaxPool_5a = nn.MaxPool3d(2, stride=2)
-        self.block5 = self._stage(self.MaxPool_5a, ["Mixed_5b", "Mixed_5c"])
+        self.block5 = self._stage(self.MaxPool_5a, ["Mixed_5b", "Mixed_5c"], gating)
         # CoCLR's initialisation: N(0, 0.01) convolutions (the original S3D uses a truncated
-        # normal), identity BatchNorm; the gating Linear layers keep PyTorch's default.
+        # normal); BatchNorm and the gating Linear layers keep PyTorch's default.
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.normal_(m.weight, mean=0.0, std=0.01)
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
-    def _stage(self, pool: nn.Module, names: list) -> nn.Sequential:
-        """Register each Mixed block under its own name, then return pool + blocks in order."""
+    def _stage(self, pool, names, gating):   # each Mixed block under its own name, then in blockN
         for name in names:
-            setattr(self, name, SepInception(*_MIXED[name], gating=self.gating))
+            setattr(self, name, SepInception(*_MIXED[name], gating=gating))
         return nn.Sequential(pool, *(getattr(self, name) for name in names))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in (self.block1, self.block2, self.block3, self.block4, self.block5):
-            x = block(x)
-        return x
+    def forward(self, x):
+        return self.block5(self.block4(self.block3(self.block2(self.block1(x)))))

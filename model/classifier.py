@@ -95,11 +95,10 @@ def load_pretrained(model, state_dict, source):
 def check_modality(ckpt, modality, source):
     """An RGB network must not silently start or judge a flow run, or the other way round."""
     found = recorded_modality(ckpt.get('args'))
-    if found is None:
-        if du.get_rank() == 0:
-            print(f'=> note: {source} does not record what it was trained on (no --dataset in '
-                  f'its args); make sure it is a {modality.upper()} network')
-    elif found != modality:
+    if found is None and du.get_rank() == 0:
+        print(f'=> note: {source} does not record what it was trained on (no --dataset in '
+              f'its args); make sure it is a {modality.upper()} network')
+    elif found not in (None, modality):
         args = ckpt['args']
         trained = f'--dataset {args["dataset"]}' + (' --reverse' if args.get('reverse') else '')
         raise UserError(f'{source} holds a network trained on {found.upper()} ({trained}), but '

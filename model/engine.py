@@ -91,8 +91,8 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
 
 
 # What differs between the scripts: run-name stem, args -> model, (model, args) -> None,
-# (augmented views, batch, device, args) -> forward keywords, (DatasetName, args) -> None.
-Task = namedtuple('Task', 'name build_model load_pretrained inputs check_dataset')
+# (augmented views, batch, device, args) -> forward keywords, whether it takes RGB and flow.
+Task = namedtuple('Task', 'name build_model load_pretrained inputs two_stream')
 
 
 def view_inputs(views, modality, args):
@@ -130,10 +130,9 @@ def train(args, task):
     memory_format = torch.channels_last_3d if args.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     torch.backends.cudnn.benchmark = device.type == 'cuda'
-    if args.compile:
-        for name in ('encoder_q', 'encoder_k', 'sampler'):   # keys stay CoCLR's
-            if hasattr(model, name):
-                getattr(model, name).compile(dynamic=True)
+    if args.compile:   # each encoder (the model's children) in place: the keys stay CoCLR's
+        for encoder in model.children():
+            encoder.compile(dynamic=True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  weight_decay=args.wd, fused=device.type == 'cuda')
     amp_dtype = amp_dtype_of(args, device)
@@ -149,7 +148,8 @@ def train(args, task):
         previous = exp_dir / f'epoch{ckpt["epoch"]}.pth.tar'
     else:
         check_fresh_run(exp_dir)
-        task.load_pretrained(model, args)
+        task.load_pretrained(model, args)   # the query encoder (and CoCLR's sampler)
+        model.encoder_k.load_state_dict(model.encoder_q.state_dict())
     broadcast_state(model)
     step = partial(train_step, model, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype)
     to_inputs = partial(batch_inputs, task=task, augment=augment, device=device, args=args)
@@ -243,8 +243,6 @@ def check_args(args, global_batch, task, device):
     spec, frames = DatasetName.parse(args.dataset), args.seq_len // args.num_segments
     need = MIN_SEGMENT_FRAMES.get(args.net, 1)
     for bad, message in (
-        (args.net not in BACKBONES,
-         f'--net {args.net!r} is unknown; known: {", ".join(BACKBONES)}'),
         (args.moco_k % global_batch, f'--moco-k {args.moco_k} is not a multiple of the global '
          f'batch {global_batch} (--batch_size {args.batch_size} x '
          f'{global_batch // args.batch_size} processes); use --moco-k '
@@ -261,10 +259,13 @@ def check_args(args, global_batch, task, device):
          f'local clips of {frames} frames; --net {args.net} needs at least {need}'),
         (args.decode == 'gpu' and (device.type != 'cuda' or args.local_aug == 'independent'),
          '--decode gpu needs a CUDA device (--device cuda) and decodes the views only: add '
-         '--local_aug shared')):
+         '--local_aug shared'),
+        (spec.rgb and spec.flow and not task.two_stream, f'--dataset {args.dataset}: local_nce.py '
+         f'trains one modality; use {spec.base}-2clip (RGB) or {spec.base}-f-2clip (flow)'),
+        (task.two_stream and not (spec.rgb and spec.flow), f'--dataset {args.dataset}: CVTCL needs '
+         f'RGB and flow together; use {spec.base}-2stream-2clip')):
         if bad:
             raise UserError(message)
-    task.check_dataset(spec, args)
 
 
 def pretraining_checkpoint(path, flag):

@@ -24,18 +24,15 @@ def use_planes(x):   # a channels-last-3D clip on the GPU
 
 
 def as_frames(x):   # [B, C, T, H, W] -> [B*T, C, H, W], a view
-    b, c, t, h, w = x.shape
-    return x.transpose(1, 2).reshape(b * t, c, h, w)
+    return x.transpose(1, 2).flatten(0, 1)
 
 
 def from_frames(y, b):   # [B*T, C', H', W'] -> [B, C', T, H', W']
-    n, c, h, w = y.shape
-    return y.view(b, n // b, c, h, w).transpose(1, 2)
+    return y.unflatten(0, (b, -1)).transpose(1, 2)
 
 
-def as_time(x):   # [B, C, T, H, W] -> [B, C, T, H*W], a view
-    b, c, t, h, w = x.shape
-    return x.reshape(b, c, t, h * w)
+def as_time(x):   # [B, C, T, H, W] -> [B, C, T, H*W], a view; back: .unflatten(3, (H, W))
+    return x.flatten(3)
 
 
 def conv3d_planes(x, weight, bias, stride, padding):
@@ -46,9 +43,8 @@ def conv3d_planes(x, weight, bias, stride, padding):
         return from_frames(F.conv2d(as_frames(x), weight.squeeze(2), bias, stride[1:],
                                     padding[1:]), x.shape[0])
     if kh == kw == 1 and stride[1:] == (1, 1) and padding[1:] == (0, 0):
-        b, _, _, h, w = x.shape
         y = F.conv2d(as_time(x), weight.squeeze(-1), bias, (stride[0], 1), (padding[0], 0))
-        return y.view(b, y.shape[1], y.shape[2], h, w)
+        return y.unflatten(3, x.shape[3:])
     return None
 
 
@@ -85,13 +81,10 @@ class MaxPool3d(_Planes, nn.MaxPool3d):
             return nn.MaxPool3d.forward(self, x)
         (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = map(
             _triple, (self.kernel_size, self.stride, self.padding))
-        b = x.shape[0]
         if (kh, kw, sh, sw) != (1, 1, 1, 1):
-            x = from_frames(F.max_pool2d(as_frames(x), (kh, kw), (sh, sw), (ph, pw)), b)
+            x = from_frames(F.max_pool2d(as_frames(x), (kh, kw), (sh, sw), (ph, pw)), x.shape[0])
         if (kt, st) != (1, 1):
-            _, c, _, h, w = x.shape
-            y = F.max_pool2d(as_time(x), (kt, 1), (st, 1), (pt, 0))
-            x = y.view(b, c, y.shape[2], h, w)
+            x = F.max_pool2d(as_time(x), (kt, 1), (st, 1), (pt, 0)).unflatten(3, x.shape[3:])
         return x
 
 
@@ -179,10 +172,8 @@ class Prefetcher:
                 if self.stop.is_set():
                     return
                 with torch.cuda.stream(self.stream):   # None (the CPU): no stream
-                    out, ready = self.fn(batch), self.stream and torch.cuda.Event()
-                    if ready:
-                        ready.record(self.stream)
-                self.queue.put((out, ready))
+                    out = self.fn(batch)
+                self.queue.put((out, self.stream and self.stream.record_event()))
             self.queue.put(self._END)
         except BaseException as e:   # raised in the training thread
             self.queue.put(e)
@@ -223,8 +214,7 @@ def decode_on_device(batch, device, img_dim, negate_flow_flip=True):
         if device.type == 'cuda':   # nvJPEG writes from its own stream without waiting for
             torch.cuda.current_stream(device).synchronize()   # this one's frees
         decoded = decode_list(flat, name='batch', source=m, device=device)
-        b, v, t = batch['frame_index'].shape
-        out = augment.channels_last_empty(b, v, t, size=img_dim, device=device)
+        out = augment.channels_last_empty(*batch['frame_index'].shape, size=img_dim, device=device)
         frames = iter(decoded)
         for i, count in enumerate(counts.tolist()):
             plan = {k: batch[k][i] for k in ('frame_index', 'boxes', 'flips')}   # on the host

@@ -1,8 +1,5 @@
-"""The losses (docs/METHOD.md, Losses) as pure functions on L2-normalised embeddings.
-
-Shapes: B batch, D embedding dim, K queue length, L local segments; ``queue`` is ``[D, K]`` (as
-CoCLR). Logits are dot products / ``tau``; a plain InfoNCE row has its positive at index 0.
-"""
+"""The losses (docs/METHOD.md, Losses) as pure functions on L2-normalised embeddings. Shapes:
+B batch, D embedding dim, K queue length, L local segments; ``queue`` is ``[D, K]`` (as CoCLR)."""
 import torch
 import torch.nn.functional as F
 
@@ -20,14 +17,9 @@ def info_nce(logits):
 
 
 def local_losses(q_local, k_local, queue, tau):
-    """``(inter, intra, inter_top1)`` for q_local ``[B, D]`` (view 1's first local clip) and
-    k_local ``[B, L, D]`` (view 2's L local clips), sharing the similarities q_local·k_j.
-
-    inter: rows ``[q·k_j, q·queue]`` for every j, B·L rows averaged; intra: rows
-    ``[q·k_1, q·k_j]`` for j = 2..L (the same clip of the other view against another clip of the
-    same video), B·(L-1) rows averaged; inter_top1: share of inter rows whose positive beats
-    every queue entry.
-    """
+    """``(inter, intra, inter_top1)`` (docs/METHOD.md, Losses) for q_local ``[B, D]`` (view 1's
+    first local clip) and k_local ``[B, L, D]`` (view 2's L local clips); inter_top1: share of
+    inter rows whose positive beats every queue entry."""
     pos = torch.einsum('bd,bld->bl', q_local, k_local) / tau     # B x L
     neg = (q_local @ queue) / tau                                # B x K
     # log Σ exp over [pos_j, neg] without materialising B·L·(1+K) logits.
@@ -47,19 +39,14 @@ def multi_positive_nce(logits, pos_mask):
 
 
 def coclr_positive_mask(sampler_emb, queue_second, source, queue_source, topk, mask_self):
-    """``(mask, topk_index)``: CoCLR's positives ``[B, 1+K]`` (bool) and ``[B, topk]`` (None
-    when ``topk`` is 0) (docs/METHOD.md, CVTCL).
-
-    Column 0 is the key itself; in the queue, every entry of the same source (siblings) and the
-    ``topk`` entries nearest to the row in the sampler's space, siblings excluded from that
-    ranking. ``mask_self`` drops the self positive in rows that have another positive.
-    """
+    """``(mask, topk_index)``: CoCLR's positives ``[B, 1+K]`` (bool; column 0 the key itself,
+    then the queue's siblings and mined entries) and ``[B, topk]`` (None when ``topk`` is 0);
+    ``mask_self`` drops the self positive where others exist (docs/METHOD.md, CVTCL)."""
     siblings = source[:, None] == queue_source[None, :]          # B x K
     mask_queue = siblings.clone()
     topk_index = None
     if topk > 0:
-        sim = sampler_emb @ queue_second                          # B x K
-        sim = sim.masked_fill(siblings, float('-inf'))
+        sim = (sampler_emb @ queue_second).masked_fill(siblings, float('-inf'))   # B x K
         topk_index = sim.topk(topk, dim=1).indices                # B x topk
         mask_queue.scatter_(1, topk_index, True)
     self_col = ~(mask_queue.any(1, keepdim=True) & mask_self)

@@ -1,25 +1,20 @@
-"""The MoCo core and the two pretraining models (docs/METHOD.md, Model and Losses).
-
-``LocalInfoNCE`` (``local_nce.py``): global InfoNCE plus the inter and intra local losses.
-``LocalCoCLR`` (``local_coclr.py``): CVTCL, CoCLR's multi-positive loss (extra positives mined by
-a frozen ``sampler`` of the other modality) plus the same local losses.
-``forward`` returns ``(loss, stats)``: the weighted total and detached scalars (``loss_<term>``,
-``top1``, ``top5``, ``inter_top1``, CoCLR's ``mining_acc``). State-dict keys equal CoCLR's.
-"""
+"""The MoCo core and the two pretraining models, ``LocalInfoNCE`` (``local_nce.py``) and
+``LocalCoCLR`` (``local_coclr.py``) (docs/METHOD.md, Model, Losses and CVTCL). ``forward``
+returns ``(loss, stats)``: the weighted total and detached scalars (``loss_<term>``, ``top1``,
+``top5``, ``inter_top1``, CoCLR's ``mining_acc``). State-dict keys equal CoCLR's."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone import build_backbone
 from utils import distributed as du
-from utils.misc import UserError, topk_accuracy
+from utils.misc import topk_accuracy
 from . import losses
 
 
 class Encoder(nn.Sequential):
-    """backbone -> global average pool -> 1x1x1 conv (F->F) -> ReLU -> 1x1x1 conv (F->D).
-
-    ``[B, C, T, H, W]`` -> ``[B, D]``, L2-normalised. Keys ``0.<backbone>``, ``2.*``, ``4.*``."""
+    """backbone -> average pool -> 1x1x1 conv (F->F) -> ReLU -> 1x1x1 conv (F->D), L2-normalised:
+    ``[B, C, T, H, W]`` -> ``[B, D]``. Keys ``0.<backbone>``, ``2.*``, ``4.*``."""
 
     def __init__(self, net, dim):
         backbone = build_backbone(net)
@@ -33,20 +28,13 @@ class Encoder(nn.Sequential):
 
 def split_segments(x, num_segments):
     """``[B, C, T, H, W]`` -> ``[B*L, C, T/L, H, W]``: the L consecutive local segments."""
-    b, c, t, h, w = x.shape
-    if t % num_segments:
-        raise UserError(f'--seq_len {t} is not divisible into {num_segments} local segments')
-    s = t // num_segments
-    return x.view(b, c, num_segments, s, h, w).transpose(1, 2).reshape(b * num_segments, c, s, h, w)
+    return x.unflatten(2, (num_segments, -1)).transpose(1, 2).flatten(0, 1)
 
 
 class MoCo(nn.Module):
     """Query encoder, momentum key encoder, queue ``[D, K]`` and shuffle-BN (He et al., MoCo).
-
-    dim: D; K: queue length; m: momentum; tau: temperature; num_segments: local clips L;
-    bn_splits: BatchNorm groups of the shuffled key batch in one process; weights: loss term ->
-    weight (``WEIGHTS`` when None).
-    """
+    m: momentum; tau: temperature; num_segments: local clips L; bn_splits: BatchNorm groups of
+    the shuffled key batch in one process; weights: loss term -> weight (default ``WEIGHTS``)."""
     WEIGHTS = {}
     ready = True   # whether a batch may take a gradient step (CoCLR waits for a full queue)
 
@@ -56,8 +44,6 @@ class MoCo(nn.Module):
         self.K, self.m, self.tau = K, m, tau
         self.num_segments, self.bn_splits = num_segments, bn_splits
         self.weights = dict(self.WEIGHTS if weights is None else weights)
-        if set(self.weights) != set(self.WEIGHTS):
-            raise ValueError(f'weights {sorted(self.weights)}: terms are {sorted(self.WEIGHTS)}')
         self.encoder_q = Encoder(net, dim)
         self.encoder_k = Encoder(net, dim)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
@@ -73,39 +59,32 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def shuffled_keys(self, x):
-        """Key embeddings ``[B, D]`` of ``x`` with shuffle-BN, in the order of ``x``: gather,
-        shuffle with one permutation, encode this process's slice in ``bn_splits`` groups (so
-        one GPU or the CPU gets shuffle-BN too), gather, unshuffle."""
+        """Key embeddings ``[B, D]`` of ``x`` with shuffle-BN, in the order of ``x``, each process's
+        slice in ``bn_splits`` groups (docs/METHOD.md, Model)."""
         b = x.shape[0]
         rank = du.get_rank()
         x_all = du.all_gather(x)
         perm = du.broadcast(torch.randperm(x_all.shape[0], device=x.device))
         x_mine = x_all[perm[rank * b:(rank + 1) * b]]
         k = torch.cat([self.encoder_k(chunk) for chunk in x_mine.chunk(self.bn_splits)])
-        k_all = du.all_gather(k) if du.world_size() > 1 else k
-        return k_all[torch.argsort(perm)][rank * b:(rank + 1) * b]
+        return du.all_gather(k)[torch.argsort(perm)][rank * b:(rank + 1) * b]
 
     @torch.no_grad()
     def enqueue(self, keys, **extra_queues):
         """Write the keys ``[B, D]`` of every process at ``queue_ptr`` (kept on the device), and
         the same slots of the ``extra_queues`` buffers."""
-        keys = du.all_gather(keys)
-        n = keys.shape[0]
-        assert self.K % n == 0, 'checked at start-up: --moco-k a multiple of the global batch'
+        n = keys.shape[0] * du.world_size()   # K is a multiple of n (engine.check_args)
         slots = self.queue_ptr + torch.arange(n, device=keys.device)
-        self.queue.index_copy_(1, slots, keys.T.to(self.queue.dtype))
-        for name, values in extra_queues.items():
-            buffer = getattr(self, name)
+        for name, values in {'queue': keys, **extra_queues}.items():
+            buffer = getattr(self, name)   # the queue index last
             buffer.index_copy_(buffer.dim() - 1, slots,
                                du.all_gather(values).movedim(0, -1).to(buffer.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
 
     def embed(self, view1, view2, local1, local2):
-        """fp32 ``(q, q_local, k, k_local)``: ``[B, D]`` each but k_local ``[B, L, D]``.
-
-        q encodes view 1, k view 2 (key encoder), q_local ``local1`` (view 1's first local clip)
-        and k_local ``local2`` (view 2's L local clips, as one batch). Local clips left None are
-        cut from the views (``--local_aug shared``)."""
+        """fp32 ``(q, q_local, k, k_local)``, ``[B, D]`` each but k_local ``[B, L, D]``: view 1,
+        ``local1`` (view 1's first local clip), view 2 and ``local2`` (its L local clips, keys).
+        Local clips left None are cut from the views (``--local_aug shared``)."""
         b, L = view1.shape[0], self.num_segments
         local2 = split_segments(view2, L) if local2 is None else local2.flatten(0, 1)
         if local1 is None:
@@ -142,24 +121,20 @@ class LocalInfoNCE(MoCo):
 
 
 class LocalCoCLR(MoCo):
-    """CVTCL: CoCLR's multi-positive loss + inter + intra (docs/METHOD.md, CVTCL).
-
-    topk: positives mined per row by the sampler once the queue is full; self_mask_prob:
-    probability that a batch drops the self positive where other positives exist. Queues
-    ``[K]`` beside ``queue``: ``queue_second`` ``[D, K]`` the sampler's embeddings,
-    ``queue_vname`` source ids (-1: empty slot), ``queue_label`` class labels (-1: unknown).
-    """
+    """CVTCL: CoCLR's multi-positive loss + inter + intra (docs/METHOD.md, CVTCL). topk:
+    positives mined per row once the queue is full; self_mask_prob: probability that a batch
+    drops the self positive. Queues beside ``queue``: the sampler's embeddings, source ids (-1:
+    empty slot) and class labels (-1: unknown)."""
     WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
 
-    def __init__(self, net='s3d', dim=128, K=2048, m=0.999, tau=0.07, num_segments=4,
-                 bn_splits=1, weights=None, topk=5, self_mask_prob=0.9):
-        super().__init__(net, dim, K, m, tau, num_segments, bn_splits, weights)
+    def __init__(self, net='s3d', dim=128, *args, topk=5, self_mask_prob=0.9, **kwargs):
+        super().__init__(net, dim, *args, **kwargs)
         self.topk, self.self_mask_prob = topk, self_mask_prob
         self.sampler = Encoder(net, dim)
         self.sampler.requires_grad_(False)
-        self.register_buffer('queue_second', F.normalize(torch.randn(dim, K), dim=0))
-        self.register_buffer('queue_vname', torch.full((K,), -1, dtype=torch.long))
-        self.register_buffer('queue_label', torch.full((K,), -1, dtype=torch.long))
+        self.register_buffer('queue_second', F.normalize(torch.randn(dim, self.K), dim=0))
+        self.register_buffer('queue_vname', torch.full((self.K,), -1, dtype=torch.long))
+        self.register_buffer('queue_label', torch.full((self.K,), -1, dtype=torch.long))
 
     def train(self, mode=True):
         super().train(mode)

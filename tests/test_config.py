@@ -104,6 +104,16 @@ def test_command_line_flags_win_over_the_file(tmp_path):
         parse(CLASSIFIER, tmp_path, 'optim = "sgd"', '--optim', 'adamw')
 
 
+def test_a_missing_or_malformed_file_is_refused_by_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(NCE(), ['--config', str(tmp_path / 'none.toml')])
+    assert f'--config {tmp_path / "none.toml"}: No such file or directory' in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(NCE, tmp_path, 'lr = ')
+    assert f'--config {tmp_path / "c.toml"}: Invalid value' in capsys.readouterr().err
+
+
 def test_a_required_flag_may_come_from_the_file(tmp_path, capsys):
     assert parse(PROBE, tmp_path, 'test = "random"').test == 'random'
     with pytest.raises(SystemExit):

@@ -163,7 +163,9 @@ def test_non_finite_loss_stops_with_iteration(data_root, tmp_path):
     (['--net', 'vgg'], "known: s3d, s3dg, r50"),
     (['--dataset', 'nosuch-2clip'], 'Known under'),
     (['--dataset', 'ucf101'], 'needs two views'),
+    (['--dataset', 'ucf101-2stream-2clip'], 'local_nce.py trains one modality; use ucf101-2clip'),
     (['--seq_len', '16'], 'needs at least 8'),
+    (['--seq_len', '34'], '--seq_len 34 is not divisible into --num_segments 4'),
     (['--bn_splits', '3'], '--batch_size 4 does not split into --bn_splits 3 groups'),
 ])
 def test_bad_arguments(data_root, tmp_path, flags, message):
@@ -350,7 +352,7 @@ def test_pretrained_networks_of_the_other_modality_are_refused(data_root, infonc
 
 
 def test_script_errors_and_interrupts_end_without_a_traceback(data_root, tmp_path):
-    from utils.misc import interrupted_message
+    from utils.run import guard_run
     r = run([sys.executable, 'local_nce.py', '--dataset', 'ucf101-2clip', '--data_root',
              str(data_root), *TINY, '--output_dir', str(tmp_path), '--pretrain',
              str(tmp_path / 'nope.pth.tar')])
@@ -359,10 +361,13 @@ def test_script_errors_and_interrupts_end_without_a_traceback(data_root, tmp_pat
     r = run([sys.executable, 'local_nce.py', '--dataset', 'ucf101', '--data_root',
              str(data_root), *TINY, '--output_dir', str(tmp_path)])
     assert r.returncode == 2 and r.stderr.startswith('error: --dataset ucf101: pretraining needs')
-    assert 'before the first checkpoint' in interrupted_message(tmp_path)
-    (tmp_path / 'last.pth.tar').write_bytes(b'')
-    assert f'the last good checkpoint is {tmp_path / "last.pth.tar"}' in \
-        interrupted_message(tmp_path)
+    said = []
+    for _ in range(2):   # Ctrl-C in a run's epochs names the last good checkpoint, if any
+        with pytest.raises(KeyboardInterrupt), guard_run(tmp_path, None, said.append):
+            raise KeyboardInterrupt
+        (tmp_path / 'last.pth.tar').write_bytes(b'')
+    assert 'before the first checkpoint' in said[0]
+    assert f'the last good checkpoint is {tmp_path / "last.pth.tar"}' in said[1]
 
 
 def test_resume_rules():
@@ -499,7 +504,7 @@ def _replica(rank, data_root, out, port):
                       ['--dataset', 'ucf101-2clip', '--data_root', data_root, *TINY,
                        '--net', 'tiny', '--seq_len', '8', '--output_dir', out, '--epochs', '2'])
     engine.train(args, engine.Task('infonce', build, local_nce.load_pretrained,
-                                   local_nce.inputs, local_nce.check_dataset))
+                                   local_nce.inputs, two_stream=False))
     torch.save(built[0].state_dict(), Path(out) / f'rank{rank}.pt')
 
 

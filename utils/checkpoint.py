@@ -1,7 +1,7 @@
 """Checkpoints: atomic writes, safe loading, and loads that say which keys mismatch."""
+import io
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,27 +11,22 @@ from .misc import UserError
 
 
 def save_checkpoint(state, path, *copies):
-    """Written whole, then renamed: never a half file. ``copies`` (e.g. ``last.pth.tar``) get the
-    same bytes, serialised once."""
-    atomic_write(Path(path), lambda f: torch.save(state, f))
-    for copy in copies:
-        with open(path, 'rb') as src:
-            atomic_write(Path(copy), lambda f: shutil.copyfileobj(src, f))
-
-
-def atomic_write(path, write):   # write(file) to a temporary file in the folder, then rename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``state`` serialised once, then written to ``path`` and each of ``copies`` (e.g.
+    ``last.pth.tar``): each to a temporary file in its folder, then renamed, never a half file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    for target in map(Path, (path, *copies)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + '.', suffix='.tmp', dir=target.parent)
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def load_checkpoint(path, flag='checkpoint', required=('state_dict',), what='checkpoint'):

@@ -1,6 +1,7 @@
 """Command-line flags with TOML config files (``--config FILE``): the file's values become flags
 placed before the command line's, so argparse checks them all and the command line wins."""
 import argparse
+import copy
 import math
 import sys
 import tomllib
@@ -42,21 +43,17 @@ def _check(parser, tokens):
     unknown tokens). Abbreviations are refused; a required flag missing is no error here."""
     def refuse(message):   # argparse's own exits (a missing required flag)
         raise argparse.ArgumentError(None, message)
-    saved = parser.exit_on_error, parser.allow_abbrev
-    parser.exit_on_error = parser.allow_abbrev = False
-    parser.error = refuse
+    checker = copy.copy(parser)
+    checker.exit_on_error = checker.allow_abbrev = False
+    checker.error = refuse
     try:
-        return None, parser.parse_known_args(tokens)[1]
+        return None, checker.parse_known_args(tokens)[1]
     except argparse.ArgumentError as e:
         return (str(e) if e.argument_name else None), []
-    finally:
-        del parser.error
-        parser.exit_on_error, parser.allow_abbrev = saved
 
 
 def _tokens(key, value):
-    """A TOML ``key = value`` as command-line tokens: true -> ``--key``, false -> ``--no-key``,
-    a list -> ``--key v1 v2 ...``, anything else -> ``--key=value``."""
+    """A TOML ``key = value`` as command-line tokens."""
     if isinstance(value, bool):
         return [f'--{key}' if value else f'--no-{key}']
     if isinstance(value, list):
@@ -76,10 +73,8 @@ def parse_args(parser, argv=None):
     try:
         with open(path, 'rb') as f:
             config = tomllib.load(f)
-    except OSError as e:
-        parser.error(f'--config {path}: {e.strerror}')
-    except tomllib.TOMLDecodeError as e:
-        parser.error(f'--config {path}: {e}')
+    except (OSError, tomllib.TOMLDecodeError) as e:   # a missing file, or not TOML
+        parser.error(f'--config {path}: {e.strerror if isinstance(e, OSError) else e}')
     where = f'(from --config {path})'
     tokens = []
     for key, value in config.items():

@@ -33,22 +33,19 @@ def init_distributed(device='auto', local_rank_flag=None):
     if device == 'cuda' and not torch.cuda.is_available():
         raise UserError('--device cuda was asked but no CUDA device is visible')
     rank, world = _env_int('RANK', 'SLURM_PROCID'), _env_int('WORLD_SIZE', 'SLURM_NTASKS')
-    local = _env_int('LOCAL_RANK', 'SLURM_LOCALID')
-    if rank is None or world is None or world <= 1:
-        return DistInfo(device=torch.device('cuda', torch.cuda.current_device())
-                        if device == 'cuda' else torch.device('cpu'))
-    if 'MASTER_ADDR' not in os.environ:   # SLURM without torchrun
+    launched = rank is not None and world is not None and world > 1
+    if launched and 'MASTER_ADDR' not in os.environ:   # SLURM without torchrun
         raise UserError('distributed launch without MASTER_ADDR/MASTER_PORT; use torchrun, '
                         'torch.distributed.launch, or export them in the SLURM script')
-    dev = torch.device('cpu')
-    if device == 'cuda':
+    if launched and device == 'cuda':
+        local = _env_int('LOCAL_RANK', 'SLURM_LOCALID')
         local = local if local is not None else local_rank_flag or 0
         torch.cuda.set_device(local % torch.cuda.device_count())
-        dev = torch.device('cuda', torch.cuda.current_device())
-    if not dist.is_initialized():
+    dev = torch.device(device, torch.cuda.current_device() if device == 'cuda' else None)
+    if launched and not dist.is_initialized():
         dist.init_process_group('nccl' if device == 'cuda' else 'gloo', rank=rank, world_size=world,
-                                **({'device_id': dev} if device == 'cuda' else {}))
-    return DistInfo(rank, world, dev)
+                                device_id=dev if device == 'cuda' else None)
+    return DistInfo(rank, world, dev) if launched else DistInfo(device=dev)
 
 
 def world_size():

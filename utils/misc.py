@@ -19,12 +19,10 @@ class UserError(Exception):
 
 def git_revision():
     """``<sha>`` or ``<sha>-dirty``; 'unknown' outside a git checkout."""
-    def git(*cmd):
-        return subprocess.run(['git', *cmd], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    try:
-        dirty = git('status', '--porcelain', '--untracked-files=no')
-        return (git('rev-parse', 'HEAD') + '-dirty' * bool(dirty)).lstrip('-') or 'unknown'
+    try:   # --exclude=*: the commit itself, never a tag's name
+        return subprocess.run(['git', 'describe', '--always', '--dirty', '--abbrev=40',
+                               '--exclude=*'], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
 
@@ -49,13 +47,6 @@ def log_epoch(path, record):
     tmp = path.with_name(path.name + '.tmp')
     tmp.write_text(''.join(line + '\n' for line in kept + [json.dumps(record)]))
     os.replace(tmp, path)
-
-
-def interrupted_message(exp_dir):
-    last = Path(exp_dir) / 'last.pth.tar'
-    if last.exists():
-        return f'\n=> interrupted; the last good checkpoint is {last}'
-    return f'\n=> interrupted before the first checkpoint; nothing to resume in {exp_dir}'
 
 
 def seed_everything(seed):

@@ -12,8 +12,7 @@ from tqdm import tqdm
 
 from . import distributed as du
 from .checkpoint import load_exact, save_checkpoint
-from .misc import (UserError, epoch_seed, format_args, git_revision, interrupted_message,
-                   plain_args)
+from .misc import UserError, epoch_seed, format_args, git_revision, plain_args
 
 
 def add_runtime_args(g):
@@ -54,10 +53,9 @@ def begin_epoch(seed, epoch, rank, augment):
     augment.reseed(2 * root + 1)
 
 
-@torch.no_grad()
-def broadcast_state(model):
-    for t in list(model.parameters()) + list(model.buffers()):
-        du.broadcast(t.data, 0)
+def broadcast_state(model):   # rank 0's weights and buffers (detached, sharing their storage)
+    for t in model.state_dict().values():
+        du.broadcast(t, 0)
 
 
 class EpochMeter:
@@ -88,9 +86,8 @@ class EpochMeter:
             self.bar.set_postfix(loss=f'{means["loss"]:.3f}', top1=f'{means["top1"]:.3g}',
                                  **postfix)
             if self.writer is not None:
-                for k, v in means.items():
+                for k, v in {**means, 'lr': lr}.items():
                     self.writer.add_scalar(f'train/{k}', v, iteration + 1)
-                self.writer.add_scalar('train/lr', lr, iteration + 1)
 
     def means(self, totals):
         out = {k: v / self.counts[k] for k, v in zip(self.sums, totals.tolist())}
@@ -165,7 +162,9 @@ def guard_run(exp_dir, writer, say):
     try:
         yield
     except KeyboardInterrupt:
-        say(interrupted_message(exp_dir))
+        last = Path(exp_dir) / 'last.pth.tar'
+        say(f'\n=> interrupted; the last good checkpoint is {last}' if last.exists() else
+            f'\n=> interrupted before the first checkpoint; nothing to resume in {exp_dir}')
         raise
     finally:
         if writer is not None:
