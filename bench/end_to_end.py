@@ -24,10 +24,11 @@ from types import SimpleNamespace
 
 import torch
 
-from dataset import LMDBWriter, build_dataset, encode_frames
 from dataset import splits
 from dataset.augment import DeviceAugment
+from dataset.lmdb_video import LMDBWriter, encode_frames
 from dataset.loader import make_loader
+from dataset.video_dataset import build_dataset
 from model import engine
 from utils.distributed import DistInfo
 

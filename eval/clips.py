@@ -14,8 +14,7 @@ from tqdm import tqdm
 
 from backbone import MIN_SEGMENT_FRAMES
 from dataset.augment import Photometric, flip_frames, normalize, resize
-from dataset import build_dataset
-from dataset.video_dataset import DatasetName, add_data_args, data_location
+from dataset.video_dataset import DatasetName, add_data_args, build_dataset, data_location
 from utils import distributed as du
 from utils.config import NON_NEGATIVE, POSITIVE
 from utils.misc import PROJECT_ROOT, UserError, git_revision, plain_args, topk_accuracy

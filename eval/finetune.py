@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from dataset import build_dataset
 from dataset.augment import DeviceAugment, Photometric, box_pixels, resize, sample_crop
 from dataset.loader import make_loader
-from dataset.video_dataset import data_location, modality_of
+from dataset.video_dataset import build_dataset, data_location, modality_of
 from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils import distributed as du

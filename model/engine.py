@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from backbone import BACKBONES, MIN_SEGMENT_FRAMES
-from dataset import DatasetName, build_dataset
 from dataset.augment import DeviceAugment
 from dataset.loader import make_loader
-from dataset.video_dataset import add_data_args, data_location
+from dataset.video_dataset import DatasetName, add_data_args, build_dataset, data_location
 from model.classifier import check_modality
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint, load_exact, sub_state_dict

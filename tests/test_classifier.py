@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset import LMDBWriter, encode_frames
+from dataset.lmdb_video import LMDBWriter, encode_frames
 from helpers import coclr_reference
 from dataset.splits import ucf101_splits, write_split_files
 from eval import finetune, main_classifier

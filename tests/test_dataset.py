@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import DatasetName, build_dataset, splits
+from dataset import splits
+from dataset.video_dataset import DatasetName, build_dataset
 from utils.misc import UserError
 from helpers import (jpeg_bytes, png_size, position_frames, write_raw_lmdb,
                      write_toy_dataset)
@@ -451,7 +452,7 @@ def test_split_rows_without_frames_are_skipped(tmp_path):
 
 
 def test_data_root_from_environment(tmp_path, monkeypatch):
-    from dataset import default_data_root
+    from dataset.video_dataset import default_data_root
     write_toy_dataset(tmp_path, 'toy', VIDEOS)
     monkeypatch.setenv('CVTCL_DATA_ROOT', str(tmp_path))
     assert default_data_root() == tmp_path

@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dataset import LMDBWriter, VideoDataset, encode_frames
 from dataset.augment import IMAGENET_MEAN, IMAGENET_STD
+from dataset.lmdb_video import LMDBWriter, encode_frames
+from dataset.video_dataset import VideoDataset
 from eval import clips, feature_linear_probe, finetune, main_classifier, merge_2stream_prob
 from eval import retrieval
 from model.classifier import LinearClassifier

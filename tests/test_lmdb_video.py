@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg, ImageReadMode
 
-from dataset import LMDBWriter, VideoLMDB, decode_frames, encode_frames
+from dataset.lmdb_video import LMDBWriter, VideoLMDB, decode_frames, encode_frames
 from utils.misc import UserError
 from helpers import (ReadFrames, decode_with_pil, jpeg_bytes, position_frames,
                      textured_frames, write_raw_lmdb)
@@ -226,7 +226,7 @@ def test_not_an_lmdb(tmp_path):
 # Opens each LMDB and reads every frame, printing the error of a broken one. In a child
 # process: reading a truncated file past its end is a SIGBUS that would end the test run.
 READ_ALL = """import sys
-from dataset import VideoLMDB
+from dataset.lmdb_video import VideoLMDB
 from utils.misc import UserError
 for path in sys.argv[1:]:
     try:
