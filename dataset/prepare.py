@@ -188,7 +188,7 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
                             f'command again to finish it, or pass --overwrite to start over')
         shutil.rmtree(work)
     if not record.exists():
-        atomic_write(record, lambda f: f.write(json.dumps(settings).encode()))
+        atomic_write(record, json.dumps(settings).encode())
     done = {int(p.stem) for p in work.glob('*.msgpack')}
     todo = [i for i in range(len(names)) if i not in done]
     if done:
@@ -201,7 +201,7 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
             if isinstance(result, str):
                 failed[i] = result
             else:
-                atomic_write(work / f'{i:09d}.msgpack', lambda f: f.write(msgpack.dumps(result)))
+                atomic_write(work / f'{i:09d}.msgpack', msgpack.dumps(result))
     skipped = [f'{names[i]}: {reason}' for i, reason in sorted(failed.items())]
     if len(skipped) == len(names):
         shutil.rmtree(work)

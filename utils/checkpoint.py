@@ -11,22 +11,29 @@ from .misc import UserError
 
 
 def save_checkpoint(state, path, *copies):
-    """``state`` serialised once, then written to ``path`` and each of ``copies`` (e.g.
-    ``last.pth.tar``): each to a temporary file in its folder, then renamed, never a half file."""
+    """``state`` serialised once, then written atomically to ``path`` and each of ``copies``
+    (e.g. ``last.pth.tar``)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    for target in map(Path, (path, *copies)):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + '.', suffix='.tmp', dir=target.parent)
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    for target in (path, *copies):
+        atomic_write(target, buffer.getbuffer())
+
+
+def atomic_write(path, data):
+    """Write the bytes ``data`` to a temporary file in the folder of ``path``, then rename it:
+    ``path`` is never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path, flag='checkpoint', required=('state_dict',), what='checkpoint'):
