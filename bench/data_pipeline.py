@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 import torchvision.transforms.functional as TF
 
-from dataset import augment, build_dataset
+from dataset import augment
 from dataset.augment import DeviceAugment
 from dataset.lmdb_video import LMDBWriter, encode_frames
-from dataset.video_dataset import local_plan
+from dataset.video_dataset import build_dataset, local_plan
 
 SEGMENTS = 4
 
