@@ -35,6 +35,7 @@ import local_coclr
 import local_nce
 from backbone import build_backbone
 from model import engine, fast as fast_path
+from utils.run import optimizer_step
 
 
 PATHS = ('plain', 'plain-strict', 'fast', 'fast-graph', 'fast-ncdhw', 'fast-graph-ncdhw',
@@ -101,7 +102,7 @@ def path_step(model, path, device):
     amp = torch.bfloat16 if fast else None
     step = partial(engine.train_step, model, optimizer=opt, scaler=scaler, amp_dtype=amp)
     if 'graph' in path and device.type == 'cuda':
-        step = fast_path.GraphedStep(step, engine.forward_backward, engine.update, model, opt,
+        step = fast_path.GraphedStep(step, engine.forward_backward, optimizer_step, model, opt,
                                      scaler, amp, device)
     return step
 

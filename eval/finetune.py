@@ -14,12 +14,10 @@ from dataset.loader import make_loader
 from dataset.video_dataset import build_dataset, data_location, modality_of
 from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
-from utils import distributed as du
 from utils.checkpoint import load_checkpoint
-from utils.misc import (PROJECT_ROOT, UserError, learning_rate, log_epoch, seed_everything,
-                        topk_accuracy)
-from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_fresh_run, check_resume,
-                       disk_use, epoch_state, guard_run, open_run, restore, save_epoch)
+from utils.misc import PROJECT_ROOT, UserError, learning_rate, seed_everything, topk_accuracy
+from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_resume, disk_use,
+                       end_epoch, open_run, optimizer_step, resume_or_start)
 
 VAL_SEED, VAL_SHARE = 666, 0.3   # CoCLR validates on this random share of the test split
 
@@ -76,14 +74,11 @@ def train(args, rt):
         f'{args.name_prefix}lincls-{args.train_what}_{args.dataset}_split{args.which_split}_'
         f'{args.net}_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}'
         f'_dim{args.img_dim}')
-    start_epoch, iteration, best_acc, best_epoch, previous = 0, 0, 0.0, -1, None
     if pretrained is not None:
         kind = load_pretrained(model, pretrained['state_dict'], f'--pretrain {args.pretrain}')
         say(f'=> initialised from {args.pretrain} ({kind} checkpoint, epoch '
             f'{pretrained.get("epoch")}); newly initialised: '
             + (', '.join(model.head_keys()) if kind == 'pretrain' else 'nothing'))
-    if resume is None:
-        check_fresh_run(exp_dir)
     model.to(device, memory_format=rt.memory_format)
     torch.backends.cudnn.benchmark = True
     head = [p for n, p in model.named_parameters() if not n.startswith('backbone.')]
@@ -94,29 +89,25 @@ def train(args, rt):
     optimizer = (torch.optim.Adam(groups, lr=args.lr, weight_decay=args.wd) if args.optim == 'adam'
                  else torch.optim.SGD(groups, lr=args.lr, weight_decay=args.wd, momentum=0.9))
     scaler = torch.amp.GradScaler(device.type, enabled=rt.amp_dtype == torch.float16)
-    if resume is not None:
-        exp_dir, start_epoch, iteration = restore(resume, model, optimizer, scaler, args, info, say)
-        best_acc, best_epoch = resume.get('best_acc', 0.0), resume.get('best_epoch', -1)
-        previous = exp_dir / f'epoch{start_epoch - 1}.pth.tar'
+    exp_dir, start_epoch, iteration, best_acc, previous = resume_or_start(
+        resume, exp_dir, model, optimizer, scaler, args, say)
+    best_epoch = resume.get('best_epoch', -1) if resume is not None else -1
     broadcast_state(model)
     frozen = ({k: v.clone() for k, v in model.backbone.state_dict().items()}
               if model.linear_probe else None)
     # Colour jitter alone, on --color_jitter_prob of the clips, as the reference.
     augment = DeviceAugment(args.photometric_on_flow, rt.memory_format,
                             Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
-    writer = open_run(exp_dir, args, info,
-                      f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
-                      f'amp {rt.amp_dtype}\n=> train: {len(positions)} videos of train split '
-                      f'{args.which_split} ({len(train_set.dropped)} too short, dropped)\n'
-                      f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
-                      + disk_use(model, args.epochs, args.keep_every,
-                                 slots=2 if args.optim == 'adam' else 1, best=True))
-    with guard_run(exp_dir, writer, say):
+    with open_run(exp_dir, args, info, say,
+                  f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
+                  f'amp {rt.amp_dtype}\n=> train: {len(positions)} videos of train split '
+                  f'{args.which_split} ({len(train_set.dropped)} too short, dropped)\n'
+                  f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
+                  + disk_use(model, args.epochs, args.keep_every,
+                             slots=2 if args.optim == 'adam' else 1, best=True)) as writer:
         for epoch in range(start_epoch, args.epochs):
-            begin_epoch(args.seed, epoch, info.rank, augment)
             lr = learning_rate(args.lr, epoch, args.schedule)
-            for group in optimizer.param_groups:
-                group['lr'] = lr * group['lr_mult']
+            begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)
             stats, iteration = train_one_epoch(model, loader, augment, modality, optimizer,
                                                scaler, args, rt, epoch, iteration, writer)
             record = {'epoch': epoch, 'iteration': iteration, 'lr': lr,
@@ -133,15 +124,11 @@ def train(args, rt):
             say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in record.items()
                                                  if isinstance(v, float))
                 + (f' (best so far, {args.val_set} top1 {best_acc:.2f})' if is_best else ''))
-            if info.is_main:
-                log_epoch(exp_dir / 'log.jsonl', record)
-                state = epoch_state(model, optimizer, scaler, args, info, epoch=epoch,
-                                    iteration=iteration, best_acc=best_acc, best_epoch=best_epoch,
-                                    val_set=val_desc, classes=list(train_set.classes))
-                previous = save_epoch(state, exp_dir, epoch, args.keep_every, previous, is_best)
-    if frozen is not None:   # once, at the end, as MoCo's sanity check
-        check_frozen(model.backbone, frozen)
-    say(f'=> finished; checkpoints in {exp_dir}')
+            previous = end_epoch(exp_dir, record, model, optimizer, scaler, args, info, previous,
+                                 best=is_best, best_acc=best_acc, best_epoch=best_epoch,
+                                 val_set=val_desc, classes=list(train_set.classes))
+        if frozen is not None:   # once, at the end, as MoCo's sanity check
+            check_frozen(model.backbone, frozen)
     return exp_dir
 
 
@@ -165,9 +152,7 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(model, optimizer, scaler)
         top1, top5 = topk_accuracy(logits.detach(), target)
         meter.update(iteration, loss.detach(), len(target) * rt.info.world_size,
                      optimizer.param_groups[-1]['lr'], {'top1': 100 * top1, 'top5': 100 * top5})

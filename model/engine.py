@@ -16,10 +16,10 @@ from utils import distributed as du
 from utils.checkpoint import load_checkpoint, load_exact, sub_state_dict
 from utils.config import (AREA, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, POSITIVE_REAL,
                           PROBABILITY)
-from utils.misc import PROJECT_ROOT, UserError, learning_rate, log_epoch, seed_everything
+from utils.misc import PROJECT_ROOT, UserError, learning_rate, seed_everything
 from utils.run import (EpochMeter, add_runtime_args, amp_dtype_of, begin_epoch, broadcast_state,
-                       check_fresh_run, check_resume, disk_use, epoch_state, guard_run, open_run,
-                       restore, save_epoch)
+                       check_resume, disk_use, end_epoch, open_run, optimizer_step,
+                       resume_or_start)
 
 
 def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_size, epochs,
@@ -140,13 +140,9 @@ def train(args, task):
     exp_dir = Path(args.output_dir) / (
         f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
         f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
-    start_epoch, iteration, best_acc, previous = 0, 0, 0.0, None
-    if ckpt is not None:
-        exp_dir, start_epoch, iteration = restore(ckpt, model, optimizer, scaler, args, info, say)
-        best_acc = ckpt.get('best_acc', 0.0)
-        previous = exp_dir / f'epoch{ckpt["epoch"]}.pth.tar'
-    else:
-        check_fresh_run(exp_dir)
+    exp_dir, start_epoch, iteration, best_acc, previous = resume_or_start(
+        ckpt, exp_dir, model, optimizer, scaler, args, say)
+    if ckpt is None:
         task.load_pretrained(model, args)   # the query encoder (and CoCLR's sampler)
         model.encoder_k.load_state_dict(model.encoder_q.state_dict())
     broadcast_state(model)
@@ -156,36 +152,29 @@ def train(args, task):
     if args.cuda_graph or args.decode == 'gpu':
         from model import fast   # the GPU fast path, only when asked for
     if args.cuda_graph:
-        step = fast.GraphedStep(step, forward_backward, update, model, optimizer, scaler,
-                                amp_dtype, device)
+        step = fast.GraphedStep(step, forward_backward, optimizer_step, model, optimizer,
+                                scaler, amp_dtype, device)
     flow = dataset.lmdbs.get('flow')   # which optical flow the LMDB holds (prepare flow --method)
     flow = (f', flow by {flow.flow_method or "an unrecorded method (published: TV-L1)"}'
             if flow else '')
-    writer = open_run(exp_dir, args, info, f'{info.world_size} process(es) on {device}, global '
-                      f'batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos '
-                      f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
-                      + disk_use(model, args.epochs, args.keep_every, args.save_freq))
-    with guard_run(exp_dir, writer, say):
+    with open_run(exp_dir, args, info, say, f'{info.world_size} process(es) on {device}, global '
+                  f'batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos '
+                  f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
+                  + disk_use(model, args.epochs, args.keep_every, args.save_freq)) as writer:
         for epoch in range(start_epoch, args.epochs):
-            begin_epoch(args.seed, epoch, info.rank, augment)
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
+            begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)
             batches = ((to_inputs(b) for b in loader.epoch(epoch)) if fast is None
                        else fast.Prefetcher(loader.epoch(epoch), to_inputs, device))
             meter = EpochMeter(epoch, loader.steps, device, info.is_main, writer, args.print_freq)
             iteration = train_one_epoch(model, step, batches, meter, iteration, lr, global_batch)
             stats = meter.close()
             best_acc = max(best_acc, stats['top1'])
-            if info.is_main:
-                log_epoch(exp_dir / 'log.jsonl',
-                          {'epoch': epoch, 'iteration': iteration, 'lr': lr, **stats})
-                say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in stats.items()))
-                if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-                    state = epoch_state(model, optimizer, scaler, args, info, epoch=epoch,
-                                        iteration=iteration, best_acc=best_acc)
-                    previous = save_epoch(state, exp_dir, epoch, args.keep_every, previous)
-    say(f'=> finished; checkpoints in {exp_dir}')
+            say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in stats.items()))
+            record = {'epoch': epoch, 'iteration': iteration, 'lr': lr, **stats}
+            save = (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
+            previous = end_epoch(exp_dir, record, model, optimizer, scaler, args, info, previous,
+                                 save, best_acc=best_acc)
     du.cleanup()
     return exp_dir
 
@@ -224,17 +213,11 @@ def forward_backward(model, inputs, scaler, amp_dtype, cache_casts=True):
     return loss.detach(), stats, ready
 
 
-def update(model, optimizer, scaler):
-    du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
-    scaler.step(optimizer)
-    scaler.update()
-
-
 def train_step(model, inputs, optimizer, scaler, amp_dtype):
     optimizer.zero_grad(set_to_none=True)
     loss, stats, ready = forward_backward(model, inputs, scaler, amp_dtype)
     if ready:
-        update(model, optimizer, scaler)
+        optimizer_step(model, optimizer, scaler)
     return loss, stats, ready
 
 

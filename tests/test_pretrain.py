@@ -352,7 +352,8 @@ def test_pretrained_networks_of_the_other_modality_are_refused(data_root, infonc
 
 
 def test_script_errors_and_interrupts_end_without_a_traceback(data_root, tmp_path):
-    from utils.run import guard_run
+    from types import SimpleNamespace
+    from utils.run import open_run
     r = run([sys.executable, 'local_nce.py', '--dataset', 'ucf101-2clip', '--data_root',
              str(data_root), *TINY, '--output_dir', str(tmp_path), '--pretrain',
              str(tmp_path / 'nope.pth.tar')])
@@ -361,9 +362,11 @@ def test_script_errors_and_interrupts_end_without_a_traceback(data_root, tmp_pat
     r = run([sys.executable, 'local_nce.py', '--dataset', 'ucf101', '--data_root',
              str(data_root), *TINY, '--output_dir', str(tmp_path)])
     assert r.returncode == 2 and r.stderr.startswith('error: --dataset ucf101: pretraining needs')
-    said = []
+    said, other_rank = [], SimpleNamespace(is_main=False)   # makes no folder, no TensorBoard
     for _ in range(2):   # Ctrl-C in a run's epochs names the last good checkpoint, if any
-        with pytest.raises(KeyboardInterrupt), guard_run(tmp_path, None, said.append):
+        with pytest.raises(KeyboardInterrupt), open_run(tmp_path, None, other_rank, said.append,
+                                                        'summary') as writer:
+            assert writer is None
             raise KeyboardInterrupt
         (tmp_path / 'last.pth.tar').write_bytes(b'')
     assert 'before the first checkpoint' in said[0]
@@ -392,12 +395,13 @@ def test_log_keeps_one_record_per_epoch(tmp_path):
 
 
 def test_fresh_run_refuses_only_a_folder_with_checkpoints(tmp_path):
-    from utils.run import check_fresh_run
+    from utils.run import resume_or_start
+    fresh = (None, tmp_path, None, None, None, None, None)   # no checkpoint: nothing is loaded
     (tmp_path / 'log.jsonl').write_text('{"epoch": 0}\n')   # stopped before its first save
-    check_fresh_run(tmp_path)
+    assert resume_or_start(*fresh) == (tmp_path, 0, 0, 0.0, None)
     (tmp_path / 'epoch9.pth.tar').write_bytes(b'')
     with pytest.raises(UserError, match='already holds a run'):
-        check_fresh_run(tmp_path)
+        resume_or_start(*fresh)
 
 
 def test_odd_batch_in_one_process_trains_with_one_bn_group(data_root, tmp_path, capsys):

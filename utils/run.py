@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import distributed as du
 from .checkpoint import load_exact, save_checkpoint
-from .misc import UserError, epoch_seed, format_args, git_revision, plain_args
+from .misc import UserError, epoch_seed, format_args, git_revision, log_epoch, plain_args
 
 
 def add_runtime_args(g):
@@ -33,24 +33,48 @@ def amp_dtype_of(args, device):
     return {'off': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
 
 
-def open_run(exp_dir, args, info, summary):
-    """Rank 0: make the folder, print and store the run's provenance, open TensorBoard."""
-    if not info.is_main:
-        return None
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    print(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {summary}\n'
-          f'=> args:\n{format_args(args)}')
-    (exp_dir / 'args.json').write_text(json.dumps(plain_args(args), indent=1, sort_keys=True))
-    from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only
-    return SummaryWriter(str(exp_dir / 'tb'))
+@contextmanager
+def open_run(exp_dir, args, info, say, summary):
+    """Around a run's epochs. Rank 0 makes the folder, prints and stores the run's provenance and
+    yields a TensorBoard writer (None elsewhere), closed at the end; Ctrl-C names the last good
+    checkpoint."""
+    writer = None
+    if info.is_main:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        print(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {summary}\n'
+              f'=> args:\n{format_args(args)}')
+        (exp_dir / 'args.json').write_text(json.dumps(plain_args(args), indent=1, sort_keys=True))
+        from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only
+        writer = SummaryWriter(str(exp_dir / 'tb'))
+    try:
+        yield writer
+    except KeyboardInterrupt:
+        last = Path(exp_dir) / 'last.pth.tar'
+        say(f'\n=> interrupted; the last good checkpoint is {last}' if last.exists() else
+            f'\n=> interrupted before the first checkpoint; nothing to resume in {exp_dir}')
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    say(f'=> finished; checkpoints in {exp_dir}')
 
 
-def begin_epoch(seed, epoch, rank, augment):
+def begin_epoch(seed, epoch, rank, augment, optimizer, lr):
     """Seed the process's and the augmenter's generators from (seed, epoch, rank), so a resumed
-    run continues as the uninterrupted one (each sample's seed: ``dataset.loader``)."""
+    run continues as the uninterrupted one (each sample's seed: ``dataset.loader``); set the
+    optimiser's learning rate to ``lr`` (times a group's ``lr_mult``)."""
     root = epoch_seed(seed, epoch, rank)
     torch.manual_seed(2 * root)
     augment.reseed(2 * root + 1)
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_mult', 1)
+
+
+def optimizer_step(model, optimizer, scaler):
+    """The gradients averaged over the processes, then the (loss-scaled) optimiser step."""
+    du.all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def broadcast_state(model):   # rank 0's weights and buffers (detached, sharing their storage)
@@ -111,8 +135,16 @@ class EpochMeter:
                                      f'checkpoint is left as it was')
 
 
-def restore(ckpt, model, optimizer, scaler, args, info, say):
-    """Load ``ckpt``'s state; returns its folder, the first epoch to train and the iteration."""
+def resume_or_start(ckpt, exp_dir, model, optimizer, scaler, args, say):
+    """Load ``ckpt``'s state to continue its run, in its folder; None: a fresh run in ``exp_dir``.
+    Returns the folder, the first epoch to train, the iteration, the best accuracy and the epoch
+    file the next save replaces (``save_epoch``'s ``previous``)."""
+    if ckpt is None:   # a new run never writes over another's checkpoints (a log alone: reused)
+        if any(exp_dir.glob('*.pth.tar')):
+            raise UserError(f'{exp_dir} already holds a run; continue it with --resume '
+                            f'{exp_dir / "last.pth.tar"}, or start another with --name_prefix or '
+                            f'--output_dir (or delete the folder)')
+        return exp_dir, 0, 0, 0.0, None
     if ckpt['epoch'] + 1 >= args.epochs:
         raise UserError(f'--resume {args.resume} ends at epoch {ckpt["epoch"]}: --epochs '
                         f'{args.epochs} leaves nothing to train; give more epochs')
@@ -122,15 +154,9 @@ def restore(ckpt, model, optimizer, scaler, args, info, say):
         scaler.load_state_dict(ckpt['scaler'])
     say(f'=> resumed {args.resume} (epoch {ckpt["epoch"]}, iteration {ckpt["iteration"]})'
         + ('; --pretrain is not loaded when resuming' if args.pretrain else ''))
-    return Path(args.resume).resolve().parent, ckpt['epoch'] + 1, ckpt['iteration']
-
-
-def check_fresh_run(exp_dir):
-    """A new run never writes over another's checkpoints (a folder with a log only is reused)."""
-    if any(exp_dir.glob('*.pth.tar')):
-        raise UserError(f'{exp_dir} already holds a run; continue it with --resume '
-                        f'{exp_dir / "last.pth.tar"}, or start another with --name_prefix or '
-                        f'--output_dir (or delete the folder)')
+    exp_dir = Path(args.resume).resolve().parent
+    return (exp_dir, ckpt['epoch'] + 1, ckpt['iteration'], ckpt.get('best_acc', 0.0),
+            exp_dir / f'epoch{ckpt["epoch"]}.pth.tar')
 
 
 # Flags a resumed run may change (where things are, hardware, speed, length, output); any other
@@ -156,27 +182,19 @@ def check_resume(ckpt, args, world_size):
                         + '; '.join(changed) + '. Resume with the same flags, or start a new run')
 
 
-@contextmanager
-def guard_run(exp_dir, writer, say):
-    """Around a run's epochs: Ctrl-C names the last good checkpoint; TensorBoard is closed."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        last = Path(exp_dir) / 'last.pth.tar'
-        say(f'\n=> interrupted; the last good checkpoint is {last}' if last.exists() else
-            f'\n=> interrupted before the first checkpoint; nothing to resume in {exp_dir}')
-        raise
-    finally:
-        if writer is not None:
-            writer.close()
-
-
-def epoch_state(model, optimizer, scaler, args, info, **progress):
-    """A checkpoint's contents (docs/METHOD.md, Checkpoints): weights, optimiser and scaler
-    state, the run's arguments and process count, and ``progress`` (epoch, iteration, ...)."""
-    return {'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scaler': scaler.state_dict(), 'args': plain_args(args),
-            'world_size': info.world_size, **progress}
+def end_epoch(exp_dir, record, model, optimizer, scaler, args, info, previous, save=True,
+              best=False, **progress):
+    """Rank 0: the epoch's ``record`` (epoch, iteration, ...) to log.jsonl, then if ``save`` its
+    checkpoint (docs/METHOD.md, Checkpoints); returns the latest epoch file (``previous``)."""
+    if info.is_main:
+        log_epoch(exp_dir / 'log.jsonl', record)
+    if info.is_main and save:
+        state = {'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'scaler': scaler.state_dict(), 'args': plain_args(args),
+                 'world_size': info.world_size, 'epoch': record['epoch'],
+                 'iteration': record['iteration'], **progress}
+        previous = save_epoch(state, exp_dir, record['epoch'], args.keep_every, previous, best)
+    return previous
 
 
 def keeps(epoch, keep_every):   # epoch<epoch>.pth.tar, 0-based as CoCLR's names
