@@ -48,7 +48,7 @@ def validation_videos(args, train_set, positions):
 
 def train(args, rt):
     info, device, say = rt.info, rt.device, rt.say
-    global_batch, modality = args.batch_size * info.world_size, modality_of(args.dataset)
+    modality = modality_of(args.dataset)
     # Checkpoints are read first: a wrong path fails before any data is touched.
     resume = load_checkpoint(args.resume, '--resume') if args.resume else None
     pretrained = None
@@ -98,10 +98,9 @@ def train(args, rt):
     # Colour jitter alone, on --color_jitter_prob of the clips, as the reference.
     augment = DeviceAugment(args.photometric_on_flow, rt.memory_format,
                             Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
-    with open_run(exp_dir, args, info, say,
-                  f'{info.world_size} process(es) on {device}, global batch {global_batch}, '
-                  f'amp {rt.amp_dtype}\n=> train: {len(positions)} videos of train split '
-                  f'{args.which_split} ({len(train_set.dropped)} too short, dropped)\n'
+    with open_run(exp_dir, args, info, say, rt.amp_dtype,
+                  f'\n=> train: {len(positions)} videos of train split {args.which_split} '
+                  f'({len(train_set.dropped)} too short, dropped)\n'
                   f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
                   + disk_use(model, args.epochs, args.keep_every,
                              slots=2 if args.optim == 'adam' else 1, best=True)) as writer:

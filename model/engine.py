@@ -157,8 +157,7 @@ def train(args, task):
     flow = dataset.lmdbs.get('flow')   # which optical flow the LMDB holds (prepare flow --method)
     flow = (f', flow by {flow.flow_method or "an unrecorded method (published: TV-L1)"}'
             if flow else '')
-    with open_run(exp_dir, args, info, say, f'{info.world_size} process(es) on {device}, global '
-                  f'batch {global_batch}, amp {amp_dtype}, {len(dataset)} videos '
+    with open_run(exp_dir, args, info, say, amp_dtype, f', {len(dataset)} videos '
                   f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
                   + disk_use(model, args.epochs, args.keep_every, args.save_freq)) as writer:
         for epoch in range(start_epoch, args.epochs):

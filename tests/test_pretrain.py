@@ -365,7 +365,7 @@ def test_script_errors_and_interrupts_end_without_a_traceback(data_root, tmp_pat
     said, other_rank = [], SimpleNamespace(is_main=False)   # makes no folder, no TensorBoard
     for _ in range(2):   # Ctrl-C in a run's epochs names the last good checkpoint, if any
         with pytest.raises(KeyboardInterrupt), open_run(tmp_path, None, other_rank, said.append,
-                                                        'summary') as writer:
+                                                        None, '') as writer:
             assert writer is None
             raise KeyboardInterrupt
         (tmp_path / 'last.pth.tar').write_bytes(b'')

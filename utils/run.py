@@ -1,5 +1,5 @@
 """What every training and evaluation run shares: runtime flags, the experiment folder, exact
-resume, per-epoch seeding, the epoch meter and checkpoint retention."""
+resume, each epoch's seeds, learning rate, meter, log and checkpoint, the optimiser step."""
 import argparse
 import json
 import time
@@ -34,15 +34,16 @@ def amp_dtype_of(args, device):
 
 
 @contextmanager
-def open_run(exp_dir, args, info, say, summary):
-    """Around a run's epochs. Rank 0 makes the folder, prints and stores the run's provenance and
-    yields a TensorBoard writer (None elsewhere), closed at the end; Ctrl-C names the last good
-    checkpoint."""
+def open_run(exp_dir, args, info, say, amp_dtype, summary):
+    """Around a run's epochs. Rank 0 makes the folder, prints and stores the run's provenance (and
+    ``summary``) and yields a TensorBoard writer (None elsewhere), closed at the end; Ctrl-C names
+    the last good checkpoint."""
     writer = None
     if info.is_main:
         exp_dir.mkdir(parents=True, exist_ok=True)
-        print(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {summary}\n'
-              f'=> args:\n{format_args(args)}')
+        print(f'=> git {git_revision()}\n=> experiment {exp_dir}\n=> {info.world_size} process(es) '
+              f'on {info.device}, global batch {args.batch_size * info.world_size}, amp '
+              f'{amp_dtype}{summary}\n=> args:\n{format_args(args)}')
         (exp_dir / 'args.json').write_text(json.dumps(plain_args(args), indent=1, sort_keys=True))
         from torch.utils.tensorboard import SummaryWriter  # slow import: rank 0 only
         writer = SummaryWriter(str(exp_dir / 'tb'))
