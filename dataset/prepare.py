@@ -70,7 +70,7 @@ def frame_files(folder):
 def open_lmdb(path, flag):
     try:
         return VideoLMDB(path)
-    except (FileNotFoundError, ValueError, UserError) as e:
+    except UserError as e:   # VideoLMDB's own errors; anything else is a bug
         raise UserError(f'{flag}: {e}') from None
 
 

@@ -187,9 +187,10 @@ def end_epoch(exp_dir, record, model, optimizer, scaler, args, info, previous, s
               best=False, **progress):
     """Rank 0: the epoch's ``record`` (epoch, iteration, ...) to log.jsonl, then if ``save`` its
     checkpoint (docs/METHOD.md, Checkpoints); returns the latest epoch file (``previous``)."""
-    if info.is_main:
-        log_epoch(exp_dir / 'log.jsonl', record)
-    if info.is_main and save:
+    if not info.is_main:
+        return previous
+    log_epoch(exp_dir / 'log.jsonl', record)
+    if save:
         state = {'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
                  'scaler': scaler.state_dict(), 'args': plain_args(args),
                  'world_size': info.world_size, 'epoch': record['epoch'],
