@@ -10,7 +10,7 @@ positives for CoCLR's multi-positive loss, plus the inter and intra local tempor
 """
 import argparse
 
-from model import engine
+import engine_pretrain as engine
 from model.moco import LocalCoCLR
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
 from utils.misc import run_main

@@ -7,7 +7,7 @@ global clip-level InfoNCE loss plus the inter and intra local temporal losses.
         --schedule 250 280 -j 16
 """
 from dataset.video_dataset import modality_of
-from model import engine
+import engine_pretrain as engine
 from model.moco import LocalInfoNCE
 from utils.config import parse_args
 from utils.misc import run_main

@@ -29,7 +29,7 @@ from dataset.augment import DeviceAugment
 from dataset.lmdb_video import LMDBWriter, encode_frames
 from dataset.loader import make_loader
 from dataset.video_dataset import build_dataset
-from model import engine
+import engine_pretrain as engine
 from utils.distributed import DistInfo
 
 from train_step import SCRIPTS, make_model, path_step, script_args, sync   # bench/train_step.py

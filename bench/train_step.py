@@ -34,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import local_coclr
 import local_nce
 from backbone import build_backbone
-from model import engine, fast as fast_path
+import engine_pretrain as engine
+from model import fast as fast_path
 from utils.run import optimizer_step
 
 

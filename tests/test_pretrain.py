@@ -496,7 +496,7 @@ def _replica(rank, data_root, out, port):
                       LOCAL_RANK=str(rank), WORLD_SIZE='2')
     torch.set_num_threads(1)
     from backbone import BACKBONES
-    from model import engine
+    import engine_pretrain as engine
     BACKBONES['tiny'] = Tiny   # this process's own registry
     from utils.config import parse_args
     built = []

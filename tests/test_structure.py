@@ -4,11 +4,11 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Scripts -> eval / model (the engine) -> backbone / dataset -> utils: a package may import
+# Scripts and the engine -> eval -> model -> backbone / dataset -> utils: a package may import
 # only packages of a lower rank (and its own modules).
 RANK = {'utils': 0, 'backbone': 1, 'dataset': 1, 'model': 2, 'eval': 3, 'scripts': 4, '': 4}
 PRETRAINING_PATH = ['local_nce.py', 'local_coclr.py', 'model/moco.py', 'model/losses.py',
-                    'model/engine.py', 'model/classifier.py']
+                    'engine_pretrain.py', 'model/classifier.py']
 
 
 def source_files():
@@ -84,7 +84,7 @@ def test_the_graph_sees_imports():
     assert 'model.losses' in graph['model.moco']
     assert 'dataset.video_dataset' in graph['dataset.preview']   # a relative import
     assert 'dataset' in graph['dataset.preview']                 # its package runs first
-    assert 'model.fast' in graph['model.engine']                 # imported inside a function
+    assert 'model.fast' in graph['engine_pretrain']              # imported inside a function
 
 
 def test_no_import_cycle_between_files():
@@ -110,7 +110,7 @@ def lines(paths):
 
 
 def test_line_budgets():
-    """Non-test, non-bench Python <= 4,500 lines; what a researcher reads to follow
+    """Non-test, non-bench Python <= 4,800 lines; what a researcher reads to follow
     pretraining (the scripts, the model, the loop; not the GPU fast path) <= 1,000."""
-    assert lines(source_files()) <= 4500
+    assert lines(source_files()) <= 4800
     assert lines(PRETRAINING_PATH) <= 1000

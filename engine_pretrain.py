@@ -1,5 +1,6 @@
-"""The pretraining loop of both scripts (MAE-style): flags, set-up, the epoch loop, one eager
-step on every device. The GPU fast path (``model.fast``) is imported only when its flags ask."""
+"""The pretraining loop of both scripts, beside them as MAE keeps its engine: flags, set-up, the
+epoch loop, one eager step on every device. The GPU fast path (``model.fast``) is imported only
+when its flags ask."""
 import argparse
 from collections import namedtuple
 from functools import partial
