@@ -11,7 +11,7 @@ import torch
 from backbone import BACKBONES, MIN_SEGMENT_FRAMES
 from dataset.augment import DeviceAugment
 from dataset.loader import make_loader
-from dataset.video_dataset import DatasetName, add_data_args, build_dataset, data_location
+from dataset.catalog import DatasetName, add_data_args, build_dataset, data_location
 from model.classifier import check_modality
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint, load_exact, sub_state_dict
@@ -24,7 +24,7 @@ from utils.run import (EpochMeter, add_runtime_args, amp_dtype_of, begin_epoch, 
 
 
 def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_size, epochs,
-                    schedule):
+                    schedule, local_aug):
     """Both scripts' flags, with each script's defaults; ``weights``: loss term -> default weight
     of its flag ``--w_<term>`` (docs/METHOD.md, Losses)."""
     p = argparse.ArgumentParser(description=description,
@@ -32,9 +32,10 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
     p.add_argument('--config', help='TOML file of flag values (configs/); flags given here win')
     g = add_data_args(p, dataset, '<name>[-f][-2stream]-2clip, e.g. ucf101-2clip (RGB), '
                       'ucf101-f-2clip (flow), ucf101-2stream-2clip (both), demo-2clip (built-in)')
-    g.add_argument('--local_aug', choices=['independent', 'shared'], default='independent',
-                   help="independent: each local clip augmented on its own, as the authors'; "
-                        'shared: cut out of the augmented views (docs/METHOD.md, Local clips)')
+    g.add_argument('--local_aug', choices=['independent', 'shared'], default=local_aug,
+                   help='independent: each local pair augmented on its own; shared: local clips '
+                        "cut out of the augmented views; each script's default is the likelier "
+                        "reading of the authors' (docs/METHOD.md, Local clips)")
     g.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
                    help='JPEG decoding by the data-loader workers or nvJPEG on the training GPU')
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
@@ -45,6 +46,9 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
                    help='probability that each view of a two-clip pair is strongly augmented')
     g.add_argument('--crop_area', type=AREA, nargs=2, default=[0.2, 1.0],
                    help="the random resized crop's range of shares of the frame's area")
+    g.add_argument('--crop_retry', action=argparse.BooleanOptionalAction, default=False,
+                   help="retry a crop box that does not fit the frame (10 tries, then the centre "
+                        "square); default: CoCLR's training crop, one try, else the whole frame")
     g = p.add_argument_group('model')
     g.add_argument('--net', default='s3d', help='backbone: ' + ', '.join(BACKBONES))
     for name, kind, default, text in (
@@ -96,13 +100,13 @@ Task = namedtuple('Task', 'name build_model load_pretrained inputs two_stream')
 
 
 def view_inputs(views, modality, args):
-    """The two views of ``modality`` and, with ``--local_aug independent``, its local clips:
-    view 1's first as the local query, view 2's L as keys (docs/METHOD.md, Local clips)."""
+    """The two views of ``modality`` and, with ``--local_aug independent``, the dataset's local
+    clips: the query, then the L keys (docs/METHOD.md, Local clips)."""
     x = views[modality]                              # B x 2 x 3 x T x S x S
     if args.local_aug == 'shared':
         return {'view1': x[:, 0], 'view2': x[:, 1]}
-    local = views[modality + '_local']               # B x 2 x L x 3 x T/L x S x S
-    return {'view1': x[:, 0], 'view2': x[:, 1], 'local1': local[:, 0, 0], 'local2': local[:, 1]}
+    local = views[modality + '_local']               # B x 1+L x 3 x T/L x S x S
+    return {'view1': x[:, 0], 'view2': x[:, 1], 'local1': local[:, 0], 'local2': local[:, 1:]}
 
 
 def train(args, task):
@@ -123,6 +127,7 @@ def train(args, task):
         img_dim=args.img_dim, negate_flow_flip=not args.legacy_flow_flip,
         decode='device' if args.decode == 'gpu' else 'cpu', two_clip_prob=args.two_clip_prob,
         two_clip_strong_prob=args.two_clip_strong_prob, crop_scale=tuple(args.crop_area),
+        crop_retry=args.crop_retry,
         local_segments=args.num_segments * (args.local_aug == 'independent'))
     loader = make_loader(dataset, args, info)
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process

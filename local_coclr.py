@@ -45,7 +45,8 @@ def inputs(views, batch, device, args):
 def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2stream-2clip',
                                     weights=LocalCoCLR.WEIGHTS, tau=0.07, lr=1e-3, warmup=[],
-                                    batch_size=32, epochs=100, schedule=[80])
+                                    batch_size=32, epochs=100, schedule=[80],
+                                    local_aug='independent')
     g = parser.add_argument_group('CVTCL (cross-view co-training)')
     g.add_argument('--model', default='coclr', choices=['coclr'],
                    help='coclr: CoCLR loss + inter + intra (set --w_inter 0 --w_intra 0 for '

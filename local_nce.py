@@ -6,7 +6,7 @@ global clip-level InfoNCE loss plus the inter and intra local temporal losses.
         --moco-k 2048 --dataset ucf101-2clip --seq_len 32 --ds 1 --batch_size 8 --epochs 300 \
         --schedule 250 280 -j 16
 """
-from dataset.video_dataset import modality_of
+from dataset.catalog import modality_of
 import engine_pretrain as engine
 from model.moco import LocalInfoNCE
 from utils.config import parse_args
@@ -34,7 +34,7 @@ def get_parser():
     parser = engine.pretrain_parser(__doc__.split('\n\n')[0], dataset='ucf101-2clip',
                                     weights=LocalInfoNCE.WEIGHTS, tau=0.1, lr=5e-4,
                                     warmup=[0.01, 0.05, 0.1, 0.5], batch_size=8, epochs=300,
-                                    schedule=[250, 280])
+                                    schedule=[250, 280], local_aug='shared')
     parser.add_argument('--model', default='infonce', choices=['infonce'],
                         help='infonce: global + inter + intra (set --w_inter 0 --w_intra 0 for '
                              'plain MoCo)')

@@ -45,7 +45,8 @@ import torchvision.transforms.functional as TF
 from dataset import augment
 from dataset.augment import DeviceAugment
 from dataset.lmdb_video import LMDBWriter, encode_frames
-from dataset.video_dataset import build_dataset, local_plan
+from dataset.catalog import build_dataset
+from dataset.video_dataset import local_plan
 
 SEGMENTS = 4
 

@@ -28,7 +28,7 @@ from dataset import splits
 from dataset.augment import DeviceAugment
 from dataset.lmdb_video import LMDBWriter, encode_frames
 from dataset.loader import make_loader
-from dataset.video_dataset import build_dataset
+from dataset.catalog import build_dataset
 import engine_pretrain as engine
 from utils.distributed import DistInfo
 

@@ -21,7 +21,7 @@ demo's size (32 frames at 64 px) an epoch is a few batches and the step takes mi
 import argparse
 import time
 
-from dataset.video_dataset import build_dataset, default_data_root
+from dataset.catalog import build_dataset, default_data_root
 from dataset.loader import TrainLoader
 
 

@@ -9,11 +9,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def sample_crop(height, width, generator=None, scale=(0.2, 1.0), swap_prob=0.5):
-    """Random resized crop box ``(top, left, h, w)`` in fractions of the frame, as the reference
-    draws it (area in ``scale``, aspect uniform in [3/4, 4/3], w/h swapped with ``swap_prob``);
-    after 10 misses the centred square of the short side."""
-    for _ in range(10):
+def sample_crop(height, width, generator=None, scale=(0.2, 1.0), swap_prob=0.5, retry=False):
+    """Random resized crop box ``(top, left, h, w)`` in fractions of the frame, drawn as CoCLR's
+    RandomSizedCrop (area in ``scale``, aspect uniform in [3/4, 4/3], w/h swapped with
+    ``swap_prob``). As its training path runs (``consistent=False``): one attempt; a box that
+    does not fit leaves the whole frame, which the resize squashes. ``retry``: its other path,
+    10 attempts, then the centred square of the short side (docs/METHOD.md, Augmentation)."""
+    for _ in range(10 if retry else 1):
         area, aspect, swap = torch.rand(3, generator=generator).tolist()
         target = height * width * (scale[0] + (scale[1] - scale[0]) * area)
         aspect = 3 / 4 + (4 / 3 - 3 / 4) * aspect
@@ -24,6 +26,8 @@ def sample_crop(height, width, generator=None, scale=(0.2, 1.0), swap_prob=0.5):
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
             left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
             return top / height, left / width, h / height, w / width
+    if not retry:
+        return 0.0, 0.0, 1.0, 1.0
     s = min(height, width)
     return (height - s) // 2 / height, (width - s) // 2 / width, s / height, s / width
 

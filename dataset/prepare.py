@@ -290,7 +290,7 @@ def run_splits(args):
 
 def run_demo(args):
     from dataset import demo
-    from dataset.video_dataset import default_data_root
+    from dataset.catalog import default_data_root
     root = args.data_root or default_data_root()
     folder = os.path.join(root, demo.NAME)
     if os.path.exists(folder):

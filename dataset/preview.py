@@ -12,7 +12,8 @@ from torchvision.utils import make_grid, save_image
 
 from utils.config import POSITIVE
 from .augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
-from .video_dataset import build_dataset, collate
+from .catalog import build_dataset
+from .video_dataset import collate
 
 PAD, MARK = 2, 6   # pixels between tiles; width of the strip left of a row (with its margin)
 STRONG, WEAK = (0.85, 0.1, 0.1), (0.6, 0.6, 0.6)

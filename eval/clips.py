@@ -1,7 +1,6 @@
 """How evaluation reads videos: shared flags, which videos, the test views of each --protocol, one
 pass of a network over every window and crop, result files (docs/METHOD.md, Evaluation)."""
 import argparse
-import copy
 import json
 from contextlib import contextmanager, suppress
 from functools import partial
@@ -14,7 +13,7 @@ from tqdm import tqdm
 
 from backbone import MIN_SEGMENT_FRAMES
 from dataset.augment import Photometric, flip_frames, normalize, resize
-from dataset.video_dataset import DatasetName, add_data_args, build_dataset, data_location
+from dataset.catalog import DatasetName, add_data_args, build_dataset, data_location
 from utils import distributed as du
 from utils.config import NON_NEGATIVE, POSITIVE
 from utils.misc import PROJECT_ROOT, UserError, git_revision, plain_args, topk_accuracy
@@ -111,11 +110,13 @@ def split_videos(args, part):
 
 class Videos(Dataset):
     """The videos at ``indices`` of a single-modality dataset read in test mode (``test_options``:
-    VideoDataset's test_windows, stored_size); items carry their ``position``."""
+    VideoDataset.read_test's test_windows, stored_size; default: the dataset's own); items carry
+    their ``position``."""
 
     def __init__(self, dataset, indices, **test_options):
-        self.dataset, self.indices = copy.copy(dataset), list(indices)   # dataset keeps its mode
-        vars(self.dataset).update(mode='test', **test_options)
+        self.dataset, self.indices = dataset, list(indices)
+        self.test_options = {'test_windows': dataset.test_windows,
+                             'stored_size': dataset.stored_size, **test_options}
         (self.modality,) = dataset.lmdbs
         self.names = [dataset.names[i] for i in self.indices]
         self.labels = [dataset.labels[i] for i in self.indices]
@@ -125,7 +126,8 @@ class Videos(Dataset):
         return len(self.indices)
 
     def __getitem__(self, position):
-        return {**self.dataset[self.indices[position]], 'position': position}
+        item = self.dataset.read_test(self.indices[position], **self.test_options)
+        return {**item, 'position': position}
 
 
 def video_loader(videos, workers, batch_size=None, collate_fn=None):

@@ -3,7 +3,7 @@ top-1/top-5 of the softmax averaged over windows and crops (ten also reports cen
 writes the result JSON and the per-video probabilities that merge_2stream_prob.py fuses."""
 import torch
 
-from dataset.video_dataset import modality_of
+from dataset.catalog import modality_of
 from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils.checkpoint import load_checkpoint, save_checkpoint

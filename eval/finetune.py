@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from dataset.augment import DeviceAugment, Photometric, box_pixels, resize, sample_crop
 from dataset.loader import make_loader
-from dataset.video_dataset import build_dataset, data_location, modality_of
+from dataset.catalog import build_dataset, data_location, modality_of
 from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils.checkpoint import load_checkpoint
@@ -63,7 +63,7 @@ def train(args, rt):
     seed_everything(args.seed + info.rank)
     train_set = build_dataset(args.dataset, 'train', **data_location(args), seq_len=args.seq_len,
                               ds=args.ds, img_dim=args.img_dim, strong_prob=args.color_jitter_prob,
-                              negate_flow_flip=not args.legacy_flow_flip)
+                              negate_flow_flip=not args.legacy_flow_flip, crop_retry=True)
     positions, val_videos, val_desc = validation_videos(
         args, train_set, clips.spread_indices(len(train_set), args.max_videos))
     loader = make_loader(Subset(train_set, positions), args, info)   # no batch: an error
@@ -167,7 +167,7 @@ def validation_clips(batch, args, modality):
         frames = item[modality][len(item[modality]) // 2]             # T x 3 x h x w
         h, w = frames.shape[-2:]
         if args.protocol == 'coclr':
-            top, left, hh, ww = box_pixels(sample_crop(h, w), h, w)
+            top, left, hh, ww = box_pixels(sample_crop(h, w, retry=True), h, w)
             out.append(resize(frames[..., top:top + hh, left:left + ww], (s, s)))
         else:
             top, left = clips.crop_offsets(h, w, s)[0]

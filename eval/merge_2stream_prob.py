@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dataset.video_dataset import recorded_modality
+from dataset.catalog import recorded_modality
 from eval.clips import video_accuracy
 from utils.checkpoint import load_checkpoint
 from utils.misc import UserError, run_main

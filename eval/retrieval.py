@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from backbone import build_backbone
-from dataset.video_dataset import modality_of
+from dataset.catalog import modality_of
 from eval import clips
 from model.classifier import backbone_weights, check_modality
 from utils.checkpoint import load_checkpoint, load_exact, save_checkpoint

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone import build_backbone
-from dataset.video_dataset import recorded_modality
+from dataset.catalog import recorded_modality
 from utils import distributed as du
 from utils.checkpoint import load_exact, sub_state_dict
 from utils.misc import UserError

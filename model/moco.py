@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbone import build_backbone
+from dataset.video_dataset import QUERY_SEGMENT
 from utils import distributed as du
 from utils.misc import topk_accuracy
 from . import losses
@@ -83,12 +84,12 @@ class MoCo(nn.Module):
 
     def embed(self, view1, view2, local1, local2):
         """fp32 ``(q, q_local, k, k_local)``, ``[B, D]`` each but k_local ``[B, L, D]``: view 1,
-        ``local1`` (view 1's first local clip), view 2 and ``local2`` (its L local clips, keys).
+        ``local1`` (view 1's query clip), view 2 and ``local2`` (its L local clips, keys).
         Local clips left None are cut from the views (``--local_aug shared``)."""
         b, L = view1.shape[0], self.num_segments
         local2 = split_segments(view2, L) if local2 is None else local2.flatten(0, 1)
         if local1 is None:
-            local1 = view1[:, :, :view1.shape[2] // L]
+            local1 = view1.unflatten(2, (L, -1))[:, :, QUERY_SEGMENT]
         q, q_local = self.encoder_q(view1), self.encoder_q(local1)
         with torch.no_grad():
             self.momentum_update()

@@ -29,6 +29,8 @@ def test_sample_crop_bounds_over_many_draws():
         assert 0 <= top and 0 <= left and top + h <= 1 + 1e-9 and left + w <= 1 + 1e-9
         hp, wp = h * H, w * W
         assert abs(hp - round(hp)) < 1e-6 and abs(wp - round(wp)) < 1e-6   # whole pixels
+        if (top, left, h, w) == (0, 0, 1, 1):
+            continue   # the whole frame, where the drawn box does not fit (tested below)
         areas.append(h * w)
         aspects.append(wp / hp)
     areas, aspects = torch.tensor(areas), torch.tensor(aspects)
@@ -68,13 +70,43 @@ def test_sample_crop_reproducible():
     assert sample_crop(100, 120, generator=torch.Generator().manual_seed(4)) != a[0]
 
 
-def test_sample_crop_fallback_is_center_square():
-    # A 10 x 1000 strip: no crop of >= 20% area and aspect <= 4/3 fits; after the tries,
-    # resize and centre crop, i.e. the centred square of the short side.
+def test_sample_crop_fallbacks():
+    # A 10 x 1000 strip: no crop of >= 20% area and aspect <= 4/3 fits. CoCLR's training crop
+    # keeps the whole frame (squashed by the resize); the retrying crop, after its tries, resizes
+    # and centre-crops, i.e. takes the centred square of the short side.
     g = torch.Generator().manual_seed(0)
-    box = sample_crop(10, 1000, generator=g)
+    assert sample_crop(10, 1000, generator=g) == (0.0, 0.0, 1.0, 1.0)
+    box = sample_crop(10, 1000, generator=g, retry=True)
     assert box == (0.0, 495 / 1000, 1.0, 10 / 1000)
     assert box_pixels(box, 10, 1000) == (0, 495, 10, 10)
+
+
+def uncropped_share(height, width, scale=(0.2, 1.0), steps=100_000):
+    """The share of frames CoCLR's one-attempt crop leaves whole, from its rule alone: area
+    s * H * W with s ~ U(scale), aspect r ~ U[3/4, 4/3], w = round(sqrt(s H W r)) and
+    h = round(sqrt(s H W / r)), swapped with p 0.5; it fits where w <= W and h <= H, i.e.
+    s H W r < (W + 1/2)^2 and s H W / r < (H + 1/2)^2. Integrated over r (midpoint rule)."""
+    r = 3 / 4 + (4 / 3 - 3 / 4) * (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    fits = 0.0
+    for wide, tall in ((r, 1 / r), (1 / r, r)):              # as drawn, and swapped
+        largest = torch.minimum((width + 0.5) ** 2 / (height * width * wide),
+                                (height + 0.5) ** 2 / (height * width * tall))
+        fits += 0.5 * float(((largest - scale[0]) / (scale[1] - scale[0])).clamp(0, 1).mean())
+    return 1 - fits
+
+
+@pytest.mark.parametrize('height,width', [(240, 320), (171, 128)])
+def test_uncropped_share_is_the_rules(height, width):
+    # 320 x 240: UCF101's frames, as the published LMDBs hold them (docs/METHOD.md).
+    g = torch.Generator().manual_seed(height)
+    n = 10_000
+    whole = sum(sample_crop(height, width, g) == (0.0, 0.0, 1.0, 1.0) for _ in range(n)) / n
+    expected = uncropped_share(height, width)
+    assert 0.25 < expected < 0.35
+    assert abs(whole - expected) < 4.5 * (expected * (1 - expected) / n) ** 0.5
+    retried = sum(sample_crop(height, width, g, retry=True) == (0.0, 0.0, 1.0, 1.0)
+                  for _ in range(1000))
+    assert retried == 0          # the retrying crop never keeps the whole frame here
 
 
 def test_box_pixels_relative_to_any_resolution():

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import splits
-from dataset.video_dataset import DatasetName, build_dataset
+from dataset.catalog import DatasetName, build_dataset
+from dataset.video_dataset import QUERY_SEGMENT
 from utils.misc import UserError
 from helpers import (jpeg_bytes, png_size, position_frames, write_raw_lmdb,
                      write_toy_dataset)
@@ -144,25 +145,56 @@ def test_local_clips_have_their_own_geometry(root, segments):
     for _ in range(5):
         for i in range(len(data)):
             item = data[i]
-            assert item['rgb_local'].shape == (2, segments, t, 3, IMG, IMG)
+            assert item['rgb_local'].shape == (1 + segments, t, 3, IMG, IMG)
             assert item['rgb_local'].dtype == torch.uint8
             assert item['rgb_local'].movedim(-3, -1).is_contiguous()   # as the global views
-            assert item['local_strong'].shape == (2, segments)
+            assert item['local_strong'].shape == (1 + segments,)
+            steps = geometry_steps(item['rgb_local'].flatten(0, 1))     # the clips in a row
+            boundary = torch.arange(1, (1 + segments) * t) % t == 0
+            inside.append(steps[~boundary])
+            across.append(steps[boundary])
             for v in range(2):
-                # Local clip j holds the view's frames jT/L .. (j+1)T/L - 1.
-                local = item['rgb_local'][v].flatten(0, 1)              # the L clips in a row
-                assert torch.equal(frame_ids(local), frame_ids(item['rgb'][v]))
-                steps = geometry_steps(local).view(-1)
-                boundary = torch.arange(1, SEQ) % t == 0
-                inside.append(steps[~boundary])
-                across.append(steps[boundary])
                 shared_steps.append(geometry_steps(shared[i]['rgb'][v]))
     inside, across, shared_steps = (torch.cat(x) for x in (inside, across, shared_steps))
     # Inside a local clip, and anywhere in a view (the shared segments): JPEG noise only.
     assert inside.max() < 3 and shared_steps.max() < 3
-    # Across a boundary between local clips: another crop (and often another flip).
+    # Across a boundary between local clips: another crop (and often another flip); two
+    # unflipped whole frames (a box that does not fit, ~20% of each here) look alike.
     assert across.mean() > 10 * max(inside.mean(), shared_steps.mean(), 0.1)
-    assert (across > 3).float().mean() > 0.9
+    assert (across > 3).float().mean() > 0.85
+
+
+def test_local_clips_are_the_query_and_the_keys(root):
+    """The 1 + L local clips the model uses: view 1's clip QUERY_SEGMENT (the query), then view
+    2's L clips (the keys). Pair j (view 1's and view 2's clip j) drawn as one clip seen twice
+    shows one view's clip j (either, p 0.5) in both, each with a crop of its own."""
+    segments, q = 2, QUERY_SEGMENT
+    data = build(root, 'toy-2clip', local_segments=segments)
+    torch.manual_seed(0)
+    keys_of_view1, keys, one_clip, pairs, own_geometry = 0, 0, 0, 0, 0
+    for _ in range(20):
+        for i in range(len(data)):
+            item = data[i]
+            views = [frame_ids(item['rgb'][v]).view(segments, -1) for v in range(2)]
+            if torch.equal(views[0], views[1]):
+                continue                   # one global clip: any local clip shows both views
+            query, *key = (frame_ids(c) for c in item['rgb_local'])
+            for j in range(segments):
+                shown = [torch.equal(key[j], views[v][j]) for v in range(2)]
+                assert any(shown)
+                keys_of_view1 += shown[0]
+                keys += 1
+            pairs += 1
+            if torch.equal(query, key[q]):   # the query's pair is one clip seen twice
+                assert torch.equal(query, views[0][q]) or torch.equal(query, views[1][q])
+                one_clip += 1
+                geometry = [(item['local_boxes'][c], item['local_flips'][c]) for c in (0, 1 + q)]
+                own_geometry += not (torch.equal(*geometry[0]) and torch.equal(*geometry[1]))
+            else:
+                assert torch.equal(query, views[0][q]) and torch.equal(key[q], views[1][q])
+    # A local pair is one clip seen twice with p 0.5, and then view 1's clip with p 0.5.
+    assert pairs > 30 and 0.3 < one_clip / pairs < 0.7 and 0.1 < keys_of_view1 / keys < 0.4
+    assert own_geometry / one_clip > 0.8
 
 
 def test_local_clips_of_two_stream_stay_aligned(root):
@@ -173,18 +205,16 @@ def test_local_clips_of_two_stream_stay_aligned(root):
         for i in range(len(data)):
             item = data[i]
             strong.append(item['local_strong'])
-            for v in range(2):
-                for j in range(2):
-                    rgb, flow = item['rgb_local'][v, j], item['flow_local'][v, j]
-                    assert torch.equal(frame_ids(rgb), frame_ids(flow))
-                    assert (rgb[:, 1].float() - flow[:, 1].float()).abs().mean() < 3
-                    flipped = is_flipped(rgb)
-                    assert bool(item['local_flips'][v, j]) == flipped
-                    flips.add(flipped)
-                    # A flipped flow clip has its horizontal channel negated.
-                    x = rgb[:, 0].float()
-                    expected = 255 - x if flipped else x
-                    assert (flow[:, 0].float() - expected).abs().mean() < 3
+            for rgb, flow, flip in zip(item['rgb_local'], item['flow_local'], item['local_flips']):
+                assert torch.equal(frame_ids(rgb), frame_ids(flow))
+                assert (rgb[:, 1].float() - flow[:, 1].float()).abs().mean() < 3
+                flipped = is_flipped(rgb)
+                assert bool(flip) == flipped
+                flips.add(flipped)
+                # A flipped flow clip has its horizontal channel negated.
+                x = rgb[:, 0].float()
+                expected = 255 - x if flipped else x
+                assert (flow[:, 0].float() - expected).abs().mean() < 3
     assert flips == {False, True}
     # Per local clip: one clip twice (one view strong) or two clips (each strong with 0.3):
     # 0.5 * 0.5 + 0.5 * 0.3 = 0.4 of the local views are strong.
@@ -199,10 +229,10 @@ def test_local_clips_collate_and_shared_default(root):
     items = [data[i] for i in range(3)]
     batch = collate(items)
     for m in ('rgb_local', 'flow_local'):
-        assert batch[m].shape == (3, 2, 4, SEQ // 4, 3, IMG, IMG)
+        assert batch[m].shape == (3, 1 + 4, SEQ // 4, 3, IMG, IMG)
         assert batch[m].movedim(-3, -1).is_contiguous()
         assert torch.equal(batch[m], torch.stack([it[m] for it in items]))
-    assert batch['local_strong'].shape == (3, 2, 4)
+    assert batch['local_strong'].shape == (3, 1 + 4)
     with pytest.raises(UserError, match='divisible'):
         build(root, 'toy-2clip', local_segments=3)
 
@@ -452,7 +482,7 @@ def test_split_rows_without_frames_are_skipped(tmp_path):
 
 
 def test_data_root_from_environment(tmp_path, monkeypatch):
-    from dataset.video_dataset import default_data_root
+    from dataset.catalog import default_data_root
     write_toy_dataset(tmp_path, 'toy', VIDEOS)
     monkeypatch.setenv('CVTCL_DATA_ROOT', str(tmp_path))
     assert default_data_root() == tmp_path

@@ -128,6 +128,7 @@ def test_coclr_jitter_one_draw_per_video_and_crop_with_probability_0_3():
 class _Windows(torch.utils.data.Dataset):
     """Videos whose windows are constant images of given grey values."""
     lmdbs = {'rgb': None}
+    test_windows, stored_size = 'all', False
 
     def __init__(self, values):
         self.values = values
@@ -137,7 +138,7 @@ class _Windows(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.values)
 
-    def __getitem__(self, i):
+    def read_test(self, i, test_windows, stored_size):
         v = torch.tensor(self.values[i], dtype=torch.uint8)
         return {'rgb': v.view(-1, 1, 1, 1, 1).expand(-1, 8, 3, 10, 12).clone(), 'label': 0}
 

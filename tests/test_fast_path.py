@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from dataset.video_dataset import build_dataset
+from dataset.catalog import build_dataset
 from dataset.video_dataset import collate
 from model.fast import Prefetcher, decode_on_device
 from model.moco import LocalInfoNCE

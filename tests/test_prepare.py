@@ -387,7 +387,7 @@ def test_multi_word_classes_in_both_layouts(tmp_path, form):
     """ClassInd.txt in each of CoCLR's forms, class folders named like its lines (with
     blanks): classes numbered from 0 in file order, train and test alike; a Kinetics
     video_source.json keyed by class/video gives the source ids."""
-    from dataset.video_dataset import build_dataset
+    from dataset.catalog import build_dataset
     lines = ''.join(CLASS_FILES[form].format(i=i + 1, name=c) + '\n'
                     for i, c in enumerate(CLASS_ORDER))
     train = [f'{c}/{c[:3]}_{k}' for c in CLASS_ORDER for k in (1, 2)]
@@ -420,7 +420,7 @@ def test_multi_word_classes_in_both_layouts(tmp_path, form):
 
 
 def test_splits_kinetics_with_multi_word_classes_read_back(tmp_path):
-    from dataset.video_dataset import build_dataset
+    from dataset.catalog import build_dataset
     kin = tmp_path / 'kin'
     multi_word_videos(kin, 'kin_frame_train.lmdb', ['air drumming/a', 'zumba/b', 'air drumming/c'])
     multi_word_videos(kin, 'kin_frame_val.lmdb', ['zumba/d', 'air drumming/e'])
