@@ -33,9 +33,8 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
     g = add_data_args(p, dataset, '<name>[-f][-2stream]-2clip, e.g. ucf101-2clip (RGB), '
                       'ucf101-f-2clip (flow), ucf101-2stream-2clip (both), demo-2clip (built-in)')
     g.add_argument('--local_aug', choices=['independent', 'shared'], default=local_aug,
-                   help='independent: each local pair augmented on its own; shared: local clips '
-                        "cut out of the augmented views; each script's default is the likelier "
-                        "reading of the authors' (docs/METHOD.md, Local clips)")
+                   help='independent: each local pair augmented on its own; shared: cut out of '
+                        "the augmented views; each script's default: docs/METHOD.md, Local clips")
     g.add_argument('--decode', choices=['cpu', 'gpu'], default='cpu',
                    help='JPEG decoding by the data-loader workers or nvJPEG on the training GPU')
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,

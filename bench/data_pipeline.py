@@ -2,21 +2,26 @@
 
     python bench/data_pipeline.py [--videos 8] [--iters 24] [--warmup 3] [--device cuda]
 
-One sample of ``<name>-2stream-2clip`` as pretraining reads it: 2 views x 32 frames x (RGB +
-flow) and the 4 local clips of each view (8 frames, augmented on their own), from 320x240 JPEG
-frames (quality 90, textured content), cropped to 128 px. Everything runs in this process with
+One sample of ``<name>-2stream-2clip`` as ``local_coclr.py`` reads it (``--local_aug
+independent``): 2 views x 32 frames x (RGB + flow) and 4 local pairs of 8-frame clips, each
+pair augmented on its own, from 320x240 JPEG frames (quality 90, textured content), cropped to
+128 px. Everything runs in this process with
 ``torch.set_num_threads(1)``, as in one data-loader worker. Measured side by side:
 
 (a) the project: ``build_dataset(..., local_segments=4)[i]`` (LMDB read, one batched decode of
-    each needed frame, per-clip crop + resize + flip on uint8 tensors). Its photometric step and
+    each needed frame, per-clip crop + resize + flip on uint8 tensors; of the local clips only
+    the 1 + 4 the model uses: view 1's query clip and view 2's 4 key clips). Its photometric step and
     normalisation normally run batched on the GPU; on a CPU-only machine they are CPU work too,
     so ``DeviceAugment`` on the CPU is timed as a separate line.
 (b) the reference style, written here as the original CoCLR/CVTCL code did it: PIL decode of
-    every frame of each view separately, then per frame a consistent random sized crop (aspect
-    uniform in [3/4, 4/3], PIL bicubic resize), ColorJitter (brightness/contrast/saturation/hue
+    every frame of each view separately, then per frame CoCLR's training random sized crop (one
+    box per clip, aspect uniform in [3/4, 4/3]; one try, else the whole frame; PIL bicubic
+    resize), ColorJitter (brightness/contrast/saturation/hue
     in random order, p=0.8), RandomGray (0.2: one random channel per frame), GaussianBlur (0.5)
-    for strong views, horizontal flip, ToTensor and Normalize; then the same transform for each
-    local clip of each view (its own one-clip/two-clip draw) on the view's decoded frames. RGB
+    for strong views, horizontal flip, ToTensor and Normalize; then, as the authors'
+    augmentation_local.py, every local pair j (clip j of both views, 2 x 4 clips) through its
+    own one-clip/two-clip draw on the views' decoded frames (one clip: one view's clip j
+    transformed twice). RGB
     and flow frames of a clip travel together through the same transform (as in the
     reference). The strong/weak mix is that of docs/METHOD.md, Data.
 
@@ -46,7 +51,6 @@ from dataset import augment
 from dataset.augment import DeviceAugment
 from dataset.lmdb_video import LMDBWriter, encode_frames
 from dataset.catalog import build_dataset
-from dataset.video_dataset import local_plan
 
 SEGMENTS = 4
 
@@ -111,25 +115,25 @@ class ReferencePipeline:
         self.data, self.img_dim, self.rng = data, img_dim, rng
 
     def _crop_params(self, width, height):
-        # The reference's random sized crop: area 20-100 %, aspect uniform in [3/4, 4/3],
-        # width and height swapped with probability 0.5.
+        # CoCLR's RandomSizedCrop(consistent=False), as it trains: area 20-100 %, aspect uniform
+        # in [3/4, 4/3], width and height swapped with probability 0.5; one try, and a box that
+        # does not fit leaves the whole frame (resized to the square).
         area = width * height
-        for _ in range(10):
-            target = area * self.rng.uniform(0.2, 1.0)
-            aspect = self.rng.uniform(3 / 4, 4 / 3)
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
-            if self.rng.random() < 0.5:
-                w, h = h, w
-            if 0 < w <= width and 0 < h <= height:
-                return self.rng.randint(0, height - h), self.rng.randint(0, width - w), h, w
-        s = min(width, height)
-        return (height - s) // 2, (width - s) // 2, s, s
+        target = area * self.rng.uniform(0.2, 1.0)
+        aspect = self.rng.uniform(3 / 4, 4 / 3)
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if self.rng.random() < 0.5:
+            w, h = h, w
+        if w <= width and h <= height:
+            left, top = self.rng.randint(0, width - w), self.rng.randint(0, height - h)
+            return left, top, left + w, top + h
+        return None
 
     def _transform(self, frames, strong):
         rng, size = self.rng, self.img_dim
-        top, left, h, w = self._crop_params(*frames[0].size)
-        frames = [f.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+        box = self._crop_params(*frames[0].size)      # None: the whole frame, as the reference
+        frames = [(f if box is None else f.crop(box)).resize((size, size), Image.BICUBIC)
                   for f in frames]
         if strong:
             if rng.random() < 0.8:          # ColorJitter(0.4, 0.4, 0.4, 0.1), random order
@@ -183,14 +187,15 @@ class ReferencePipeline:
             decoded.append(frames)
             out = self._transform(frames, st)
             views.append((torch.stack(out[:T]), torch.stack(out[T:])))
-        # Local clips: segment j of each view, through its own transform draw.
+        # Local pair j: clip j of each view, through its own draw; one clip: one view's twice.
         t = T // SEGMENTS
         local = [[None] * SEGMENTS for _ in range(2)]
         for j in range(SEGMENTS):
-            _, st = strong_pair()
+            two, st = strong_pair()
+            shown = [0, 1] if two else [rng.randrange(2)] * 2
             for v in range(2):
-                seg = slice(j * t, (j + 1) * t)
-                out = self._transform(decoded[v][:T][seg] + decoded[v][T:][seg], st[v])
+                seg, frames = slice(j * t, (j + 1) * t), decoded[shown[v]]
+                out = self._transform(frames[:T][seg] + frames[T:][seg], st[v])
                 local[v][j] = (torch.stack(out[:t]), torch.stack(out[t:]))
         return {'rgb': torch.stack([v[0] for v in views]),
                 'flow': torch.stack([v[1] for v in views]), 'label': data.labels[index],
@@ -224,7 +229,7 @@ def profile_project(data_bytes, iters):
             t = time.process_time()
             frames = decode_list(unpack_jpegs(*packed))
             stages['JPEG decode'] += time.process_time() - t
-            for plan in (item, local_plan(item)):          # the views, then the local clips
+            for plan in (item, item['local']):            # the views, then the local clips
                 out = augment.channels_last_empty(*plan['frame_index'].shape, size=size)
                 for v, idx in enumerate(plan['frame_index'].tolist()):   # as apply_views does
                     t = time.process_time()
@@ -271,7 +276,8 @@ def main(argv=None):
                              seq_len=args.seq_len, ds=1, img_dim=args.img_dim,
                              local_segments=SEGMENTS)
         print(f'sample: 2 views x {args.seq_len} frames x (RGB + flow), and {SEGMENTS} local '
-              f'clips of each view -> {args.img_dim} px; torch threads: {torch.get_num_threads()}')
+              f'pairs (project: the 1 + {SEGMENTS} clips the model uses; reference: '
+              f'2 x {SEGMENTS}) -> {args.img_dim} px; torch threads: {torch.get_num_threads()}')
         n = len(data)
 
         torch.manual_seed(0)
@@ -307,7 +313,8 @@ def main(argv=None):
             torch.manual_seed(i)
             b = data_bytes[i % n]
             assert all(torch.equal(a[k], b[k]) for k in ('strong', 'frame_index', 'boxes', 'flips',
-                                                          'local_boxes', 'local_flips'))
+                                                          'local_strong'))
+            assert all(torch.equal(a['local'][k], b['local'][k]) for k in a['local'])
         torch.manual_seed(0)
         bytes_wall, bytes_cpu = timed(lambda i: data_bytes[i % n], args.iters, args.warmup)
 

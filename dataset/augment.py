@@ -10,11 +10,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def sample_crop(height, width, generator=None, scale=(0.2, 1.0), swap_prob=0.5, retry=False):
-    """Random resized crop box ``(top, left, h, w)`` in fractions of the frame, drawn as CoCLR's
-    RandomSizedCrop (area in ``scale``, aspect uniform in [3/4, 4/3], w/h swapped with
-    ``swap_prob``). As its training path runs (``consistent=False``): one attempt; a box that
-    does not fit leaves the whole frame, which the resize squashes. ``retry``: its other path,
-    10 attempts, then the centred square of the short side (docs/METHOD.md, Augmentation)."""
+    """Random resized crop box ``(top, left, h, w)`` in fractions of the frame as CoCLR draws it
+    (area in ``scale``, aspect uniform in [3/4, 4/3], w/h swapped with ``swap_prob``): one try,
+    else the whole frame, as it trains; ``retry``: 10 tries, else the centred short-side square."""
     for _ in range(10 if retry else 1):
         area, aspect, swap = torch.rand(3, generator=generator).tolist()
         target = height * width * (scale[0] + (scale[1] - scale[0]) * area)

@@ -1,7 +1,5 @@
-"""Which dataset a name means, where its files are and which videos a split holds. Names
-follow the seed: ``<name>[-f][-2stream][-2clip]`` (``-f`` flow only, ``-2stream`` RGB and
-flow, ``-2clip`` two views per video); any ``<name>`` whose folder has the layout of
-docs/METHOD.md, Data, works. ``build_dataset`` turns a name into a ``VideoDataset``."""
+"""Dataset names ``<name>[-f][-2stream][-2clip]`` (flow only, RGB and flow, two views per video),
+their folders (docs/METHOD.md, Data) and splits, made a ``VideoDataset`` by ``build_dataset``."""
 import argparse
 import os
 from dataclasses import dataclass

@@ -1,5 +1,4 @@
-"""The dataset class (one for every dataset, modality and number of views) and the cutting of
-its views and local clips; ``dataset.catalog`` resolves dataset names into it."""
+"""The dataset class and the cutting of its views and local clips (names: ``dataset.catalog``)."""
 import torch
 from torch.utils.data import Dataset, default_collate
 
@@ -7,17 +6,15 @@ from utils.misc import UserError
 from . import augment, sampler
 from .lmdb_video import VideoLMDB, decode_frames, jpeg_size, merge_packed, pack_jpegs
 
-# The one rule of which local clips the model uses (docs/METHOD.md, Local clips): view 1's clip
-# QUERY_SEGMENT is the local query, view 2's L clips are the keys; view 1's others are unused.
-QUERY_SEGMENT = 0
+QUERY_SEGMENT = 0   # the local query: view 1's clip 0; the keys: view 2's L clips (METHOD.md)
 
 
 class VideoDataset(Dataset):
     """Videos of one split as clips of ``seq_len`` frames at stride ``ds``. Train items: ``'rgb'``
     and/or ``'flow'`` uint8 ``[V, T, 3, S, S]``, ``'strong'`` ``[V]``, ``'label'``, ``'source'``,
     ``'index'``, the plan, and with ``local_segments`` L the local clips the model uses,
-    ``'rgb_local'``/``'flow_local'`` ``[1 + L, T/L, 3, S, S]`` (the query, then the L keys) and
-    ``'local_strong'`` ``[1 + L]``. Test items (``read_test``): ``[W, T, 3, h, w]``."""
+    ``'rgb_local'``/``'flow_local'`` ``[1 + L, T/L, 3, S, S]`` (the query, then the L keys), their
+    plan ``'local'`` and ``'local_strong'`` ``[1 + L]``. Test items: ``read_test``'s."""
 
     def __init__(self, *, names, labels, sources, rgb_lmdb=None, flow_lmdb=None, mode='train',
                  views=1, seq_len=32, ds=1, img_dim=128, strict_min_frames=False, strong_prob=0.0,
@@ -59,31 +56,24 @@ class VideoDataset(Dataset):
         strong_first = bool(torch.rand(()) < 0.5)
         return False, torch.tensor([strong_first, not strong_first])
 
-    def _plan_geometry(self, item, h, w, lead, prefix=''):
-        """Crop boxes and flips of ``lead`` clips, ``[V]`` views or ``[1 + L]`` local clips."""
-        n = torch.Size(lead).numel()
-        boxes = [augment.sample_crop(h, w, scale=self.crop_scale, retry=self.crop_retry)
-                 for _ in range(n)]
-        item[prefix + 'boxes'] = torch.tensor(boxes).view(*lead, 4)
-        item[prefix + 'flips'] = (torch.rand(n) < 0.5).view(lead)
+    def _plan_geometry(self, plan, h, w, clips):
+        """Crop boxes and flips of ``clips`` clips (the views, or the local clips)."""
+        plan['boxes'] = torch.tensor([augment.sample_crop(
+            h, w, scale=self.crop_scale, retry=self.crop_retry) for _ in range(clips)])
+        plan['flips'] = torch.rand(clips) < 0.5
 
     def _plan_local(self, item, h, w):
-        """Local pair j (view 1's and view 2's clip j) is drawn as a short 2-view sample; a
-        one-clip pair shows one view's clip j (either, p 0.5) twice, as the authors'
-        augmentation_local.py. Only the clips the model uses are planned (``QUERY_SEGMENT``)."""
+        """Local pair j (view 1's and 2's clip j) drawn as a 2-view sample, one clip seen twice
+        being either view's clip j (augmentation_local.py); only the clips the model uses."""
         segments = item['frame_index'].unflatten(1, (self.local_segments, -1))   # 2 x L x T/L
-        frames, strong = [], []
-        for j in range(self.local_segments):
-            two, pair_strong = self._pair_strong()
-            if two:
-                frames.append(segments[:, j])
-            else:   # one clip seen twice: view 1's or view 2's clip j
-                frames.append(segments[int(torch.rand(()) < 0.5), j].repeat(2, 1))
-            strong.append(pair_strong)
-        item['local_frame_index'] = torch.stack(
-            [frames[QUERY_SEGMENT][0]] + [pair[1] for pair in frames])
-        item['local_strong'] = torch.stack([strong[QUERY_SEGMENT][0]] + [s[1] for s in strong])
-        self._plan_geometry(item, h, w, (1 + self.local_segments,), 'local_')
+        pairs = [self._pair_strong() for _ in range(self.local_segments)]   # (two clips?, strong)
+        shown = [torch.arange(2) if two else torch.randint(2, ()).repeat(2) for two, _ in pairs]
+        frames = torch.stack([segments[views, j] for j, views in enumerate(shown)])  # L x 2 x T/L
+        strong = torch.stack([pair_strong for _, pair_strong in pairs])               # L x 2
+        # The query (view 1's clip of its pair), then view 2's clip of every pair (the keys).
+        item['local'] = {'frame_index': torch.cat([frames[QUERY_SEGMENT, :1], frames[:, 1]])}
+        item['local_strong'] = torch.cat([strong[QUERY_SEGMENT, :1], strong[:, 1]])
+        self._plan_geometry(item['local'], h, w, 1 + self.local_segments)
 
     def __getitem__(self, index):
         if self.mode == 'test':
@@ -104,7 +94,7 @@ class VideoDataset(Dataset):
         h, w = jpeg_size(jpegs[first][0], name, self.lmdbs[first].path)
         self._check_size(h, w, name, self.lmdbs[first].path)
         item.update(strong=strong, frame_index=inverse)
-        self._plan_geometry(item, h, w, (self.views,))
+        self._plan_geometry(item, h, w, self.views)
         if self.local_segments:
             self._plan_local(item, h, w)
         if self.decode == 'device':
@@ -115,19 +105,18 @@ class VideoDataset(Dataset):
             frames = decode_frames(b, name, unique.tolist(), self.lmdbs[m].path, stack=False)
             item[m] = apply_views(frames, item, m, self.img_dim, self.negate_flow_flip)
             if self.local_segments:
-                item[m + '_local'] = apply_views(frames, local_plan(item), m, self.img_dim,
+                item[m + '_local'] = apply_views(frames, item['local'], m, self.img_dim,
                                                  self.negate_flow_flip)
         return item
 
     def read_test(self, index, test_windows='all', stored_size=False):
-        """Video ``index`` as test mode reads it, whatever this dataset's mode: ``test_windows``
-        'all': every window; 'random': one, drawn as training draws a clip. ``stored_size``:
-        frames as stored, else resized to a short side of ``round(img_dim * 8 / 7)``."""
+        """Video ``index`` read in test mode, whatever this dataset's mode: ``test_windows`` 'all'
+        or 'random' (one, as training draws a clip); frames resized to a short side of
+        ``round(img_dim * 8 / 7)`` unless ``stored_size``."""
         name = self.names[index]
         item = {'label': self.labels[index], 'source': self.sources[index], 'index': index}
         n = self._length(name)
-        windows = (sampler.train_indices(n, self.seq_len, self.ds)[None]
-                   if test_windows == 'random'
+        windows = (sampler.train_indices(n, self.seq_len, self.ds)[None] if test_windows == 'random'
                    else sampler.test_windows(n, self.seq_len, self.ds))       # W x T
         unique, inverse = torch.unique(windows, return_inverse=True)
         for m, db in self.lmdbs.items():
@@ -167,12 +156,6 @@ def apply_views(frames, plan, modality, img_dim, negate_flow_flip=True, out=None
         out[v] = (augment.flip_frames(crops, modality == 'flow', negate_flow_flip)
                   if plan['flips'][v] else crops)
     return out
-
-
-def local_plan(plan):
-    """The plan of the ``1 + L`` local clips as one of ``1 + L`` views of ``T/L`` frames each."""
-    return {'frame_index': plan['local_frame_index'], 'boxes': plan['local_boxes'],
-            'flips': plan['local_flips']}
 
 
 def collate(items):

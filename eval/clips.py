@@ -109,9 +109,8 @@ def split_videos(args, part):
 
 
 class Videos(Dataset):
-    """The videos at ``indices`` of a single-modality dataset read in test mode (``test_options``:
-    VideoDataset.read_test's test_windows, stored_size; default: the dataset's own); items carry
-    their ``position``."""
+    """The videos at ``indices`` of a single-modality dataset read in test mode (``test_options``
+    of VideoDataset.read_test, else the dataset's own); items carry their ``position``."""
 
     def __init__(self, dataset, indices, **test_options):
         self.dataset, self.indices = dataset, list(indices)

@@ -20,17 +20,15 @@ def info_nce(logits):
 
 def local_losses(q_local, k_local, queue, tau):
     """``(inter, intra, inter_top1)`` (docs/METHOD.md, Losses) for q_local ``[B, D]`` (view 1's
-    local clip QUERY_SEGMENT) and k_local ``[B, L, D]`` (view 2's L local clips; intra's positive
-    is the query's own segment); inter_top1: share of inter rows whose positive beats every queue
-    entry."""
+    clip QUERY_SEGMENT) and k_local ``[B, L, D]`` (view 2's L local clips); inter_top1: share of
+    inter rows whose positive beats every queue entry."""
     pos = torch.einsum('bd,bld->bl', q_local, k_local) / tau     # B x L
     neg = (q_local @ queue) / tau                                # B x K
     # log Σ exp over [pos_j, neg] without materialising B·L·(1+K) logits.
     neg_lse = torch.logsumexp(neg, 1, keepdim=True)              # B x 1
     inter = (torch.logaddexp(pos, neg_lse) - pos).mean()
-    others = torch.cat([pos[:, :QUERY_SEGMENT], pos[:, QUERY_SEGMENT + 1:]], 1)     # B x L-1
-    same = pos[:, QUERY_SEGMENT:QUERY_SEGMENT + 1]
-    intra_rows = torch.stack([same.expand_as(others), others], -1)               # B x L-1 x 2
+    pos_own = pos.roll(-QUERY_SEGMENT, 1)   # the query's own segment first: intra's positive
+    intra_rows = torch.stack([pos_own[:, :1].expand_as(pos_own[:, 1:]), pos_own[:, 1:]], -1)
     intra = (torch.logsumexp(intra_rows, -1) - intra_rows[..., 0]).mean()
     inter_top1 = (pos > neg.max(1, keepdim=True).values).float().mean()
     return inter, intra, inter_top1

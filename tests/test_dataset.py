@@ -188,7 +188,8 @@ def test_local_clips_are_the_query_and_the_keys(root):
             if torch.equal(query, key[q]):   # the query's pair is one clip seen twice
                 assert torch.equal(query, views[0][q]) or torch.equal(query, views[1][q])
                 one_clip += 1
-                geometry = [(item['local_boxes'][c], item['local_flips'][c]) for c in (0, 1 + q)]
+                plan = item['local']
+                geometry = [(plan['boxes'][c], plan['flips'][c]) for c in (0, 1 + q)]
                 own_geometry += not (torch.equal(*geometry[0]) and torch.equal(*geometry[1]))
             else:
                 assert torch.equal(query, views[0][q]) and torch.equal(key[q], views[1][q])
@@ -205,7 +206,8 @@ def test_local_clips_of_two_stream_stay_aligned(root):
         for i in range(len(data)):
             item = data[i]
             strong.append(item['local_strong'])
-            for rgb, flow, flip in zip(item['rgb_local'], item['flow_local'], item['local_flips']):
+            flips_planned = item['local']['flips']
+            for rgb, flow, flip in zip(item['rgb_local'], item['flow_local'], flips_planned):
                 assert torch.equal(frame_ids(rgb), frame_ids(flow))
                 assert (rgb[:, 1].float() - flow[:, 1].float()).abs().mean() < 3
                 flipped = is_flipped(rgb)
@@ -287,6 +289,23 @@ def test_test_mode_windows(root):
     assert item['rgb'].shape == item['flow'].shape == (4, SEQ, 3, size, w_expected)
     assert torch.equal(torch.stack([frame_ids(w) for w in item['flow']])[:, 0],
                        torch.tensor([0, 3, 6, 9]))
+
+
+def test_a_training_dataset_read_in_test_mode(root):
+    """``read_test`` reads a video of any dataset as test mode does, and the dataset stays
+    what it was; eval/clips.py's Videos reads so, with the dataset's own options unless given."""
+    from eval.clips import Videos
+    train, test = build(root, 'toy-2clip', stored_size=True), build(root, 'toytest', mode='test')
+    assert train.names == test.names
+    for i in range(len(train)):
+        assert torch.equal(train.read_test(i)['rgb'], test[i]['rgb'])
+    assert train.mode == 'train' and train[0]['rgb'].shape == (2, SEQ, 3, IMG, IMG)
+    one = Videos(train, [2, 0], test_windows='random')[1]          # stored size: the dataset's
+    assert one['position'] == 1 and one['rgb'].shape == (1, SEQ, 3, H, W)
+    ids = frame_ids(one['rgb'][0])
+    assert torch.equal(ids, ids[0] + torch.arange(SEQ))
+    every = Videos(train, [2, 0], stored_size=False)[0]['rgb']
+    assert torch.equal(every, test[2]['rgb'])
 
 
 def test_short_videos_are_padded_or_dropped(tmp_path):

@@ -256,14 +256,15 @@ def test_loss_weights_temperature_and_defaults_of_each_script(capsys):
     # are flags and reach the model, which weighs its loss itself.
     from utils.config import parse_args
     a = parse_args(local_nce.get_parser(), ['--moco-k', '8'])
-    assert (a.dataset, a.moco_t, a.local_aug, a.keep_every) == ('ucf101-2clip', 0.1,
-                                                                 'independent', 50)
+    assert (a.dataset, a.moco_t, a.local_aug, a.keep_every) == ('ucf101-2clip', 0.1, 'shared',
+                                                                 50)
     assert local_nce.build_model(a).weights == {'global': 1.0, 'inter': 1 / 3, 'intra': 1.0}
     a = parse_args(local_nce.get_parser(), ['--w_global', '0.5', '--w_intra', '0', '--moco-k', '8'])
     model = local_nce.build_model(a)
     assert model.weights == {'global': 0.5, 'inter': 1 / 3, 'intra': 0.0} and model.tau == 0.1
     c = parse_args(local_coclr.get_parser(), ['--moco-k', '8'])
-    assert (c.dataset, c.moco_t) == ('ucf101-2stream-2clip', 0.07)
+    assert (c.dataset, c.moco_t, c.local_aug) == ('ucf101-2stream-2clip', 0.07, 'independent')
+    assert not a.crop_retry and not c.crop_retry   # CoCLR's training crop
     assert local_coclr.build_model(c).weights == {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
     assert parse_args(local_coclr.get_parser(), ['--topk', '0']).topk == 0   # siblings only
     for script, tau in ((local_nce, 0.1), (local_coclr, 0.07)):
@@ -288,12 +289,12 @@ def test_topk_larger_than_the_queue_is_refused(capsys):
 @pytest.mark.parametrize('local_aug', ['independent', 'shared'])
 def test_inputs_of_each_script(reverse, local_aug):
     """The model's inputs from augmented views of the shapes the data path gives: --reverse
-    swaps the trained and the mining modality; --local_aug independent feeds view 1's first
-    local clip as the local query and view 2's L clips as keys."""
+    swaps the trained and the mining modality; --local_aug independent feeds the dataset's
+    local clips: the first as the local query, the L others (view 2's) as keys."""
     from utils.config import parse_args
     b, t, segments, size = 2, 32, 4, 32
     views = {m: torch.randn(b, 2, 3, t, size, size) for m in ('rgb', 'flow')}
-    views.update({f'{m}_local': torch.randn(b, 2, segments, 3, t // segments, size, size)
+    views.update({f'{m}_local': torch.randn(b, 1 + segments, 3, t // segments, size, size)
                   for m in ('rgb', 'flow')})
     batch = {'source': torch.tensor([3, 4]), 'label': torch.tensor([0, 1])}
     flags = ['--local_aug', local_aug, '--moco-k', '8', '--bn_splits', '1']
@@ -307,8 +308,8 @@ def test_inputs_of_each_script(reverse, local_aug):
     assert torch.equal(x['source'], batch['source'])
     assert ('local1' in x) == ('local2' in x) == (local_aug == 'independent')
     if local_aug == 'independent':
-        assert torch.equal(x['local1'], views[trained + '_local'][:, 0, 0])
-        assert torch.equal(x['local2'], views[trained + '_local'][:, 1])
+        assert torch.equal(x['local1'], views[trained + '_local'][:, 0])
+        assert torch.equal(x['local2'], views[trained + '_local'][:, 1:])
     if reverse:
         return
     # The model takes them: a real forward of each script's model, loss and stats as promised.
@@ -550,8 +551,8 @@ def test_a_bug_keeps_its_traceback_and_bad_input_is_one_error_line(data_root, tm
 
 
 def test_independent_local_clips_train_both_scripts(data_root, tmp_path, tiny_net):
-    """The default --local_aug independent end to end: the dataset's own local clips reach
-    both models (docs/METHOD.md, Local clips)."""
+    """--local_aug independent (local_coclr.py's default) end to end: the dataset's own local
+    clips reach both models (docs/METHOD.md, Local clips)."""
     base = ['--data_root', str(data_root), *TINY, *tiny_net, '--local_aug', 'independent']
     exp = local_nce.main(base + ['--dataset', 'ucf101-2clip', '--output_dir', str(tmp_path / 'a')])
     assert torch.load(exp / 'last.pth.tar', weights_only=True)['args']['local_aug'] == \
