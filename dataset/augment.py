@@ -174,8 +174,8 @@ def normalize(x):
 
 class DeviceAugment:
     """The device side of a batch: uint8 ``batch[m]`` ``[B, V, T, 3, H, W]`` and local clips
-    ``batch[m + '_local']`` ``[B, 2, L, T/L, 3, H, W]`` -> normalised float ``[B, V, 3, T, H, W]``
-    / ``[B, 2, L, 3, T/L, H, W]`` in ``memory_format``; the photometric steps on the views that
+    ``batch[m + '_local']`` ``[B, 1 + L, T/L, 3, H, W]`` -> normalised float ``[B, V, 3, T, H, W]``
+    / ``[B, 1 + L, 3, T/L, H, W]`` in ``memory_format``; the photometric steps on the views that
     ``batch['strong']`` / ``batch['local_strong']`` mark, one draw for a view's RGB and (if
     ``photometric_on_flow``) flow, from the augmenter's own generator (``reseed``)."""
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from dataset.video_dataset import QUERY_SEGMENT
 from model import losses
 
 
@@ -41,7 +42,10 @@ def test_inter_equals_explicit_rows():
     rows = [torch.cat([(q[b] @ kl[b, j])[None], q[b] @ queue]) / 0.1 for b in range(B) for j in range(L)]
     explicit = losses.info_nce(torch.stack(rows))
     assert inter.item() == pytest.approx(explicit.item(), rel=1e-5)
-    rows = [torch.stack([q[b] @ kl[b, 0], q[b] @ kl[b, j]]) / 0.1 for b in range(B) for j in range(1, L)]
+    # intra: the query's own segment (QUERY_SEGMENT) against each other segment of the video
+    own = QUERY_SEGMENT
+    rows = [torch.stack([q[b] @ kl[b, own], q[b] @ kl[b, j]]) / 0.1
+            for b in range(B) for j in range(L) if j != own]
     assert intra.item() == pytest.approx(losses.info_nce(torch.stack(rows)).item(), rel=1e-5)
 
 

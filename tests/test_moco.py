@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import coclr_reference
+from dataset.video_dataset import QUERY_SEGMENT
 from model.moco import LocalCoCLR, LocalInfoNCE, split_segments
 
 
@@ -78,7 +79,7 @@ def test_batched_segments_equal_separate_calls():
 
 def test_local_clips_given_or_sliced_from_the_global_views():
     """q_local encodes ``local1`` and k_local the L clips of ``local2``; left None they are
-    view 1's first segment and view 2's L segments (--local_aug shared)."""
+    view 1's segment QUERY_SEGMENT and view 2's L segments (--local_aug shared)."""
     torch.manual_seed(0)
     m = LocalInfoNCE('s3d', K=8).eval()
     v1, v2 = small_input(2, 32, seed=1), small_input(2, 32, seed=2)
@@ -89,7 +90,8 @@ def test_local_clips_given_or_sliced_from_the_global_views():
         assert torch.allclose(q_local, m.encoder_q(l1), atol=1e-5)
         assert torch.allclose(k_local, m.encoder_k(l2.flatten(0, 1)).view(2, 4, -1), atol=1e-5)
     sliced = m.embed(v1, v2, None, None)
-    explicit = m.embed(v1, v2, v1[:, :, :8], torch.stack(v2.split(8, dim=2), 1))
+    query = v1[:, :, 8 * QUERY_SEGMENT:8 * (QUERY_SEGMENT + 1)]
+    explicit = m.embed(v1, v2, query, torch.stack(v2.split(8, dim=2), 1))
     for a, b in zip(sliced, explicit):
         assert torch.allclose(a, b, atol=1e-5)
 
