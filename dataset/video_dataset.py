@@ -6,7 +6,7 @@ from utils.misc import UserError
 from . import augment, sampler
 from .lmdb_video import VideoLMDB, decode_frames, jpeg_size, merge_packed, pack_jpegs
 
-QUERY_SEGMENT = 0   # the local query: view 1's clip 0; the keys: view 2's L clips (METHOD.md)
+QUERY_SEGMENT = 0   # the local query: view 1's clip 0 (docs/METHOD.md, Local clips)
 
 
 class VideoDataset(Dataset):
