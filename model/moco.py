@@ -129,8 +129,8 @@ class LocalCoCLR(MoCo):
     """CVTCL: CoCLR's multi-positive loss + inter + intra (docs/METHOD.md, CVTCL). topk:
     positives mined per row once the queue is full; self_mask_prob: probability that a batch
     drops the self positive (drawn on the device, no host branch: a CUDA graph's replays draw
-    anew). Queues beside ``queue``: the sampler's embeddings, source ids (-1:
-    empty slot) and class labels (-1: unknown)."""
+    anew). Queues beside ``queue``: the sampler's embeddings, source ids (-1: empty slot) and
+    class labels (-1: unknown)."""
     WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
 
     def __init__(self, net='s3d', dim=128, *args, topk=5, self_mask_prob=0.9, **kwargs):
