@@ -228,7 +228,7 @@ def device_profile(step, inputs, device, steps=3):
 
 def step_flops(kind, args, device):
     """FLOPs of one training step per sample, counted (forward, backward, no-grad encoders)."""
-    small = SimpleNamespace(**{**vars(args), 'batch_size': 2})
+    small = SimpleNamespace(**{**vars(args), 'batch_size': 2, 'bn_splits': 1})   # same FLOPs
     model = make_model(kind, small, device, channels_last=False)
     inputs = make_inputs(kind, small, device, channels_last=False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
