@@ -61,6 +61,10 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
     g.add_argument('--bn_splits', type=POSITIVE, default=None,
                    help='groups of the shuffled key batch with their own BatchNorm statistics; '
                         'default 2 in a single process, 1 with several processes')
+    g.add_argument('--local_keys', choices=['per_segment', 'one_batch'], default='per_segment',
+                   help="per_segment: a shuffled batch of B local keys per clip index, BatchNorm "
+                        "statistics of one temporal position, as the authors'; one_batch: all "
+                        'B*L local keys in one shuffled batch (docs/METHOD.md, Model)')
     for term, weight in weights.items():
         g.add_argument(f'--w_{term}', type=NON_NEGATIVE_REAL, default=weight,
                        help=f'weight of the {term} loss')

@@ -20,7 +20,8 @@ def build_model(args):
     return LocalCoCLR(net=args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                       tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
                       weights={t: getattr(args, f'w_{t}') for t in LocalCoCLR.WEIGHTS},
-                      topk=args.topk, self_mask_prob=args.self_mask_prob)
+                      topk=args.topk, self_mask_prob=args.self_mask_prob,
+                      local_keys=args.local_keys)
 
 
 def load_pretrained(model, args):

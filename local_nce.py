@@ -16,7 +16,8 @@ from utils.misc import run_main
 def build_model(args):
     return LocalInfoNCE(args.net, dim=args.moco_dim, K=args.moco_k, m=args.moco_m,
                         tau=args.moco_t, num_segments=args.num_segments, bn_splits=args.bn_splits,
-                        weights={t: getattr(args, f'w_{t}') for t in LocalInfoNCE.WEIGHTS})
+                        weights={t: getattr(args, f'w_{t}') for t in LocalInfoNCE.WEIGHTS},
+                        local_keys=args.local_keys)
 
 
 def load_pretrained(model, args):

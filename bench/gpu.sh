@@ -7,13 +7,17 @@
 #   train_infonce S3D FLOPs, step time, samples/s, utilisation and peak memory of local InfoNCE:
 #                 plain fp32 (TF32 allowed, PyTorch's default), strict fp32, the eager fast path,
 #                 the fast path replayed from a CUDA graph (--cuda_graph, model/fast.py); the
-#                 graphed step checked against the eager one; profiles of the eager and the
-#                 graphed fast step (device busy time, launches, top kernels);
-#   train_cvtcl   the same for CVTCL (plain, fast, graphed);
+#                 graph check: 6 graphed steps must equal 6 eager ones from the same seeds (the
+#                 same random draws, losses within 1e-3 in fp32), else the section and the
+#                 script fail; profiles of the eager and the graphed fast step (device busy
+#                 time, launches, top kernels);
+#   train_cvtcl   the same for CVTCL (plain, fast, graphed; the graph check);
 #   e2e           end-to-end samples/s over a synthetic UCF101-sized LMDB (320x240 JPEG) with 16
 #                 workers, CPU decode and GPU decode (views only: --local_aug shared), against
 #                 the step alone;
-#   e2e_demo      the same at the demo's size (64x64 frames, 64 px crops);
+#   local_keys    the eager fast step of both models with the local keys encoded per segment
+#                 (the default) and as one batch (--local_keys);
+#   e2e_demo      e2e at the demo's size (64x64 frames, 64 px crops);
 #   loader_epochs what an epoch boundary costs at the demo's size: one loader iterator per
 #                 epoch against the engine's one stream (bench/loader_epochs.py, 12 workers);
 #   compile       the eager fast step with the encoders compiled (--compile);
@@ -30,7 +34,7 @@ mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # works without installing the project
 DEADLINE=$((SECONDS + ${BUDGET:-470}))
-SECTIONS=${SECTIONS:-"matmul train_infonce train_cvtcl e2e e2e_demo loader_epochs${COMPILE:+ compile}${DEMO:+ demo}"}
+SECTIONS=${SECTIONS:-"matmul train_infonce train_cvtcl e2e local_keys e2e_demo loader_epochs${COMPILE:+ compile}${DEMO:+ demo}"}
 status=0
 
 section() {  # section NAME TIMEOUT_S CMD...
@@ -74,7 +78,10 @@ for name in $SECTIONS; do
     matmul) ;;   # ran above: its figure feeds the others
     train_infonce) section $name 115 $TRAIN --models infonce --paths plain plain-strict fast \
         fast-graph --profile --graph_check ;;
-    train_cvtcl) section $name 70 $TRAIN --models coclr --paths plain fast fast-graph ;;
+    train_cvtcl) section $name 90 $TRAIN --models coclr --paths plain fast fast-graph \
+        --graph_check ;;
+    local_keys) section $name 60 $TRAIN --models infonce coclr --paths fast \
+        --local_keys per_segment one_batch ;;
     e2e) section $name 150 python bench/end_to_end.py --workers 16 --batch_size 32 --steps 20 \
         --warmup 6 --videos 96 --frames 64 --decodes cpu gpu --local_aug shared ;;
     e2e_demo) section $name 60 python bench/end_to_end.py --workers 12 --batch_size 32 \

@@ -22,6 +22,12 @@ bench/end_to_end.py for the data path). Prints a table: step time, samples/s, mo
 utilisation against --peak_tflops (measured by bench/gpu.sh), peak memory. ``--profile`` adds,
 for the eager and the graphed fast path, the device's busy time per step and its most expensive
 kernels: a busy time far below the step time means the step is bound by the host.
+``--local_keys per_segment one_batch`` measures each path with both encodings of the local keys
+(the scripts' ``--local_keys``) and prints the ratio of their step times. ``--graph_check``
+asserts that graphed steps equal eager steps from the same seeds (``graph_check``); the exit
+status is 1 if they do not.
+
+    python bench/train_step.py --models infonce coclr --paths fast --local_keys per_segment one_batch
 """
 import argparse
 import time
@@ -51,10 +57,10 @@ def script_args(kind, *flags):
     return SCRIPTS[kind].get_parser().parse_args([str(f) for f in flags])
 
 
-def make_model(kind, args, device, channels_last):
+def make_model(kind, args, device, channels_last, local_keys='per_segment'):
     """The model the script builds (``args``: net, moco_k, bn_splits)."""
     ns = script_args(kind, '--net', args.net, '--moco-k', args.moco_k,
-                     '--bn_splits', args.bn_splits)
+                     '--bn_splits', args.bn_splits, '--local_keys', local_keys)
     model = SCRIPTS[kind].build_model(ns)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt).train()
@@ -93,14 +99,15 @@ def set_tf32(strict):
     torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
-def path_step(model, path, device):
+def path_step(model, path, device, fp32=False):
     """The step function of ``path`` for ``model``: its optimiser (fused Adam on the fast paths
-    on CUDA, the for-loop one otherwise), precision and CUDA graph, as the engine builds them."""
+    on CUDA, the for-loop one otherwise), precision (bf16 on the fast paths on CUDA unless
+    ``fp32``) and CUDA graph, as the engine builds them."""
     fast = path.startswith('fast') and device.type == 'cuda'
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-4, fused=fast, foreach=None if fast else False)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    amp = torch.bfloat16 if fast else None
+    amp = torch.bfloat16 if fast and not fp32 else None
     step = partial(engine.train_step, model, optimizer=opt, scaler=scaler, amp_dtype=amp)
     if 'graph' in path and device.type == 'cuda':
         step = fast_path.GraphedStep(step, engine.forward_backward, optimizer_step, model, opt,
@@ -108,13 +115,13 @@ def path_step(model, path, device):
     return step
 
 
-def bench(kind, path, args, device):
+def bench(kind, path, args, device, local_keys):
     """Seconds per step and peak GiB of one path; with ``profile``, also the device's busy
     seconds per step and the top kernels."""
     fast, cuda = path.startswith('fast'), device.type == 'cuda'
     channels_last = fast and 'ncdhw' not in path and (cuda or args.cpu_channels_last)
     torch.manual_seed(0)
-    model = make_model(kind, args, device, channels_last)
+    model = make_model(kind, args, device, channels_last, local_keys)
     if path == 'fast-compile':   # as --compile
         for encoder in (model.encoder_q, model.encoder_k):
             encoder.compile(dynamic=True)
@@ -148,25 +155,60 @@ def bench(kind, path, args, device):
     return dt, mem, warm, profile
 
 
-def graph_check(kind, args, device, steps=6):
-    """The graphed step against the eager step from the same weights, inputs and seeds: the
-    losses of ``steps`` steps, and the largest weight difference at the end."""
-    losses, weights_after = {}, {}
-    for graphed in (False, True):
-        torch.manual_seed(0)
-        model = make_model(kind, args, device, True)
-        inputs = make_inputs(kind, args, device, True)
-        step = path_step(model, 'fast-graph' if graphed else 'fast', device)
-        if graphed:
-            step.warmup = 1
-        torch.manual_seed(1)
-        losses[graphed] = [float(step(inputs)[0]) for _ in range(steps)]
-        weights_after[graphed] = torch.cat([p.detach().float().flatten()
-                                            for p in model.encoder_q.parameters()])
+def record_steps(step, inputs, steps, device):
+    """``(losses, generator states)``: the losses of ``steps`` calls of ``step(inputs)``, then
+    the states of the host's and the device's default generators."""
+    losses = [float(step(inputs)[0]) for _ in range(steps)]
+    states = [torch.get_rng_state()]
+    if device.type == 'cuda':
+        states.append(torch.cuda.get_rng_state(device))
+    return losses, states
+
+
+def check_same_steps(expected, actual, rtol):
+    """Raise AssertionError unless two ``record_steps`` results from the same seeds agree: every
+    generator in the same state (so each step drew anew, nothing drew once on the host instead)
+    and each step's loss within ``rtol`` (relative)."""
+    (expected_losses, expected_states), (losses, states) = expected, actual
+    same_draws = all(torch.equal(a, b) for a, b in zip(expected_states, states))
+    assert same_draws, 'the generators end in other states: the steps drew other random numbers'
+    far = [i for i, (a, b) in enumerate(zip(expected_losses, losses)) if abs(b - a) > rtol * abs(a)]
+    assert not far, (f'losses of steps {far} differ by more than {rtol:g}: '
+                     f'{expected_losses} against {losses}')
+
+
+def graph_check(kind, args, device, steps=6, rtol=1e-3):
+    """``steps`` graphed steps against as many eager steps from the same weights, inputs and
+    seeds, both in fp32 (TF32 off, deterministic cuDNN) with the same 2D kernels, so only the
+    replay differs; raises AssertionError unless ``check_same_steps`` holds and the graph was
+    captured. Prints both losses and the largest weight difference at the end."""
+    runs, weights_after = {}, {}
+    set_tf32(strict=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    try:
+        for graphed in (False, True):
+            torch.manual_seed(0)
+            model = make_model(kind, args, device, True)
+            inputs = make_inputs(kind, args, device, True)
+            fast_path.use_2d_kernels(model)   # as the graphed step's model
+            step = path_step(model, 'fast-graph' if graphed else 'fast', device, fp32=True)
+            if graphed:
+                step.warmup = 1
+            torch.manual_seed(1)
+            runs[graphed] = record_steps(step, inputs, steps, device)
+            assert not graphed or step.graph is not None, f'not captured: {step.failed}'
+            weights_after[graphed] = torch.cat([p.detach().float().flatten()
+                                                for p in model.encoder_q.parameters()])
+    finally:
+        set_tf32(strict=False)
+        torch.backends.cudnn.deterministic = False
     diff = (weights_after[True] - weights_after[False]).abs().max().item()
-    print(f'{kind} graph check ({steps} steps, capture at step 2): eager losses '
-          f'{[round(x, 4) for x in losses[False]]}; graphed {[round(x, 4) for x in losses[True]]}; '
-          f'max |weight difference| {diff:.2e}', flush=True)
+    print(f'{kind} graph check ({steps} steps fp32, capture at step 2): eager losses '
+          f'{runs[False][0]}; graphed {runs[True][0]}; max |weight difference| {diff:.2e}',
+          flush=True)
+    check_same_steps(runs[False], runs[True], rtol)
+    print(f'{kind} graph check passed: the same draws, losses within {rtol:g}', flush=True)
 
 
 def device_profile(step, inputs, device, steps=3):
@@ -186,7 +228,7 @@ def device_profile(step, inputs, device, steps=3):
 
 def step_flops(kind, args, device):
     """FLOPs of one training step per sample, counted (forward, backward, no-grad encoders)."""
-    small = SimpleNamespace(**{**vars(args), 'batch_size': 2})
+    small = SimpleNamespace(**{**vars(args), 'batch_size': 2, 'bn_splits': 1})   # same FLOPs
     model = make_model(kind, small, device, channels_last=False)
     inputs = make_inputs(kind, small, device, channels_last=False)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -228,8 +270,12 @@ def main():
                    help='shuffle-BN groups of the key batch (the engine\'s one-process default)')
     p.add_argument('--cpu_channels_last', action=argparse.BooleanOptionalAction, default=True,
                    help='on the CPU, the fast path is channels-last (the engine\'s default)')
+    p.add_argument('--local_keys', nargs='+', default=['per_segment'],
+                   choices=['per_segment', 'one_batch'],
+                   help='encodings of the local keys measured (the scripts\' --local_keys)')
     p.add_argument('--graph_check', action='store_true',
-                   help='compare the CUDA-graph step with the eager step (losses, weights)')
+                   help='assert that CUDA-graph steps equal eager steps (the same random draws, '
+                        'losses within 1e-3); the exit status is 1 if not')
     p.add_argument('--profile', action='store_true',
                    help='profile the fast paths (eager and graphed): device busy time per step, '
                         'kernel launches, top kernels')
@@ -241,43 +287,50 @@ def main():
           f'{args.seq_len}x{args.img_dim}^2: {fwd / 1e9:.2f} GFLOP per clip (counted)')
     print(f'batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, '
           f'bn_splits {args.bn_splits}\n')
-    print(f'{"model":8} {"path":16} {"s/step":>8} {"samples/s":>10} {"GFLOP/sample":>13} '
-          f'{"TFLOP/s":>8} {"MFU":>6} {"peak GiB":>9} {"warm-up s":>10}')
-    profiles = []
+    print(f'{"model":8} {"path":16} {"local keys":12} {"s/step":>8} {"samples/s":>10} '
+          f'{"GFLOP/sample":>13} {"TFLOP/s":>8} {"MFU":>6} {"peak GiB":>9} {"warm-up s":>10}')
+    profiles, failed_checks = [], []
     for kind in args.models:
         flops = step_flops(kind, args, device)
         rates = {}
         if args.graph_check and device.type == 'cuda':
             try:
                 graph_check(kind, args, device)
-            except Exception as e:
-                print(f'({kind} graph check failed: {e!r})')
+            except Exception as e:   # the timings still run; the exit status says it failed
+                print(f'!!! {kind} graph check failed: {type(e).__name__}: {e}', flush=True)
+                failed_checks.append(kind)
         for path in args.paths:
-            try:
-                dt, mem, warm, profile = bench(kind, path, args, device)
-            except Exception as e:  # one failing path must not take the others' rows with it
-                print(f'{kind:8} {path:12} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}',
-                      flush=True)
-                continue
-            rate = args.batch_size / dt
-            tflops = flops * rate / 1e12
-            mfu = f'{tflops / args.peak_tflops:6.1%}' if args.peak_tflops else '     -'
-            rates[path] = rate
-            print(f'{kind:8} {path:16} {dt:8.3f} {rate:10.1f} {flops / 1e9:13.1f} '
-                  f'{tflops:8.2f} {mfu} {mem:9.2f} {warm:10.1f}', flush=True)
-            if profile:
-                profiles.append((kind, path, dt, profile))
-        for path in args.paths:
-            if path.startswith('fast') and path in rates:
-                for base in ('plain', 'plain-strict'):
-                    if base in rates:
-                        print(f'{kind:8} speed-up {path}/{base}: {rates[path] / rates[base]:.2f}x')
+            for keys in args.local_keys:
+                try:
+                    dt, mem, warm, profile = bench(kind, path, args, device, keys)
+                except Exception as e:  # one failing path must not take the others' rows with it
+                    print(f'{kind:8} {path:12} {keys} failed: {type(e).__name__}: '
+                          f'{str(e).splitlines()[0][:200]}', flush=True)
+                    continue
+                rate = args.batch_size / dt
+                tflops = flops * rate / 1e12
+                mfu = f'{tflops / args.peak_tflops:6.1%}' if args.peak_tflops else '     -'
+                rates[path, keys] = rate
+                print(f'{kind:8} {path:16} {keys:12} {dt:8.3f} {rate:10.1f} {flops / 1e9:13.1f} '
+                      f'{tflops:8.2f} {mfu} {mem:9.2f} {warm:10.1f}', flush=True)
+                if profile:
+                    profiles.append((kind, path, dt, profile))
+        for (path, keys), rate in rates.items():
+            for base in ('plain', 'plain-strict'):
+                if path.startswith('fast') and (base, keys) in rates:
+                    print(f'{kind:8} speed-up {path}/{base} ({keys}): '
+                          f'{rate / rates[base, keys]:.2f}x')
+            if keys == 'per_segment' and (path, 'one_batch') in rates:
+                print(f'{kind:8} {path}: step time per_segment / one_batch local keys: '
+                      f'{rates[path, "one_batch"] / rate:.2f}x')
     for kind, path, dt, (busy, launches, top) in profiles:
         print(f'\n{kind} {path}, profiled: step {dt * 1e3:.1f} ms, device busy {busy * 1e3:.1f} ms '
               f'({busy / dt:.0%}), {launches:.0f} kernel launches per step; top kernels '
               f'(ms/step, launches/step):')
         for key, ms, count in top:
             print(f'  {ms:8.2f} {count:6.0f}  {key[:100]}')
+    if failed_checks:
+        raise SystemExit(f'graph check failed: {", ".join(failed_checks)}')
 
 
 if __name__ == '__main__':

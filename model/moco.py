@@ -35,15 +35,16 @@ def split_segments(x, num_segments):
 class MoCo(nn.Module):
     """Query encoder, momentum key encoder, queue ``[D, K]`` and shuffle-BN (He et al., MoCo).
     m: momentum; tau: temperature; num_segments: local clips L; bn_splits: BatchNorm groups of
-    the shuffled key batch in one process; weights: loss term -> weight (default ``WEIGHTS``)."""
+    the shuffled key batch in one process; weights: loss term -> weight (default ``WEIGHTS``);
+    local_keys: 'per_segment' (a shuffled batch of B per local clip index) or 'one_batch'."""
     WEIGHTS = {}
     ready = True   # whether a batch may take a gradient step (CoCLR waits for a full queue)
 
     def __init__(self, net='s3d', dim=128, K=2048, m=0.999, tau=0.07, num_segments=4,
-                 bn_splits=1, weights=None):
+                 bn_splits=1, weights=None, local_keys='per_segment'):
         super().__init__()
         self.K, self.m, self.tau = K, m, tau
-        self.num_segments, self.bn_splits = num_segments, bn_splits
+        self.num_segments, self.bn_splits, self.local_keys = num_segments, bn_splits, local_keys
         self.weights = dict(self.WEIGHTS if weights is None else weights)
         self.encoder_q = Encoder(net, dim)
         self.encoder_k = Encoder(net, dim)
@@ -61,7 +62,8 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def shuffled_keys(self, x):
         """Key embeddings ``[B, D]`` of ``x`` with shuffle-BN, in the order of ``x``, each process's
-        slice in ``bn_splits`` groups (docs/METHOD.md, Model)."""
+        slice in ``bn_splits`` groups (docs/METHOD.md, Model). The permutation is drawn on the
+        device, so a CUDA graph's replays draw anew."""
         b = x.shape[0]
         rank = du.get_rank()
         x_all = du.all_gather(x)
@@ -87,14 +89,17 @@ class MoCo(nn.Module):
         ``local1`` (view 1's query clip), view 2 and ``local2`` (its L local clips, keys).
         Local clips left None are cut from the views (``--local_aug shared``)."""
         b, L = view1.shape[0], self.num_segments
-        local2 = split_segments(view2, L) if local2 is None else local2.flatten(0, 1)
+        local2 = split_segments(view2, L).unflatten(0, (b, L)) if local2 is None else local2
         if local1 is None:
             local1 = view1.unflatten(2, (L, -1))[:, :, QUERY_SEGMENT]
         q, q_local = self.encoder_q(view1), self.encoder_q(local1)
         with torch.no_grad():
             self.momentum_update()
             k = self.shuffled_keys(view2)
-            k_local = self.shuffled_keys(local2).unflatten(0, (b, -1))
+            if self.local_keys == 'one_batch':
+                k_local = self.shuffled_keys(local2.flatten(0, 1)).unflatten(0, (b, L))
+            else:   # BatchNorm statistics of one temporal position, as the authors
+                k_local = torch.stack([self.shuffled_keys(local2[:, j]) for j in range(L)], 1)
         return q.float(), q_local.float(), k.float(), k_local.float()
 
     def objective(self, terms, logits, **extra):
@@ -124,8 +129,9 @@ class LocalInfoNCE(MoCo):
 class LocalCoCLR(MoCo):
     """CVTCL: CoCLR's multi-positive loss + inter + intra (docs/METHOD.md, CVTCL). topk:
     positives mined per row once the queue is full; self_mask_prob: probability that a batch
-    drops the self positive. Queues beside ``queue``: the sampler's embeddings, source ids (-1:
-    empty slot) and class labels (-1: unknown)."""
+    drops the self positive (drawn on the device, no host branch: a CUDA graph's replays draw
+    anew). Queues beside ``queue``: the sampler's embeddings, source ids (-1: empty slot) and
+    class labels (-1: unknown)."""
     WEIGHTS = {'coclr': 1 / 3, 'inter': 1 / 3, 'intra': 1 / 3}
 
     def __init__(self, net='s3d', dim=128, *args, topk=5, self_mask_prob=0.9, **kwargs):
@@ -136,19 +142,26 @@ class LocalCoCLR(MoCo):
         self.register_buffer('queue_second', F.normalize(torch.randn(dim, self.K), dim=0))
         self.register_buffer('queue_vname', torch.full((self.K,), -1, dtype=torch.long))
         self.register_buffer('queue_label', torch.full((self.K,), -1, dtype=torch.long))
+        self.queue_full = False   # once full, the queue stays full: no host read in the step
+        self.register_load_state_dict_post_hook(LocalCoCLR.reread_queue)
 
     def train(self, mode=True):
         super().train(mode)
         self.sampler.eval()   # frozen, always with its running BatchNorm statistics
         return self
 
+    def reread_queue(self, incompatible_keys):   # a loaded queue may be empty again
+        self.queue_full = False
+
     @property
     def ready(self):
-        return bool((self.queue_vname >= 0).all())
+        if not self.queue_full:
+            self.queue_full = bool((self.queue_vname >= 0).all())
+        return self.queue_full
 
     def forward(self, view1, view2, other_view2, source, label, local1=None, local2=None):
         topk = self.topk if self.ready else 0   # mine once the queue is full
-        mask_self = bool(torch.rand(()) < self.self_mask_prob)
+        mask_self = torch.rand((), device=view1.device) < self.self_mask_prob   # a bool tensor
         q, q_local, k, k_local = self.embed(view1, view2, local1, local2)
         with torch.no_grad():
             s = self.sampler(other_view2).float()                              # B x D

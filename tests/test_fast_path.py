@@ -1,14 +1,20 @@
 """The GPU fast path computes what the plain path computes (checked on the CPU)."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
 
+from backbone import BACKBONES
+from bench.train_step import check_same_steps, make_inputs, make_model, path_step, record_steps
 from dataset.catalog import build_dataset
 from dataset.video_dataset import collate
 from model.fast import Prefetcher, decode_on_device
-from model.moco import LocalInfoNCE
+from model.moco import LocalCoCLR, LocalInfoNCE
 from tests.helpers import write_toy_dataset
+from tests.test_learning import Tiny
 
 
 @pytest.fixture(scope='module')
@@ -62,6 +68,57 @@ def test_bf16_losses_match_fp32():
     assert fast_loss.item() == pytest.approx(loss.item(), rel=0.02, abs=0.01)
     for k in ('loss_global', 'loss_inter', 'loss_intra'):
         assert out[k].item() == pytest.approx(ref[k].item(), rel=0.02, abs=0.01), k
+
+
+@pytest.mark.parametrize('cls', [LocalInfoNCE, LocalCoCLR])
+def test_step_reads_no_tensor_value_on_the_host(cls):
+    """What a CUDA graph needs: the forward and backward of a step (a full CoCLR queue: mining,
+    the self-mask draw, shuffle-BN of every key batch) decide nothing on the host from a tensor's
+    value. Run on fake tensors, which hold no values: reading one (``bool``, ``.item()``) raises."""
+    torch.manual_seed(0)
+    model = cls('s3d', K=8, bn_splits=2).train()
+    if cls is LocalCoCLR:
+        model.queue_vname.copy_(torch.arange(8))
+        assert model.ready   # read once, before the step: the queue stays full
+    with FakeTensorMode() as mode:
+        state = {k: mode.from_tensor(v) for k, v in model.state_dict(keep_vars=True).items()}
+        x, ids = torch.randn(4, 3, 32, 64, 64), torch.arange(4)
+        inputs = {'view1': x, 'view2': x}
+        if cls is LocalCoCLR:
+            inputs.update(other_view2=x, source=ids, label=ids)
+        loss, stats = functional_call(model, state, args=(), kwargs=inputs)
+        loss.backward()
+        assert state['encoder_q.4.weight'].grad is not None
+
+
+def test_graph_check_needs_the_same_draws_and_losses(monkeypatch):
+    """bench/gpu.sh asserts that graphed steps equal eager steps from the same seeds
+    (bench/train_step.py graph_check). On the CPU: two eager runs pass; a run whose random draws
+    are frozen after the first step, as a graph replaying a host draw, fails; so do other losses."""
+    monkeypatch.setitem(BACKBONES, 'tiny', Tiny)
+    cpu = torch.device('cpu')
+    args = SimpleNamespace(net='tiny', moco_k=8, bn_splits=1, batch_size=2, seq_len=8, img_dim=24)
+
+    def run(frozen=False):
+        torch.manual_seed(0)
+        model = make_model('coclr', args, cpu, False)
+        inputs = make_inputs('coclr', args, cpu, False)
+        step = path_step(model, 'fast', cpu)
+        torch.manual_seed(1)
+        first = torch.get_rng_state()
+
+        def replay(batch):   # every step draws what the first step drew
+            torch.set_rng_state(first)
+            return step(batch)
+        return record_steps(replay if frozen else step, inputs, 3, cpu)
+
+    eager = run()
+    check_same_steps(eager, run(), rtol=0)
+    with pytest.raises(AssertionError, match='generators end in other states'):
+        check_same_steps(eager, run(frozen=True), rtol=1e-3)
+    other_losses = ([x * 1.01 for x in eager[0]], eager[1])
+    with pytest.raises(AssertionError, match=r'losses of steps \[0, 1, 2\]'):
+        check_same_steps(eager, other_losses, rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------------- prefetcher

@@ -96,10 +96,32 @@ def test_local_clips_given_or_sliced_from_the_global_views():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_local_keys_per_segment_or_one_batch():
+    """Per segment (the default, as the authors): local clip j of the B videos is one batch, so
+    BatchNorm's statistics come from one temporal position; one_batch: the B*L clips together.
+    With one BN group the shuffle cannot change a batch's statistics: the keys must equal the
+    key encoder's own training-mode output on exactly those batches."""
+    x = small_input(2, 8, seed=1)   # views and query clip: only the local keys matter here
+    l2 = torch.stack([small_input(2, 8, seed=2 + j) for j in range(4)], 1)   # B x L x C x T/L x ..
+    keys = {}
+    for mode in ('per_segment', 'one_batch'):
+        torch.manual_seed(0)
+        m = LocalInfoNCE('s3d', K=8, bn_splits=1, local_keys=mode).train()
+        keys[mode] = m.embed(x, x, x, l2)[3]
+        with torch.no_grad():
+            if mode == 'per_segment':
+                expected = torch.stack([m.encoder_k(l2[:, j]) for j in range(4)], 1)
+            else:
+                expected = m.encoder_k(l2.flatten(0, 1)).view(2, 4, -1)
+        assert keys[mode].shape == (2, 4, 128)
+        assert torch.allclose(keys[mode], expected, atol=1e-5), mode
+    assert not torch.allclose(keys['per_segment'], keys['one_batch'], atol=1e-3)
+
+
 def test_infonce_step_trains_query_only_and_weights_its_terms():
     torch.manual_seed(0)
     weights = {'global': 1.0, 'inter': 0.25, 'intra': 2.0}
-    m = LocalInfoNCE('s3d', K=8, bn_splits=2, weights=weights)
+    m = LocalInfoNCE('s3d', K=8, bn_splits=1, weights=weights)
     x1, x2 = small_input(2, 32, seed=1), small_input(2, 32, seed=2)
     loss, stats = m(x1, x2)
     assert set(stats) == {'loss_global', 'loss_inter', 'loss_intra', 'top1', 'top5', 'inter_top1'}

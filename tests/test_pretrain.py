@@ -16,9 +16,12 @@ from utils.misc import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough for 2 CPU cores: 32 frames (4 segments of 8, the least S3D takes), 32 px.
-TINY = ['--seq_len', '32', '--img_dim', '32', '--batch_size', '2', '--moco-k', '8', '-j', '0',
-        '--epochs', '1', '--iters_per_epoch', '2', '--device', 'cpu', '--print_freq', '1',
-        '--local_aug', 'shared']
+TINY_SIZE = ['--seq_len', '32', '--img_dim', '32', '--batch_size', '2', '--moco-k', '8', '-j',
+             '0', '--epochs', '1', '--iters_per_epoch', '2', '--device', 'cpu', '--print_freq',
+             '1', '--local_aug', 'shared']
+# S3D ends an 8-frame local clip of 32 px in one value per channel, and BatchNorm needs two per
+# group: batch 2 in one process encodes its local keys (a batch of 2 per segment) in one group.
+TINY = [*TINY_SIZE, '--bn_splits', '1']
 
 
 @pytest.fixture(scope='module')
@@ -406,7 +409,7 @@ def test_fresh_run_refuses_only_a_folder_with_checkpoints(tmp_path):
 
 
 def test_odd_batch_in_one_process_trains_with_one_bn_group(data_root, tmp_path, capsys):
-    exp = local_nce.main(['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY,
+    exp = local_nce.main(['--dataset', 'ucf101-2clip', '--data_root', str(data_root), *TINY_SIZE,
                           '--batch_size', '3', '--moco-k', '9', '--output_dir', str(tmp_path)])
     assert torch.load(exp / 'last.pth.tar', weights_only=True)['args']['bn_splits'] == 1
 
