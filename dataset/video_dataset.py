@@ -74,7 +74,7 @@ class VideoDataset(Dataset):
                  views=1, seq_len=32, ds=1, img_dim=128, strict_min_frames=False, strong_prob=0.0,
                  two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
                  crop_scale=(0.2, 1.0), decode='cpu', local_segments=0, description='dataset',
-                 test_windows='all', stored_size=False):
+                 test_windows='all', stored_size=False, flip_prob=0.5):
         if local_segments and (mode != 'train' or views != 2 or seq_len % local_segments):
             raise UserError(f'{description}: local clips need 2 views in train mode and '
                             f'--seq_len {seq_len} divisible by --num_segments {local_segments}')
@@ -83,6 +83,7 @@ class VideoDataset(Dataset):
         self.strong_prob, self.two_clip_prob = strong_prob, two_clip_prob
         self.two_clip_strong_prob, self.negate_flow_flip = two_clip_strong_prob, negate_flow_flip
         self.local_segments, self.stored_size = local_segments, stored_size
+        self.flip_prob = flip_prob   # 0: the caller flips whole batches (finetuning's default)
         self.lmdbs = {m: db if isinstance(db, VideoLMDB) else VideoLMDB(db)
                       for m, db in (('rgb', rgb_lmdb), ('flow', flow_lmdb)) if db is not None}
         need = sampler.min_frames(seq_len, ds, strict_min_frames)
@@ -114,7 +115,7 @@ class VideoDataset(Dataset):
         n = torch.Size(lead).numel()
         boxes = [augment.sample_crop(h, w, scale=self.crop_scale) for _ in range(n)]
         item[prefix + 'boxes'] = torch.tensor(boxes).view(*lead, 4)
-        item[prefix + 'flips'] = (torch.rand(n) < 0.5).view(lead)
+        item[prefix + 'flips'] = (torch.rand(n) < self.flip_prob).view(lead)
 
     def __getitem__(self, index):
         name = self.names[index]
