@@ -369,7 +369,8 @@ def test_splits_hmdb51(tmp_path):
     assert read_split(out / 'test_split01.csv') == ['brush_hair/a2', 'cartwheel/b2']
     assert read_split(out / 'train_split02.csv') == ['brush_hair/a2', 'cartwheel/b1']
     assert (out / 'ClassInd.txt').read_text() == 'brush_hair\ncartwheel\n'
-    assert coclr_rows(out / 'test_split01.csv', False) == [('brush_hair/a2', 2), ('cartwheel/b2', 2)]
+    assert coclr_rows(out / 'test_split01.csv', False) == [('brush_hair/a2', 2),
+                                                           ('cartwheel/b2', 2)]
     assert not (out / 'video_source.json').exists()
 
 

@@ -110,9 +110,12 @@ def demo_root(root):
 def test_readme_commands_run_on_the_demo(tmp_path, monkeypatch):
     """Each command of local_nce.py, local_coclr.py and main_classifier.py, and `dataset.prepare
     preview`, runs in this process in README order from a folder holding `configs/` (a link),
-    `experiments/` and `pretrained/`: the demo stands in for UCF101, launchers are dropped (one process), globs are
-    expanded and placeholders filled with the runs before. Appended overrides make each run
-    small: a one-convolution backbone, 32-pixel crops, one iteration, a few videos."""
+    `experiments/` and `pretrained/`: the demo stands in for UCF101 and for the released
+    checkpoints (our runs' copies), launchers are dropped (one process), globs are expanded and
+    placeholders filled with the runs before. Appended overrides make each run small: a
+    one-convolution backbone, 32-pixel crops, one iteration, a few videos. Not run here: the
+    two-stream fusion (tests/test_eval.py fuses two streams' results) and
+    scripts/demo_pipeline.py (all of these commands at length, ~15 minutes)."""
     from backbone import BACKBONES
     from tests.test_pretrain import Tiny
     monkeypatch.setitem(BACKBONES, 'tiny', Tiny)
