@@ -259,8 +259,11 @@ def run_splits(args):
     later on) is an error."""
     if args.dataset == 'kinetics':
         dbs = [open_lmdb(args.train_lmdb, '--train_lmdb'), open_lmdb(args.val_lmdb, '--val_lmdb')]
+        ids = {}   # CoCLR's Kinetics reader needs a video_source.json: one id per video name
         derived = {'classes': sorted({n.split('/')[0] for db in dbs for n in db.names}),
-                   'splits': {'train_split': dbs[0].names, 'val_split': dbs[1].names}}
+                   'splits': {'train_split': dbs[0].names, 'val_split': dbs[1].names},
+                   'video_source': {n: ids.setdefault(split_files.source_key(n), len(ids))
+                                    for db in dbs for n in db.names}}
         context = (f'--train_lmdb {args.train_lmdb} holds {len(dbs[0])} videos, --val_lmdb '
                    f'{args.val_lmdb} {len(dbs[1])}')
     elif args.dataset == 'hmdb51':
@@ -357,9 +360,11 @@ def build_parser():
              'Lines "video.avi label" of <class>_test_split<k>.txt: 1 train, 2 test, 0 unused; '
              'listed videos missing from the LMDB are reported and left out.'),
             ('kinetics', 'train/val split from the two LMDBs',
-             'train_split.csv and val_split.csv list the videos of the two LMDBs.')]:
+             'train_split.csv and val_split.csv list the videos of the two LMDBs; '
+             'video_source.json gives each video name its own id.')]:
         d = _command(datasets, name, run_splits, help,
-                     description + ' Classes: the class folders, sorted.')
+                     description + ' Classes: the class folders, sorted. The files are in '
+                     "CoCLR's forms (its code reads them; docs/METHOD.md, Data).")
         d.add_argument('--out', required=True, metavar='DIR', help='dataset folder to write into')
         for flag in (['--train_lmdb', '--val_lmdb'] if name == 'kinetics' else ['--lmdb']):
             d.add_argument(flag, required=True, help='the RGB (or flow) LMDB')

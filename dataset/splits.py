@@ -69,14 +69,17 @@ def read_video_source(path):
     return source
 
 
-def write_split(path, names, num_frames):
-    """A split CSV of ``class/video,num_frames`` rows; ``num_frames`` maps name -> count."""
+def write_split(path, names, num_frames, slash=True):
+    """A split CSV of ``class/video/,num_frames`` rows as CoCLR's UCF101 and HMDB51 readers take
+    them (a trailing slash: they take the path's last two components before it); ``slash=False``:
+    ``class/video,num_frames``, its Kinetics reader's form. ``num_frames``: name -> count."""
+    end = '/' if slash else ''
     with open(path, 'w', newline='') as f:
-        csv.writer(f).writerows([n, num_frames[n]] for n in names)
+        csv.writer(f).writerows([n + end, num_frames[n]] for n in names)
 
 
-def write_class_index(path, classes):
-    Path(path).write_text(''.join(f'{i + 1} {c}\n' for i, c in enumerate(classes)))
+def write_class_index(path, classes):   # one name a line, CoCLR's form
+    Path(path).write_text(''.join(f'{c}\n' for c in classes))
 
 
 def group_number(name):
@@ -156,8 +159,8 @@ def write_split_files(out_dir, derived, num_frames, overwrite=False):
         raise UserError(f'{existing[0]} exists; pass --overwrite to replace it')
     out_dir.mkdir(parents=True, exist_ok=True)
     write_class_index(out_dir / 'ClassInd.txt.tmp', derived['classes'])
-    for split, names in derived['splits'].items():
-        write_split(out_dir / f'{split}.csv.tmp', names, num_frames)
+    for split, names in derived['splits'].items():   # numbered: UCF101's form; else Kinetics'
+        write_split(out_dir / f'{split}.csv.tmp', names, num_frames, slash=split[-1].isdigit())
     if source is not None:
         (out_dir / 'video_source.json.tmp').write_text(json.dumps(source, indent=0) + '\n')
     for f in files:

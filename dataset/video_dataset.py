@@ -20,7 +20,7 @@ class VideoDataset(Dataset):
                  views=1, seq_len=32, ds=1, img_dim=128, strict_min_frames=False, strong_prob=0.0,
                  two_clip_prob=0.5, two_clip_strong_prob=0.3, negate_flow_flip=True,
                  crop_scale=(0.2, 1.0), crop_retry=False, decode='cpu', local_segments=0,
-                 description='dataset', test_windows='all', stored_size=False):
+                 description='dataset', test_windows='all', stored_size=False, flip_prob=0.5):
         if local_segments and (mode != 'train' or views != 2 or seq_len % local_segments):
             raise UserError(f'{description}: local clips need 2 views in train mode and '
                             f'--seq_len {seq_len} divisible by --num_segments {local_segments}')
@@ -30,6 +30,7 @@ class VideoDataset(Dataset):
         self.two_clip_strong_prob, self.negate_flow_flip = two_clip_strong_prob, negate_flow_flip
         self.local_segments, self.stored_size = local_segments, stored_size
         self.crop_retry = crop_retry
+        self.flip_prob = flip_prob   # 0: the caller flips whole batches (finetuning's default)
         self.lmdbs = {m: db if isinstance(db, VideoLMDB) else VideoLMDB(db)
                       for m, db in (('rgb', rgb_lmdb), ('flow', flow_lmdb)) if db is not None}
         need = sampler.min_frames(seq_len, ds, strict_min_frames)
@@ -60,7 +61,7 @@ class VideoDataset(Dataset):
         """Crop boxes and flips of ``clips`` clips (the views, or the local clips)."""
         plan['boxes'] = torch.tensor([augment.sample_crop(
             h, w, scale=self.crop_scale, retry=self.crop_retry) for _ in range(clips)])
-        plan['flips'] = torch.rand(clips) < 0.5
+        plan['flips'] = torch.rand(clips) < self.flip_prob
 
     def _plan_local(self, item, h, w):
         """Local pair j (view 1's and 2's clip j) drawn as a 2-view sample, one clip seen twice

@@ -5,7 +5,8 @@ import torch
 
 from dataset.catalog import modality_of
 from eval import clips
-from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
+from model.classifier import (LinearClassifier, check_modality, checkpoint_kind, head_layout,
+                              load_pretrained)
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.misc import UserError, format_args, git_revision
 
@@ -19,7 +20,9 @@ def run(args, rt):
     check_modality(ckpt, modality_of(args.dataset), source)
     videos = clips.split_videos(args, 'test')
     classes = videos.dataset.classes
-    model = LinearClassifier(args.net, len(classes), args.train_what, args.dropout)
+    # The head the checkpoint has (ft or a linear probe's), whatever --train_what says
+    head = head_layout(ckpt['state_dict']) or args.train_what
+    model = LinearClassifier(args.net, len(classes), head, args.dropout)
     load_pretrained(model, ckpt['state_dict'], source)    # another class count: shape error
     if list(ckpt.get('classes', classes)) != classes:
         raise UserError(f'{source} was trained on other classes than the {len(classes)} of '

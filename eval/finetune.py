@@ -4,12 +4,14 @@ validation each --eval_freq epochs picks best.pth.tar (docs/METHOD.md, Evaluatio
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from dataset.augment import DeviceAugment, Photometric, box_pixels, resize, sample_crop
+from dataset.augment import (DeviceAugment, Photometric, box_pixels, flip_frames, resize,
+                             sample_crop)
 from dataset.loader import make_loader
 from dataset.catalog import build_dataset, data_location, modality_of
 from eval import clips
@@ -22,6 +24,14 @@ from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_resume, d
 VAL_SEED, VAL_SHARE = 666, 0.3   # CoCLR validates on this random share of the test split
 
 
+def coclr_validation_rows(n):
+    """CoCLR's validation rows of a test split of ``n`` videos, in its order: pandas'
+    ``sample(frac=0.3, random_state=666)``, which is numpy's ``permutation(n)[:round(0.3 n)]``
+    (at least one row)."""
+    rows = np.random.RandomState(VAL_SEED).permutation(n)
+    return rows[:max(1, round(VAL_SHARE * n))].tolist()
+
+
 def validation_videos(args, train_set, positions):
     """(positions trained on, validation clips.Videos or None, a description)."""
     if args.val_set == 'none':
@@ -30,10 +40,9 @@ def validation_videos(args, train_set, positions):
     options = dict(stored_size=True, test_windows='random') if coclr else {}
     if args.val_set == 'test':
         videos = clips.split_videos(args, 'test')
-        if coclr:   # CoCLR's val mode: a fixed random share of the test split, one clip each
-            order = torch.randperm(len(videos), generator=torch.Generator().manual_seed(VAL_SEED))
-            share = order[:max(1, round(VAL_SHARE * len(videos)))]
-            videos = clips.Videos(videos.dataset, sorted(videos.indices[i] for i in share),
+        if coclr:   # CoCLR's val mode: its rows of the test split, one random clip each
+            videos = clips.Videos(videos.dataset, [videos.indices[i] for i in
+                                                   coclr_validation_rows(len(videos))],
                                   test_windows='random')
         return positions, videos, (
             f'TEST split {k} ({len(videos)} videos; the reference validates on the test split, '
@@ -63,7 +72,8 @@ def train(args, rt):
     seed_everything(args.seed + info.rank)
     train_set = build_dataset(args.dataset, 'train', **data_location(args), seq_len=args.seq_len,
                               ds=args.ds, img_dim=args.img_dim, strong_prob=args.color_jitter_prob,
-                              negate_flow_flip=not args.legacy_flow_flip, crop_retry=True)
+                              negate_flow_flip=not args.legacy_flow_flip, crop_retry=True,
+                              flip_prob=0.5 if args.flip == 'clip' else 0.0)
     positions, val_videos, val_desc = validation_videos(
         args, train_set, clips.spread_indices(len(train_set), args.max_videos))
     loader = make_loader(Subset(train_set, positions), args, info)   # no batch: an error
@@ -144,6 +154,10 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
     model.train()              # a linear probe's backbone stays in eval mode (LinearClassifier)
     meter = EpochMeter(epoch, loader.steps, rt.device, rt.is_main, writer, args.print_freq)
     for batch in loader.epoch(epoch):
+        if args.flip == 'batch' and bool(torch.rand((), generator=augment.generator) < 0.5):
+            # CoCLR flips all clips of a batch or none (docs/METHOD.md, Evaluation)
+            batch[modality] = flip_frames(batch[modality].to(rt.device), modality == 'flow',
+                                          not args.legacy_flow_flip)
         x = augment(batch, rt.device)[modality][:, 0]                    # B x 3 x T x H x W
         target = batch['label'].to(rt.device, non_blocking=True)
         with rt.autocast():

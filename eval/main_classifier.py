@@ -17,7 +17,8 @@ def build_parser():
     g = p.add_argument_group('classifier training')
     g.add_argument('--train_what', choices=HEADS, default='last',
                    help='ft: finetune the whole network (dropout + linear head); last: linear '
-                        'probe (frozen backbone, L2 norm + BatchNorm1d + linear head)')
+                        'probe (frozen backbone, L2 norm + BatchNorm1d + linear head); a crop '
+                        "test (--test) uses the checkpoint's head")
     g.add_argument('--pretrain', default=None, help='initial weights: a pretraining checkpoint, '
                    'a classifier (same head and classes) or "random"; needed unless --resume')
     g.add_argument('--dropout', type=PROBABILITY, default=0.9, help='dropout before the ft head')
@@ -31,6 +32,9 @@ def build_parser():
                    help='epochs at which the learning rate drops x0.1')
     g.add_argument('--color_jitter_prob', type=PROBABILITY, default=0.3,
                    help='share of training clips given colour jitter (as the reference)')
+    g.add_argument('--flip', choices=['batch', 'clip'], default='batch',
+                   help='horizontal flip of training clips, p 0.5: batch = one draw for all '
+                        'clips of a batch (as the reference), clip = one draw per clip')
     g.add_argument('--eval_freq', type=POSITIVE, default=1, help='validate every N epochs')
     g.add_argument('--val_set', choices=['test', 'holdout', 'none'], default='test',
                    help='what picks best.pth.tar: test = the test split (as the reference), '

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dataset.lmdb_video import LMDBWriter, encode_frames
-from helpers import coclr_reference
+from helpers import coclr_reference, write_toy_dataset
 from dataset.splits import ucf101_splits, write_split_files
 from eval import finetune, main_classifier
 from model.classifier import LinearClassifier, checkpoint_kind, head_layout, load_pretrained
@@ -238,3 +238,35 @@ def test_holdout_validation_and_sgd(data_root, tmp_path, capsys):
     assert 'validation: held-out part of train split 1' in out
     ckpt = load_checkpoint(exp / 'best.pth.tar')
     assert 'momentum_buffer' in next(iter(ckpt['optimizer']['state'].values()))
+
+
+@pytest.mark.parametrize('flip', ['batch', 'clip'])
+def test_training_flips_whole_batches_or_single_clips(tmp_path, monkeypatch, flip):
+    """--flip batch (the default, CoCLR's): all clips of a batch are flipped or none; clip: a draw
+    per clip. The frames are left-to-right ramps in channel 0 (helpers.position_frames): a clip
+    the network sees is flipped where the left half of channel 0 is the brighter."""
+    videos = {f'{c}/v_{c}_g{g:02d}_c01': 20 for c in ('Alpha', 'Beta') for g in range(1, 9)}
+    write_toy_dataset(tmp_path, 'toy', videos, flow=False)
+    from backbone import BACKBONES
+    from tests.test_pretrain import Tiny                  # one convolution: no S3D needed here
+    monkeypatch.setitem(BACKBONES, 'tiny', Tiny)
+    inputs = []
+
+    def record(module, args):
+        if isinstance(module, LinearClassifier):
+            inputs.append(args[0].detach())
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        main_classifier.main(['--dataset', 'toy', '--data_root', str(tmp_path), *TINY,
+                              '--batch_size', '4', '--output_dir', str(tmp_path / 'out'),
+                              '--train_what', 'last', '--pretrain', 'random', '--epochs', '1',
+                              '--val_set', 'none',
+                              '--color_jitter_prob', '0', '--flip', flip, '--net', 'tiny'])
+    finally:
+        hook.remove()
+    assert len(inputs) == 4                       # an epoch: 16 videos in batches of 4
+    flipped = [(x[:, 0, ..., :16].mean((1, 2, 3)) > x[:, 0, ..., 16:].mean((1, 2, 3))).tolist()
+               for x in inputs]                                      # 4 batches x 4 clips
+    mixed = [len(set(batch)) == 2 for batch in flipped]
+    assert not any(mixed) if flip == 'batch' else any(mixed)
+    assert {f for batch in flipped for f in batch} == {True, False}

@@ -214,10 +214,24 @@ def test_coclr_gallery_and_validation_subset(data_root):
                       ['--pretrain', 'random', '--dataset', 'tiny', '--data_root',
                        str(data_root), *TINY])
     _, videos, desc = finetune.validation_videos(args, None, [0, 1])
-    _, again, _ = finetune.validation_videos(args, None, [0, 1])
-    assert len(videos) == 2 and videos.names == again.names and 'TEST split 1' in desc
+    assert 'TEST split 1' in desc
+    # CoCLR's rows of the 6 test videos (pandas' sample(frac=0.3, random_state=666)): 3 and 0.
+    assert videos.names == [queries.names[3], queries.names[0]]
     batch = finetune.validation_clips([videos[0], videos[1]], args, 'rgb')   # --img_dim 32
     assert batch['clips'].shape == (2, 8, 3, 32, 32) and batch['position'].tolist() == [0, 1]
+
+
+def test_coclr_validation_rows_are_pandas_sample():
+    """Pinned from pandas on CoCLR's own split files: `test_split.sample(frac=0.3,
+    random_state=666)` of UCF101 test split 1 (3,783 rows, none too short for 32 frames) and of
+    HMDB51 test split 1 (1,523 rows after CoCLR drops 7 too short); rounding as Python's round."""
+    ucf = finetune.coclr_validation_rows(3783)
+    assert len(ucf) == 1135 and ucf[:6] == [2394, 387, 890, 1679, 333, 691]
+    hmdb = finetune.coclr_validation_rows(1523)
+    assert len(hmdb) == 457 and hmdb[:6] == [96, 267, 1494, 768, 482, 1347]
+    assert finetune.coclr_validation_rows(25) == [17, 11, 22, 21, 20, 15, 0, 3]   # 7.5 -> 8
+    assert finetune.coclr_validation_rows(15) == [11, 10, 8, 5]                   # 4.5 -> 4
+    assert finetune.coclr_validation_rows(1) == [0]     # pandas: none; at least one here
 
 
 # ----------------------------------------------------------------------------------------------

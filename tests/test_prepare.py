@@ -313,6 +313,17 @@ def names_lmdb(path, names):
     return {n: i % 3 + 1 for i, n in enumerate(names)}
 
 
+def coclr_rows(path, kinetics):
+    """(class/video, frames) of a split CSV as CoCLR's readers name them: the path's components
+    -3 and -2 split on '/' (UCF101, HMDB51: a trailing slash expected), -2 and -1 (Kinetics)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        path_part, frames = line.rsplit(',', 1)
+        parts = path_part.split('/')
+        rows.append(('/'.join(parts[-2:] if kinetics else parts[-3:-1]), int(frames)))
+    return rows
+
+
 def test_splits_ucf101(tmp_path):
     names = [f'{c}/v_{c}_g{g:02d}_c{k:02d}' for c in ('YoYo', 'ApplyLipstick', 'Biking')
              for g in range(1, 26) for k in (1, 2)]
@@ -327,10 +338,14 @@ def test_splits_ucf101(tmp_path):
         assert groups(f'test_split0{k}') == test
         assert groups(f'train_split0{k}') == set(range(1, 26)) - test
         assert len(read_split(out / f'test_split0{k}.csv')) == 3 * 7 * 2
-    assert (out / 'ClassInd.txt').read_text() == '1 ApplyLipstick\n2 Biking\n3 YoYo\n'
+    assert (out / 'ClassInd.txt').read_text() == 'ApplyLipstick\nBiking\nYoYo\n'   # CoCLR's
     assert read_class_index(out / 'ClassInd.txt') == {'ApplyLipstick': 0, 'Biking': 1, 'YoYo': 2}
     rows = (out / 'train_split01.csv').read_text().splitlines()
-    assert all(int(r.split(',')[1]) == frames[r.split(',')[0]] for r in rows)
+    assert rows[0].startswith('YoYo/v_YoYo_g08_c01/,')           # the LMDB's order
+    for video, n in coclr_rows(out / 'train_split01.csv', kinetics=False):
+        assert n == frames[video]
+    assert [v for v, _ in coclr_rows(out / 'test_split02.csv', False)] == read_split(
+        out / 'test_split02.csv')
     source = read_video_source(out / 'video_source.json')
     assert len(source) == 3 * 25 and len(set(source.values())) == 3 * 25  # one id per group
     assert source['v_YoYo_g08'] != source['v_Biking_g08']
@@ -353,7 +368,9 @@ def test_splits_hmdb51(tmp_path):
     assert read_split(out / 'train_split01.csv') == ['brush_hair/a1', 'cartwheel/b1']
     assert read_split(out / 'test_split01.csv') == ['brush_hair/a2', 'cartwheel/b2']
     assert read_split(out / 'train_split02.csv') == ['brush_hair/a2', 'cartwheel/b1']
-    assert (out / 'ClassInd.txt').read_text() == '1 brush_hair\n2 cartwheel\n'
+    assert (out / 'ClassInd.txt').read_text() == 'brush_hair\ncartwheel\n'
+    assert coclr_rows(out / 'test_split01.csv', False) == [('brush_hair/a2', 2),
+                                                           ('cartwheel/b2', 2)]
     assert not (out / 'video_source.json').exists()
 
 
@@ -366,6 +383,10 @@ def test_splits_kinetics(tmp_path):
     assert read_split(out / 'train_split.csv') == list(train)
     assert read_split(out / 'val_split.csv') == ['bowling/y1']
     assert read_class_index(out / 'ClassInd.txt') == {'abseiling': 0, 'bowling': 1, 'zumba': 2}
+    assert coclr_rows(out / 'train_split.csv', True) == [('abseiling/x1', 1), ('zumba/x2', 2)]
+    assert coclr_rows(out / 'val_split.csv', True) == [('bowling/y1', 1)]
+    # CoCLR's Kinetics reader opens video_source.json; ours reads it back as one id per video.
+    assert read_video_source(out / 'video_source.json') == {'x1': 0, 'x2': 1, 'y1': 2}
 
 
 CLASS_ORDER = ['zumba dance', 'air drumming', 'abseiling']  # file order, not sorted

@@ -1,5 +1,8 @@
-"""Every command the README shows for the project's scripts parses (flags exist, values fit)."""
+"""Every command the README shows for the project's scripts parses (flags exist, values fit), and
+each one that can run on the demo runs."""
+import glob
 import re
+import shutil
 import shlex
 from pathlib import Path
 
@@ -83,3 +86,83 @@ def test_every_released_checkpoint_has_a_command_of_its_modality():
     for name, dataset in used.items():
         is_flow = '-f-' in name or '-flow-' in name
         assert dataset.endswith('-f') == is_flow, (name, dataset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every README command that can run on the demo runs (not only parses)
+
+NOT_RUN = {   # prepare subcommands whose input is raw video or frame folders: tests/test_prepare.py
+    'videos': 'raw videos', 'flow': 'an RGB LMDB of real motion', 'frames': 'frame folders'}
+PLACEHOLDER = re.compile(r'\{([\w.]+)\}')
+
+
+def demo_root(root):
+    """The demo dataset under ``root``, and the demo standing in for ``ucf101`` (the names the
+    README's UCF101 commands give), as links to its files."""
+    from dataset.demo import ensure_demo
+    demo = Path(ensure_demo(root))
+    (root / 'ucf101').mkdir()
+    for f in demo.iterdir():
+        (root / 'ucf101' / f.name.replace('demo', 'ucf101')).symlink_to(f)
+    return root
+
+
+def test_readme_commands_run_on_the_demo(tmp_path, monkeypatch):
+    """Each command of local_nce.py, local_coclr.py and main_classifier.py, and `dataset.prepare
+    preview`, runs in this process in README order from a folder holding `configs/` (a link),
+    `experiments/` and `pretrained/`: the demo stands in for UCF101 and for the released
+    checkpoints (our runs' copies), launchers are dropped (one process), globs are expanded and
+    placeholders filled with the runs before. Appended overrides make each run small: a
+    one-convolution backbone, 32-pixel crops, one iteration, a few videos. Not run here: the
+    two-stream fusion (tests/test_eval.py fuses two streams' results) and
+    scripts/demo_pipeline.py (all of these commands at length, ~15 minutes)."""
+    from backbone import BACKBONES
+    from tests.test_pretrain import Tiny
+    monkeypatch.setitem(BACKBONES, 'tiny', Tiny)
+    root = demo_root(tmp_path / 'data')
+    (tmp_path / 'configs').symlink_to(README.parent / 'configs')   # as in the project folder
+    monkeypatch.chdir(tmp_path)
+    small = ['--data_root', str(root), '--img_dim', '32', '-j', '0', '--device', 'cpu',
+             '--net', 'tiny', '--batch_size', '2']
+    train = small + ['--epochs', '1', '--iters_per_epoch', '1', '--output_dir', 'experiments']
+    pretrain = train + ['--moco-k', '8', '--print_freq', '1']
+    made, ran = {}, []
+    for script, argv in COMMANDS:
+        if (script, argv) in ran:        # the install line repeats the first demo stage
+            continue
+        ran.append((script, argv))
+        argv = [PLACEHOLDER.sub(lambda m: made[m.group(1)], w) for w in argv]
+        argv = [sorted(glob.glob(w))[-1] if '*' in w else w for w in argv]
+        for released in [w for w in argv if w.startswith('pretrained/')]:   # a stand-in of ours
+            flow = '-f-' in released or '-flow-' in released
+            Path('pretrained').mkdir(exist_ok=True)
+            shutil.copy(made['flow_infoNCE_checkpoint.pth.tar' if flow
+                             else 'rgb_infoNCE_checkpoint.pth.tar'], released)
+        if script == 'main_classifier.py':
+            test = '--test' in argv
+            # Two finetuning commands would share a run folder: each gets a prefix of its own.
+            out = main_classifier.main(argv + (small + ['--max_videos', '2'] if test else train + [
+                '--max_videos', '6', '--name_prefix', f'run{len(ran)}_']))
+            if test:
+                assert ('recall' if '--retrieval' in argv else 'results') in out
+            else:
+                made['selected_rgb_finetuned_checkpoint.pth.tar'] = str(out / 'best.pth.tar')
+                made['finetune_run'] = out.name
+        else:
+            main = local_nce.main if script == 'local_nce.py' else local_coclr.main
+            out = str(main(argv + pretrain) / 'last.pth.tar')
+            args = parse_args(PARSERS[script](), argv + pretrain)
+            if script == 'local_coclr.py':
+                made['rgb_cycle1_checkpoint.pth.tar'] = out
+            elif '-f-' in args.dataset:
+                made['flow_infoNCE_checkpoint.pth.tar'] = out
+            else:
+                made['rgb_infoNCE_checkpoint.pth.tar'] = out
+                made['selected_rgb_pretrained_checkpoint.pth.tar'] = out
+    assert len(ran) == len({(s, tuple(a)) for s, a in COMMANDS}) and 'finetune_run' in made
+    for argv in prepare_commands():
+        if argv[0] in NOT_RUN:
+            continue
+        out = argv[argv.index('--out') + 1]
+        assert prepare.main(argv + ['--data_root', str(root)]) == 0 and Path(out).is_file()
+    assert {c[0] for c in prepare_commands()} - set(NOT_RUN) == {'preview'}
