@@ -16,8 +16,9 @@ from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils.checkpoint import load_checkpoint
 from utils.misc import PROJECT_ROOT, UserError, learning_rate, seed_everything, topk_accuracy
-from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_resume, disk_use,
-                       end_epoch, open_run, optimizer_step, resume_or_start)
+from utils.run import (EpochMeter, Preemption, auto_resume, begin_epoch, broadcast_state,
+                       check_resume, disk_use, end_epoch, open_run, optimizer_step,
+                       resume_mid_epoch, resume_or_start)
 
 VAL_SEED, VAL_SHARE = 666, 0.3   # CoCLR validates on this random share of the test split
 
@@ -49,8 +50,12 @@ def validation_videos(args, train_set, positions):
 def train(args, rt):
     info, device, say = rt.info, rt.device, rt.say
     modality = modality_of(args.dataset)
+    exp_dir = Path(args.output_dir or PROJECT_ROOT / 'experiments') / (
+        f'{args.name_prefix}lincls-{args.train_what}_{args.dataset}_split{args.which_split}_'
+        f'{args.net}_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}'
+        f'_dim{args.img_dim}')
     # Checkpoints are read first: a wrong path fails before any data is touched.
-    resume = load_checkpoint(args.resume, '--resume') if args.resume else None
+    resume = load_checkpoint(args.resume, '--resume') if auto_resume(args, exp_dir) else None
     pretrained = None
     if resume is not None:
         if checkpoint_kind(resume['state_dict'], f'--resume {args.resume}') == 'pretrain':
@@ -70,10 +75,6 @@ def train(args, rt):
 
     torch.manual_seed(args.seed)   # the same initial head on every process
     model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
-    exp_dir = Path(args.output_dir or PROJECT_ROOT / 'experiments') / (
-        f'{args.name_prefix}lincls-{args.train_what}_{args.dataset}_split{args.which_split}_'
-        f'{args.net}_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}'
-        f'_dim{args.img_dim}')
     if pretrained is not None:
         kind = load_pretrained(model, pretrained['state_dict'], f'--pretrain {args.pretrain}')
         say(f'=> initialised from {args.pretrain} ({kind} checkpoint, epoch '
@@ -98,6 +99,7 @@ def train(args, rt):
     # Colour jitter alone, on --color_jitter_prob of the clips, as the reference.
     augment = DeviceAugment(args.photometric_on_flow, rt.memory_format,
                             Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
+    stop = Preemption()
     with open_run(exp_dir, args, info, say, rt.amp_dtype,
                   f'\n=> train: {len(positions)} videos of train split {args.which_split} '
                   f'({len(train_set.dropped)} too short, dropped)\n'
@@ -107,8 +109,16 @@ def train(args, rt):
         for epoch in range(start_epoch, args.epochs):
             lr = learning_rate(args.lr, epoch, args.schedule)
             begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)
-            stats, iteration = train_one_epoch(model, loader, augment, modality, optimizer,
-                                               scaler, args, rt, epoch, iteration, writer)
+            meter = EpochMeter(epoch, loader.steps, rt.device, rt.is_main, writer, args.print_freq)
+            first_step, resume = resume_mid_epoch(resume, info.rank, device, meter, augment), None
+            iteration, stopped = train_one_epoch(model, loader.epoch(epoch, first_step), augment,
+                                                 modality, optimizer, scaler, rt, meter,
+                                                 iteration, stop)
+            if stopped:
+                stop.save_and_exit(exp_dir, model, optimizer, scaler, args, info, epoch,
+                                   iteration, meter, augment.generator.get_state(),
+                                   best_acc=best_acc, best_epoch=best_epoch)
+            stats = meter.close()
             record = {'epoch': epoch, 'iteration': iteration, 'lr': lr,
                       **{f'train_{k}': v for k, v in stats.items()}}
             last = epoch + 1 == args.epochs
@@ -139,11 +149,14 @@ def check_frozen(backbone, frozen):
                            f'e.g. {changed[0]})')
 
 
-def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, rt, epoch,
-                    iteration, writer):
+def train_one_epoch(model, batches, augment, modality, optimizer, scaler, rt, meter, iteration,
+                    stop):
+    """Returns the iteration count and whether the processes agreed to ``stop`` at a step
+    boundary (the first is before the first step: a signal during validation stops there)."""
     model.train()              # a linear probe's backbone stays in eval mode (LinearClassifier)
-    meter = EpochMeter(epoch, loader.steps, rt.device, rt.is_main, writer, args.print_freq)
-    for batch in loader.epoch(epoch):
+    for batch in batches:
+        if stop.agreed():
+            return iteration, True
         x = augment(batch, rt.device)[modality][:, 0]                    # B x 3 x T x H x W
         target = batch['label'].to(rt.device, non_blocking=True)
         with rt.autocast():
@@ -156,7 +169,7 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
         meter.update(iteration, loss.detach(), len(target) * rt.info.world_size,
                      optimizer.param_groups[-1]['lr'], {'top1': 100 * top1, 'top5': 100 * top5})
         iteration += 1
-    return meter.close(), iteration
+    return iteration, stop.agreed()
 
 
 def validation_clips(batch, args, modality):

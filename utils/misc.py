@@ -16,6 +16,13 @@ class UserError(Exception):
     """Bad input (a wrong flag, file, key or value, named in the message): ``run_main`` prints
     it as one line. Every other exception is a bug and keeps its traceback."""
 
+    def __init__(self, message):
+        # One raised in a data-loader worker arrives here as 'Caught UserError in DataLoader
+        # worker process N.' and the worker's traceback, its own message last: that is kept.
+        if message.startswith('Caught UserError in DataLoader worker'):
+            message = message.rstrip().rsplit('UserError: ', 1)[-1]
+        super().__init__(message)
+
 
 def git_revision():
     """``<sha>`` or ``<sha>-dirty``; 'unknown' outside a git checkout."""
