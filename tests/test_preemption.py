@@ -79,12 +79,12 @@ def stopped_at(exp_dir):
     return ckpt['epoch'] + 1, ckpt['mid_epoch'][0]['meter']['n']
 
 
-def test_sigterm_mid_epoch_saves_exits_143_and_resume_auto_is_exact(data_root, tmp_path,
-                                                                   monkeypatch):
-    from backbone import BACKBONES
-    monkeypatch.setitem(BACKBONES, 'tiny', Tiny)
-    straight = local_nce.main(pretrain_flags(data_root, tmp_path / 'straight', 3))
+def test_sigterm_mid_epoch_saves_exits_143_and_resume_auto_is_exact(data_root, tmp_path):
     (tmp_path / 'run.py').write_text(RUNNER)
+    r = run([sys.executable, str(tmp_path / 'run.py'),
+             *pretrain_flags(data_root, tmp_path / 'straight', 3)], SIGNAL_AT='0', SIGNAL_RANK='0')
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight = only_experiment(tmp_path / 'straight')
     cut = pretrain_flags(data_root, tmp_path / 'cut', 3)
     # Steps of 3 an epoch: the signal comes in step 4, the second step of epoch 1.
     r = run([sys.executable, str(tmp_path / 'run.py'), *cut], SIGNAL_AT='9', SIGNAL_RANK='0')
