@@ -99,9 +99,8 @@ class VideoLMDB:
     def num_frames(self, name):
         return self._num_frames[self._index[name]]
 
-    def read_bytes(self, name, indices=None):
-        """JPEG bytes of frames ``indices`` (any order, repeats allowed; None: all the record
-        holds) of video ``name``."""
+    def read_bytes(self, name, indices):
+        """JPEG bytes of frames ``indices`` (any order, repeats allowed) of video ``name``."""
         key = b'%09d' % self._index[name]
         if self._env is None or self._pid != os.getpid():
             self._env, self._pid = _open_env(self.path), os.getpid()
@@ -110,8 +109,6 @@ class VideoLMDB:
         if raw is None:
             raise UserError(f'{self.path}: record {key.decode()} of video {name!r} is missing')
         frames = msgpack.loads(raw, raw=True)  # msgpack 0.6 stored JPEGs as raw, not bin
-        if indices is None:
-            return frames
         bad = [int(i) for i in indices if not 0 <= int(i) < len(frames)]
         if bad:
             raise IndexError(f'{self.path}: video {name!r} has {len(frames)} frames, frame '

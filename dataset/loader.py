@@ -23,9 +23,9 @@ class SeededDataset(torch.utils.data.Dataset):
 
 
 class EpochBatches(Sampler):
-    """``steps`` batches of ``(index, seed)`` keys for epochs ``start`` to ``end - 1`` (the first
-    ``skip`` batches of ``start`` left out), from
-    ``shard`` (a DistributedSampler: the rank's part of each epoch's shuffle, the run's seed)."""
+    """``steps`` batches of ``(index, seed)`` keys for epochs ``start`` to ``end - 1`` (but the
+    first ``skip`` of ``start``), from ``shard`` (a DistributedSampler: the rank's part of each
+    epoch's shuffle, the run's seed)."""
 
     def __init__(self, shard, batch_size, steps):
         self.shard, self.batch_size, self.steps = shard, batch_size, steps
@@ -43,10 +43,10 @@ class EpochBatches(Sampler):
 
 
 class TrainLoader:
-    """``loader.epoch(e)`` yields epoch ``e``'s ``loader.steps`` batches of this process's shard
-    (``loader.epoch(e, k)``: those after the first k, as a run resumed mid-epoch goes on).
-    Epochs read in order, each to its end, come from one stream; any other request (the first
-    epoch, a resumed one, one after an unfinished epoch) starts the stream anew there."""
+    """``loader.epoch(e, k=0)`` yields epoch ``e``'s ``loader.steps`` batches of this process's
+    shard but the first k. Epochs read in order, each to its end, come from one stream; any
+    other request (the first epoch, a resumed one, one after an unfinished epoch or with k > 0)
+    starts the stream anew there."""
 
     def __init__(self, dataset, batch_size, workers, seed, epochs, *, rank=0, world_size=1,
                  max_steps=0, pin_memory=False):

@@ -192,8 +192,7 @@ def test_prepare_verify_lists_broken_videos_and_fails(broken_lmdb, tmp_path, cap
     out, err = capsys.readouterr()
     assert f'{path} (RGB): 6 videos, 48 frames, 1 broken\n  {name}: ' in out
     assert f"frame 5 of video '{name}' is not a valid JPEG" in out
-    assert err.strip().endswith('error: 1 broken video(s) or metadata problem(s) in --src, '
-                                'listed above')
+    assert err.strip().endswith('error: 1 broken video(s) in --src, listed above')
     # An RGB LMDB where flow is expected (by its name) is not two-channel flow.
     rgb_as_flow = write_raw_lmdb(tmp_path / 'x_tvl1_frame.lmdb', [
         ('A/v_A_g01_c01', jpeg_bytes(textured_frames(3, 40, 40)))])

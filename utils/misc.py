@@ -17,8 +17,7 @@ class UserError(Exception):
     it as one line. Every other exception is a bug and keeps its traceback."""
 
     def __init__(self, message):
-        # One raised in a data-loader worker arrives here as 'Caught UserError in DataLoader
-        # worker process N.' and the worker's traceback, its own message last: that is kept.
+        # from a data-loader worker: 'Caught UserError in DataLoader worker...', its traceback
         if message.startswith('Caught UserError in DataLoader worker'):
             message = message.rstrip().rsplit('UserError: ', 1)[-1]
         super().__init__(message)

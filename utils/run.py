@@ -127,8 +127,7 @@ class EpochMeter:
                 'first_bad': int(self.first_bad), 'n': self.n}
 
     def load(self, state):
-        for k, v in state['sums'].items():
-            self.sums[k] = v.to(self.first_bad.device)
+        self.sums.update({k: v.to(self.first_bad.device) for k, v in state['sums'].items()})
         self.counts.update(state['counts'])
         self.first_bad.fill_(state['first_bad'])
         self.n = state['n']
@@ -152,9 +151,8 @@ class EpochMeter:
 
 
 class Preemption:
-    """A cluster's warning before it ends a job (README, Clusters): the first SIGTERM or SIGUSR1
-    sets a flag that all processes read together at each step boundary (``agreed``: one signalled
-    process is enough); a second signal ends the process at once (the default action)."""
+    """SIGTERM or SIGUSR1 (a cluster's warning; README, Clusters) stops the run at a step boundary
+    all processes agree on (``agreed``); a second signal ends the process at once."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.signals, self.received = signals, None
@@ -170,7 +168,7 @@ class Preemption:
         print(f'=> {self.received}: saving at the next step boundary (send it again to stop now)',
               file=sys.stderr, flush=True)
 
-    def agreed(self):
+    def agreed(self):   # whether any process was signalled
         flag = torch.tensor(self.received is not None, dtype=torch.int)
         if self.group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
@@ -178,14 +176,14 @@ class Preemption:
 
     def save_and_exit(self, exp_dir, model, optimizer, scaler, args, info, epoch, iteration,
                       meter, augment_state, **progress):
-        """Rank 0 writes ``last.pth.tar`` at this step boundary of ``epoch`` (docs/METHOD.md,
-        Checkpoints): the epoch before as the last done, and each process's steps, meter sums
-        and generators (torch's, CUDA's, the augmenter's) to go on exactly; all exit with 143."""
+        """Rank 0 writes last.pth.tar with ``epoch - 1`` as the last done and each process's
+        ``mid_epoch`` state (docs/METHOD.md, Checkpoints); all exit with status 143."""
         own = {'meter': meter.state(), 'torch': torch.get_rng_state(), 'augment': augment_state,
                'cuda': torch.cuda.get_rng_state(info.device) if info.device.type == 'cuda'
                else None}
-        ranks = [own] * info.world_size
-        if self.group is not None:
+        ranks = [own]
+        if self.group is not None:   # every process's, in rank order
+            ranks = list(range(info.world_size))
             dist.all_gather_object(ranks, own, group=self.group)
         if info.is_main:
             last = exp_dir / 'last.pth.tar'
@@ -200,8 +198,7 @@ class Preemption:
 
 
 def resume_mid_epoch(ckpt, rank, device, meter, augment):
-    """Restore a mid-epoch checkpoint's meter and generators (``Preemption.save_and_exit``) for
-    process ``rank``; returns the steps of the epoch already taken (0 without one)."""
+    """Process ``rank``'s meter and generators from a mid-epoch ``ckpt``; its steps taken, or 0."""
     if ckpt is None or 'mid_epoch' not in ckpt:
         return 0
     own = ckpt['mid_epoch'][rank]
@@ -213,9 +210,7 @@ def resume_mid_epoch(ckpt, rank, device, meter, augment):
     return meter.n
 
 
-def auto_resume(args, exp_dir):
-    """``--resume auto``: ``exp_dir``'s last.pth.tar when there is one, else a fresh start; the
-    same command line starts a run and continues it after every requeue."""
+def auto_resume(args, exp_dir):   # --resume auto: exp_dir's last.pth.tar, or a fresh start
     if args.resume == 'auto':
         last = Path(exp_dir) / 'last.pth.tar'
         args.resume = str(last) if last.exists() else ''
