@@ -198,3 +198,28 @@ def test_prepare_verify_lists_broken_videos_and_fails(broken_lmdb, tmp_path, cap
         ('A/v_A_g01_c01', jpeg_bytes(textured_frames(3, 40, 40)))])
     assert prepare.main(['verify', '--src', rgb_as_flow, '-j', '1']) == 2
     assert 'frame 0 is not two-channel flow' in capsys.readouterr().out
+
+
+def test_loader_resumed_mid_epoch_reads_only_the_rest(data_root):
+    """The batches after the first k of an epoch are those of the whole epoch; the first k's
+    videos are never read."""
+    from dataset.loader import TrainLoader
+    from dataset.video_dataset import build_dataset
+    from tests.test_dataset import same_batches
+    data = build_dataset('ucf101-2clip', 'train', data_root=data_root, seq_len=8, img_dim=32)
+
+    class Reads(torch.utils.data.Dataset):   # the dataset, noting the videos asked for
+        asked = []
+
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, index):
+            self.asked.append(index)
+            return data[index]
+
+    whole = list(TrainLoader(data, 2, 0, seed=5, epochs=2).epoch(1))
+    assert len(whole) == 4
+    rest = list(TrainLoader(Reads(), 2, 0, seed=5, epochs=2).epoch(1, 3))
+    same_batches(rest, whole[3:])
+    assert sorted(Reads.asked) == sorted(whole[3]['index'].tolist())

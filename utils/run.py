@@ -2,6 +2,7 @@
 resume, each epoch's seeds, learning rate, meter, log and checkpoint, the optimiser step."""
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -155,13 +156,15 @@ class Preemption:
     all processes agree on (``agreed``); a second signal ends the process at once."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
-        self.signals, self.received = signals, None
+        self.signals, self.received, self.pid = signals, None, os.getpid()
         for s in signals:
             signal.signal(s, self.handle)
         # the flag on the CPU: a GPU collective would wait for the GPU at every step
         self.group = dist.new_group(backend='gloo') if du.world_size() > 1 else None
 
     def handle(self, signum, frame):
+        if os.getpid() != self.pid:   # a forked data-loader worker: the training process decides
+            return
         for s in self.signals:
             signal.signal(s, signal.SIG_DFL)
         self.received = signal.Signals(signum).name
