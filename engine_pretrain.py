@@ -151,7 +151,7 @@ def train(args, task):
     broadcast_state(model)
     step = partial(train_step, model, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype)
     to_inputs = partial(batch_inputs, task=task, augment=augment, device=device, args=args)
-    stop, fast = Preemption(), None
+    fast = None
     if args.cuda_graph or args.decode == 'gpu':
         from model import fast   # the GPU fast path, only when asked for
     if args.cuda_graph:
@@ -162,7 +162,8 @@ def train(args, task):
             if flow else '')
     with open_run(exp_dir, args, info, say, amp_dtype, f', {len(dataset)} videos '
                   f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
-                  + disk_use(model, args.epochs, args.keep_every, args.save_freq)) as writer:
+                  + disk_use(model, args.epochs, args.keep_every, args.save_freq)) as writer, \
+            Preemption() as stop:
         for epoch in range(start_epoch, args.epochs):
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
             begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)

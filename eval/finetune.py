@@ -62,6 +62,8 @@ def train(args, rt):
             raise UserError(f'--resume {args.resume} is a pretraining checkpoint; start a '
                             f'classifier from it with --pretrain {args.resume}')
         check_resume(resume, args, info.world_size)
+    elif not args.pretrain:   # --resume auto without a checkpoint yet
+        raise UserError('--pretrain CHECKPOINT|random is required to start a run')
     elif args.pretrain != 'random':
         pretrained = load_checkpoint(args.pretrain, '--pretrain')
         check_modality(pretrained, modality, f'--pretrain {args.pretrain}')
@@ -99,13 +101,13 @@ def train(args, rt):
     # Colour jitter alone, on --color_jitter_prob of the clips, as the reference.
     augment = DeviceAugment(args.photometric_on_flow, rt.memory_format,
                             Photometric(jitter_prob=1.0, gray_prob=0.0, blur_prob=0.0))
-    stop = Preemption()
     with open_run(exp_dir, args, info, say, rt.amp_dtype,
                   f'\n=> train: {len(positions)} videos of train split {args.which_split} '
                   f'({len(train_set.dropped)} too short, dropped)\n'
                   f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
                   + disk_use(model, args.epochs, args.keep_every,
-                             slots=2 if args.optim == 'adam' else 1, best=True)) as writer:
+                             slots=2 if args.optim == 'adam' else 1, best=True)) as writer, \
+            Preemption() as stop:
         for epoch in range(start_epoch, args.epochs):
             lr = learning_rate(args.lr, epoch, args.schedule)
             begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)

@@ -157,10 +157,16 @@ class Preemption:
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.signals, self.received, self.pid = signals, None, os.getpid()
-        for s in signals:
-            signal.signal(s, self.handle)
+        self.previous = [signal.signal(s, self.handle) for s in signals]
         # the flag on the CPU: a GPU collective would wait for the GPU at every step
         self.group = dist.new_group(backend='gloo') if du.world_size() > 1 else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):   # the handlers from before
+        for s, handler in zip(self.signals, self.previous):
+            signal.signal(s, handler)
 
     def handle(self, signum, frame):
         if os.getpid() != self.pid:   # a forked data-loader worker: the training process decides
