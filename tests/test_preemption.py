@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import local_nce
 from dataset import prepare
 from eval import main_classifier
 from tests.helpers import jpeg_bytes, position_frames, textured_frames, write_raw_lmdb
-from tests.test_pretrain import ROOT, TINY, Tiny, data_root, last_log, only_experiment  # noqa: F401 (data_root: a fixture)
+from tests.test_pretrain import ROOT, TINY, Tiny, last_log, only_experiment
+from tests.test_pretrain import data_root  # noqa: F401 (a fixture)
 
 
 class Signalled(Tiny):
