@@ -18,9 +18,9 @@ from utils.checkpoint import load_checkpoint, load_exact, sub_state_dict
 from utils.config import (AREA, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, POSITIVE_REAL,
                           PROBABILITY)
 from utils.misc import PROJECT_ROOT, UserError, learning_rate, seed_everything
-from utils.run import (EpochMeter, add_runtime_args, amp_dtype_of, begin_epoch, broadcast_state,
-                       check_resume, disk_use, end_epoch, open_run, optimizer_step,
-                       resume_or_start)
+from utils.run import (EpochMeter, Preemption, add_runtime_args, amp_dtype_of, auto_resume,
+                       begin_epoch, broadcast_state, check_resume, disk_use, end_epoch, open_run,
+                       optimizer_step, resume_mid_epoch, resume_or_start)
 
 
 def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_size, epochs,
@@ -84,7 +84,8 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
     g.add_argument('--output_dir', default=str(PROJECT_ROOT / 'experiments'),
                    help='experiments are written to <output_dir>/<name_prefix><run name>/')
     g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
-    g.add_argument('--resume', default='', help='checkpoint to continue from (exactly)')
+    g.add_argument('--resume', default='', help='checkpoint to continue from (exactly); auto: '
+                   "the run folder's last.pth.tar if any, else start (README, Clusters)")
     g.add_argument('--save_freq', type=POSITIVE, default=1, help='save every N epochs and the last')
     g.add_argument('--keep_every', type=NON_NEGATIVE, default=50, help='keep the epoch file of '
                    'every N-th epoch (0: none) besides last.pth.tar and the latest')
@@ -120,8 +121,12 @@ def train(args, task):
     if args.bn_splits is None:   # two groups in one process, if the batch splits evenly
         args.bn_splits = 2 if info.world_size == 1 and args.batch_size % 2 == 0 else 1
     check_args(args, global_batch, task, device)
+    exp_dir = Path(args.output_dir) / (
+        f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
+        f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
     ckpt = None
-    if args.resume:   # checked before anything is built: a changed flag is the likelier error
+    if auto_resume(args, exp_dir):   # checked before anything is built: a changed flag is the
+        # likelier error
         ckpt = pretraining_checkpoint(args.resume, '--resume')
         check_resume(ckpt, args, info.world_size)
     seed_everything(args.seed + info.rank)
@@ -146,9 +151,6 @@ def train(args, task):
     amp_dtype = amp_dtype_of(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     augment = DeviceAugment(args.photometric_on_flow, memory_format)
-    exp_dir = Path(args.output_dir) / (
-        f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
-        f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
     exp_dir, start_epoch, iteration, best_acc, previous = resume_or_start(
         ckpt, exp_dir, model, optimizer, scaler, args, say)
     if ckpt is None:
@@ -168,14 +170,22 @@ def train(args, task):
             if flow else '')
     with open_run(exp_dir, args, info, say, amp_dtype, f', {len(dataset)} videos '
                   f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
-                  + disk_use(model, args.epochs, args.keep_every, args.save_freq)) as writer:
+                  + disk_use(model, args.epochs, args.keep_every, args.save_freq)) as writer, \
+            Preemption() as stop:
         for epoch in range(start_epoch, args.epochs):
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
             begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)
-            batches = ((to_inputs(b) for b in loader.epoch(epoch)) if fast is None
-                       else fast.Prefetcher(loader.epoch(epoch), to_inputs, device))
             meter = EpochMeter(epoch, loader.steps, device, info.is_main, writer, args.print_freq)
-            iteration = train_one_epoch(model, step, batches, meter, iteration, lr, global_batch)
+            first_step, ckpt = resume_mid_epoch(ckpt, info.rank, device, meter, augment), None
+            stopped = augment.generator.get_state() if stop.agreed() else None
+            if stopped is None:   # a signal during the last epoch's end is honoured here
+                batches = ((to_inputs(b) for b in loader.epoch(epoch, first_step)) if fast is None
+                           else fast.Prefetcher(loader.epoch(epoch, first_step), to_inputs, device))
+                iteration, stopped = train_one_epoch(model, step, batches, meter, iteration, lr,
+                                                     global_batch, stop)
+            if stopped is not None:
+                stop.save_and_exit(exp_dir, model, optimizer, scaler, args, info, epoch,
+                                   iteration, meter, stopped, best_acc=best_acc)
             stats = meter.close()
             best_acc = max(best_acc, stats['top1'])
             say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in stats.items()))
@@ -187,25 +197,31 @@ def train(args, task):
     return exp_dir
 
 
-def train_one_epoch(model, step, batches, meter, iteration, lr, global_batch):
-    """One pass over ``batches`` (the model's forward keywords); returns the iteration count."""
+def train_one_epoch(model, step, batches, meter, iteration, lr, global_batch, stop):
+    """One pass over ``batches`` (``batch_inputs``), or until the processes agree to ``stop`` at
+    a step boundary. Returns the iteration count and, if stopped, the augmenter's state there."""
     model.train()
     try:
         for inputs in batches:
+            augment_state = inputs.pop('augment_state')
             loss, stats, ready = step(inputs)
             meter.update(iteration, loss, global_batch, lr, stats, ready=ready)
             iteration += 1
+            if stop.agreed():
+                return iteration, augment_state
     finally:
         batches.close()   # a prefetch thread stops here
-    return iteration
+    return iteration, None
 
 
 def batch_inputs(batch, task, augment, device, args):
-    """A loader batch -> the model's forward keywords, on the device."""
+    """A loader batch -> the model's forward keywords, on the device, and ``augment_state``, the
+    augmenter's after them (a mid-epoch save's: with --cuda_graph a thread works ahead)."""
     if args.decode == 'gpu':
         from model.fast import decode_on_device
         batch = decode_on_device(batch, device, args.img_dim, not args.legacy_flow_flip)
-    return task.inputs(augment(batch, device), batch, device, args)
+    return {**task.inputs(augment(batch, device), batch, device, args),
+            'augment_state': augment.generator.get_state()}
 
 
 def forward_backward(model, inputs, scaler, amp_dtype, cache_casts=True):

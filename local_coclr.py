@@ -13,7 +13,7 @@ import argparse
 import engine_pretrain as engine
 from model.moco import LocalCoCLR
 from utils.config import NON_NEGATIVE, PROBABILITY, parse_args
-from utils.misc import run_main
+from utils.misc import UserError, run_main
 
 
 def build_model(args):
@@ -26,6 +26,8 @@ def build_model(args):
 
 def load_pretrained(model, args):
     main, other = ('flow', 'rgb') if args.reverse else ('rgb', 'flow')
+    if not args.pretrain:   # --resume auto without a checkpoint yet
+        raise UserError('--pretrain TRAINED SAMPLER is required to start a run')
     roles = ((model.encoder_q, 'trained network', main), (model.sampler, 'sampler', other))
     for path, (encoder, role, modality) in zip(args.pretrain, roles):
         if path == 'random':

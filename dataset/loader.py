@@ -23,12 +23,13 @@ class SeededDataset(torch.utils.data.Dataset):
 
 
 class EpochBatches(Sampler):
-    """``steps`` batches of ``(index, seed)`` keys for epochs ``start`` to ``end - 1``, from
-    ``shard`` (a DistributedSampler: the rank's part of each epoch's shuffle, the run's seed)."""
+    """``steps`` batches of ``(index, seed)`` keys for epochs ``start`` to ``end - 1`` (but the
+    first ``skip`` of ``start``), from ``shard`` (a DistributedSampler: the rank's part of each
+    epoch's shuffle, the run's seed)."""
 
     def __init__(self, shard, batch_size, steps):
         self.shard, self.batch_size, self.steps = shard, batch_size, steps
-        self.start = self.end = 0
+        self.start = self.end = self.skip = 0
 
     def __iter__(self):
         for epoch in range(self.start, self.end):
@@ -36,14 +37,16 @@ class EpochBatches(Sampler):
             indices = list(self.shard)[:self.steps * self.batch_size]
             root = epoch_seed(self.shard.seed, epoch, self.shard.rank) * 10_000_019
             keys = [(index, (root + position) % 2 ** 63) for position, index in enumerate(indices)]
-            for b in range(0, len(keys), self.batch_size):
+            first = self.skip * self.batch_size if epoch == self.start else 0   # never read
+            for b in range(first, len(keys), self.batch_size):
                 yield keys[b:b + self.batch_size]
 
 
 class TrainLoader:
-    """``loader.epoch(e)`` yields epoch ``e``'s ``loader.steps`` batches of this process's shard.
-    Epochs read in order, each to its end, come from one stream; any other request (the first
-    epoch, a resumed one, one after an unfinished epoch) starts the stream anew there."""
+    """``loader.epoch(e, k=0)`` yields epoch ``e``'s ``loader.steps`` batches of this process's
+    shard but the first k. Epochs read in order, each to its end, come from one stream; any
+    other request (the first epoch, a resumed one, one after an unfinished epoch or with k > 0)
+    starts the stream anew there."""
 
     def __init__(self, dataset, batch_size, workers, seed, epochs, *, rank=0, world_size=1,
                  max_steps=0, pin_memory=False):
@@ -66,14 +69,15 @@ class TrainLoader:
                                  generator=torch.Generator().manual_seed(seed))
         self._stream, self._next = None, None
 
-    def epoch(self, epoch):
+    def epoch(self, epoch, first_step=0):
         if not 0 <= epoch < self.epochs:
             raise ValueError(f'epoch {epoch} is outside 0..{self.epochs - 1}')
-        if self._stream is None or epoch != self._next:
+        if self._stream is None or epoch != self._next or first_step:
             self.batches.start, self.batches.end = epoch, self.epochs
+            self.batches.skip = first_step
             self._stream = iter(self.loader)
         self._next = None   # until this epoch's last batch is taken
-        for i in range(self.steps):
+        for i in range(first_step, self.steps):
             batch = next(self._stream)
             if i + 1 == self.steps:
                 self._next = epoch + 1

@@ -4,6 +4,7 @@
     python -m dataset.prepare flow --src data/ucf101/ucf101_frame.lmdb \\
         --out data/ucf101/ucf101_tvl1_frame.lmdb [--method dis]
     python -m dataset.prepare splits ucf101 --lmdb data/ucf101/ucf101_frame.lmdb --out data/ucf101
+    python -m dataset.prepare verify --src data/ucf101/*.lmdb
 
 frames, videos and flow keep each finished video in OUT.partial/ and write OUT from there, in the
 order of the input: a stopped run started again with the same flags goes on where it stopped and
@@ -221,6 +222,41 @@ def convert(args, names, tasks, sizes, fn, unit, meta=None, **kwargs):
         print(f'skipped {len(skipped)} unreadable video(s):', *skipped, sep='\n  ')
 
 
+def verify_video(task):
+    """Decode every frame of ``(lmdb, name, is_flow)`` (as many as ``__vlen__`` says, of one
+    size); a flow frame's channel 2 is flat (docs/METHOD.md, Data). Returns the frame count."""
+    path, name, flow = task
+    frames = _lmdb(path).read(name, range(_lmdb(path).num_frames(name)))
+    third = frames[:, 2].float()
+    spread = (third - third.mean((1, 2), keepdim=True)).abs().mean((1, 2))   # ~2 on flow
+    if flow and (spread > 8).any():
+        j = int((spread > 8).nonzero()[0])
+        raise UserError(f'frame {j} is not two-channel flow: channel 2 varies by {spread[j]:.0f} '
+                        f'grey levels on average (an RGB LMDB?)')
+    return len(frames)
+
+
+def run_verify(args):
+    """List every broken video of each LMDB (``verify_video``); any makes an error."""
+    broken = 0
+    for path in args.src:
+        db = open_lmdb(path, '--src')   # its metadata (__keys__, __order__, __vlen__) checked
+        flow = db.flow_method is not None or '_tvl1' in os.path.basename(path)
+        sizes, failed = [db.num_frames(n) for n in db.names], []
+        tasks = [(i, (os.path.abspath(path), n, flow)) for i, n in enumerate(db.names)]
+        with tqdm(total=sum(sizes), unit='frame', unit_scale=True, desc=f'verify {path}',
+                  mininterval=0.5 if sys.stderr.isatty() else 60) as bar:
+            for i, result in parallel(verify_video, tasks, args.workers):
+                bar.update(sizes[i])
+                if isinstance(result, str):
+                    failed.append(f'{db.names[i]}: {result}')
+        print(f'{path} ({"flow" if flow else "RGB"}): {len(db)} videos, {sum(sizes)} frames, '
+              f'{len(failed)} broken', *sorted(failed), sep='\n  ')
+        broken += len(failed)
+    if broken:
+        raise UserError(f'{broken} broken video(s) in --src, listed above')
+
+
 def run_frames(args):
     names, folders = list_class_entries(args.src, 'frames')
     convert(args, names, folders, [len(frame_files(f)) for f in folders], read_frame_folder,
@@ -378,6 +414,14 @@ def build_parser():
                    help='folder to create demo/ in (default: $CVTCL_DATA_ROOT or data/ in the '
                         'project folder, where the training scripts look)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
+    p = sub.add_parser('verify', help='check LMDBs (e.g. unpacked from the published tars)',
+                       description='Decode every frame of every video (checking the metadata, '
+                       'and for a flow LMDB its two-channel format); list each broken video with '
+                       'its first bad frame, and exit with status 2 if any.')
+    p.add_argument('--src', nargs='+', required=True, metavar='LMDB', help='video LMDB(s)')
+    p.add_argument('-j', '--workers', type=POSITIVE, default=min(8, os.cpu_count() or 1),
+                   help='worker processes (default: %(default)s)')
+    p.set_defaults(run=run_verify)
     from dataset.preview import add_parser  # preview imports the dataset; only the CLI needs it
     add_parser(sub)
     return parser

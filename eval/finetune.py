@@ -18,8 +18,9 @@ from eval import clips
 from model.classifier import LinearClassifier, check_modality, checkpoint_kind, load_pretrained
 from utils.checkpoint import load_checkpoint
 from utils.misc import PROJECT_ROOT, UserError, learning_rate, seed_everything, topk_accuracy
-from utils.run import (EpochMeter, begin_epoch, broadcast_state, check_resume, disk_use,
-                       end_epoch, open_run, optimizer_step, resume_or_start)
+from utils.run import (EpochMeter, Preemption, auto_resume, begin_epoch, broadcast_state,
+                       check_resume, disk_use, end_epoch, open_run, optimizer_step,
+                       resume_mid_epoch, resume_or_start)
 
 VAL_SEED, VAL_SHARE = 666, 0.3   # CoCLR validates on this random share of the test split
 
@@ -58,14 +59,20 @@ def validation_videos(args, train_set, positions):
 def train(args, rt):
     info, device, say = rt.info, rt.device, rt.say
     modality = modality_of(args.dataset)
+    exp_dir = Path(args.output_dir or PROJECT_ROOT / 'experiments') / (
+        f'{args.name_prefix}lincls-{args.train_what}_{args.dataset}_split{args.which_split}_'
+        f'{args.net}_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}'
+        f'_dim{args.img_dim}')
     # Checkpoints are read first: a wrong path fails before any data is touched.
-    resume = load_checkpoint(args.resume, '--resume') if args.resume else None
+    resume = load_checkpoint(args.resume, '--resume') if auto_resume(args, exp_dir) else None
     pretrained = None
     if resume is not None:
         if checkpoint_kind(resume['state_dict'], f'--resume {args.resume}') == 'pretrain':
             raise UserError(f'--resume {args.resume} is a pretraining checkpoint; start a '
                             f'classifier from it with --pretrain {args.resume}')
         check_resume(resume, args, info.world_size)
+    elif not args.pretrain:   # --resume auto without a checkpoint yet
+        raise UserError('--pretrain CHECKPOINT|random is required to start a run')
     elif args.pretrain != 'random':
         pretrained = load_checkpoint(args.pretrain, '--pretrain')
         check_modality(pretrained, modality, f'--pretrain {args.pretrain}')
@@ -80,10 +87,6 @@ def train(args, rt):
 
     torch.manual_seed(args.seed)   # the same initial head on every process
     model = LinearClassifier(args.net, train_set.num_classes, args.train_what, args.dropout)
-    exp_dir = Path(args.output_dir or PROJECT_ROOT / 'experiments') / (
-        f'{args.name_prefix}lincls-{args.train_what}_{args.dataset}_split{args.which_split}_'
-        f'{args.net}_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}'
-        f'_dim{args.img_dim}')
     if pretrained is not None:
         kind = load_pretrained(model, pretrained['state_dict'], f'--pretrain {args.pretrain}')
         say(f'=> initialised from {args.pretrain} ({kind} checkpoint, epoch '
@@ -113,12 +116,21 @@ def train(args, rt):
                   f'({len(train_set.dropped)} too short, dropped)\n'
                   f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
                   + disk_use(model, args.epochs, args.keep_every,
-                             slots=2 if args.optim == 'adam' else 1, best=True)) as writer:
+                             slots=2 if args.optim == 'adam' else 1, best=True)) as writer, \
+            Preemption() as stop:
         for epoch in range(start_epoch, args.epochs):
             lr = learning_rate(args.lr, epoch, args.schedule)
             begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)
-            stats, iteration = train_one_epoch(model, loader, augment, modality, optimizer,
-                                               scaler, args, rt, epoch, iteration, writer)
+            meter = EpochMeter(epoch, loader.steps, rt.device, rt.is_main, writer, args.print_freq)
+            first_step, resume = resume_mid_epoch(resume, info.rank, device, meter, augment), None
+            iteration, stopped = train_one_epoch(model, loader.epoch(epoch, first_step), augment,
+                                                 modality, optimizer, scaler, args, rt, meter,
+                                                 iteration, stop)
+            if stopped:
+                stop.save_and_exit(exp_dir, model, optimizer, scaler, args, info, epoch,
+                                   iteration, meter, augment.generator.get_state(),
+                                   best_acc=best_acc, best_epoch=best_epoch)
+            stats = meter.close()
             record = {'epoch': epoch, 'iteration': iteration, 'lr': lr,
                       **{f'train_{k}': v for k, v in stats.items()}}
             last = epoch + 1 == args.epochs
@@ -149,11 +161,14 @@ def check_frozen(backbone, frozen):
                            f'e.g. {changed[0]})')
 
 
-def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, rt, epoch,
-                    iteration, writer):
+def train_one_epoch(model, batches, augment, modality, optimizer, scaler, args, rt, meter,
+                    iteration, stop):
+    """Returns the iteration count and whether the processes agreed to ``stop`` at a step
+    boundary (the first is before the first step: a signal during validation stops there)."""
     model.train()              # a linear probe's backbone stays in eval mode (LinearClassifier)
-    meter = EpochMeter(epoch, loader.steps, rt.device, rt.is_main, writer, args.print_freq)
-    for batch in loader.epoch(epoch):
+    for batch in batches:
+        if stop.agreed():
+            return iteration, True
         if args.flip == 'batch' and bool(torch.rand((), generator=augment.generator) < 0.5):
             # CoCLR flips all clips of a batch or none (docs/METHOD.md, Evaluation)
             batch[modality] = flip_frames(batch[modality].to(rt.device), modality == 'flow',
@@ -170,7 +185,7 @@ def train_one_epoch(model, loader, augment, modality, optimizer, scaler, args, r
         meter.update(iteration, loss.detach(), len(target) * rt.info.world_size,
                      optimizer.param_groups[-1]['lr'], {'top1': 100 * top1, 'top5': 100 * top5})
         iteration += 1
-    return meter.close(), iteration
+    return iteration, stop.agreed()
 
 
 def validation_clips(batch, args, modality):

@@ -45,7 +45,8 @@ def build_parser():
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     g = p.add_argument_group('output')
     g.add_argument('--name_prefix', default='', help='prefix of the experiment folder name')
-    g.add_argument('--resume', default='', help='classifier checkpoint to continue from (exactly)')
+    g.add_argument('--resume', default='', help='classifier checkpoint to continue from (exactly); '
+                   "auto: the run folder's last.pth.tar if any, else start (README, Clusters)")
     g.add_argument('--keep_every', type=NON_NEGATIVE, default=50,
                    help='also keep epoch<N>.pth.tar of every N-th epoch (0: none)')
     g = p.add_argument_group('test (with --test)')

@@ -16,6 +16,12 @@ class UserError(Exception):
     """Bad input (a wrong flag, file, key or value, named in the message): ``run_main`` prints
     it as one line. Every other exception is a bug and keeps its traceback."""
 
+    def __init__(self, message):
+        # from a data-loader worker: 'Caught UserError in DataLoader worker...', its traceback
+        if message.startswith('Caught UserError in DataLoader worker'):
+            message = message.rstrip().rsplit('UserError: ', 1)[-1]
+        super().__init__(message)
+
 
 def git_revision():
     """``<sha>`` or ``<sha>-dirty``; 'unknown' outside a git checkout."""

@@ -2,12 +2,16 @@
 resume, each epoch's seeds, learning rate, meter, log and checkpoint, the optimiser step."""
 import argparse
 import json
+import os
+import signal
+import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from . import distributed as du
@@ -119,6 +123,17 @@ class EpochMeter:
         out['samples_per_s'] = self.seen / max(time.time() - self.tic, 1e-9)
         return out
 
+    def state(self):   # this process's sums, for a mid-epoch checkpoint
+        return {'sums': {k: v.cpu() for k, v in self.sums.items()}, 'counts': dict(self.counts),
+                'first_bad': int(self.first_bad), 'n': self.n}
+
+    def load(self, state):
+        self.sums.update({k: v.to(self.first_bad.device) for k, v in state['sums'].items()})
+        self.counts.update(state['counts'])
+        self.first_bad.fill_(state['first_bad'])
+        self.n = state['n']
+        self.bar.update(self.n)
+
     def close(self):
         """The epoch's means over every process."""
         self.bar.close()
@@ -134,6 +149,81 @@ class EpochMeter:
         if int(bad) >= 0:
             raise FloatingPointError(f'non-finite loss at iteration {int(bad)}; the last good '
                                      f'checkpoint is left as it was')
+
+
+class Preemption:
+    """SIGTERM or SIGUSR1 (a cluster's warning; README, Clusters) stops the run at a step boundary
+    all processes agree on (``agreed``); a second signal ends the process at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.signals, self.received, self.pid = signals, None, os.getpid()
+        self.previous = [signal.signal(s, self.handle) for s in signals]
+        # the flag on the CPU: a GPU collective would wait for the GPU at every step
+        self.group = dist.new_group(backend='gloo') if du.world_size() > 1 else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):   # the handlers from before
+        for s, handler in zip(self.signals, self.previous):
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if os.getpid() != self.pid:   # a forked data-loader worker: the training process decides
+            return
+        for s in self.signals:
+            signal.signal(s, signal.SIG_DFL)
+        self.received = signal.Signals(signum).name
+        print(f'=> {self.received}: saving at the next step boundary (send it again to stop now)',
+              file=sys.stderr, flush=True)
+
+    def agreed(self):   # whether any process was signalled
+        flag = torch.tensor(self.received is not None, dtype=torch.int)
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag)
+
+    def save_and_exit(self, exp_dir, model, optimizer, scaler, args, info, epoch, iteration,
+                      meter, augment_state, **progress):
+        """Rank 0 writes last.pth.tar with ``epoch - 1`` as the last done and each process's
+        ``mid_epoch`` state (docs/METHOD.md, Checkpoints); all exit with status 143."""
+        own = {'meter': meter.state(), 'torch': torch.get_rng_state(), 'augment': augment_state,
+               'cuda': torch.cuda.get_rng_state(info.device) if info.device.type == 'cuda'
+               else None}
+        ranks = [own]
+        if self.group is not None:   # every process's, in rank order
+            ranks = list(range(info.world_size))
+            dist.all_gather_object(ranks, own, group=self.group)
+        if info.is_main:
+            last = exp_dir / 'last.pth.tar'
+            save_checkpoint(run_state(model, optimizer, scaler, args, info, epoch - 1, iteration,
+                                      mid_epoch=ranks, **progress), last)
+            print(f'=> {self.received or "signal on another process"}: saved {last} at epoch '
+                  f'{epoch}, step {meter.n}; the same command with --resume auto goes on',
+                  flush=True)
+        if self.group is not None:   # no process ends before the checkpoint is whole
+            dist.barrier(group=self.group)
+        sys.exit(143)
+
+
+def resume_mid_epoch(ckpt, rank, device, meter, augment):
+    """Process ``rank``'s meter and generators from a mid-epoch ``ckpt``; its steps taken, or 0."""
+    if ckpt is None or 'mid_epoch' not in ckpt:
+        return 0
+    own = ckpt['mid_epoch'][rank]
+    meter.load(own['meter'])
+    torch.set_rng_state(own['torch'])
+    augment.generator.set_state(own['augment'])
+    if own['cuda'] is not None:
+        torch.cuda.set_rng_state(own['cuda'], device)
+    return meter.n
+
+
+def auto_resume(args, exp_dir):   # --resume auto: exp_dir's last.pth.tar, or a fresh start
+    if args.resume == 'auto':
+        last = Path(exp_dir) / 'last.pth.tar'
+        args.resume = str(last) if last.exists() else ''
+    return args.resume
 
 
 def resume_or_start(ckpt, exp_dir, model, optimizer, scaler, args, say):
@@ -191,12 +281,16 @@ def end_epoch(exp_dir, record, model, optimizer, scaler, args, info, previous, s
         return previous
     log_epoch(exp_dir / 'log.jsonl', record)
     if save:
-        state = {'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                 'scaler': scaler.state_dict(), 'args': plain_args(args),
-                 'world_size': info.world_size, 'epoch': record['epoch'],
-                 'iteration': record['iteration'], **progress}
+        state = run_state(model, optimizer, scaler, args, info, record['epoch'],
+                          record['iteration'], **progress)
         previous = save_epoch(state, exp_dir, record['epoch'], args.keep_every, previous, best)
     return previous
+
+
+def run_state(model, optimizer, scaler, args, info, epoch, iteration, **progress):
+    return {'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict(), 'args': plain_args(args),
+            'world_size': info.world_size, 'epoch': epoch, 'iteration': iteration, **progress}
 
 
 def keeps(epoch, keep_every):   # epoch<epoch>.pth.tar, 0-based as CoCLR's names
