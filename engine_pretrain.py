@@ -87,8 +87,8 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
     g.add_argument('--monitor_freq', type=NON_NEGATIVE, default=10, help='retrieval monitor at '
                    'the start, every N epochs and at the end (0: off): R@1/R@5 of test videos '
-                   'querying train videos (main_classifier.py --retrieval --protocol clean); labels '
-                   'only measure it, they never train (docs/METHOD.md, Retrieval monitor)')
+                   'querying train videos (main_classifier.py --retrieval --protocol clean); '
+                   'labels only measure it, they never train (docs/METHOD.md, Retrieval monitor)')
     g.add_argument('--monitor_windows', choices=['all', 'middle'], default='middle',
                    help="windows per video the monitor reads (main_classifier.py's --test_windows)")
     add_runtime_args(g)
@@ -139,8 +139,7 @@ def train(args, task):
     loader = make_loader(dataset, args, info)
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = task.build_model(args)
-    memory_format = rt.memory_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=rt.memory_format)
     torch.backends.cudnn.benchmark = device.type == 'cuda'
     if args.compile:   # each encoder (the model's children) in place: the keys stay CoCLR's
         for encoder in model.children():
@@ -149,7 +148,7 @@ def train(args, task):
                                  weight_decay=args.wd, fused=device.type == 'cuda')
     amp_dtype = rt.amp_dtype
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    augment = DeviceAugment(args.photometric_on_flow, memory_format)
+    augment = DeviceAugment(args.photometric_on_flow, rt.memory_format)
     exp_dir = Path(args.output_dir) / (
         f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
         f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
@@ -174,8 +173,8 @@ def train(args, task):
                   f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
                   + disk_use(model, args.epochs, args.keep_every, args.save_freq)) as writer:
         if monitor and start_epoch == 0:   # the starting point, logged as epoch -1
-            end_epoch(exp_dir, {'epoch': -1, 'iteration': 0, **monitor(model, -1, writer)}, model,
-                      optimizer, scaler, args, info, previous, save=False)
+            end_epoch(exp_dir, {'iteration': 0, **monitor(model, -1, writer)}, model, optimizer,
+                      scaler, args, info, previous, save=False)
         for epoch in range(start_epoch, args.epochs):
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
             begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)
@@ -205,8 +204,8 @@ class Monitor:
     def __init__(self, args, rt, history):
         flow = modality_of(args.dataset, vars(args).get('reverse')) == 'flow'   # CVTCL's
         self.args = argparse.Namespace(**{
-            **vars(args), 'dataset': DatasetName.parse(args.dataset).base + ('-f' if flow else ''),
-            'protocol': 'clean', 'max_videos': 0, 'feature_l2norm': True,
+            **vars(args), 'protocol': 'clean', 'max_videos': 0, 'feature_l2norm': True,
+            'dataset': DatasetName.parse(args.dataset).base + ('-f' if flow else ''),
             'test_windows': args.monitor_windows})
         self.videos = {part: clips.split_videos(self.args, part) for part in ('train', 'test')}
         self.rt, self.history = rt, history
@@ -215,23 +214,22 @@ class Monitor:
         """R@1, R@5 after ``epoch`` (-1: the start), printed and to TensorBoard. No cache; draws
         nothing from the random streams; BatchNorm statistics and the mode stay as they were."""
         tic, backbone, training = time.time(), model.encoder_q[0], model.encoder_q.training
-        devices = [self.rt.device] if self.rt.device.type == 'cuda' else []   # CPU's: always
-        with torch.random.fork_rng(devices):
+        with torch.random.fork_rng([self.rt.device] if self.rt.device.type == 'cuda' else []):
             backbone.eval()
             feats = {part: {'features': retrieval.video_features(backbone, v, self.args, self.rt,
                                                                  f'monitor {part}'),
                             'labels': torch.tensor(v.labels)} for part, v in self.videos.items()}
         backbone.train(training)
         recall = retrieval.split_recall(feats['test'], feats['train'], ks=(1, 5))
-        result = {'R@1': recall[1], 'R@5': recall[5], 'monitor_s': time.time() - tic}
-        self.history.append({'epoch': epoch, **result})
+        self.history.append({'epoch': epoch, 'R@1': recall[1], 'R@5': recall[5],
+                             'monitor_s': time.time() - tic})
         self.rt.say(f'=> monitor {when(epoch)}: R@1={recall[1]:.1f} R@5={recall[5]:.1f} ('
                     f'{len(self.videos["test"])} test videos query {len(self.videos["train"])} '
-                    f'train, {result["monitor_s"]:.1f} s)')
-        if writer is not None:   # x: epochs trained
-            writer.add_scalar('monitor/R@1', recall[1], epoch + 1)
-            writer.add_scalar('monitor/R@5', recall[5], epoch + 1)
-        return result
+                    f'train, {self.history[-1]["monitor_s"]:.1f} s)')
+        for k in ('R@1', 'R@5'):
+            if writer is not None:   # x: epochs trained
+                writer.add_scalar(f'monitor/{k}', self.history[-1][k], epoch + 1)
+        return self.history[-1]
 
     def summary(self):
         first, last = self.history[0], self.history[-1]

@@ -3,8 +3,8 @@
     python bench/monitor_cost.py [--config configs/demo_rgb.toml] [--steps 6] [--videos 24]
                                  [any flag of local_nce.py, e.g. --device cuda --workers 8]
 
-Training: ``--steps`` steps of the config's run in this process (the monitor off), seconds per
-training video from the engine's own ``samples_per_s``. Monitor: ``engine_pretrain.Monitor``, the
+Training: two epochs of ``--steps`` steps of the config's run in this process (the monitor
+off), seconds per training video from the engine's own ``samples_per_s`` of the second. Monitor: ``engine_pretrain.Monitor``, the
 code a run calls, on ``--videos`` videos of each split (spread over the classes), with the middle
 window and with every window, seconds per video. Printed: both, their ratio, and what one
 measurement costs a run of ``--monitor_freq N`` on UCF101 split 1 (9,537 train and 3,783 test
@@ -31,7 +31,8 @@ UCF_TRAIN, UCF_TEST, UCF_WINDOWS = 9537, 3783, 11
 
 
 def train_seconds_per_video(flags, steps, out):
-    exp = local_nce.main([*flags, '--epochs', '1', '--iters_per_epoch', str(steps),
+    """From the second of two epochs of ``steps`` steps (the workers already started)."""
+    exp = local_nce.main([*flags, '--epochs', '2', '--iters_per_epoch', str(steps),
                           '--monitor_freq', '0', '--output_dir', out])
     record = json.loads((Path(exp) / 'log.jsonl').read_text().splitlines()[-1])
     return 1 / record['samples_per_s']

@@ -102,6 +102,16 @@ def small_data(tmp_path_factory):
     return write_motion_dataset(tmp_path_factory.mktemp('small'), 5, 3)
 
 
+def test_middle_window_is_the_middle_one_of_all(small_data):
+    from dataset.video_dataset import build_dataset
+    every, middle = (clips.Videos(build_dataset('motion', 'test', data_root=small_data, seq_len=8,
+                                                img_dim=32), [0], test_windows=windows)
+                     for windows in ('all', 'middle'))
+    frames = every[0]['rgb']                                   # W x T x 3 x h x w
+    assert len(frames) == 3   # 16 frames: windows of 8 at 0, 3 and 6 (a step of 8/2 - 1)
+    assert torch.equal(middle[0]['rgb'], frames[len(frames) // 2][None])
+
+
 # A short run of the tiny backbone on 32-pixel, 8-frame clips (2-frame local clips).
 SHORT = ['--dataset', 'motion-2clip', '--net', 'tiny', '--seq_len', '8', '--img_dim', '32',
          '--batch_size', '4', '--moco-k', '16', '-j', '0', '--device', 'cpu', '--print_freq', '1',
