@@ -111,14 +111,16 @@ class VideoDataset(Dataset):
         return item
 
     def read_test(self, index, test_windows='all', stored_size=False):
-        """Video ``index`` read in test mode, whatever this dataset's mode: ``test_windows`` 'all'
-        or 'random' (one, as training draws a clip); frames resized to a short side of
-        ``round(img_dim * 8 / 7)`` unless ``stored_size``."""
+        """Video ``index`` read in test mode, whatever this dataset's mode: ``test_windows`` 'all',
+        'middle' (the middle one of all) or 'random' (one, as training draws a clip); frames
+        resized to a short side of ``round(img_dim * 8 / 7)`` unless ``stored_size``."""
         name = self.names[index]
         item = {'label': self.labels[index], 'source': self.sources[index], 'index': index}
         n = self._length(name)
         windows = (sampler.train_indices(n, self.seq_len, self.ds)[None] if test_windows == 'random'
                    else sampler.test_windows(n, self.seq_len, self.ds))       # W x T
+        if test_windows == 'middle':
+            windows = windows[len(windows) // 2][None]
         unique, inverse = torch.unique(windows, return_inverse=True)
         for m, db in self.lmdbs.items():
             frames = db.read(name, unique.tolist())

@@ -204,7 +204,7 @@ def test_loader_resumed_mid_epoch_reads_only_the_rest(data_root):
     """The batches after the first k of an epoch are those of the whole epoch; the first k's
     videos are never read."""
     from dataset.loader import TrainLoader
-    from dataset.video_dataset import build_dataset
+    from dataset.catalog import build_dataset
     from tests.test_dataset import same_batches
     data = build_dataset('ucf101-2clip', 'train', data_root=data_root, seq_len=8, img_dim=32)
 
