@@ -21,7 +21,7 @@
 #   loader_epochs what an epoch boundary costs at the demo's size: one loader iterator per
 #                 epoch against the engine's one stream (bench/loader_epochs.py, 12 workers);
 #   compile       the eager fast step with the encoders compiled (--compile);
-#   demo          the demo pipeline at full length (scripts/demo_pipeline.py --profile gpu).
+#   demo          the demo pipeline at full length (bench/demo_pipeline.py --profile gpu).
 # SECTIONS picks and orders them (default: all but compile and demo; COMPILE=1 and DEMO=1 add
 # them). DEMO_ARGS go to the demo pipeline. Other paths of bench/train_step.py (fast-ncdhw,
 # fast-graph-ncdhw) are measured by naming them there. The whole script stops within BUDGET
@@ -90,7 +90,7 @@ for name in $SECTIONS; do
     loader_epochs) section $name 45 python bench/loader_epochs.py --workers 12 --batch_size 32 \
         --epochs 12 --step_ms 40 ;;
     compile) section $name 150 $TRAIN --models infonce --paths fast fast-compile ;;
-    demo) section $name 600 python scripts/demo_pipeline.py --profile gpu \
+    demo) section $name 600 python bench/demo_pipeline.py --profile gpu \
         --output_dir "$LOG/demo" --results "$LOG/demo_results.md" ${DEMO_ARGS:-} ;;
     *) echo "unknown section $name"; status=1 ;;
   esac

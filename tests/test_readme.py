@@ -115,7 +115,7 @@ def test_readme_commands_run_on_the_demo(tmp_path, monkeypatch):
     placeholders filled with the runs before. Appended overrides make each run small: a
     one-convolution backbone, 32-pixel crops, one iteration, a few videos. Not run here: the
     two-stream fusion (tests/test_eval.py fuses two streams' results) and
-    scripts/demo_pipeline.py (all of these commands at length, ~15 minutes)."""
+    bench/demo_pipeline.py (all of these commands at length, ~15 minutes)."""
     from backbone import BACKBONES
     from tests.test_pretrain import Tiny
     monkeypatch.setitem(BACKBONES, 'tiny', Tiny)

@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Scripts and the engine -> eval -> model -> backbone / dataset -> utils: a package may import
 # only packages of a lower rank (and its own modules).
-RANK = {'utils': 0, 'backbone': 1, 'dataset': 1, 'model': 2, 'eval': 3, 'scripts': 4, '': 4}
+RANK = {'utils': 0, 'backbone': 1, 'dataset': 1, 'model': 2, 'eval': 3, '': 4}
 PRETRAINING_PATH = ['local_nce.py', 'local_coclr.py', 'model/moco.py', 'model/losses.py',
                     'engine_pretrain.py', 'model/classifier.py']
 

@@ -3,8 +3,8 @@ local InfoNCE (RGB, flow) -> one CVTCL cycle -> retrieval R@k of random init / I
 a short finetune of the CVTCL networks with a ten-crop test -> two-stream fusion. Prints one
 table and writes it, with the commands, the machine and the date, to docs/RESULTS.md.
 
-    python scripts/demo_pipeline.py                  # CPU profile: ~15 min on 2 cores
-    python scripts/demo_pipeline.py --profile gpu    # full length: ~200 epochs per stage
+    python bench/demo_pipeline.py                  # CPU profile: ~15 min on 2 cores
+    python bench/demo_pipeline.py --profile gpu    # full length: ~200 epochs per stage
 """
 import argparse
 import datetime
@@ -115,7 +115,7 @@ def main():
     print('\n' + table)
     r1 = [float(recall[m, 'rgb']['R@1']) for m in ('cvtcl', 'infonce', 'random')]
     Path(args.results).write_text(
-        f'# Demo pipeline results\n\n`python scripts/demo_pipeline.py --profile {args.profile}` on '
+        f'# Demo pipeline results\n\n`python bench/demo_pipeline.py --profile {args.profile}` on '
         f'{datetime.date.today().isoformat()}, {machine}, {minutes:.1f} minutes in all.\n'
         f'Profile `{args.profile}`: {prof}.\n\n{table}\n\nRGB retrieval ordering CVTCL >= '
         f'InfoNCE >= random: **{"holds" if r1[0] >= r1[1] >= r1[2] else "does not hold"}**.\n'
