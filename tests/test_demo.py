@@ -2,7 +2,6 @@
 import dataclasses
 import multiprocessing
 import os
-import time
 
 import numpy as np
 import pytest
@@ -28,12 +27,10 @@ def _race(root, barrier, seed):
 
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
-    """The demo built once here, timed; and once more by two processes racing in
-    ``ensure_demo`` on another root (which is also the second build for determinism)."""
+    """The demo built once here; and once more by two processes racing in ``ensure_demo`` on
+    another root (which is also the second build for determinism)."""
     root = tmp_path_factory.mktemp('one')
-    start = time.perf_counter()
     folder = demo.ensure_demo(root, seed=0)
-    seconds = time.perf_counter() - start
 
     raced = tmp_path_factory.mktemp('raced')
     ctx = multiprocessing.get_context('spawn')
@@ -43,7 +40,7 @@ def built(tmp_path_factory):
         p.start()
     for p in procs:
         p.join(timeout=240)
-    return {'folder': folder, 'seconds': seconds, 'raced_root': raced,
+    return {'folder': folder, 'raced_root': raced,
             'exitcodes': [p.exitcode for p in procs]}
 
 
@@ -58,11 +55,6 @@ def all_records(path):
     """Names, frame counts and every frame's bytes of a video LMDB."""
     db = VideoLMDB(path)
     return [(n, db.num_frames(n), db.read_bytes(n, range(db.num_frames(n)))) for n in db.names]
-
-
-def test_generation_time(built, capsys):
-    with capsys.disabled():
-        print(f'\n[demo] ensure_demo built {len(demo.plan(0))} videos in {built["seconds"]:.1f} s')
 
 
 def test_concurrent_ensure_demo_leaves_one_complete_folder(built):

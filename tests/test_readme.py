@@ -83,3 +83,18 @@ def test_every_released_checkpoint_has_a_command_of_its_modality():
     for name, dataset in used.items():
         is_flow = '-f-' in name or '-flow-' in name
         assert dataset.endswith('-f') == is_flow, (name, dataset)
+
+
+def test_the_demo_momentum_line_is_the_rules():
+    """The README shows the key-encoder momentum line its first command prints: the steps are
+    the demo config's epochs times the batches of the demo's training split, m the rule's."""
+    import engine_pretrain
+    from dataset import demo
+    line = re.search(r'=> key-encoder momentum (\S+), fit to (\d+) steps', README.read_text())
+    config = README.parent / 'configs' / 'demo_rgb.toml'
+    args = parse_args(local_nce.get_parser(), ['--config', str(config)])
+    train_videos = len(demo.CLASSES) * (demo.GROUPS - demo.GROUPS_PER_SPLIT) * demo.CLIPS
+    steps = args.epochs * (train_videos // args.batch_size)
+    assert int(line[2]) == steps
+    assert line[1] == f'{engine_pretrain.fit_momentum(steps):.4g}'
+    assert engine_pretrain.fit_momentum(300 * (9537 // 16)) == 0.999   # UCF101 keeps MoCo's
