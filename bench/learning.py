@@ -31,8 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = {
-    'cpu': dict(epochs=4, coclr_epochs=2, flags=['--local_aug', 'shared'], eval_flags=[]),
-    'gpu': dict(epochs=100, coclr_epochs=50, eval_flags=['--net', 's3d'],
+    'cpu': dict(epochs=4, coclr_epochs=2, flags=['--local_aug', 'shared'], net='small3d'),
+    'gpu': dict(epochs=100, coclr_epochs=50, net='s3d',
                 flags=['--net', 's3d', '--seq_len', '32', '--batch_size', '32', '-j', '8',
                        '--local_aug', 'shared']),
 }
@@ -68,10 +68,10 @@ def run(cmd, log):
 def measure(weights, modality, out, args, log, probe=False):
     """Retrieval R@1, R@5 (and the feature probe's top-1) of ``weights`` (a checkpoint or
     'random'), results and feature caches under ``out``."""
-    flags = ['--config', 'configs/demo_finetune.toml', '--dataset',
-             'demo' if modality == 'rgb' else 'demo-f', '--test', weights, '--protocol', 'clean',
-             '--output_dir', out, '--max_videos', args.max_videos, *args.common,
-             *PROFILES[args.profile]['eval_flags']]
+    flags = ['--net', PROFILES[args.profile]['net'], '--seq_len', 16, '--ds', 1, '--img_dim', 64,
+             '--batch_size', 8, '--dataset', 'demo' if modality == 'rgb' else 'demo-f',
+             '--test', weights, '--protocol', 'clean', '--output_dir', out,
+             '--max_videos', args.max_videos, *args.common]
     text = run(['eval/main_classifier.py', *flags, '--retrieval'], log)
     recall = dict(w.split('=') for w in text.strip().splitlines()[-1].split(': ')[1].split())
     result = {'R@1': float(recall['R@1']), 'R@5': float(recall['R@5'])}
