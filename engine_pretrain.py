@@ -2,6 +2,7 @@
 epoch loop, one eager step on every device. The GPU fast path (``model.fast``) is imported only
 when its flags ask."""
 import argparse
+import time
 from collections import namedtuple
 from functools import partial
 from pathlib import Path
@@ -11,14 +12,16 @@ import torch
 from backbone import BACKBONES, MIN_SEGMENT_FRAMES
 from dataset.augment import DeviceAugment
 from dataset.loader import make_loader
-from dataset.video_dataset import DatasetName, add_data_args, build_dataset, data_location
+from dataset.video_dataset import (DatasetName, add_data_args, build_dataset, data_location,
+                                   modality_of)
+from eval import clips, retrieval
 from model.classifier import check_modality
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint, load_exact, sub_state_dict
 from utils.config import (AREA, NON_NEGATIVE, NON_NEGATIVE_REAL, POSITIVE, POSITIVE_REAL,
                           PROBABILITY)
 from utils.misc import PROJECT_ROOT, UserError, learning_rate, seed_everything
-from utils.run import (EpochMeter, add_runtime_args, amp_dtype_of, begin_epoch, broadcast_state,
+from utils.run import (EpochMeter, add_runtime_args, begin_epoch, broadcast_state,
                        check_resume, disk_use, end_epoch, open_run, optimizer_step,
                        resume_or_start)
 
@@ -82,6 +85,12 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
     g.add_argument('--keep_every', type=NON_NEGATIVE, default=50, help='keep the epoch file of '
                    'every N-th epoch (0: none) besides last.pth.tar and the latest')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
+    g.add_argument('--monitor_freq', type=NON_NEGATIVE, default=10, help='retrieval monitor at '
+                   'the start, every N epochs and at the end (0: off): R@1/R@5 of test videos '
+                   'querying train videos (main_classifier.py --retrieval --protocol clean); '
+                   'labels only measure it, they never train (docs/METHOD.md, Retrieval monitor)')
+    g.add_argument('--monitor_windows', choices=['all', 'middle'], default='middle',
+                   help="windows per video the monitor reads (main_classifier.py's --test_windows)")
     add_runtime_args(g)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                    help='torch.compile the encoders (slow first steps, faster afterwards)')
@@ -125,6 +134,9 @@ def train(args, task):
         if args.moco_m is None:   # a resumed run keeps its key-encoder momentum
             args.moco_m = (ckpt.get('args') or {}).get('moco_m')
         check_resume(ckpt, args, info.world_size)
+    rt = clips.runtime(info, args)
+    history = ckpt.get('monitor', []) if ckpt else []   # the retrieval monitor's results
+    monitor = Monitor(args, rt, history) if args.monitor_freq else None
     seed_everything(args.seed + info.rank)
     dataset = build_dataset(
         args.dataset, 'train', **data_location(args), seq_len=args.seq_len, ds=args.ds,
@@ -139,17 +151,16 @@ def train(args, task):
             f'steps (1 - 10 / steps within [0.9, 0.999]; --moco-m sets it)')
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = task.build_model(args)
-    memory_format = torch.channels_last_3d if args.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=rt.memory_format)
     torch.backends.cudnn.benchmark = device.type == 'cuda'
     if args.compile:   # each encoder (the model's children) in place: the keys stay CoCLR's
         for encoder in model.children():
             encoder.compile(dynamic=True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  weight_decay=args.wd, fused=device.type == 'cuda')
-    amp_dtype = amp_dtype_of(args, device)
+    amp_dtype = rt.amp_dtype
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    augment = DeviceAugment(args.photometric_on_flow, memory_format)
+    augment = DeviceAugment(args.photometric_on_flow, rt.memory_format)
     exp_dir = Path(args.output_dir) / (
         f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
         f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
@@ -173,6 +184,9 @@ def train(args, task):
     with open_run(exp_dir, args, info, say, amp_dtype, f', {len(dataset)} videos '
                   f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
                   + disk_use(model, args.epochs, args.keep_every, args.save_freq)) as writer:
+        if monitor and start_epoch == 0:   # the starting point, logged as epoch -1
+            end_epoch(exp_dir, {'iteration': 0, **monitor(model, -1, writer)}, model, optimizer,
+                      scaler, args, info, previous, save=False)
         for epoch in range(start_epoch, args.epochs):
             lr = learning_rate(args.lr, epoch, args.schedule, args.warmup)
             begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)
@@ -184,11 +198,61 @@ def train(args, task):
             best_acc = max(best_acc, stats['top1'])
             say(f'=> epoch {epoch}: ' + ' '.join(f'{k}={v:.4g}' for k, v in stats.items()))
             record = {'epoch': epoch, 'iteration': iteration, 'lr': lr, **stats}
+            if monitor and ((epoch + 1) % args.monitor_freq == 0 or epoch + 1 == args.epochs):
+                record.update(monitor(model, epoch, writer))
             save = (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
             previous = end_epoch(exp_dir, record, model, optimizer, scaler, args, info, previous,
-                                 save, best_acc=best_acc)
+                                 save, best_acc=best_acc, monitor=history)
+        if monitor:
+            monitor.summary()
     du.cleanup()
     return exp_dir
+
+
+class Monitor:
+    """The retrieval monitor (docs/METHOD.md, Retrieval monitor): the trained modality's query
+    encoder measured as main_classifier.py --retrieval --protocol clean measures a checkpoint."""
+
+    def __init__(self, args, rt, history):
+        flow = modality_of(args.dataset, vars(args).get('reverse')) == 'flow'   # CVTCL's
+        self.args = argparse.Namespace(**{
+            **vars(args), 'protocol': 'clean', 'max_videos': 0, 'feature_l2norm': True,
+            'dataset': DatasetName.parse(args.dataset).base + ('-f' if flow else ''),
+            'test_windows': args.monitor_windows})
+        self.videos = {part: clips.split_videos(self.args, part) for part in ('train', 'test')}
+        self.rt, self.history = rt, history
+
+    def __call__(self, model, epoch, writer):
+        """R@1, R@5 after ``epoch`` (-1: the start), printed and to TensorBoard. No cache; draws
+        nothing from the random streams; BatchNorm statistics and the mode stay as they were."""
+        tic, backbone, training = time.time(), model.encoder_q[0], model.encoder_q.training
+        with torch.random.fork_rng([self.rt.device] if self.rt.device.type == 'cuda' else []):
+            backbone.eval()
+            feats = {part: {'features': retrieval.video_features(backbone, v, self.args, self.rt,
+                                                                 f'monitor {part}'),
+                            'labels': torch.tensor(v.labels)} for part, v in self.videos.items()}
+        backbone.train(training)
+        recall = retrieval.split_recall(feats['test'], feats['train'], ks=(1, 5))
+        self.history.append({'epoch': epoch, 'R@1': recall[1], 'R@5': recall[5],
+                             'monitor_s': time.time() - tic})
+        self.rt.say(f'=> monitor {when(epoch)}: R@1={recall[1]:.1f} R@5={recall[5]:.1f} ('
+                    f'{len(self.videos["test"])} test videos query {len(self.videos["train"])} '
+                    f'train, {self.history[-1]["monitor_s"]:.1f} s)')
+        for k in ('R@1', 'R@5'):
+            if writer is not None:   # x: epochs trained
+                writer.add_scalar(f'monitor/{k}', self.history[-1][k], epoch + 1)
+        return self.history[-1]
+
+    def summary(self):
+        first, last = self.history[0], self.history[-1]
+        best = max(self.history, key=lambda h: h['R@1'])
+        self.rt.say(f'=> monitor R@1 {first["R@1"]:.1f} ({when(first["epoch"])}) -> '
+                    f'{last["R@1"]:.1f} ({when(last["epoch"])}), best {best["R@1"]:.1f} '
+                    f'({when(best["epoch"])})')
+
+
+def when(epoch):   # a monitor measurement's name
+    return 'start' if epoch < 0 else f'epoch {epoch}'
 
 
 def train_one_epoch(model, step, batches, meter, iteration, lr, global_batch):

@@ -121,11 +121,13 @@ class VideoDataset(Dataset):
         item = {'label': self.labels[index], 'source': self.sources[index], 'index': index}
         n = self._length(name)
         if self.mode == 'test':
-            # test_windows 'all': every window; 'random': one, drawn as training draws a clip.
-            # stored_size: frames as stored, else resized to a short side of img_dim * 8 / 7.
+            # test_windows 'all': every window, 'middle': the middle one, 'random': one drawn as
+            # training draws. stored_size: frames as stored, else short side round(img_dim * 8/7).
             windows = (sampler.train_indices(n, self.seq_len, self.ds)[None]
                        if self.test_windows == 'random'
                        else sampler.test_windows(n, self.seq_len, self.ds))       # W x T
+            if self.test_windows == 'middle':
+                windows = windows[len(windows) // 2][None]
             unique, inverse = torch.unique(windows, return_inverse=True)
             for m, db in self.lmdbs.items():
                 frames = db.read(name, unique.tolist())

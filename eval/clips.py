@@ -37,6 +37,9 @@ def eval_parser(doc):
                    help="test views: coclr = CoCLR's (jittered 224-pixel crops scaled to "
                         '--img_dim, a random clip per gallery video, validation on 30%% of the '
                         'test split); clean = deterministic (docs/METHOD.md, Evaluation)')
+    g.add_argument('--test_windows', choices=['all', 'middle'], default='all',
+                   help="test videos' windows read: all, or the middle one (pretraining's "
+                        '--monitor_windows)')
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
                    help='colour-jitter flow frames too (the reference treats them as images)')
     g = parser.add_argument_group('model and run')
@@ -65,17 +68,21 @@ def started(args):
     if spec.views != 1 or (spec.rgb and spec.flow):
         raise UserError(f'--dataset {args.dataset}: evaluation reads one modality and one clip '
                         f'per sample; use {spec.base} (RGB) or {spec.base}-f (flow)')
-    info = du.init_distributed(args.device, args.local_rank)
-    amp_dtype = amp_dtype_of(args, info.device)
     try:
-        yield SimpleNamespace(
-            info=info, device=info.device, is_main=info.is_main, amp_dtype=amp_dtype,
-            autocast=partial(torch.autocast, info.device.type, dtype=amp_dtype or torch.float32,
-                             enabled=amp_dtype is not None),
-            memory_format=torch.channels_last_3d if args.channels_last else torch.contiguous_format,
-            say=lambda *a: print(*a, flush=True) if info.is_main else None)
+        yield runtime(du.init_distributed(args.device, args.local_rank), args)
     finally:
         du.cleanup()
+
+
+def runtime(info, args):
+    """A process's device, ``autocast()``, memory format and main-process ``say``."""
+    amp_dtype = amp_dtype_of(args, info.device)
+    return SimpleNamespace(
+        info=info, device=info.device, is_main=info.is_main, amp_dtype=amp_dtype,
+        autocast=partial(torch.autocast, info.device.type, dtype=amp_dtype or torch.float32,
+                         enabled=amp_dtype is not None),
+        memory_format=torch.channels_last_3d if args.channels_last else torch.contiguous_format,
+        say=lambda *a: print(*a, flush=True) if info.is_main else None)
 
 
 def spread_indices(n, max_videos=0):   # splits are sorted by class: spread evenly over them
@@ -106,7 +113,7 @@ def split_videos(args, part):
     data = build_dataset(args.dataset, part, **data_location(args), seq_len=args.seq_len,
                          ds=args.ds, img_dim=args.img_dim, stored_size=coclr)
     return Videos(data, spread_indices(len(data), args.max_videos),
-                  test_windows='random' if coclr and part == 'train' else 'all')
+                  test_windows='random' if coclr and part == 'train' else args.test_windows)
 
 
 class Videos(Dataset):

@@ -31,11 +31,26 @@ def recall_at_k(query, query_labels, gallery, gallery_labels, ks=(1, 5, 10, 20, 
     return {k: 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
 
+def split_recall(test, train, ks=(1, 5, 10, 20, 50)):   # test queries train, each centred
+    return recall_at_k(center_normalize(test['features'].float()), test['labels'],
+                       center_normalize(train['features'].float()), train['labels'], ks)
+
+
+def video_features(backbone, videos, args, rt, desc):
+    """``[len(videos), F]``: the mean over a video's windows of the pooled centre-crop feature."""
+    def feature(x):
+        f = F.adaptive_avg_pool3d(backbone(x), 1).flatten(1)
+        return F.normalize(f, dim=1) if args.feature_l2norm else f
+
+    return clips.video_outputs(feature, videos, clips.TestViews(args, videos.modality), 'center',
+                               rt, args, desc=desc)[:, 0].cpu()
+
+
 def cache_entry(args, part, weights, videos):
     """(key, file) of a part's features; the key holds everything they depend on, each LMDB as
     the real path, size and modification time of its data file."""
     flags = ('net', 'dataset', 'which_split', 'seq_len', 'ds', 'img_dim', 'feature_l2norm',
-             'protocol', 'seed', 'photometric_on_flow', 'legacy_flow_flip')
+             'protocol', 'seed', 'photometric_on_flow', 'legacy_flow_flip', 'test_windows')
     lmdbs = {}
     for m, db in videos.dataset.lmdbs.items():
         path = Path(db.path).resolve()
@@ -78,15 +93,9 @@ def features(args, rt):
         rt.say(f'=> {part} features: computing {len(v)} videos into {path}')
         backbone.to(rt.device, memory_format=rt.memory_format).eval()
         torch.manual_seed(args.seed + rt.info.rank)   # the gallery's random clips
-
-        def feature(x):
-            f = F.adaptive_avg_pool3d(backbone(x), 1).flatten(1)
-            return F.normalize(f, dim=1) if args.feature_l2norm else f
-
-        out = clips.video_outputs(feature, v, clips.TestViews(args, v.modality), 'center', rt,
-                                  args, desc=f'{part} features')
-        feats[part] = {'key': key, 'features': out[:, 0].cpu(), 'labels': torch.tensor(v.labels),
-                       'sources': torch.tensor(v.sources)}
+        feats[part] = {'key': key, 'features': video_features(backbone, v, args, rt,
+                                                              f'{part} features'),
+                       'labels': torch.tensor(v.labels), 'sources': torch.tensor(v.sources)}
         if rt.is_main:
             save_checkpoint(feats[part], path)
     return what, weights, videos, feats
@@ -100,8 +109,7 @@ def run(args, rt):
     if not rt.is_main:
         return None
     test, train = feats['test'], feats['train']
-    recall = recall_at_k(center_normalize(test['features'].float()), test['labels'],
-                         center_normalize(train['features'].float()), train['labels'])
+    recall = split_recall(test, train)
     report = clips.write_result(result, args, {
         'weights': weights, 'backbone': what, 'protocol': args.protocol, 'dataset': args.dataset,
         'split': args.which_split, 'queries': len(videos['test']), 'gallery': len(videos['train']),

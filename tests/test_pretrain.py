@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small enough for 2 CPU cores: 32 frames (4 segments of 8, the least S3D takes), 32 px.
 TINY = ['--seq_len', '32', '--img_dim', '32', '--batch_size', '2', '--moco-k', '8', '-j', '0',
         '--epochs', '1', '--iters_per_epoch', '2', '--device', 'cpu', '--print_freq', '1',
-        '--local_aug', 'shared']
+        '--local_aug', 'shared', '--monitor_freq', '0']   # the monitor: test_monitor.py
 
 
 @pytest.fixture(scope='module')

@@ -166,7 +166,7 @@ RESUME_MAY_CHANGE = {
     'resume', 'config', 'epochs', 'schedule', 'data_root', 'rgb_lmdb', 'flow_lmdb', 'split_dir',
     'output_dir', 'name_prefix', 'workers', 'device', 'decode', 'channels_last', 'compile',
     'cuda_graph', 'amp', 'local_rank', 'print_freq', 'save_freq', 'keep_every', 'eval_freq',
-    'pretrain', 'dirname'}
+    'pretrain', 'dirname', 'monitor_freq', 'monitor_windows'}
 
 
 def check_resume(ckpt, args, world_size):
