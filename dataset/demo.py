@@ -7,9 +7,9 @@ on a dark background, with a look drawn per group and shared by every class: onl
 (MoveUp/Down, OscillateHorizontal/Vertical, ZoomIn/Out) tells the class, and a horizontal flip
 keeps it (mirror-symmetric shapes, uniform phases). The flow is exact, computed from the motion.
 A nuisance that changes over time within every video (the frame's colour gain drifts, the
-background is new blobs every frame) dominates a random network's features, so that random
-features retrieve near chance (docs/RESULTS.md) and neither a class nor a video has a look of
-its own; it does not move, so the flow is the object's alone.
+background is new blobs every frame) gives neither a class nor a video a look of its own (how far
+it hides the motion from random features: docs/RESULTS.md); it does not move, so the flow is the
+object's alone.
 """
 import errno
 import json
