@@ -83,6 +83,7 @@ def measure(weights, modality, out, args, log, probe=False):
 
 def plot(curves, random, path):
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -93,6 +94,7 @@ def plot(curves, random, path):
         ax.axhline(random[modality], color='grey', linestyle='--', label='random init')
         ax.set(title=f'{modality.upper()}: test videos query train videos', xlabel='epoch',
                ylabel='retrieval R@1 (%)')
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
