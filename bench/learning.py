@@ -87,10 +87,12 @@ def plot(curves, random, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    methods = list(dict.fromkeys(method for method, _ in curves))   # one colour each, both panels
     for ax, modality in zip(axes, ('rgb', 'flow')):
         for (method, m), points in curves.items():
             if m == modality:
-                ax.plot(*zip(*points), marker='o', label=method)
+                ax.plot(*zip(*points), marker='o', label=method,
+                        color=f'C{methods.index(method)}')
         ax.axhline(random[modality], color='grey', linestyle='--', label='random init')
         ax.set(title=f'{modality.upper()}: test videos query train videos', xlabel='epoch',
                ylabel='retrieval R@1 (%)')
