@@ -55,7 +55,7 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
     for name, kind, default, text in (
             ('dim', POSITIVE, 128, 'embedding size D'),
             ('k', POSITIVE, 2048, 'queue length K; a multiple of the global batch'),
-            ('m', PROBABILITY, 0.999, 'momentum of the key encoder'),
+            ('m', PROBABILITY, None, 'key-encoder momentum; default: fit to the run (docs/METHOD.md)'),
             ('t', POSITIVE_REAL, tau, 'temperature tau')):
         g.add_argument(f'--moco-{name}', f'--moco_{name}', dest=f'moco_{name}', type=kind,
                        default=default, help=text)
@@ -106,6 +106,12 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
     return p
 
 
+def fit_momentum(steps):
+    """Key-encoder momentum for a run of ``steps`` steps: MoCo's 0.999 needs 100k+, a shorter
+    run's key encoder would keep 0.999 ** steps of its random start (docs/METHOD.md, Model)."""
+    return min(max(1 - 10 / steps, 0.9), 0.999)
+
+
 # What differs between the scripts: run-name stem, args -> model, (model, args) -> None,
 # (augmented views, batch, device, args) -> forward keywords, whether it takes RGB and flow.
 Task = namedtuple('Task', 'name build_model load_pretrained inputs two_stream')
@@ -136,6 +142,8 @@ def train(args, task):
     if auto_resume(args, exp_dir):   # checked before anything is built: a changed flag is the
         # likelier error
         ckpt = pretraining_checkpoint(args.resume, '--resume')
+        if args.moco_m is None:   # a resumed run keeps its key-encoder momentum
+            args.moco_m = (ckpt.get('args') or {}).get('moco_m')
         check_resume(ckpt, args, info.world_size)
     rt = clips.runtime(info, args)
     history = ckpt.get('monitor', []) if ckpt else []   # the retrieval monitor's results
@@ -149,6 +157,10 @@ def train(args, task):
         crop_retry=args.crop_retry,
         local_segments=args.num_segments * (args.local_aug == 'independent'))
     loader = make_loader(dataset, args, info)
+    if args.moco_m is None:
+        args.moco_m = fit_momentum(args.epochs * loader.steps)
+        say(f'=> key-encoder momentum {args.moco_m:.4g}, fit to {args.epochs * loader.steps} '
+            f'steps (1 - 10 / steps within [0.9, 0.999]; --moco-m sets it)')
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = task.build_model(args)
     model.to(device, memory_format=rt.memory_format)

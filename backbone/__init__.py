@@ -8,12 +8,13 @@ from functools import partial
 from utils.misc import UserError
 from .r50 import ResNet2d3d
 from .s3d import S3D
+from .small3d import Small3D
 
 BACKBONES = {'s3d': partial(S3D, gating=False), 's3dg': partial(S3D, gating=True),
-             'r50': ResNet2d3d}
+             'r50': ResNet2d3d, 'small3d': Small3D}
 
-# Shortest local segment each backbone can encode: S3D halves time three times.
-MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1}
+# Shortest local segment each backbone can encode: S3D halves time three times, Small3D twice.
+MIN_SEGMENT_FRAMES = {'s3d': 8, 's3dg': 8, 'r50': 1, 'small3d': 4}
 
 
 def build_backbone(name, in_channels=3):

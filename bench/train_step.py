@@ -60,7 +60,8 @@ def script_args(kind, *flags):
 def make_model(kind, args, device, channels_last, local_keys='per_segment'):
     """The model the script builds (``args``: net, moco_k, bn_splits)."""
     ns = script_args(kind, '--net', args.net, '--moco-k', args.moco_k,
-                     '--bn_splits', args.bn_splits, '--local_keys', local_keys)
+                     '--bn_splits', args.bn_splits, '--local_keys', local_keys,
+                     '--moco-m', 0.999)
     model = SCRIPTS[kind].build_model(ns)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt).train()

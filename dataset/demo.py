@@ -6,6 +6,10 @@ every script runs end to end without a download: 6 classes x 10 groups x 5 clips
 on a dark background, with a look drawn per group and shared by every class: only the motion
 (MoveUp/Down, OscillateHorizontal/Vertical, ZoomIn/Out) tells the class, and a horizontal flip
 keeps it (mirror-symmetric shapes, uniform phases). The flow is exact, computed from the motion.
+A nuisance that changes over time within every video (the frame's colour gain drifts, the
+background is new blobs every frame) gives neither a class nor a video a look of its own (how far
+it hides the motion from random features: docs/RESULTS.md); it does not move, so the flow is the
+object's alone.
 """
 import errno
 import json
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dataset.lmdb_video import LMDBWriter, encode_frames, quantize_flow
 from dataset.splits import ucf101_splits, write_split_files
@@ -34,7 +39,7 @@ TILE = 32            # the object repeats every TILE pixels in x and y (TILE div
 FRAMES = (40, 64)    # RGB frames per video, inclusive range
 SCALE = (5.0, 14.0)  # object radius in pixels (< TILE / 2); zooms sweep it, others draw it once
 RGB_QUALITY, FLOW_QUALITY = 90, 95  # flow JPEGs carry numbers: keep the JPEG error small
-VERSION = 6          # bump when the generator changes, so an old demo/ is not taken for new
+VERSION = 7          # bump when the generator changes, so an old demo/ is not taken for new
 INFO_FILE = 'demo_info.json'
 
 # Signed distance to each shape's outline in object radii (negative inside); all mirror symmetric.
@@ -45,8 +50,10 @@ _SHAPES = {'disc': lambda u, v: np.hypot(u, v) - 1,
            'plus': lambda u, v: np.minimum(np.maximum(np.abs(u) - 1, np.abs(v) - 0.35),
                                            np.maximum(np.abs(u) - 0.35, np.abs(v) - 1))}
 _TEXTURES = ('flat', 'stripes', 'checker', 'rings')
-# Channel values: every background darker than every part of every object.
-BACKGROUND, OBJECT, OBJECT_TEXTURE = (10, 80), (170, 255), (40, 80)
+# Channel values: every background (blobs included) darker than every part of every object.
+BACKGROUND, OBJECT, OBJECT_TEXTURE = (0, 25), (170, 255), (40, 80)
+BLOBS, BLOB_LEVEL = 4, 64    # background blobs: a BLOBS x BLOBS grid of levels 0..BLOB_LEVEL
+GAIN, GAIN_STEP = (0.3, 1.0), 0.1  # frame colour gain range and random-walk step (log)
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,8 @@ class Clip:
     cy: np.ndarray
     log_scale_rate: float   # log of the per-frame scale ratio (0 unless zooming)
     log_scale: np.ndarray   # [T] log radius in pixels
+    gain: np.ndarray        # [T, 3] colour gain of the whole frame, drifting (nuisance)
+    blobs: np.ndarray       # [T, 3, BLOBS, BLOBS] background blobs, new every frame (nuisance)
 
 
 def _appearance(rng):
@@ -99,12 +108,23 @@ def _motion(rng, cls):
     return cx, cy, rate, log_scale
 
 
+def _clip(name, look, cls, rng):
+    cx, cy, log_scale_rate, log_scale = _motion(rng, cls)
+    n = len(cx)   # the nuisance changes within a video: no class or video has a look of its own
+    walk = np.cumsum(rng.normal(0, GAIN_STEP, (n, 3)), 0) + rng.uniform(*np.log(GAIN), 3)
+    gain = np.exp(np.clip(walk, *np.log(GAIN)))
+    period, phase = rng.uniform(20, 60), rng.uniform(0, 2 * math.pi)
+    strength = 0.5 + 0.5 * np.sin(2 * math.pi * np.arange(n) / period + phase)
+    blobs = rng.uniform(0, BLOB_LEVEL, (n, 3, BLOBS, BLOBS)) * strength[:, None, None, None]
+    return Clip(name, look, cx, cy, log_scale_rate, log_scale, gain, blobs)
+
+
 def plan(seed=0):
     """Every clip of the demo, in LMDB order; each look (seed, group) and clip (seed, class,
     group, clip) has its own random stream."""
     looks = {g: _appearance(np.random.default_rng([seed, g])) for g in range(1, GROUPS + 1)}
-    return [Clip(f'{cls}/v_{cls}_g{g:02d}_c{c:02d}', looks[g],
-                 *_motion(np.random.default_rng([seed, label, g, c]), cls))
+    return [_clip(f'{cls}/v_{cls}_g{g:02d}_c{c:02d}', looks[g], cls,
+                  np.random.default_rng([seed, label, g, c]))
             for label, cls in enumerate(CLASSES)
             for g in range(1, GROUPS + 1) for c in range(1, CLIPS + 1)]
 
@@ -137,8 +157,10 @@ def render(clip):
     inside = np.clip(0.5 - _SHAPES[look.shape](u, v) * radius, 0, 1)  # anti-aliased
     c0, c1 = (c.astype(f32)[:, None, None] for c in look.fg)
     fg = c0 + (c1 - c0) * _pattern(look.fg_texture, u, v)[..., None, :, :]     # T 3 H W
-    bg = look.bg.astype(f32)[:, None, None]
-    rgb = np.rint(bg + inside[:, None] * (fg - bg)).astype(np.uint8)
+    bg = look.bg.astype(f32)[:, None, None] + F.interpolate(torch.from_numpy(
+        clip.blobs.astype(f32)), size=(SIZE, SIZE), mode='bilinear').numpy()    # T 3 H W
+    gain = clip.gain.astype(f32)[:, :, None, None]
+    rgb = np.rint(gain * (bg + inside[:, None] * (fg - bg))).astype(np.uint8)
     # A point of the object moves by the centre's step plus the zoom about the centre.
     ratio = f32(math.exp(clip.log_scale_rate))
     on_object = inside[:-1] >= 0.5

@@ -42,7 +42,7 @@ def eval_parser(doc):
     g.add_argument('--photometric_on_flow', action=argparse.BooleanOptionalAction, default=True,
                    help='colour-jitter flow frames too (the reference treats them as images)')
     g = parser.add_argument_group('model and run')
-    g.add_argument('--net', default='s3d', help='backbone: s3d, s3dg or r50')
+    g.add_argument('--net', default='s3d', help='backbone: s3d, s3dg, r50 or small3d (demo)')
     g.add_argument('--batch_size', type=POSITIVE, default=32,
                    help='clips per forward pass and process (training: the batch per process)')
     g.add_argument('--seed', type=int, default=0, help='each process seeds with seed + rank')

@@ -2,7 +2,6 @@
 import dataclasses
 import multiprocessing
 import os
-import time
 
 import numpy as np
 import pytest
@@ -28,12 +27,10 @@ def _race(root, barrier, seed):
 
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
-    """The demo built once here, timed; and once more by two processes racing in
-    ``ensure_demo`` on another root (which is also the second build for determinism)."""
+    """The demo built once here; and once more by two processes racing in ``ensure_demo`` on
+    another root (which is also the second build for determinism)."""
     root = tmp_path_factory.mktemp('one')
-    start = time.perf_counter()
     folder = demo.ensure_demo(root, seed=0)
-    seconds = time.perf_counter() - start
 
     raced = tmp_path_factory.mktemp('raced')
     ctx = multiprocessing.get_context('spawn')
@@ -43,7 +40,7 @@ def built(tmp_path_factory):
         p.start()
     for p in procs:
         p.join(timeout=240)
-    return {'folder': folder, 'seconds': seconds, 'raced_root': raced,
+    return {'folder': folder, 'raced_root': raced,
             'exitcodes': [p.exitcode for p in procs]}
 
 
@@ -58,11 +55,6 @@ def all_records(path):
     """Names, frame counts and every frame's bytes of a video LMDB."""
     db = VideoLMDB(path)
     return [(n, db.num_frames(n), db.read_bytes(n, range(db.num_frames(n)))) for n in db.names]
-
-
-def test_generation_time(built, capsys):
-    with capsys.disabled():
-        print(f'\n[demo] ensure_demo built {len(demo.plan(0))} videos in {built["seconds"]:.1f} s')
 
 
 def test_concurrent_ensure_demo_leaves_one_complete_folder(built):
@@ -128,7 +120,7 @@ def test_flow_is_the_analytic_motion(lmdbs):
     plan = {c.name: c for c in demo.plan(0)}
     for name in SAMPLES:
         clip = plan[name]
-        frames, exact = demo.render(clip)
+        exact = demo.render(clip)[1]
         assert exact.shape == (len(clip.cx) - 1, 2, 64, 64)
         stored = dequantize_flow(flow.read(name, range(flow.num_frames(name)))).numpy()
         err = np.abs(stored - exact)
@@ -136,7 +128,10 @@ def test_flow_is_the_analytic_motion(lmdbs):
         assert np.abs(stored).max() > 0.5  # the object moves (1-3 px per frame, by design)
 
         restart = np.abs(np.diff(clip.log_scale) - clip.log_scale_rate) > 1e-6  # zoom cycles
-        frames = frames.astype(np.float32)
+        # The nuisance (colour gain drift, background blobs) is no motion: warp without it.
+        still_look = dataclasses.replace(clip, gain=np.ones_like(clip.gain),
+                                         blobs=np.zeros_like(clip.blobs))
+        frames = demo.render(still_look)[0].astype(np.float32)
         warped, still = warp_errors(frames, exact, skip=restart)
         backwards, _ = warp_errors(frames, -exact, skip=restart)
         # Bilinear sampling of the object's texture (periods down to 3 px) leaves a few grey

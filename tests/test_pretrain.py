@@ -316,7 +316,7 @@ def test_inputs_of_each_script(reverse, local_aug):
     if reverse:
         return
     # The model takes them: a real forward of each script's model, loss and stats as promised.
-    nce_args = parse_args(local_nce.get_parser(), flags)
+    nce_args = parse_args(local_nce.get_parser(), flags + ['--moco-m', '0.999'])
     x = local_nce.inputs(views, batch, torch.device('cpu'), nce_args)
     assert set(x) == {'view1', 'view2'} | ({'local1', 'local2'} if local_aug == 'independent'
                                            else set())

@@ -169,3 +169,18 @@ def test_readme_commands_run_on_the_demo(tmp_path, monkeypatch):
         out = argv[argv.index('--out') + 1]
         assert prepare.main(argv + ['--data_root', str(root)]) == 0 and Path(out).is_file()
     assert {c[0] for c in prepare_commands()} - set(NOT_RUN) == {'preview', 'verify'}
+
+
+def test_the_demo_momentum_line_is_the_rules():
+    """The README shows the key-encoder momentum line its first command prints: the steps are
+    the demo config's epochs times the batches of the demo's training split, m the rule's."""
+    import engine_pretrain
+    from dataset import demo
+    line = re.search(r'=> key-encoder momentum (\S+), fit to (\d+) steps', README.read_text())
+    config = README.parent / 'configs' / 'demo_rgb.toml'
+    args = parse_args(local_nce.get_parser(), ['--config', str(config)])
+    train_videos = len(demo.CLASSES) * (demo.GROUPS - demo.GROUPS_PER_SPLIT) * demo.CLIPS
+    steps = args.epochs * (train_videos // args.batch_size)
+    assert int(line[2]) == steps
+    assert line[1] == f'{engine_pretrain.fit_momentum(steps):.4g}'
+    assert engine_pretrain.fit_momentum(300 * (9537 // 16)) == 0.999   # UCF101 keeps MoCo's
