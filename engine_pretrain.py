@@ -139,8 +139,7 @@ def train(args, task):
         f'{args.name_prefix}{task.name}_{args.dataset}_{args.net}_k{args.moco_k}'
         f'_bs{args.batch_size}_lr{args.lr:g}_len{args.seq_len}_ds{args.ds}_dim{args.img_dim}')
     ckpt = None
-    if auto_resume(args, exp_dir):   # checked before anything is built: a changed flag is the
-        # likelier error
+    if auto_resume(args, exp_dir):   # checked first: a changed flag is the likelier error
         ckpt = pretraining_checkpoint(args.resume, '--resume')
         if args.moco_m is None:   # a resumed run keeps its key-encoder momentum
             args.moco_m = (ckpt.get('args') or {}).get('moco_m')
@@ -149,13 +148,14 @@ def train(args, task):
     history = ckpt.get('monitor', []) if ckpt else []   # the retrieval monitor's results
     monitor = Monitor(args, rt, history) if args.monitor_freq else None
     seed_everything(args.seed + info.rank)
+    local_segments = args.num_segments if args.local_aug == 'independent' else 0   # else sliced
     dataset = build_dataset(
         args.dataset, 'train', **data_location(args), seq_len=args.seq_len, ds=args.ds,
         img_dim=args.img_dim, negate_flow_flip=not args.legacy_flow_flip,
         decode='device' if args.decode == 'gpu' else 'cpu', two_clip_prob=args.two_clip_prob,
         two_clip_strong_prob=args.two_clip_strong_prob, crop_scale=tuple(args.crop_area),
         crop_retry=args.crop_retry,
-        local_segments=args.num_segments * (args.local_aug == 'independent'))
+        local_segments=local_segments)
     loader = make_loader(dataset, args, info)
     if args.moco_m is None:
         args.moco_m = fit_momentum(args.epochs * loader.steps)
@@ -193,7 +193,7 @@ def train(args, task):
     with open_run(exp_dir, args, info, say, amp_dtype, f', {len(dataset)} videos '
                   f'({len(dataset.dropped)} too short, dropped){flow}\n=> '
                   + disk_use(model, args.epochs, args.keep_every, args.save_freq)) as writer, \
-            Preemption() as stop:
+            Preemption(args.save_signal) as stop:
         if monitor and not history:   # the starting point, logged as epoch -1
             end_epoch(exp_dir, {'iteration': 0, **monitor(model, -1, writer)}, model, optimizer,
                       scaler, args, info, previous, save=False)

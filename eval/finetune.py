@@ -117,7 +117,7 @@ def train(args, rt):
                   f'=> validation: {val_desc}, protocol {args.protocol}\n=> '
                   + disk_use(model, args.epochs, args.keep_every,
                              slots=2 if args.optim == 'adam' else 1, best=True)) as writer, \
-            Preemption() as stop:
+            Preemption(args.save_signal) as stop:
         for epoch in range(start_epoch, args.epochs):
             lr = learning_rate(args.lr, epoch, args.schedule)
             begin_epoch(args.seed, epoch, info.rank, augment, optimizer, lr)

@@ -223,3 +223,16 @@ def test_loader_resumed_mid_epoch_reads_only_the_rest(data_root):
     rest = list(TrainLoader(Reads(), 2, 0, seed=5, epochs=2).epoch(1, 3))
     same_batches(rest, whole[3:])
     assert sorted(Reads.asked) == sorted(whole[3]['index'].tolist())
+
+
+def test_save_signal_names_the_signals_and_the_old_handlers_come_back():
+    """--save_signal USR2: USR2 asks for the save (in one process, without a collective), TERM is
+    left alone, and leaving the run restores the handlers from before."""
+    from utils.run import Preemption
+    before = signal.getsignal(signal.SIGUSR2)
+    with Preemption(['USR2']) as stop:
+        assert signal.getsignal(signal.SIGTERM) != stop.handle
+        assert not stop.agreed()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.agreed() and stop.received == 'SIGUSR2'
+    assert signal.getsignal(signal.SIGUSR2) == before

@@ -26,6 +26,9 @@ def add_runtime_args(g):
                    help='mixed precision; auto = bf16 on CUDA GPUs that support it, else off')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=True,
                    help='channels-last 3D memory format (faster on GPUs, ~1.7x on the CPU)')
+    g.add_argument('--save_signal', nargs='+', choices=['TERM', 'USR1', 'USR2'],
+                   default=['TERM', 'USR1'], help='training: signals that save a mid-epoch '
+                   'checkpoint and exit with status 143 (README, Clusters)')
     g.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                    help=argparse.SUPPRESS)  # set by torch.distributed.launch
 
@@ -155,9 +158,10 @@ class Preemption:
     """SIGTERM or SIGUSR1 (a cluster's warning; README, Clusters) stops the run at a step boundary
     all processes agree on (``agreed``); a second signal ends the process at once."""
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
-        self.signals, self.received, self.pid = signals, None, os.getpid()
-        self.previous = [signal.signal(s, self.handle) for s in signals]
+    def __init__(self, names=('TERM', 'USR1')):   # --save_signal
+        self.signals = [signal.Signals['SIG' + name] for name in names]
+        self.received, self.pid = None, os.getpid()
+        self.previous = [signal.signal(s, self.handle) for s in self.signals]
         # the flag on the CPU: a GPU collective would wait for the GPU at every step
         self.group = dist.new_group(backend='gloo') if du.world_size() > 1 else None
 
@@ -256,7 +260,7 @@ RESUME_MAY_CHANGE = {
     'resume', 'config', 'epochs', 'schedule', 'data_root', 'rgb_lmdb', 'flow_lmdb', 'split_dir',
     'output_dir', 'name_prefix', 'workers', 'device', 'decode', 'channels_last', 'compile',
     'cuda_graph', 'amp', 'local_rank', 'print_freq', 'save_freq', 'keep_every', 'eval_freq',
-    'pretrain', 'dirname', 'monitor_freq', 'monitor_windows'}
+    'pretrain', 'dirname', 'monitor_freq', 'monitor_windows', 'save_signal'}
 
 
 def check_resume(ckpt, args, world_size):
@@ -301,8 +305,10 @@ def save_epoch(state, exp_dir, epoch, keep_every, previous=None, best=False):
     """Write ``epoch<epoch>.pth.tar``, ``last.pth.tar`` (and ``best.pth.tar``), each whole before
     it replaces anything; then remove ``previous``, the epoch file before, unless it is kept."""
     path = Path(exp_dir) / f'epoch{epoch}.pth.tar'
-    save_checkpoint(state, path, path.with_name('last.pth.tar'),
-                    *[path.with_name('best.pth.tar')] * best)
+    paths = [path, path.with_name('last.pth.tar')]
+    if best:
+        paths.append(path.with_name('best.pth.tar'))
+    save_checkpoint(state, *paths)
     if previous is not None and Path(previous) != path:
         if not keeps(int(Path(previous).name[len('epoch'):-len('.pth.tar')]), keep_every):
             Path(previous).unlink(missing_ok=True)
