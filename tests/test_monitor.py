@@ -19,27 +19,12 @@ import local_coclr
 import local_nce
 from eval import clips, main_classifier, retrieval
 from tests.helpers import jpeg_bytes, write_raw_lmdb
+from tests.test_learning import Tiny
 from utils import distributed as du
 from utils.config import parse_args
 
 SIZE, FRAMES, LOOKS = 40, 16, 3
 MOTIONS = {'Down': (1, 0), 'Side': (0, 1), 'Still': (0, 0), 'Up': (-1, 0)}   # (dy, dx) a frame
-
-
-class Tiny(nn.Module):
-    """Three 3D convolutions with BatchNorm: ``[B, 3, T, 32, 32]`` -> ``[B, 32, T, 4, 4]``."""
-    feature_dim = 32
-
-    def __init__(self, in_channels=3):
-        super().__init__()
-        layers = []
-        for c_in, c_out in ((in_channels, 16), (16, 32), (32, 32)):
-            layers += [nn.Conv3d(c_in, c_out, 3, stride=(1, 2, 2), padding=1, bias=False),
-                       nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.layers(x)
 
 
 @pytest.fixture(autouse=True)
