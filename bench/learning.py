@@ -13,11 +13,12 @@ checkpoints. The co-training order is the papers': the RGB network mines with th
 then the flow network with that RGB network. Every method runs with the same settings; nothing
 is tuned per method.
 
-Measured for each: nearest-neighbour retrieval R@1/R@5 (``eval/main_classifier.py --retrieval
---protocol clean``, test videos query the train videos) of every epoch's checkpoint and of its
-starting point (the curve; co-training curves continue from the epoch their starting checkpoints
-ended at), and the scikit-learn feature probe top-1 (``eval/feature_linear_probe.py``) at the
-end. matplotlib is needed for the plot (requirements-dev.txt).
+Measured for each: the curve is the run's own retrieval monitor (``--monitor_freq 1``: R@1 at
+the start and after every epoch, read from its log.jsonl; co-training curves continue from the
+epoch their starting checkpoints ended at); at the end, nearest-neighbour retrieval R@1/R@5 of the
+last checkpoint over all windows (``eval/main_classifier.py --retrieval --protocol clean``, test
+videos query the train videos) and the scikit-learn feature probe top-1
+(``eval/feature_linear_probe.py``). matplotlib is needed for the plot (requirements-dev.txt).
 """
 import argparse
 import datetime
@@ -31,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = {
-    'cpu': dict(epochs=4, coclr_epochs=2, flags=['--local_aug', 'shared'], net='small3d'),
+    'cpu': dict(epochs=40, coclr_epochs=20, flags=['--local_aug', 'shared'], net='small3d'),
     'gpu': dict(epochs=100, coclr_epochs=50, net='s3d',
                 flags=['--net', 's3d', '--seq_len', '32', '--batch_size', '32', '-j', '8',
                        '--local_aug', 'shared']),
@@ -65,8 +66,8 @@ def run(cmd, log):
     return proc.stdout
 
 
-def measure(weights, modality, out, args, log, probe=False):
-    """Retrieval R@1, R@5 (and the feature probe's top-1) of ``weights`` (a checkpoint or
+def measure(weights, modality, out, args, log):
+    """Retrieval R@1, R@5 and the feature probe's top-1 of ``weights`` (a checkpoint or
     'random'), results and feature caches under ``out``."""
     flags = ['--net', PROFILES[args.profile]['net'], '--seq_len', 16, '--ds', 1, '--img_dim', 64,
              '--batch_size', 8, '--dataset', 'demo' if modality == 'rgb' else 'demo-f',
@@ -75,13 +76,18 @@ def measure(weights, modality, out, args, log, probe=False):
     text = run(['eval/main_classifier.py', *flags, '--retrieval'], log)
     recall = dict(w.split('=') for w in text.strip().splitlines()[-1].split(': ')[1].split())
     result = {'R@1': float(recall['R@1']), 'R@5': float(recall['R@5'])}
-    if probe:
-        last = run(['eval/feature_linear_probe.py', *flags], log).strip().splitlines()[-1]
-        result['probe'] = float(last.split('top1=')[1].split()[0])
+    last = run(['eval/feature_linear_probe.py', *flags], log).strip().splitlines()[-1]
+    result['probe'] = float(last.split('top1=')[1].split()[0])
     return result
 
 
-def plot(curves, random, path):
+def monitor_curve(exp, offset):
+    """(epochs trained, R@1) of every monitor measurement in a run's log.jsonl."""
+    records = [json.loads(line) for line in (exp / 'log.jsonl').read_text().splitlines()]
+    return [(offset + r['epoch'] + 1, r['R@1']) for r in records if 'R@1' in r]
+
+
+def plot(curves, path):
     import matplotlib
     import matplotlib.ticker
     matplotlib.use('Agg')
@@ -93,9 +99,8 @@ def plot(curves, random, path):
             if m == modality:
                 ax.plot(*zip(*points), marker='o', label=method,
                         color=f'C{methods.index(method)}')
-        ax.axhline(random[modality], color='grey', linestyle='--', label='random init')
-        ax.set(title=f'{modality.upper()}: test videos query train videos', xlabel='epoch',
-               ylabel='retrieval R@1 (%)')
+        ax.set(title=f'{modality.upper()}: test videos query train videos (monitor)',
+               xlabel='epochs trained (0: random init)', ylabel='retrieval R@1 (%)')
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -131,44 +136,44 @@ def main():
         folder = out / '_'.join(key).replace(' ', '_')
         run([script, '--config', f'configs/{config}.toml', *extra, *prof['flags'], *args.common,
              '--epochs', epochs[script], '--iters_per_epoch', args.iters_per_epoch,
-             '--keep_every', 1, '--output_dir', folder]
+             '--monitor_freq', 1, '--output_dir', folder]
             + (['--pretrain', *(last[k] for k in pretrain)] if pretrain else []), log)
         (exp,) = [d for d in folder.iterdir() if d.is_dir()]
         offset = ended[pretrain[0]] if pretrain else 0
-        begin = (measure(last[pretrain[0]], key[1], folder / 'start', args, log)['R@1']
-                 if pretrain else random[key[1]]['R@1'])
-        points = [(offset, begin)]
-        for e in range(epochs[script]):
-            r = measure(exp / f'epoch{e}.pth.tar', key[1], folder / 'eval', args, log,
-                        probe=e + 1 == epochs[script])
-            points.append((offset + e + 1, r['R@1']))
-        last[key], ended[key], curves[key], final[key] = (
-            exp / 'last.pth.tar', offset + epochs[script], points, r)
-        print(f'{key}: R@1 by epoch ' + ' '.join(f'{y:.1f}' for _, y in points), flush=True)
-    for m in ('rgb', 'flow'):
-        random[m]['probe'] = measure('random', m, out / 'random', args, log, probe=True)['probe']
+        last[key], ended[key] = exp / 'last.pth.tar', offset + epochs[script]
+        curves[key] = monitor_curve(exp, offset)
+        final[key] = measure(last[key], key[1], folder / 'eval', args, log)
+        print(f'{key}: monitor R@1 by epoch ' + ' '.join(f'{y:.1f}' for _, y in curves[key])
+              + f'; at the end, all windows: {final[key]}', flush=True)
 
     results = Path(args.results)
-    plot(curves, {m: r['R@1'] for m, r in random.items()}, results.with_suffix('.png'))
-    rows = [f'`python bench/learning.py --profile {args.profile}` on '
+    plot(curves, results.with_suffix('.png'))
+    rows = ["# The papers' ablation at small scale (bench/learning.py)", '',
+            'Written by the command below; what it shows and does not: docs/RESULTS.md.', '',
+            f'`python bench/learning.py --profile {args.profile}` on '
             f'{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs (load average '
             f'{os.getloadavg()[0]:.1f} at the end), {(time.time() - start) / 60:.1f} minutes; '
             f'epochs {epochs["local_nce.py"]} (InfoNCE stages) and {epochs["local_coclr.py"]} '
             f'(co-training), iterations per epoch {args.iters_per_epoch or "all"}, evaluation '
             f'videos per split {args.max_videos or "all"}.', '',
             f'![R@1 against epoch]({results.with_suffix(".png").name})', '',
-            '| method | modality | R@1 start | R@1 end | best R@1 (epoch) | R@5 end | probe top-1 |',
-            '|---|---|---|---|---|---|---|']
+            'Monitor: the run\'s own R@1 (middle window of each video) at its start, its end '
+            'and its best (epochs trained). End: the last checkpoint over all windows, and the '
+            'feature probe.', '',
+            '| method | modality | monitor start | monitor end | monitor best (epoch) | '
+            'end R@1 | end R@5 | probe top-1 |',
+            '|---|---|---|---|---|---|---|---|']
     for m in ('rgb', 'flow'):
         r = random[m]
-        rows.append(f'| random init | {m} | | {r["R@1"]:.1f} | | {r["R@5"]:.1f} | '
+        rows.append(f'| random init | {m} | | | | {r["R@1"]:.1f} | {r["R@5"]:.1f} | '
                     f'{r["probe"]:.1f} |')
         for (method, modality), points in curves.items():
             if modality == m:
                 f = final[method, m]
                 best = max(points, key=lambda xy: xy[1])
-                rows.append(f'| {method} | {m} | {points[0][1]:.1f} | {f["R@1"]:.1f} | '
-                            f'{best[1]:.1f} ({best[0]}) | {f["R@5"]:.1f} | {f["probe"]:.1f} |')
+                rows.append(f'| {method} | {m} | {points[0][1]:.1f} | {points[-1][1]:.1f} | '
+                            f'{best[1]:.1f} ({best[0]}) | {f["R@1"]:.1f} | {f["R@5"]:.1f} | '
+                            f'{f["probe"]:.1f} |')
     results.write_text('\n'.join(rows) + '\n')
     (out / 'curves.json').write_text(json.dumps(
         {f'{k[0]} {k[1]}': v for k, v in curves.items()}, indent=1))

@@ -184,3 +184,26 @@ def test_the_demo_momentum_line_is_the_rules():
     assert int(line[2]) == steps
     assert line[1] == f'{engine_pretrain.fit_momentum(steps):.4g}'
     assert engine_pretrain.fit_momentum(300 * (9537 // 16)) == 0.999   # UCF101 keeps MoCo's
+
+
+def test_the_readme_monitor_lines_are_the_first_commands():
+    """The monitor lines the README shows have the monitor's format (tests/test_monitor.py checks
+    the code prints it), count the demo's test and train videos, run to the config's last epoch,
+    and their summary is the shown start and end: a stale or hand-edited block fails."""
+    from dataset import demo
+    text = README.read_text()
+    lines = re.findall(r'^=> monitor (start|epoch (\d+)): R@1=(\d+\.\d) R@5=(\d+\.\d) \((\d+) test '
+                       r'videos query (\d+) train, \d+\.\d s\)$', text, re.M)
+    summary = re.search(r'^=> monitor R@1 (\S+) \(start\) -> (\S+) \(epoch (\d+)\), best (\S+) '
+                        r'\(epoch (\d+)\)$', text, re.M)
+    assert lines and summary and lines[0][0] == 'start'
+    test_videos = len(demo.CLASSES) * demo.GROUPS_PER_SPLIT * demo.CLIPS
+    assert {(int(n_test), int(n_train)) for *_, n_test, n_train in lines} == {
+        (test_videos, len(demo.CLASSES) * demo.GROUPS * demo.CLIPS - test_videos)}
+    epochs = [int(e) for _, e, *_ in lines[1:]]
+    config = parse_args(local_nce.get_parser(), ['--config', str(README.parent / 'configs' /
+                                                                 'demo_rgb.toml')])
+    assert epochs == sorted(epochs) and epochs[-1] == int(summary[3]) == config.epochs - 1
+    assert (summary[1], summary[2]) == (lines[0][2], lines[-1][2])
+    assert float(summary[4]) >= max(float(r1) for _, _, r1, *_ in lines)
+    assert config.monitor_freq == 1   # the README says: after every epoch
