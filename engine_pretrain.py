@@ -92,7 +92,7 @@ def pretrain_parser(description, *, dataset, weights, tau, lr, warmup, batch_siz
     g.add_argument('--keep_every', type=NON_NEGATIVE, default=50, help='keep the epoch file of '
                    'every N-th epoch (0: none) besides last.pth.tar and the latest')
     g.add_argument('--print_freq', type=POSITIVE, default=10, help='log every N iterations')
-    g.add_argument('--monitor_freq', type=NON_NEGATIVE, default=10, help='retrieval monitor at '
+    g.add_argument('--monitor_freq', type=NON_NEGATIVE, default=20, help='retrieval monitor at '
                    'the start, every N epochs and at the end (0: off): R@1/R@5 of test videos '
                    'querying train videos (main_classifier.py --retrieval --protocol clean); '
                    'labels only measure it, they never train (docs/METHOD.md, Retrieval monitor)')

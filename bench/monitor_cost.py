@@ -2,6 +2,7 @@
 
     python bench/monitor_cost.py [--config configs/demo_rgb.toml] [--steps 6] [--videos 24]
                                  [any flag of local_nce.py, e.g. --device cuda --workers 8]
+    python bench/monitor_cost.py --net s3d --seq_len 32 --img_dim 64   # UCF101's network
 
 Training: two epochs of ``--steps`` steps of the config's run in this process (the monitor
 off), seconds per training video from the engine's own ``samples_per_s`` of the second. Monitor: ``engine_pretrain.Monitor``, the
