@@ -184,8 +184,9 @@ class TestViews:
         if self.coclr:
             x = resize(x.flatten(0, 1), (self.img_dim,) * 2).unflatten(0, x.shape[:2])
         x = x.float().div_(255)
-        if self.jitter:
-            x = self.photometric.apply(x, {k: v[[i] * len(x)] for k, v in params.items()}, True)
+        if self.jitter:   # crop i's parameters, the same for each of the video's windows
+            same = {k: v[i:i + 1].expand(len(x), *v.shape[1:]) for k, v in params.items()}
+            x = self.photometric.apply(x, same, True)
         return to_input(x, memory_format)
 
     def draw(self, n_crops):   # the jitter of one video: a parameter set per crop
@@ -195,18 +196,29 @@ class TestViews:
 @torch.no_grad()
 def video_outputs(fn, videos, views, crops, rt, args, desc='test'):
     """``fn`` (input ``[N, 3, T, s, s]`` -> ``[N, D]``) over every window and crop of every video;
-    the mean over each video's windows per crop: float32 ``[len(videos), n_crops, D]``."""
+    the mean over each video's windows per crop: float32 ``[len(videos), n_crops, D]``. Videos are
+    run together in batches of about --batch_size inputs: one window a call would leave a CPU idle."""
     n = NUM_CROPS[crops]
-    positions, rows = [], []
+    positions, rows, pending = [], [], []   # pending: inputs [n * W, 3, T, s, s] not yet run
+
+    def run_pending():
+        x = torch.cat(pending)
+        with rt.autocast():
+            out = torch.cat([fn(batch).float() for batch in x.split(args.batch_size)])
+        for video_out in out.split([len(p) for p in pending]):
+            rows.append(video_out.view(n, len(video_out) // n, -1).mean(1))   # n x D
+        pending.clear()
+
     for item in tqdm(video_loader(videos, args.workers), desc=desc, disable=not rt.is_main,
                      dynamic_ncols=True):
         windows = item[videos.modality].to(rt.device, non_blocking=True)   # W x T x 3 x H x W
         params = views.draw(n)
-        x = torch.cat([views(windows, i, params, rt.memory_format) for i in range(n)])
-        with rt.autocast():
-            out = torch.cat([fn(batch).float() for batch in x.split(args.batch_size)])
+        pending.append(torch.cat([views(windows, i, params, rt.memory_format) for i in range(n)]))
         positions.append(item['position'])
-        rows.append(out.view(n, len(windows), -1).mean(1))                  # n x D
+        if sum(len(p) for p in pending) >= args.batch_size:
+            run_pending()
+    if pending:
+        run_pending()
     return gather_rows(torch.tensor(positions, device=rt.device), torch.stack(rows), len(videos))
 
 

@@ -144,17 +144,20 @@ class _Windows(torch.utils.data.Dataset):
 
 
 def test_video_outputs_average_windows_per_crop():
-    values = [[10, 20, 60], [200]]                        # video 0: 3 windows, video 1: one
-    videos = clips.Videos(_Windows(values), [1, 0])       # positions: video 1 first
+    """Each video's rows are the mean over its windows, per crop, whichever videos share a batch
+    (a batch may end inside a video or hold several)."""
+    values = [[10, 20, 60], [200], [30, 90], [120]]       # windows per video: 3, 1, 2, 1
+    videos = clips.Videos(_Windows(values), [1, 0, 3, 2])  # positions: video 1 first
     rt = SimpleNamespace(device=torch.device('cpu'), memory_format=torch.contiguous_format,
                          autocast=contextlib.nullcontext, is_main=False)
-    out = clips.video_outputs(lambda x: x[:, :, 0, 0, 0], videos, views_of('clean', 8), 'five',
-                              rt, SimpleNamespace(workers=0, batch_size=2))
-    assert out.shape == (2, 5, 3)
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    for row, vals in zip(out, ([200], [10, 20, 60])):
-        expected = (sum(vals) / len(vals) / 255 - mean) / std
-        assert torch.allclose(row, expected.expand(5, 3), atol=1e-5)
+    for batch_size in (1, 2, 7, 100):
+        out = clips.video_outputs(lambda x: x[:, :, 0, 0, 0], videos, views_of('clean', 8),
+                                  'five', rt, SimpleNamespace(workers=0, batch_size=batch_size))
+        assert out.shape == (4, 5, 3)
+        for row, vals in zip(out, ([200], [10, 20, 60], [120], [30, 90])):
+            expected = (sum(vals) / len(vals) / 255 - mean) / std
+            assert torch.allclose(row, expected.expand(5, 3), atol=1e-5), batch_size
     acc = clips.video_accuracy(torch.tensor([[.1, .9, 0], [.8, .1, .1]]), torch.tensor([1, 2]),
                                ks=(1, 2))
     assert acc == {'top1': 50.0, 'top2': 50.0}
