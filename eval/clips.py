@@ -196,8 +196,9 @@ class TestViews:
 @torch.no_grad()
 def video_outputs(fn, videos, views, crops, rt, args, desc='test'):
     """``fn`` (input ``[N, 3, T, s, s]`` -> ``[N, D]``) over every window and crop of every video;
-    the mean over each video's windows per crop: float32 ``[len(videos), n_crops, D]``. Videos are
-    run together in batches of about --batch_size inputs: one window a call would leave a CPU idle."""
+    the mean over each video's windows per crop: float32 ``[len(videos), n_crops, D]``.
+    Consecutive videos share batches of about --batch_size inputs (one video a call left a small
+    network's batches tiny: bench/RESULTS.md, Retrieval monitor)."""
     n = NUM_CROPS[crops]
     positions, rows, pending = [], [], []   # pending: inputs [n * W, 3, T, s, s] not yet run
 
